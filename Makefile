@@ -15,7 +15,7 @@ setup: $(STAMP) $(SAMPLE_STAMP)
 
 $(STAMP): pyproject.toml requirements/base.in requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install --upgrade pip "setuptools<81" wheel  # pydicom 2.4 needs pkg_resources
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) -r requirements/base.in
 	$(PIP) install --no-deps $(MONAILABEL)

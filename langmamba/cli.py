@@ -61,6 +61,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_config, train
+
+    config = load_config(args.config, args.set, model=args.model)
+    final = train(config, progress=True, resume=not args.restart)
+    print(f"trained {config.model}: {final}")
+    return 0
+
+
+def _cmd_select_words(args: argparse.Namespace) -> int:
+    from .data import builtin_training_slices
+    from .train.data import load_slices
+    from .train import load_config
+    from .vlm import load_language_space, select_words
+
+    config = load_config(args.config, args.set, model="langae")
+    space = load_language_space(config.langae.vlm_backend, config.langae.vlm_model, config.langae.vocabulary)
+    slices = load_slices(config.data)
+    words = select_words(space, [s.full for s in slices], config.langae.word_thresholds,
+                         labels=[s.label if s.label is not None else (s.full * 0).astype(bool) for s in slices],
+                         progress=True)
+    counts = [sum(len(w[level]) for w in words) / len(words) for level in range(3)]
+    print(f"{len(words)} slices; mean candidate words per level (coarse to fine): "
+          + ", ".join(f"{c:.1f}" for c in counts))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "simulate":
         from .bench.simulate import main as bench_main
@@ -107,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slices", type=int, default=None, help="only the central N slices (default: all)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.set_defaults(handler=_cmd_demo)
+
+    for name, helptext in (("train", "train LangAE (stage 1), SEED (stage 2) or the RED-CNN baseline"),
+                           ("select-words", "pick candidate words per training slice and pyramid level (cached)")):
+        command = sub.add_parser(name, help=helptext, description=helptext + ". Settings come from the YAML "
+                                 "config (see langmamba/configs/) and --set section.key=value overrides.")
+        if name == "train":
+            command.add_argument("model", choices=["langae", "seed", "redcnn"])
+            command.add_argument("--restart", action="store_true", help="ignore checkpoints in the output folder")
+        command.add_argument("--config", help="YAML config file")
+        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a setting, e.g. --set optim.steps=2000 (repeatable)")
+        command.set_defaults(handler=_cmd_train if name == "train" else _cmd_select_words, model="langae")
 
     bench = sub.add_parser("bench", help="benchmarks: simulate | model (pass their own options after the name)")
     bench.add_argument("target", choices=["simulate", "model"])

@@ -51,6 +51,6 @@ def run_simulation_demo(output_dir: Path, *, dose: float = 0.25, seed: int = 0, 
         "ssim_-160_240": round(metrics.ssim(low.hu, normal.hu), 4),
     }
     summary_path = output_dir / f"lung2_dose{percent}.json"
-    with atomic_output(summary_path) as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_output(summary_path, as_folder=False, overwrite=True) as staging:
+        (staging / summary_path.name).write_text(json.dumps(summary, indent=2) + "\n")
     return {"simulated volume": volume_path, "comparison picture": figure_path, "summary": summary_path}

@@ -50,14 +50,14 @@ def comparison_figure(panels: list[tuple[str, np.ndarray]], *, window: tuple[flo
     return fig
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save a figure as PNG atomically (a temporary sibling renamed into place) and close it."""
+def save_figure(fig, path: str | Path, dpi: int = 110, overwrite: bool = True) -> Path:
+    """Save a figure as PNG atomically (written beside ``path``, then renamed into place) and close it."""
     import matplotlib.pyplot as plt
 
     from .io.atomic import atomic_output
 
     path = Path(path)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+    with atomic_output(path, as_folder=False, overwrite=overwrite) as staging:
+        fig.savefig(staging / path.name, dpi=dpi, format="png")
     plt.close(fig)
     return path

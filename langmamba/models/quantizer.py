@@ -135,8 +135,8 @@ class PyramidLanguageQuantizer(nn.Module):
     """Quantize ``(B, E, h, w)`` latents onto a frozen word codebook at a pyramid of region grids.
 
     See the module docstring for the exact definitions. ``grids`` are the coarse levels; the full
-    latent resolution is always the last level, so any ``h, w`` at least as large as the finest coarse
-    grid (8 by default) works.
+    latent resolution is always the last level. Any ``h, w >= 1`` works: coarse grids larger than the
+    latent are clamped to it (see :meth:`level_grids`).
 
     Args:
         codebook: ``(V, E)`` word embeddings, copied into a frozen buffer. If ``None``, a zero buffer of
@@ -174,7 +174,9 @@ class PyramidLanguageQuantizer(nn.Module):
             for name, given, actual in (("codebook_size", codebook_size, codebook.shape[0]),
                                         ("codebook_dim", codebook_dim, codebook.shape[1])):
                 if given is not None and int(given) != actual:
-                    raise InputError(f"{name}={given} does not match the codebook tensor's shape {tuple(codebook.shape)}")
+                    raise InputError(
+                        f"{name}={given} does not match the codebook tensor's shape {tuple(codebook.shape)}"
+                    )
         self.register_buffer("codebook", codebook.requires_grad_(False))
         self.grids: tuple[tuple[int, int], ...] = tuple((int(g[0]), int(g[1])) for g in grids)
         if any(g < 1 for grid in self.grids for g in grid):
@@ -194,8 +196,13 @@ class PyramidLanguageQuantizer(nn.Module):
         return len(self.grids) + 1
 
     def level_grids(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
-        """The ``(g_h, g_w)`` of every level for a latent of ``latent_size = (h, w)``."""
-        return [*self.grids, (int(latent_size[0]), int(latent_size[1]))]
+        """The ``(g_h, g_w)`` of every level for a latent of ``latent_size = (h, w)``.
+
+        A coarse grid finer than the latent is clamped to it (``(8, 8)`` becomes ``(4, 4)`` for a
+        4×4 latent, e.g. a 64² training patch), so small inputs work with repeated full-size levels.
+        """
+        h, w = int(latent_size[0]), int(latent_size[1])
+        return [*((min(gh, h), min(gw, w)) for gh, gw in self.grids), (h, w)]
 
     def candidate_mask(self, candidates: CandidateSpec | None, batch: int) -> torch.Tensor | None:
         """One level's candidates as a ``(B, V)`` float mask (``None`` when there are none)."""
@@ -230,10 +237,6 @@ class PyramidLanguageQuantizer(nn.Module):
                 f"the quantizer expects latents (B, {self.codebook_dim}, h, w), got shape {tuple(z.shape)}"
             )
         batch, dim, h, w = z.shape
-        min_h = max((g[0] for g in self.grids), default=1)
-        min_w = max((g[1] for g in self.grids), default=1)
-        if h < min_h or w < min_w:
-            raise InputError(f"the latent is {h}×{w} but the pyramid needs at least {min_h}×{min_w}")
         grids = self.level_grids((h, w))
         if candidates is not None and len(candidates) != len(grids):
             raise InputError(f"candidates must list one entry per level ({len(grids)}), got {len(candidates)}")

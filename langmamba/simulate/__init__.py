@@ -1,0 +1,54 @@
+"""Physics-based lower-dose CT simulation.
+
+A normal-dose slice (HU) is turned into attenuation, projected along the rays of a clinical-like
+fan-beam scanner, given quantum + electronic noise in the count domain at a fraction of the dose,
+rebinned to parallel beam and reconstructed by filtered back-projection. Everything runs in torch
+on CPU or CUDA.
+
+Public API:
+
+- :class:`FanBeamGeometry`: the scanner (distances, channels, views).
+- :func:`simulate_slice`, :func:`simulate_batch`, :func:`simulate_volume`: the simulation.
+- :func:`fan_beam_project`, :func:`rebin_fan_to_parallel`, :func:`fbp_parallel`: the exact pieces.
+- :func:`projection_noise`, :func:`added_count_variance`: the noise model.
+"""
+
+from langmamba.simulate.fbp import WINDOWS, fbp_parallel, ramp_filter
+from langmamba.simulate.geometry import FanBeamGeometry
+from langmamba.simulate.noise import added_count_variance, low_dose_counts, projection_noise
+from langmamba.simulate.projector import fan_beam_project
+from langmamba.simulate.rebin import rebin_fan_to_parallel
+from langmamba.simulate.simulator import (
+    ELECTRONIC_NOISE,
+    FULL_DOSE_PHOTONS,
+    MU_WATER_PER_MM,
+    RECONSTRUCTIONS,
+    derive_slice_seeds,
+    hu_to_mu,
+    mu_to_hu,
+    simulate_batch,
+    simulate_slice,
+    simulate_volume,
+)
+
+__all__ = [
+    "ELECTRONIC_NOISE",
+    "FULL_DOSE_PHOTONS",
+    "MU_WATER_PER_MM",
+    "RECONSTRUCTIONS",
+    "WINDOWS",
+    "FanBeamGeometry",
+    "added_count_variance",
+    "derive_slice_seeds",
+    "fan_beam_project",
+    "fbp_parallel",
+    "hu_to_mu",
+    "low_dose_counts",
+    "mu_to_hu",
+    "projection_noise",
+    "ramp_filter",
+    "rebin_fan_to_parallel",
+    "simulate_batch",
+    "simulate_slice",
+    "simulate_volume",
+]

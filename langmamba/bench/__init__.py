@@ -1,0 +1,1 @@
+"""Micro-benchmarks of langmamba components (``langmamba bench <name>``)."""

@@ -1,0 +1,175 @@
+"""NIfTI, NRRD and MetaImage volumes: reading into and writing from :class:`CTVolume`.
+
+NRRD and MetaImage go through SimpleITK, which already uses the LPS conventions of CTVolume.
+NIfTI is read with nibabel: the NIfTI library inside ITK silently opens ``name.nii`` when asked for
+``name.nii.gz`` if both exist, which could hand back the wrong volume. nibabel's RAS affine (sform,
+else qform) is converted to LPS. Writing uses SimpleITK for all three formats, so the files carry
+the qform/sform codes and space fields that 3D Slicer and ITK expect.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from langmamba.errors import CorruptFileError, UnsupportedImageError
+from langmamba.io.volume import CTVolume
+
+logger = logging.getLogger(__name__)
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+_ORTHONORMAL_TOLERANCE = 1e-3
+_INT16 = np.iinfo(np.int16)
+
+
+def _check_dimensions(path: Path, shape: tuple[int, ...], components: int) -> None:
+    """Reject colour/vector pixels, 2-D pictures and 4-D series; ``shape`` is in file (x, y, z, t) order."""
+    if components > 1:
+        raise UnsupportedImageError(
+            f"{path}: pixels have {components} components (colour/RGB or vector image); "
+            "langmamba needs a grey-value CT volume in HU"
+        )
+    spatial = tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
+    if len(spatial) < 3:
+        raise UnsupportedImageError(
+            f"{path}: a {len(spatial)}-D image of size {'x'.join(map(str, spatial))}; "
+            "langmamba needs a 3-D CT volume"
+        )
+    if len(spatial) > 3:
+        raise UnsupportedImageError(
+            f"{path}: a {len(shape)}-D image of size {'x'.join(map(str, shape))} (time series or "
+            "vector field?); langmamba needs a single 3-D CT volume"
+        )
+
+
+def _geometry_from_matrix(path: Path, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split a 3×3 LPS matrix (columns = axis step vectors, mm) into spacing and unit directions."""
+    spacing = np.linalg.norm(matrix, axis=0)
+    if not np.all(spacing > 0):
+        raise CorruptFileError(f"{path}: the header gives a voxel size of 0 mm")
+    direction = matrix / spacing
+    if np.abs(direction.T @ direction - np.eye(3)).max() > _ORTHONORMAL_TOLERANCE:
+        raise UnsupportedImageError(
+            f"{path}: the voxel axes are not perpendicular (sheared affine); resample the image "
+            "onto a regular grid first"
+        )
+    return spacing, direction
+
+
+def read_nifti(path: Path) -> CTVolume:
+    """Read a ``.nii``/``.nii.gz`` file (scaled by ``scl_slope``/``scl_inter``) into a CTVolume.
+
+    Returns:
+        CTVolume with ``hu`` of shape ``(Z, Y, X)`` (float32, not yet checked for HU).
+    """
+    try:
+        image = nib.load(str(path))
+        dtype = image.get_data_dtype()
+        shape = tuple(int(n) for n in image.shape)
+    except Exception as err:  # nibabel raises many types for damaged headers
+        raise CorruptFileError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err})") from err
+    components = len(dtype.names) if dtype.names else 1
+    _check_dimensions(path, shape, components)
+    if dtype.kind == "c":
+        raise UnsupportedImageError(f"{path}: complex-valued voxels; langmamba needs CT values in HU")
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+    except Exception as err:  # truncated or corrupt compressed data
+        raise CorruptFileError(
+            f"{path}: the voxel data cannot be read (truncated or damaged file: {err})"
+        ) from err
+    data = data.reshape(shape[:3])
+    lps = _RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3, :]
+    spacing, direction = _geometry_from_matrix(path, lps[:, :3])
+    return CTVolume(
+        hu=np.ascontiguousarray(data.transpose(2, 1, 0)),
+        spacing=tuple(spacing),
+        origin=tuple(lps[:, 3]),
+        direction=direction,
+        source=str(path),
+    )
+
+
+def read_sitk(path: Path, format_name: str) -> CTVolume:
+    """Read an NRRD (``.nrrd``/``.nhdr``) or MetaImage (``.mha``/``.mhd``) file into a CTVolume.
+
+    Returns:
+        CTVolume with ``hu`` of shape ``(Z, Y, X)`` (float32, not yet checked for HU).
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise CorruptFileError(f"{path}: cannot be read as {format_name} (damaged header)") from err
+    _check_dimensions(path, tuple(reader.GetSize()), reader.GetNumberOfComponents())
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise CorruptFileError(
+            f"{path}: the voxel data cannot be read (truncated file or missing data file)"
+        ) from err
+    ndim = image.GetDimension()
+    data = sitk.GetArrayViewFromImage(image).astype(np.float32).reshape(image.GetSize()[:3][::-1])
+    matrix = np.asarray(image.GetDirection()).reshape(ndim, ndim)[:3, :3] * np.asarray(
+        image.GetSpacing()[:3]
+    )
+    spacing, direction = _geometry_from_matrix(path, matrix)
+    return CTVolume(
+        hu=data,
+        spacing=tuple(spacing),
+        origin=tuple(image.GetOrigin()[:3]),
+        direction=direction,
+        source=str(path),
+    )
+
+
+def reject_picture(path: Path) -> None:
+    """Raise :class:`UnsupportedImageError` describing a picture file (PNG, JPEG, TIFF ...)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        size = "x".join(str(n) for n in reader.GetSize())
+        kind = "colour (RGB)" if reader.GetNumberOfComponents() > 1 else "grey-scale"
+        what = f"a {reader.GetDimension()}-D {kind} picture of {size} pixels"
+    except RuntimeError:
+        what = "a picture file"
+    raise UnsupportedImageError(
+        f"{path}: {what}, without Hounsfield units or patient geometry; langmamba needs a 3-D CT "
+        "volume (DICOM series, NIfTI, NRRD or MetaImage)"
+    )
+
+
+def storage_array(hu: np.ndarray) -> np.ndarray:
+    """Values to store: int16 when every HU is an integer in range (exact, half the size), else float32."""
+    if hu.size and float(hu.min()) >= _INT16.min and float(hu.max()) <= _INT16.max and np.array_equal(
+        hu, np.rint(hu)
+    ):
+        return hu.astype(np.int16)
+    return hu.astype(np.float32, copy=False)
+
+
+def write_sitk(volume: CTVolume, filename: Path) -> None:
+    """Write ``volume`` to ``filename`` (format from its extension) with SimpleITK.
+
+    Args:
+        volume: the CT volume; ``hu`` of shape ``(Z, Y, X)``.
+        filename: the file to create, normally inside the temporary folder of
+            :func:`langmamba.io.atomic.atomic_output`.
+
+    Raises:
+        OSError: SimpleITK could not write the file (disk full, permissions ...).
+    """
+    image = sitk.GetImageFromArray(storage_array(volume.hu))
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(tuple(volume.direction.flatten()))
+    try:
+        sitk.WriteImage(image, str(filename), True)
+    except RuntimeError as err:
+        raise OSError(f"could not write {filename.name}: {str(err).strip().splitlines()[-1]}") from err

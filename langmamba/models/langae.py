@@ -1,0 +1,301 @@
+"""LangAE: the language-quantized VQGAN autoencoder of LangMamba's first stage.
+
+A VQGAN encoder maps a 1-channel slice in model range (see :mod:`langmamba.normalization`) to a latent
+at 1/16 resolution in the word-embedding space, the :class:`PyramidLanguageQuantizer` replaces it by
+words of a frozen vocabulary, and a VQGAN decoder reconstructs the slice. Stage 2 (SEED) reuses the
+frozen encoder's per-level feature maps (:meth:`LangAE.encode_features`) and its latents (LangDA loss).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from langmamba.checkpoint import register_model
+from langmamba.errors import InputError
+from langmamba.models.blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, normalization
+from langmamba.models.quantizer import CandidateSpec, PyramidLanguageQuantizer, QuantizerOutput
+
+
+class _Level(nn.Module):
+    """Residual blocks (each followed by attention where the level has it) of one resolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout) for i in range(num_blocks)
+        )
+        self.attentions = nn.ModuleList(AttnBlock(out_channels) for _ in range(num_blocks)) if attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if self.attentions is not None:
+                x = self.attentions[i](x)
+        return x
+
+
+class Encoder(nn.Module):
+    """VQGAN encoder: ``(B, in_channels, H, W) -> (B, z_channels, H / 2^(n-1), W / 2^(n-1))``.
+
+    ``n = len(channel_multipliers)`` levels; level ``i`` has ``base_channels * channel_multipliers[i]``
+    channels and is followed by a downsampling except the last.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        base_channels: int,
+        channel_multipliers: Sequence[int],
+        num_res_blocks: int,
+        attention_levels: Sequence[bool],
+        z_channels: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, base_channels, kernel_size=3, padding=1)
+        widths = [base_channels * m for m in channel_multipliers]
+        self.levels = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        previous = base_channels
+        for i, width in enumerate(widths):
+            self.levels.append(_Level(previous, width, num_res_blocks, attention_levels[i], dropout))
+            if i < len(widths) - 1:
+                self.downsamples.append(Downsample(width))
+            previous = width
+        self.mid = MidBlock(previous, dropout)
+        self.norm_out = normalization(previous)
+        self.conv_out = nn.Conv2d(previous, z_channels, kernel_size=3, padding=1)
+        self.feature_channels: tuple[int, ...] = tuple(widths)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level feature maps, each taken before that level's downsampling."""
+        h = self.conv_in(x)
+        features = []
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            features.append(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)
+        return features
+
+    def head(self, deepest: torch.Tensor) -> torch.Tensor:
+        """Middle block, norm, SiLU and ``conv_out`` on the deepest feature map -> ``(B, z_channels, h, w)``."""
+        return self.conv_out(F.silu(self.norm_out(self.mid(deepest))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)[-1])
+
+
+class Decoder(nn.Module):
+    """VQGAN decoder: ``(B, z_channels, h, w) -> (B, out_channels, h * 2^(n-1), w * 2^(n-1))``.
+
+    Mirrors :class:`Encoder` with ``num_res_blocks + 1`` residual blocks per level, as in VQGAN.
+    The output is linear (no sigmoid), so the reconstruction loss sees overshoot beyond [0, 1].
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        base_channels: int,
+        channel_multipliers: Sequence[int],
+        num_res_blocks: int,
+        attention_levels: Sequence[bool],
+        z_channels: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        widths = [base_channels * m for m in channel_multipliers]
+        self.conv_in = nn.Conv2d(z_channels, widths[-1], kernel_size=3, padding=1)
+        self.mid = MidBlock(widths[-1], dropout)
+        self.levels = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        previous = widths[-1]
+        for i in reversed(range(len(widths))):
+            self.levels.append(_Level(previous, widths[i], num_res_blocks + 1, attention_levels[i], dropout))
+            if i > 0:
+                self.upsamples.append(Upsample(widths[i]))
+            previous = widths[i]
+        self.norm_out = normalization(previous)
+        self.conv_out = nn.Conv2d(previous, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@register_model
+class LangAE(nn.Module):
+    """Language-quantized autoencoder for CT slices (LangMamba stage 1).
+
+    Shapes for ``x (B, in_channels, H, W)`` in model range, ``H`` and ``W`` multiples of
+    ``2^(n-1)`` (16 for the 5 paper levels), latent ``h, w = H / 16, W / 16`` (below 8, e.g. for 64²
+    patches, the quantizer's 8×8 level is clamped to the latent size):
+
+    - :meth:`encode_features`: ``[(B, 64, H, W), (B, 64, H/2, W/2), (B, 128, H/4, W/4),
+      (B, 128, H/8, W/8), (B, 256, H/16, W/16)]`` for the paper config (``feature_channels``).
+    - :meth:`encode`: ``(B, E, h, w)`` continuous latent in the codebook space.
+    - :meth:`quantize`: :class:`QuantizerOutput` with ``quantized (B, E, h, w)``.
+    - :meth:`decode`: ``(B, in_channels, H, W)``.
+
+    Args:
+        in_channels: image channels (1 for CT).
+        base_channels: channels of the first level (paper: 64).
+        channel_multipliers: per-level width factors (paper: (1, 1, 2, 2, 4) = 5 levels, 4 downsamplings).
+        num_res_blocks: residual blocks per encoder level (the decoder has one more, as in VQGAN).
+        attention_resolutions: side lengths at which a level gets self-attention after each residual
+            block, counted from ``resolution`` as in VQGAN (the middle block always has attention).
+        resolution: nominal input side used only to place attention; the network accepts any size.
+            With the paper's 512 and (16,), no level reaches side 16, so only the middle block (at the
+            32×32 latent of a 512² slice) attends.
+        z_channels: channels of the encoder output / decoder input before the codebook projection.
+        dropout: dropout rate inside residual blocks.
+        codebook: frozen ``(V, E)`` word embeddings from ``langmamba.vlm``; or give ``codebook_size`` and
+            ``codebook_dim`` to build an empty buffer that a checkpoint then fills.
+        codebook_size: V without a codebook tensor.
+        codebook_dim: E without a codebook tensor.
+        quantizer_grids: region grids of the coarse pyramid levels (the full latent is always last).
+        beta: commitment-loss weight.
+        vocabulary: the V words of the codebook rows (kept for reports and checkpoints).
+        vlm_backend: name of the language backend that made the codebook (recorded in checkpoints).
+        vlm_id: model id of that backend.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 64,
+        channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 1,
+        attention_resolutions: Sequence[int] = (16,),
+        resolution: int = 512,
+        z_channels: int = 256,
+        dropout: float = 0.0,
+        codebook: torch.Tensor | None = None,
+        codebook_size: int | None = None,
+        codebook_dim: int | None = None,
+        quantizer_grids: Sequence[Sequence[int]] = ((2, 2), (8, 8)),
+        beta: float = 0.25,
+        vocabulary: Sequence[str] | None = None,
+        vlm_backend: str | None = None,
+        vlm_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not channel_multipliers:
+            raise InputError("channel_multipliers must name at least one level")
+        if num_res_blocks < 1 or base_channels < 1 or z_channels < 1:
+            raise InputError("num_res_blocks, base_channels and z_channels must be positive")
+        self.quantizer = PyramidLanguageQuantizer(
+            codebook, codebook_size=codebook_size, codebook_dim=codebook_dim, grids=quantizer_grids, beta=beta
+        )
+        self._config = {
+            "in_channels": int(in_channels),
+            "base_channels": int(base_channels),
+            "channel_multipliers": [int(m) for m in channel_multipliers],
+            "num_res_blocks": int(num_res_blocks),
+            "attention_resolutions": [int(r) for r in attention_resolutions],
+            "resolution": int(resolution),
+            "z_channels": int(z_channels),
+            "dropout": float(dropout),
+            "codebook_size": self.quantizer.codebook_size,
+            "codebook_dim": self.quantizer.codebook_dim,
+            "quantizer_grids": [list(g) for g in self.quantizer.grids],
+            "beta": float(beta),
+        }
+        if vocabulary is not None and len(vocabulary) != self.quantizer.codebook_size:
+            raise InputError(
+                f"the vocabulary has {len(vocabulary)} words but the codebook has {self.quantizer.codebook_size} rows"
+            )
+        self.vocabulary: list[str] | None = None if vocabulary is None else [str(v) for v in vocabulary]
+        self.vlm_backend = vlm_backend
+        self.vlm_id = vlm_id
+
+        levels = len(channel_multipliers)
+        self.downsample_factor = 2 ** (levels - 1)
+        attention_levels = [resolution // 2**i in set(attention_resolutions) for i in range(levels)]
+        common = dict(
+            base_channels=base_channels,
+            channel_multipliers=channel_multipliers,
+            num_res_blocks=num_res_blocks,
+            attention_levels=attention_levels,
+            z_channels=z_channels,
+            dropout=dropout,
+        )
+        self.encoder = Encoder(in_channels=in_channels, **common)
+        # 1×1 projections between the VQGAN latent width and the word-embedding space.
+        self.quant_conv = nn.Conv2d(z_channels, self.quantizer.codebook_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(self.quantizer.codebook_dim, z_channels, kernel_size=1)
+        self.decoder = Decoder(out_channels=in_channels, **common)
+        self.feature_channels: tuple[int, ...] = self.encoder.feature_channels
+
+    @classmethod
+    def from_language_space(cls, space: Any, **kwargs: Any) -> LangAE:
+        """A LangAE quantizing onto ``space`` (a :class:`langmamba.vlm.base.LanguageSpace`): its codebook,
+        vocabulary, backend and model id; ``kwargs`` are the other constructor arguments."""
+        identity = space.describe()
+        return cls(
+            codebook=space.codebook(),
+            vocabulary=space.vocabulary,
+            vlm_backend=identity.get("backend", getattr(space, "backend", None)),
+            vlm_id=identity.get("model", space.name),
+            **kwargs,
+        )
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The frozen ``(V, E)`` word-embedding buffer (shared with the quantizer)."""
+        return self.quantizer.codebook
+
+    def get_config(self) -> dict:
+        """JSON-serialisable constructor arguments that rebuild this architecture (weights excluded)."""
+        return copy.deepcopy(self._config)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = self._config["in_channels"]
+        if x.ndim != 4 or x.shape[1] != expected:
+            raise InputError(f"LangAE expects slices of shape (B, {expected}, H, W), got {tuple(x.shape)}")
+        factor = self.downsample_factor
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise InputError(
+                f"LangAE needs H and W to be multiples of {factor}, got {x.shape[-2]}×{x.shape[-1]}; "
+                "pad the slice first"
+            )
+
+    def encode_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder feature maps of ``x (B, C, H, W)``, one per level before its downsampling.
+
+        Level ``i`` has shape ``(B, feature_channels[i], H / 2^i, W / 2^i)``.
+        """
+        self._check_input(x)
+        return self.encoder.features(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous latent ``(B, E, H/16, W/16)`` of ``x (B, C, H, W)`` in the codebook space."""
+        self._check_input(x)
+        return self.quant_conv(self.encoder(x))
+
+    def quantize(
+        self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None
+    ) -> QuantizerOutput:
+        """Pyramid word quantization of ``z (B, E, h, w)``; ``candidates`` per level feed the semantic loss."""
+        return self.quantizer(z, candidates)
+
+    def decode(self, zq: torch.Tensor) -> torch.Tensor:
+        """Slice ``(B, C, 16h, 16w)`` from a (quantized) latent ``(B, E, h, w)``."""
+        return self.decoder(self.post_quant_conv(zq))
+
+    def forward(
+        self, x: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None
+    ) -> tuple[torch.Tensor, QuantizerOutput]:
+        """``x (B, C, H, W) -> (reconstruction (B, C, H, W), QuantizerOutput)``."""
+        quantized = self.quantize(self.encode(x), candidates)
+        return self.decode(quantized.quantized), quantized

@@ -1,0 +1,227 @@
+"""Training configurations: typed dataclasses loaded from YAML plus ``section.key=value`` overrides.
+
+Unknown keys and wrongly typed values raise :class:`~langmamba.errors.ConfigError` naming the key, so a typo in
+a YAML file fails at start-up instead of silently training something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the normal-dose (and, for real pairs, low-dose) slices come from and how patches are drawn.
+
+    ``source``: ``builtin`` (the lung1 sample scan + pydicom-data's real CT slices; never lung2), ``volumes``
+    (normal-dose CT files/folders listed in ``volumes``, low dose simulated), ``npy`` (``<root>/train/
+    {quarter_1mm,full_1mm}/*.npy``) or ``mayo`` (``<root>/<patient>/{quarter*,full*}/`` DICOM/IMA).
+    """
+
+    source: str = "builtin"
+    root: str | None = None
+    volumes: list[str] = field(default_factory=list)
+    include_pydicom: bool = True
+    dose: float = 0.25
+    dose_max: float | None = None
+    fresh_noise_every: int = 500
+    patch_size: int = 128
+    validation_patients: list[str] | None = None
+    validation_fraction: float = 0.2
+    max_slices_per_patient: int | None = None
+    crop: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 4000
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    log_every: int = 20
+    validate_every: int = 500
+    checkpoint_every: int = 500
+    validation_slices: int = 8
+
+
+@dataclass
+class LangAEConfig:
+    vlm_backend: str = "offline"
+    vlm_model: str | None = None
+    vocabulary: str | None = None
+    word_thresholds: list[float] = field(default_factory=lambda: [0.95, 0.90, 0.80])
+    base_channels: int = 64
+    channel_multipliers: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 1
+    z_channels: int = 256
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    commitment_weight: float = 1.0
+    semantic_weight: float = 1.0
+    adversarial_weight: float = 0.1
+    adversarial_start_step: int | None = None
+
+
+@dataclass
+class SeedConfig:
+    langae: str = "weights/langae"
+    langda_weight: float = 1.0
+    global_residual: bool = True
+    decoder: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class REDCNNConfig:
+    channels: int = 96
+
+
+@dataclass
+class TrainConfig:
+    """One training run: ``model`` is ``langae``, ``seed`` or ``redcnn``."""
+
+    model: str = "langae"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    langae: LangAEConfig = field(default_factory=LangAEConfig)
+    seed: SeedConfig = field(default_factory=SeedConfig)
+    redcnn: REDCNNConfig = field(default_factory=REDCNNConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a (simple) type annotation; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected a {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, prefix + name)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Checks that need several fields at once."""
+    if config.model not in ("langae", "seed", "redcnn"):
+        raise ConfigError(f"model: expected langae, seed or redcnn, got {config.model!r}")
+    if config.data.source not in ("builtin", "volumes", "npy", "mayo"):
+        raise ConfigError(f"data.source: expected builtin, volumes, npy or mayo, got {config.data.source!r}")
+    if config.data.source in ("npy", "mayo") and not config.data.root:
+        raise ConfigError(f"data.root is required for data.source={config.data.source}")
+    if config.data.source == "volumes" and not config.data.volumes:
+        raise ConfigError("data.volumes must list normal-dose CT files or folders for data.source=volumes")
+    if not 0 < config.data.dose <= 1:
+        raise ConfigError(f"data.dose must be in (0, 1], got {config.data.dose}")
+    if config.data.dose_max is not None and not config.data.dose <= config.data.dose_max <= 1:
+        raise ConfigError(f"data.dose_max must be in [data.dose, 1], got {config.data.dose_max}")
+    if config.data.patch_size % 16 or config.data.patch_size < 128:
+        raise ConfigError(f"data.patch_size must be a multiple of 16 and at least 128, got {config.data.patch_size}")
+    for name in ("steps", "batch_size"):
+        if getattr(config.optim, name) < 1:
+            raise ConfigError(f"optim.{name} must be at least 1")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
+    if len(config.langae.word_thresholds) != 3:
+        raise ConfigError("langae.word_thresholds needs one threshold per pyramid level (3)")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None
+                ) -> TrainConfig:
+    """Build a :class:`TrainConfig` from an optional YAML file, then apply ``section.key=value`` overrides."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if model is not None:
+        values["model"] = model
+    for override in overrides or []:
+        keys, value = _parse_override(override)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return validate(_build(TrainConfig, values))

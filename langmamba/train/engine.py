@@ -1,0 +1,287 @@
+"""The training loop shared by every model: devices, DDP, bf16, progress, validation, checkpoints, resume, logs.
+
+Run it in one process, or in several with ``torchrun --nproc_per_node N -m langmamba train ...`` (the same
+launcher spans nodes): each rank draws its own patches and noise, DistributedDataParallel averages gradients, and
+rank 0 validates, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..checkpoint import save_checkpoint
+from ..errors import CheckpointError
+from ..normalization import hu_to_model, model_to_hu
+from .config import TrainConfig
+from .data import TrainingData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment (if any) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Distributed(rank=int(os.environ.get("RANK", "0")), world_size=world_size,
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    device = torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if dist.active and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Task(Protocol):
+    """What the loop needs from a model type."""
+
+    model: nn.Module  # saved in checkpoints
+    metric_name: str
+
+    def loss(self, module: nn.Module, low: torch.Tensor, full: torch.Tensor, which: list[int], step: int
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def predict(self, model: nn.Module, low: torch.Tensor, full: torch.Tensor) -> torch.Tensor: ...
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    peak, warmup, total = config.optim.lr, config.optim.warmup_steps, config.optim.steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _publish(staging: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+
+
+class CheckpointStore:
+    """``<output>/checkpoints/step-NNNNNNN/`` folders (model + training state), written whole then renamed."""
+
+    def __init__(self, output: Path, keep: int = 2) -> None:
+        self.root = output / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.root.glob("step-*") if (p / "training_state.pt").is_file())
+        return done[-1] if done else None
+
+    def save(self, model: nn.Module, state: dict, step: int) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            save_checkpoint(model, staging / "model", extra={"step": step})
+            torch.save(state, staging / "training_state.pt")
+            final = self.root / f"step-{step:07d}"
+            _publish(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in sorted(self.root.glob("step-*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def validate(task: Task, data: TrainingData, device: torch.device) -> dict[str, float]:
+    """PSNR/SSIM ([-160, 240] HU window) of the task's output on the whole validation slices."""
+    model = task.model
+    was_training = model.training
+    model.eval()
+    outputs, references = [], []
+    with torch.no_grad():
+        for s, low in zip(data.validation, data.validation_low):
+            low_t = torch.as_tensor(hu_to_model(low), dtype=torch.float32, device=device)[None, None]
+            full_t = torch.as_tensor(hu_to_model(s.full), dtype=torch.float32, device=device)[None, None]
+            output = task.predict(model, low_t, full_t)
+            outputs.append(model_to_hu(output[0, 0].float().cpu().numpy()))
+            references.append(s.full[: outputs[-1].shape[0], : outputs[-1].shape[1]])
+    model.train(was_training)
+    if not outputs:
+        return {}
+    return {"val_psnr": float(np.mean([metrics.psnr(o, r) for o, r in zip(outputs, references)])),
+            "val_ssim": float(np.mean([metrics.ssim(o, r) for o, r in zip(outputs, references)]))}
+
+
+def plot_log(log_path: Path, figure_path: Path) -> None:
+    """Loss (and validation PSNR) against step, from the CSV log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(log_path.open()))
+    losses = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]
+    vals = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r.get("val_psnr")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if losses:
+        ax.semilogy(*zip(*losses), label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if vals:
+        twin = ax.twinx()
+        twin.plot(*zip(*vals), "o-", color="tab:red", label="validation PSNR")
+        twin.set_ylabel("PSNR [dB], window [-160, 240] HU")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = figure_path.with_name(f".{figure_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, figure_path)
+
+
+def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, TrainingData, torch.device], Task],
+                 progress: bool = True, resume: bool = True) -> Path:
+    """Train the task's model; returns the folder of the final checkpoint (``<output>/model``)."""
+    dist, device = init_distributed(config.run.device)
+    output = Path(config.run.output)
+    seed_everything(config.run.seed)  # identical initial weights on every rank
+    data = TrainingData.build(config.data, device, config.run.seed, dist.rank, config.run.validation_slices)
+    task = build_task(config, data, device)
+    model = task.model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    module = model
+    if dist.active:
+        module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                  betas=(0.9, 0.99))
+    store = CheckpointStore(output)
+    start = 0
+    latest = store.latest() if resume else None
+    if latest is not None:
+        start = _restore(latest, model, optimizer, data, device)
+        logger.info("resumed from %s at step %d", latest, start)
+    elif dist.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    log_path = output / "log.csv"
+    fields = ["step", "loss", "lr", "seconds", "val_psnr", "val_ssim"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.run.bf16)
+    bar = tqdm(range(start, config.optim.steps), initial=start, total=config.optim.steps, desc=f"train {config.model}",
+               disable=not (progress and dist.is_main), dynamic_ncols=True)
+    started, last_parts = time.time(), {}
+    for step in bar:
+        if step > start and config.data.fresh_noise_every and step % config.data.fresh_noise_every == 0 \
+                and data.simulated:
+            data.refresh_noise()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        low, full, which = data.batch(config.optim.batch_size)
+        with autocast:
+            loss, parts = task.loss(module, low, full, which, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower optim.lr")
+        done = step + 1
+        row = None
+        if done % config.run.log_every == 0 or done == config.optim.steps:
+            last_parts = {k: float(v) for k, v in parts.items()}
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+            row = {"step": done, "loss": loss.item(), "lr": learning_rate(step, config),
+                   "seconds": round(time.time() - started, 1)}
+        if dist.is_main and (done % config.run.validate_every == 0 or done == config.optim.steps):
+            scores = validate(task, data, device)
+            row = (row or {"step": done}) | scores
+            if scores:
+                bar.write(f"step {done}: validation PSNR {scores['val_psnr']:.2f} dB, SSIM {scores['val_ssim']:.4f}")
+        if dist.is_main and row is not None:
+            _append_csv(log_path, fields, row)
+        if dist.is_main and (done % config.run.checkpoint_every == 0 or done == config.optim.steps):
+            store.save(model, _state(optimizer, data, done), done)
+        if dist.active:
+            torch.distributed.barrier()
+    bar.close()
+    final = output / "model"
+    if dist.is_main:
+        staging = output / f".model-{uuid.uuid4().hex[:8]}"
+        save_checkpoint(model, staging, extra={"steps": config.optim.steps, "train_config": config.to_dict(),
+                                               "final_losses": last_parts})
+        _publish(staging, final)
+        if log_path.exists():
+            plot_log(log_path, output / "loss.png")
+    if dist.active:
+        torch.distributed.barrier()
+    return final
+
+
+def _append_csv(path: Path, fields: list[str], row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _state(optimizer: torch.optim.Optimizer, data: TrainingData, step: int) -> dict:
+    return {"step": step, "optimizer": optimizer.state_dict(), "noise_refreshes": data.refreshes,
+            "sampler_rng": data.sampler.generator.get_state(), "torch_rng": torch.get_rng_state()}
+
+
+def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData,
+             device: torch.device) -> int:
+    from safetensors.torch import load_file
+
+    weights = sorted((folder / "model").glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{folder} holds no model weights to resume from")
+    state_dict = {}
+    for file in weights:
+        state_dict.update(load_file(file, device=str(device)))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("codebook")]:
+        raise CheckpointError(f"cannot resume from {folder}: it was written by another architecture "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    state = torch.load(folder / "training_state.pt", map_location=device, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    data.refreshes = max(0, state["noise_refreshes"] - 1)
+    data.refresh_noise()
+    data.sampler.generator.set_state(state["sampler_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
