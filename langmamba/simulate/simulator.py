@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 # Linear attenuation of water at the effective energy of a 120 kVp beam filtered like a clinical
 # scanner's, about 70 keV (NIST XCOM: 0.194 cm²/g at 70 keV) — 1/mm.
 MU_WATER_PER_MM = 0.0192
-# Full-dose photons per ray (per detector channel and view, unattenuated). With the default geometry
-# and Hann FBP this gives about 9 HU noise at the centre of a 30 cm water cylinder: a routine-dose
-# body scan reconstructed at ~5 mm slices. Thinner slices or larger patients call for other values.
-FULL_DOSE_PHOTONS = 1.0e5
+# Full-dose photons per ray (per detector channel and view, unattenuated), for the slice thickness
+# of the images. 2e5 makes the model's full-dose noise match a routine 5 mm chest scan (about 5 HU in
+# the aorta with the default Hann filter). In the default relative mode the added noise scales as
+# 1/sqrt(I0): scale I0 with the reconstructed slice thickness (e.g. ~4e4 for 1 mm slices).
+FULL_DOSE_PHOTONS = 2.0e5
 # Electronic noise of the detector channel, standard deviation in counts.
 ELECTRONIC_NOISE = 10.0
 RECONSTRUCTIONS = ("noise_insertion", "full")

@@ -36,7 +36,7 @@ from langmamba.vlm.base import (
     minmax_normalise,
 )
 from langmamba.vlm.cache import content_key, default_cache_dir, load_npz, save_npz_atomic
-from langmamba.vlm.hub import load_pretrained, model_fingerprint
+from langmamba.vlm.hub import load_pretrained, looks_like_path, model_fingerprint
 from langmamba.vlm.vocabulary import VocabularyLike, resolve_vocabulary, vocabulary_sha256
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class ClipLanguageSpace(LanguageSpace):
             raise ConfigError(f"prompt must contain '{{word}}', got {prompt!r}")
         if tokenizer_vocabulary and vocabulary is not None:
             raise ConfigError("give either a vocabulary or tokenizer_vocabulary=True, not both")
-        self.model_id = str(model)
+        self.model_id = str(Path(model).expanduser()) if looks_like_path(str(model)) else str(model)
         self.device = torch.device(device)
         self.prompt = prompt
         self.batch_size = int(batch_size)
@@ -116,7 +116,10 @@ class ClipLanguageSpace(LanguageSpace):
         self.token_ids = token_ids
 
         commit = getattr(self.model.config, "_commit_hash", None)
-        self._fingerprint = model_fingerprint(self.model_id) if commit is None else f"hub:{self.model_id}@{commit}"
+        if looks_like_path(self.model_id) or not commit:
+            self._fingerprint = model_fingerprint(self.model_id)
+        else:
+            self._fingerprint = f"hub:{self.model_id}@{commit}"
         self._vocab_hash = vocabulary_sha256(words)
         self._use_cache = use_cache
         key = content_key(

@@ -76,7 +76,7 @@ def load_pretrained(loader: Callable[..., Any], model: str, what: str, **kwargs:
             raise LanguageModelUnavailableError(f"{what} folder not found: {folder}")
         try:
             return loader(str(folder), **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise LanguageModelUnavailableError(
                 f"folder {folder} does not hold a usable {what} (save one with save_pretrained): {exc}"
             ) from exc

@@ -94,7 +94,7 @@ class OfflineLanguageSpace(LanguageSpace):
         )
         cache_file = Path(cache_dir or default_cache_dir()) / "embeddings" / f"offline-{key[:32]}.npz"
         cached = load_npz(cache_file) if use_cache else None
-        if cached is not None and cached.get("codebook", np.empty(0)).shape[:1] == (len(self),):
+        if cached is not None and "classes" in cached and cached.get("codebook", np.empty(0)).shape[:1] == (len(self),):
             codebook, classes = cached["codebook"], cached["classes"]
             logger.debug("offline embeddings loaded from cache %s", cache_file)
         else:
@@ -110,7 +110,9 @@ class OfflineLanguageSpace(LanguageSpace):
     def _embed(self, descriptions: list[list[str]], device: str) -> tuple[np.ndarray, np.ndarray]:
         encoder = shared_encoder(self.model_id, str(device))
         codebook = encoder.encode(self._vocabulary)
-        classes = np.stack([encoder.encode(texts).mean(axis=0) for texts in descriptions])
+        flat = encoder.encode([text for texts in descriptions for text in texts])
+        owner = np.repeat(np.arange(len(descriptions)), [len(texts) for texts in descriptions])
+        classes = np.stack([flat[owner == k].mean(axis=0) for k in range(len(descriptions))])
         classes /= np.linalg.norm(classes, axis=1, keepdims=True)
         return codebook, classes.astype(np.float32)
 

@@ -1,0 +1,294 @@
+"""Tests of langmamba.simulate: projector, FBP, noise physics, seeding and argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from langmamba.errors import ConfigError
+from langmamba.io.volume import CTVolume
+from langmamba.simulate import (
+    FanBeamGeometry,
+    added_count_variance,
+    derive_slice_seeds,
+    fan_beam_project,
+    fbp_parallel,
+    projection_noise,
+    rebin_fan_to_parallel,
+    simulate_batch,
+    simulate_slice,
+    simulate_volume,
+)
+
+# Same fan and field of view as the default scanner, sampled half as finely: keeps the physics, 8x faster.
+SMALL = FanBeamGeometry(n_channels=368, detector_element_mm=2 * 1.2858, n_views=576)
+PIXEL_MM = 2.0
+SIZE = 128
+
+
+def _grid(size: int | tuple[int, int], spacing: float | tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``(y, x)`` in mm, isocentre at the image centre."""
+    h, w = (size, size) if isinstance(size, int) else size
+    dy, dx = (spacing, spacing) if isinstance(spacing, (int, float)) else spacing
+    y = (np.arange(h) - 0.5 * (h - 1)) * dy
+    x = (np.arange(w) - 0.5 * (w - 1)) * dx
+    return np.meshgrid(y, x, indexing="ij")
+
+
+def _water_cylinder(size: int = SIZE, spacing: float = PIXEL_MM, radius: float = 90.0) -> np.ndarray:
+    """Water disc in air with a bone insert and a lung insert (HU)."""
+    y, x = _grid(size, spacing)
+    hu = np.full(x.shape, -1000.0, dtype=np.float32)
+    hu[np.hypot(x, y) <= radius] = 0.0
+    hu[np.hypot(x - 45.0, y + 20.0) <= 15.0] = 700.0
+    hu[np.hypot(x + 45.0, y - 10.0) <= 15.0] = -700.0
+    return hu
+
+
+def _centre_roi(size: int = SIZE, spacing: float = PIXEL_MM, radius: float = 25.0) -> np.ndarray:
+    y, x = _grid(size, spacing)
+    return np.hypot(x, y + 35.0) <= radius  # uniform water below the inserts
+
+
+# ---------------------------------------------------------------- geometry and exact pieces
+
+
+def test_default_geometry_is_clinical_fan():
+    g = FanBeamGeometry()
+    assert g.n_views == 1152 and g.n_channels == 736
+    assert g.channel_step_rad == pytest.approx(1.2858 / 1085.6)
+    assert 2 * g.fov_radius_mm == pytest.approx(502.5, abs=1.0)  # the 50 cm scan field of view
+    assert g.parallel_positions().abs().max() <= g.fov_radius_mm
+    assert g.parallel_angles().numel() == 576
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"n_views": 1151}, {"source_to_detector_mm": 500.0}, {"n_channels": 0}, {"detector_element_mm": -1.0}, {"n_channels": 5000}],
+)
+def test_bad_geometry_raises(kwargs):
+    with pytest.raises(ConfigError):
+        FanBeamGeometry(**kwargs)
+
+
+def test_projector_matches_analytic_chords():
+    """An off-centre disc: every ray's line integral equals mu times its chord length."""
+    mu, cx, cy, radius = 0.02, 30.0, -20.0, 70.0
+    size, spacing, oversample = 160, 1.5, 4
+    fine_y, fine_x = _grid(size * oversample, spacing / oversample)
+    fine = ((fine_x - cx) ** 2 + (fine_y - cy) ** 2 <= radius**2).astype(np.float32)
+    image = torch.from_numpy(fine.reshape(size, oversample, size, oversample).mean(axis=(1, 3)) * mu)
+    sino = fan_beam_project(image, spacing, SMALL).double()
+
+    beta = SMALL.view_angles()[:, None]
+    psi = beta + math.pi + SMALL.channel_angles()[None, :]
+    src_x, src_y = SMALL.source_to_isocenter_mm * beta.cos(), SMALL.source_to_isocenter_mm * beta.sin()
+    dist = ((cx - src_x) * psi.sin() - (cy - src_y) * psi.cos()).abs()
+    expected = 2 * mu * (radius**2 - dist**2).clamp_min(0).sqrt()
+
+    assert sino.shape == (SMALL.n_views, SMALL.n_channels)
+    err = sino - expected
+    assert err.pow(2).mean().sqrt() < 0.005 * expected.max()  # 0.5 % of the central line integral
+    assert err.abs().max() < 0.15 * expected.max()  # rays grazing the edge see the pixelated boundary
+
+
+def test_rebin_and_fbp_reconstruct_constant_disc():
+    mu = 0.0192
+    y, x = _grid(SIZE, PIXEL_MM)
+    disc = torch.from_numpy(((np.hypot(x, y) <= 100.0) * mu).astype(np.float32))
+    parallel = rebin_fan_to_parallel(fan_beam_project(disc, PIXEL_MM, SMALL), SMALL)
+    assert parallel.shape == (SMALL.n_views // 2, SMALL.n_parallel_rays)
+    image = fbp_parallel(parallel, SMALL.parallel_angles(), SMALL.parallel_spacing_mm, (SIZE, SIZE), PIXEL_MM)
+    inner = np.hypot(x, y) <= 80.0
+    assert image.numpy()[inner].mean() == pytest.approx(mu, rel=2e-3)
+    assert np.abs(image.numpy()[np.hypot(x, y) > 115.0]).max() < 0.02 * mu
+
+
+# ---------------------------------------------------------------- round trip and geometry conventions
+
+
+def test_noise_free_round_trip_default_geometry_512():
+    """Project -> FBP with no noise on the full clinical geometry: the error left is FBP blur at edges."""
+    size, spacing = 512, 360.0 / 512
+    hu = _water_cylinder(size, spacing, radius=150.0)
+    out = simulate_slice(
+        hu, spacing, 1.0, incident_photons=math.inf, input_is_noise_free=True, reconstruction="full", seed=0
+    )
+    y, x = _grid(size, spacing)
+    r_insert = np.minimum(np.hypot(x - 45.0, y + 20.0), np.hypot(x + 45.0, y - 10.0))
+    body = np.hypot(x, y) <= 150.0
+    interior = (np.hypot(x, y) <= 147.0) & (np.abs(r_insert - 15.0) >= 3.0)  # >= 3 mm from any edge
+    rmse_interior = np.sqrt(np.mean((out - hu)[interior] ** 2))
+    rmse_body = np.sqrt(np.mean((out - hu)[body] ** 2))
+    assert rmse_interior < 2.0  # measured ~0.9 HU
+    assert rmse_body < 60.0  # measured ~43 HU, all of it edge blur of 700-1000 HU steps
+    assert abs(float(np.mean((out - hu)[interior]))) < 0.5
+
+
+def test_round_trip_anisotropic_non_square_image():
+    """Rows and columns of different size and spacing keep their orientation through the round trip."""
+    shape, spacing = (96, 130), (2.5, 1.75)  # (rows, cols), (dy, dx) mm
+    y, x = _grid(shape, spacing)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[(x / 100.0) ** 2 + (y / 80.0) ** 2 <= 1.0] = 50.0
+    hu[np.hypot(x - 50.0, y - 25.0) <= 15.0] = 400.0  # off-axis insert: a transposition would move it
+    out = simulate_slice(
+        hu, spacing, 1.0, geometry=SMALL, incident_photons=math.inf, input_is_noise_free=True, reconstruction="full"
+    )
+    assert out.shape == shape and out.dtype == np.float32
+    assert abs(float(out[np.hypot(x - 50.0, y - 25.0) <= 8.0].mean()) - 400.0) < 10.0
+    assert abs(float(out[np.hypot(x + 50.0, y + 25.0) <= 8.0].mean()) - 50.0) < 10.0
+
+
+def test_noise_insertion_without_noise_returns_input():
+    hu = _water_cylinder()
+    out = simulate_slice(hu, PIXEL_MM, 0.25, geometry=SMALL, incident_photons=math.inf)
+    np.testing.assert_allclose(out, hu, atol=1e-3)
+    # Dose 1 in the relative mode adds no variance: the full-dose input is already what it should be.
+    np.testing.assert_allclose(simulate_slice(hu, PIXEL_MM, 1.0, geometry=SMALL, seed=3), hu, atol=1e-2)
+
+
+# ---------------------------------------------------------------- noise physics
+
+
+def test_projection_noise_matches_count_formulas():
+    p = torch.full((400, 500), 4.0)
+    i0, dose, sigma_e = 2e5, 0.3, 25.0  # ~1100 photons: the first-order (delta-method) variance holds
+    expected = i0 * math.exp(-4.0)
+    ideal = projection_noise(p, dose, i0, sigma_e, input_is_noise_free=True, generator=torch.Generator().manual_seed(1))
+    var_ideal = (dose * expected + sigma_e**2) / (dose * expected) ** 2
+    assert ideal.var().item() == pytest.approx(var_ideal, rel=0.03)
+    relative = projection_noise(p, dose, i0, sigma_e, generator=torch.Generator().manual_seed(2))
+    var_relative = added_count_variance(torch.tensor(expected), dose, sigma_e).item() / (dose * expected) ** 2
+    assert relative.var().item() == pytest.approx(var_relative, rel=0.03)
+    assert abs(relative.mean().item()) < 0.05 * math.sqrt(var_relative)
+
+
+@pytest.mark.parametrize("reconstruction", ["noise_insertion", "full"])
+def test_noise_free_input_sigma_scales_as_inverse_sqrt_dose(reconstruction):
+    hu = np.stack([_water_cylinder()] * 3)
+    roi = _centre_roi()
+    sigmas = {}
+    for dose in (1.0, 0.5, 0.25, 0.1):
+        out = simulate_batch(
+            hu, PIXEL_MM, dose, geometry=SMALL, electronic_noise=0.0, input_is_noise_free=True,
+            reconstruction=reconstruction, seed=11,
+        )
+        sigmas[dose] = float(np.mean([(o - h)[roi].std() for o, h in zip(out, hu)]))
+        # Mean HU preserved in the uniform region.
+        assert abs(float(np.mean(out[:, roi]))) < 5.0
+    for dose, sigma in sigmas.items():
+        assert sigma * math.sqrt(dose) == pytest.approx(sigmas[1.0], rel=0.15), sigmas
+
+
+def test_relative_mode_added_variance_scales_as_inverse_dose_minus_one():
+    hu = np.stack([_water_cylinder()] * 3)
+    roi = _centre_roi()
+    per_unit = []
+    for dose in (0.5, 0.25, 0.1):
+        out = simulate_batch(hu, PIXEL_MM, dose, geometry=SMALL, electronic_noise=0.0, seed=5)
+        added_var = float(np.mean([(o - h)[roi].var() for o, h in zip(out, hu)]))
+        per_unit.append(added_var / (1.0 / dose - 1.0))
+        assert abs(float(np.mean(out[:, roi]))) < 5.0
+    assert max(per_unit) / min(per_unit) < 1.15, per_unit
+
+
+def test_electronic_noise_adds_variance_at_low_dose():
+    hu = _water_cylinder()
+    roi = _centre_roi()
+    kw = dict(geometry=SMALL, incident_photons=2e3, input_is_noise_free=True, seed=4)
+    quiet = simulate_slice(hu, PIXEL_MM, 0.1, electronic_noise=0.0, **kw)
+    noisy = simulate_slice(hu, PIXEL_MM, 0.1, electronic_noise=30.0, **kw)
+    assert noisy[roi].std() > 1.2 * quiet[roi].std()
+
+
+# ---------------------------------------------------------------- seeds, volumes, devices
+
+
+def test_same_seed_same_output_and_different_seed_differs():
+    hu = _water_cylinder()
+    a = simulate_slice(hu, PIXEL_MM, 0.25, geometry=SMALL, seed=123)
+    b = simulate_slice(hu, PIXEL_MM, 0.25, geometry=SMALL, seed=123)
+    c = simulate_slice(hu, PIXEL_MM, 0.25, geometry=SMALL, seed=124)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1.0
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    np.testing.assert_array_equal(
+        simulate_slice(torch.from_numpy(hu), PIXEL_MM, 0.25, geometry=SMALL, seed=g1, device="cpu"),
+        simulate_slice(hu, PIXEL_MM, 0.25, geometry=SMALL, seed=g2, device="cpu"),
+    )
+
+
+def test_simulate_volume_per_slice_seeds_and_geometry():
+    hu = np.stack([_water_cylinder(96, 2.5), _water_cylinder(96, 2.5) + 10.0, _water_cylinder(96, 2.5)])
+    volume = CTVolume(hu=hu, spacing=(2.5, 2.5, 3.0), origin=(1.0, 2.0, 3.0), source="memory")
+    out = simulate_volume(volume, 0.25, seed=7, geometry=SMALL, batch_size=2)
+    assert isinstance(out, CTVolume)
+    assert out.shape == volume.shape and out.spacing == volume.spacing and out.origin == volume.origin
+    seeds = derive_slice_seeds(7, 3)
+    for z in range(3):
+        one = simulate_slice(hu[z], 2.5, 0.25, geometry=SMALL, seed=seeds[z])
+        np.testing.assert_allclose(out.hu[z], one, atol=1e-3)
+    np.testing.assert_allclose(simulate_volume(volume, 0.25, seed=7, geometry=SMALL, batch_size=3).hu, out.hu, atol=1e-3)
+    assert np.abs(out.hu[0] - out.hu[2]).max() > 1.0  # same content, independent noise
+
+
+def test_pixels_outside_fov_keep_input_values():
+    geometry = FanBeamGeometry(n_channels=128, detector_element_mm=2 * 1.2858, n_views=256)  # FOV ~176 mm
+    size, spacing = 80, 2.1  # 168 mm: fits across, corners outside the FOV circle
+    hu = np.zeros((size, size), dtype=np.float32)
+    out = simulate_slice(hu, spacing, 0.25, geometry=geometry, seed=1)
+    y, x = _grid(size, spacing)
+    outside = np.hypot(x, y) > geometry.fov_radius_mm
+    assert outside.any()
+    np.testing.assert_array_equal(out[outside], hu[outside])
+    assert out[~outside].std() > 0
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def test_image_larger_than_fov_raises_naming_sizes():
+    with pytest.raises(ConfigError, match=r"600\.0 x 600\.0 mm.*502\.5 mm"):
+        simulate_slice(np.zeros((300, 300), np.float32), 2.0, 0.25)
+
+
+@pytest.mark.parametrize("dose", [0.0, -0.25, 1.5, float("nan"), float("inf")])
+def test_bad_dose_raises(dose):
+    with pytest.raises(ConfigError, match="dose"):
+        simulate_slice(np.zeros((32, 32), np.float32), 1.0, dose, geometry=SMALL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reconstruction": "iterative"}, "reconstruction"),
+        ({"window": "gauss"}, "window"),
+        ({"incident_photons": 0.0}, "incident_photons"),
+        ({"electronic_noise": -1.0}, "electronic_noise"),
+        ({"seed": 1.5}, "seed"),
+        ({"device": "tpu:x"}, "device"),
+    ],
+)
+def test_bad_arguments_raise_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        simulate_slice(np.zeros((32, 32), np.float32), 1.0, 0.25, geometry=SMALL, **kwargs)
+
+
+def test_bad_shapes_and_spacing_raise():
+    with pytest.raises(ConfigError, match="shape"):
+        simulate_slice(np.zeros((4, 32, 32), np.float32), 1.0)
+    with pytest.raises(ConfigError, match="pixel_spacing_mm"):
+        simulate_slice(np.zeros((32, 32), np.float32), (1.0, 0.0), geometry=SMALL)
+
+
+def test_benchmark_run_reports_seconds_per_mode():
+    from langmamba.bench.simulate import run
+
+    result = run(size=64, slices=1, device="cpu")
+    assert result["device"] == "cpu" and result["size"] == 64
+    assert set(result["seconds_per_slice"]) == {"noise_insertion", "full"}
+    assert all(s > 0 for s in result["seconds_per_slice"].values())

@@ -1,0 +1,40 @@
+"""Training configs validate with clear errors."""
+
+import pytest
+
+from langmamba.errors import ConfigError
+from langmamba.train.config import load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: seed\noptim:\n  steps: 50\n  lr: 1e-3\ndata:\n  patch_size: 256\n")
+    config = load_config(path, ["optim.batch_size=4", "seed.langda_weight=0"])
+    assert config.model == "seed"
+    assert (config.optim.steps, config.optim.lr, config.optim.batch_size) == (50, 1e-3, 4)
+    assert config.data.patch_size == 256 and config.seed.langda_weight == 0.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.stepz=3", "unknown key optim.stepz"),
+    ("optim.steps=many", "optim.steps: expected an integer"),
+    ("run.bf16=maybe", "run.bf16: expected true or false"),
+    ("data.dose=1.5", "data.dose must be in"),
+    ("data.patch_size=100", "multiple of 16"),
+    ("model=unet", "expected langae, seed or redcnn"),
+    ("data.source=npy", "data.root is required"),
+    ("langae.word_thresholds=[0.9]", "one threshold per pyramid level"),
+    ("steps=3", "unknown key steps"),
+])
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
