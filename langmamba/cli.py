@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .errors import LangMambaError
 
@@ -71,19 +73,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_select_words(args: argparse.Namespace) -> int:
-    from .data import builtin_training_slices
-    from .train.data import load_slices
     from .train import load_config
-    from .vlm import load_language_space, select_words
+    from .train.prepare import load_prepared, prepare_dataset
 
     config = load_config(args.config, args.set, model="langae")
-    space = load_language_space(config.langae.vlm_backend, config.langae.vlm_model, config.langae.vocabulary)
-    slices = load_slices(config.data)
-    words = select_words(space, [s.full for s in slices], config.langae.word_thresholds,
-                         labels=[s.label if s.label is not None else (s.full * 0).astype(bool) for s in slices],
-                         progress=True)
-    counts = [sum(len(w[level]) for w in words) / len(words) for level in range(3)]
-    print(f"{len(words)} slices; mean candidate words per level (coarse to fine): "
+    path = prepare_dataset(config, args.output)
+    slices, language = load_prepared(path)
+    counts = [np.mean([len(s.words[level]) for s in slices]) for level in range(3)]
+    print(f"wrote {path}: {len(slices)} slices of {len({s.patient for s in slices})} patients, "
+          f"{len(language['vocabulary'])} words; mean candidate words per level (coarse to fine): "
           + ", ".join(f"{c:.1f}" for c in counts))
     return 0
 
@@ -136,16 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     for name, helptext in (("train", "train LangAE (stage 1), SEED (stage 2) or the RED-CNN baseline"),
-                           ("select-words", "pick candidate words per training slice and pyramid level (cached)")):
+                           ("select-words", "select candidate words per training slice and pyramid level; write slices "
+                                            "and words as one .npz (what training reads)")):
         command = sub.add_parser(name, help=helptext, description=helptext + ". Settings come from the YAML "
                                  "config (see langmamba/configs/) and --set section.key=value overrides.")
         if name == "train":
             command.add_argument("model", choices=["langae", "seed", "redcnn"])
             command.add_argument("--restart", action="store_true", help="ignore checkpoints in the output folder")
+        else:
+            command.add_argument("output", help="the .npz file to write")
         command.add_argument("--config", help="YAML config file")
         command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="override a setting, e.g. --set optim.steps=2000 (repeatable)")
-        command.set_defaults(handler=_cmd_train if name == "train" else _cmd_select_words, model="langae")
+        command.set_defaults(handler=_cmd_train if name == "train" else _cmd_select_words)
 
     bench = sub.add_parser("bench", help="benchmarks: simulate | model (pass their own options after the name)")
     bench.add_argument("target", choices=["simulate", "model"])

@@ -25,6 +25,7 @@ class CTSlice:
         spacing_mm: (row, column) pixel size in mm.
         patient: patient identifier used for splits (a code, never a name).
         label: optional lesion mask (H, W).
+        words: optional candidate word ids per pyramid level (coarse -> fine), from word selection.
     """
 
     full: np.ndarray
@@ -32,6 +33,7 @@ class CTSlice:
     patient: str
     low: np.ndarray | None = None
     label: np.ndarray | None = None
+    words: list[np.ndarray] | None = None
 
 
 def slices_from_volume(volume: CTVolume, patient: str, label: np.ndarray | None = None,

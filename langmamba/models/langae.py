@@ -165,6 +165,11 @@ class LangAE(nn.Module):
         codebook_dim: E without a codebook tensor.
         quantizer_grids: region grids of the coarse pyramid levels (the full latent is always last).
         beta: commitment-loss weight.
+        normalize_latent: scale every latent vector to the codebook's mean row norm before quantizing.
+            With a frozen codebook nothing else bounds the encoder output: the straight-through
+            gradient keeps pushing latents that cannot reach a better word, and in a 4000-step H100
+            run without it latent norms grew from 3 to ~900 against unit-norm word embeddings, the
+            commitment loss to ~900 and only 5-20 words stayed in use.
         vocabulary: the V words of the codebook rows (kept for reports and checkpoints).
         vlm_backend: name of the language backend that made the codebook (recorded in checkpoints).
         vlm_id: model id of that backend.
@@ -185,6 +190,7 @@ class LangAE(nn.Module):
         codebook_dim: int | None = None,
         quantizer_grids: Sequence[Sequence[int]] = ((2, 2), (8, 8)),
         beta: float = 0.25,
+        normalize_latent: bool = True,
         vocabulary: Sequence[str] | None = None,
         vlm_backend: str | None = None,
         vlm_id: str | None = None,
@@ -210,6 +216,7 @@ class LangAE(nn.Module):
             "codebook_dim": self.quantizer.codebook_dim,
             "quantizer_grids": [list(g) for g in self.quantizer.grids],
             "beta": float(beta),
+            "normalize_latent": bool(normalize_latent),
         }
         if vocabulary is not None and len(vocabulary) != self.quantizer.codebook_size:
             raise InputError(
@@ -218,6 +225,7 @@ class LangAE(nn.Module):
         self.vocabulary: list[str] | None = None if vocabulary is None else [str(v) for v in vocabulary]
         self.vlm_backend = vlm_backend
         self.vlm_id = vlm_id
+        self.normalize_latent = bool(normalize_latent)
 
         levels = len(channel_multipliers)
         self.downsample_factor = 2 ** (levels - 1)
@@ -279,9 +287,15 @@ class LangAE(nn.Module):
         return self.encoder.features(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Continuous latent ``(B, E, H/16, W/16)`` of ``x (B, C, H, W)`` in the codebook space."""
+        """Continuous latent ``(B, E, H/16, W/16)`` of ``x (B, C, H, W)`` in the codebook space.
+
+        With ``normalize_latent`` each latent vector is scaled to the codebook's mean row norm.
+        """
         self._check_input(x)
-        return self.quant_conv(self.encoder(x))
+        z = self.quant_conv(self.encoder(x))
+        if self.normalize_latent:
+            z = F.normalize(z, dim=1, eps=1e-6) * self.quantizer.mean_row_norm().to(z.dtype)
+        return z
 
     def quantize(
         self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None

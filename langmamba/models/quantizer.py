@@ -191,6 +191,10 @@ class PyramidLanguageQuantizer(nn.Module):
     def codebook_dim(self) -> int:
         return self.codebook.shape[1]
 
+    def mean_row_norm(self) -> torch.Tensor:
+        """Mean Euclidean norm of the codebook rows (scalar; 1 for unit-norm sentence embeddings)."""
+        return self.codebook.float().norm(dim=1).mean()
+
     @property
     def num_levels(self) -> int:
         return len(self.grids) + 1

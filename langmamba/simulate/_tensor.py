@@ -31,7 +31,9 @@ def spacing_pair(pixel_spacing_mm: float | Sequence[float]) -> tuple[float, floa
     else:
         values = [float(v) for v in pixel_spacing_mm]
         if len(values) != 2:
-            raise ConfigError(f"pixel_spacing_mm must be a number or a (row, column) pair in mm, got {pixel_spacing_mm!r}")
+            raise ConfigError(
+                f"pixel_spacing_mm must be a number or a (row, column) pair in mm, got {pixel_spacing_mm!r}"
+            )
         pair = (values[0], values[1])
     if not all(math.isfinite(v) and v > 0 for v in pair):
         raise ConfigError(f"pixel_spacing_mm must be positive and finite, got {pixel_spacing_mm!r}")

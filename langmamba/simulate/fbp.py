@@ -18,7 +18,11 @@ _CHUNK_SAMPLES = 1 << 22
 
 
 def ramp_filter_response(
-    n_rays: int, spacing_mm: float, window: str = "hann", cutoff: float = 1.0, device: torch.device | str = "cpu"
+    n_rays: int,
+    spacing_mm: float,
+    window: str = "hann",
+    cutoff: float = 1.0,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Frequency response of the band-limited ramp filter times an apodising window.
 
@@ -34,7 +38,7 @@ def ramp_filter_response(
     if window not in WINDOWS:
         raise ConfigError(f"filter window must be one of {', '.join(WINDOWS)}; got {window!r}")
     if not (0 < cutoff <= 1):
-        raise ConfigError(f"filter cutoff must be in (0, 1] (fraction of the Nyquist frequency), got {cutoff}")
+        raise ConfigError(f"filter cutoff must be in (0, 1] (a fraction of Nyquist), got {cutoff}")
     n_pad = 1 << max(6, math.ceil(math.log2(2 * n_rays)))
     offsets = torch.arange(n_pad, dtype=torch.float64, device=device)
     offsets = torch.where(offsets < n_pad // 2, offsets, offsets - n_pad)
@@ -58,7 +62,9 @@ def ramp_filter_response(
     return (response * apod).float()
 
 
-def ramp_filter(sinogram: torch.Tensor, spacing_mm: float, window: str = "hann", cutoff: float = 1.0) -> torch.Tensor:
+def ramp_filter(
+    sinogram: torch.Tensor, spacing_mm: float, window: str = "hann", cutoff: float = 1.0
+) -> torch.Tensor:
     """Filter every parallel view ``(..., n_rays)`` along its last axis; same shape out, float32, 1/mm."""
     n_rays = sinogram.shape[-1]
     response = ramp_filter_response(n_rays, spacing_mm, window, cutoff, sinogram.device)
@@ -101,7 +107,7 @@ def backproject_parallel(
     # Views become the batch axis of grid_sample: input (V, N, 1, S), sampled on row 0.
     views = filtered.float().permute(1, 0, 2)[:, :, None, :]
     image = torch.zeros(n, height, width, dtype=torch.float32, device=device)
-    per_chunk = max(1, _CHUNK_SAMPLES // (height * width))
+    per_chunk = max(1, _CHUNK_SAMPLES // (height * width * n))  # samples are (views, N, H, W)
     grid = torch.zeros(min(per_chunk, n_views), height, width, 2, dtype=torch.float32, device=device)
     for start in range(0, n_views, per_chunk):
         theta = angles[start : start + per_chunk]
@@ -109,7 +115,9 @@ def backproject_parallel(
         x_part = (theta.cos()[:, None] * x[None, :]).float()[:, None, :]
         y_part = (theta.sin()[:, None] * y[None, :]).float()[:, :, None]
         torch.add(x_part, y_part, out=grid[:n_v, ..., 0])
-        samples = F.grid_sample(views[start : start + n_v], grid[:n_v], mode="bilinear", padding_mode="zeros", align_corners=True)
+        samples = F.grid_sample(
+            views[start : start + n_v], grid[:n_v], mode="bilinear", padding_mode="zeros", align_corners=True
+        )
         image += samples.sum(0)
     return image * (math.pi / n_views)
 
@@ -142,7 +150,8 @@ def fbp_parallel(
     sino = sinogram[None] if squeeze else sinogram
     if sino.ndim != 3 or sino.shape[1] != angles_rad.numel():
         raise ConfigError(
-            f"sinogram must be (V, S) or (N, V, S) with V = {angles_rad.numel()} angles, got {tuple(sinogram.shape)}"
+            f"sinogram must be (V, S) or (N, V, S) with V = {angles_rad.numel()} angles, "
+            f"got {tuple(sinogram.shape)}"
         )
     filtered = ramp_filter(sino, ray_spacing_mm, window, cutoff)
     image = backproject_parallel(filtered, angles_rad, ray_spacing_mm, image_shape, pixel_spacing_mm)

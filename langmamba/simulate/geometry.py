@@ -43,7 +43,7 @@ class FanBeamGeometry:
         for name in ("source_to_isocenter_mm", "source_to_detector_mm", "detector_element_mm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"FanBeamGeometry.{name} must be a positive number of mm, got {value!r}")
+                raise ConfigError(f"FanBeamGeometry.{name} must be a positive length in mm, got {value!r}")
         if self.source_to_detector_mm <= self.source_to_isocenter_mm:
             raise ConfigError(
                 "FanBeamGeometry.source_to_detector_mm must exceed source_to_isocenter_mm "
@@ -55,8 +55,8 @@ class FanBeamGeometry:
             raise ConfigError(f"FanBeamGeometry.n_views must be an even integer >= 8, got {self.n_views!r}")
         if self.fan_half_angle_rad >= math.pi / 2:
             raise ConfigError(
-                f"FanBeamGeometry fan half-angle is {math.degrees(self.fan_half_angle_rad):.1f}°; it must be "
-                "below 90° (fewer channels or a smaller detector_element_mm)"
+                f"FanBeamGeometry fan half-angle is {math.degrees(self.fan_half_angle_rad):.1f}°; "
+                "it must be below 90° (fewer channels or a smaller detector_element_mm)"
             )
 
     @property

@@ -34,7 +34,10 @@ MIN_COUNTS = 1.0
 
 
 def added_count_variance(expected_counts: torch.Tensor, dose: float, electronic_noise: float) -> torch.Tensor:
-    """``a (1 - a) · I + (1 - a²) · σ_e²``: variance (counts²) to add to a full-dose scan scaled by ``a``."""
+    """``a (1 - a) · I + (1 - a²) · σ_e²``: counts² to add to a full-dose scan scaled by ``a``.
+
+    ``expected_counts`` is ``I`` (any shape), ``dose`` is ``a``, ``electronic_noise`` is ``σ_e`` in counts.
+    """
     return dose * (1.0 - dose) * expected_counts + (1.0 - dose**2) * electronic_noise**2
 
 
@@ -108,9 +111,13 @@ def projection_noise(
 
 def check_noise_args(dose: float, incident_photons: float, electronic_noise: float) -> None:
     """Raise :class:`ConfigError` naming the bad argument."""
-    if not (isinstance(dose, (int, float)) and math.isfinite(dose) and 0 < dose <= 1):
-        raise ConfigError(f"dose must be a fraction of the full dose in (0, 1] (0.25 = quarter dose), got {dose!r}")
-    if not (isinstance(incident_photons, (int, float)) and incident_photons > 0 and not math.isnan(incident_photons)):
-        raise ConfigError(f"incident_photons must be a positive number of photons per ray (or inf), got {incident_photons!r}")
-    if not (isinstance(electronic_noise, (int, float)) and math.isfinite(electronic_noise) and electronic_noise >= 0):
-        raise ConfigError(f"electronic_noise must be a non-negative standard deviation in counts, got {electronic_noise!r}")
+    if not (_is_number(dose) and math.isfinite(dose) and 0 < dose <= 1):
+        raise ConfigError(f"dose must be a fraction of the full dose in (0, 1] (0.25: quarter), got {dose!r}")
+    if not (_is_number(incident_photons) and incident_photons > 0):
+        raise ConfigError(f"incident_photons must be photons per ray > 0 (or inf), got {incident_photons!r}")
+    if not (_is_number(electronic_noise) and math.isfinite(electronic_noise) and electronic_noise >= 0):
+        raise ConfigError(f"electronic_noise must be a standard deviation >= 0, got {electronic_noise!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

@@ -11,7 +11,9 @@ from langmamba.errors import ConfigError
 from langmamba.simulate.geometry import FanBeamGeometry
 
 
-def parallel_ray_to_fan(geometry: FanBeamGeometry, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def parallel_ray_to_fan(
+    geometry: FanBeamGeometry, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each ray of the rebinned parallel grid lies in the fan sinogram.
 
     The fan ray ``(β, γ)`` is the parallel ray ``θ = β + γ - π/2``, ``s = R sin γ`` (line
@@ -41,7 +43,9 @@ def _rebin_grid(geometry: FanBeamGeometry, device: torch.device) -> torch.Tensor
 _GRID_CACHE: dict[tuple[FanBeamGeometry, str], torch.Tensor] = {}
 
 
-def rebin_fan_to_parallel(fan_sinogram: torch.Tensor, geometry: FanBeamGeometry | None = None) -> torch.Tensor:
+def rebin_fan_to_parallel(
+    fan_sinogram: torch.Tensor, geometry: FanBeamGeometry | None = None
+) -> torch.Tensor:
     """Resample a full-rotation fan-beam sinogram onto a parallel-beam grid over [0, π).
 
     Bilinear interpolation in (view, channel), periodic in the view angle, to the parallel grid

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from langmamba.errors import ConfigError, NonFiniteVoxelsError
-from langmamba.io.volume import CTVolume
 from langmamba.simulate._tensor import resolve_device, spacing_pair
 from langmamba.simulate.fbp import WINDOWS, fbp_parallel
 from langmamba.simulate.geometry import FanBeamGeometry
 from langmamba.simulate.noise import check_noise_args, projection_noise
 from langmamba.simulate.projector import fan_beam_project
 from langmamba.simulate.rebin import rebin_fan_to_parallel
+
+if TYPE_CHECKING:  # the simulation itself needs none of langmamba.io's readers
+    from langmamba.io.volume import CTVolume
 
 logger = logging.getLogger(__name__)
 
@@ -80,25 +82,31 @@ def _check_fov(shape: tuple[int, int], spacing: tuple[float, float], geometry: F
     fov = 2.0 * geometry.fov_radius_mm
     if width * dx > fov + 1e-6 or height * dy > fov + 1e-6:
         raise ConfigError(
-            f"the image ({width} x {height} pixels of {dx:.4g} x {dy:.4g} mm = {width * dx:.1f} x {height * dy:.1f} mm) "
-            f"is larger than the scanner's field of view ({fov:.1f} mm across); use a FanBeamGeometry with more "
-            "channels or a longer source distance"
+            f"the image ({width} x {height} pixels of {dx:.4g} x {dy:.4g} mm = "
+            f"{width * dx:.1f} x {height * dy:.1f} mm) is larger than the scanner's field of view "
+            f"({fov:.1f} mm across); use a FanBeamGeometry with more channels or a longer source distance"
         )
 
 
-def _coarse_projection(mu: torch.Tensor, spacing: tuple[float, float], geometry: FanBeamGeometry) -> torch.Tensor:
+def _coarse_projection(
+    mu: torch.Tensor, spacing: tuple[float, float], geometry: FanBeamGeometry
+) -> torch.Tensor:
     """Clean fan sinogram ``(N, V, C)`` from a coarse projection, bilinearly interpolated to every ray."""
-    coarse_geom = geometry.downsampled(_COARSE_VIEWS, _COARSE_CHANNELS)
+    # The largest coarsening up to (4 views, 2 channels) that divides this geometry's sampling.
+    view_factor = next(f for f in (_COARSE_VIEWS, 2, 1) if geometry.n_views % (2 * f) == 0)
+    channel_factor = next(f for f in (_COARSE_CHANNELS, 1) if geometry.n_channels % f == 0)
+    coarse_geom = geometry.downsampled(view_factor, channel_factor)
     _, height, width = mu.shape
     if height % 2 == 0 and width % 2 == 0 and height >= 64 and width >= 64:
         mu, spacing = F.avg_pool2d(mu[:, None], 2)[:, 0], (2 * spacing[0], 2 * spacing[1])
     coarse = fan_beam_project(mu, spacing, coarse_geom)  # (N, V / f, C / g)
     device = mu.device
     # Fine view i sits at coarse view i / f (periodic: pad one wrapped view each side).
-    view_pos = torch.arange(geometry.n_views, dtype=torch.float64, device=device) / _COARSE_VIEWS + 1.0
+    view_pos = torch.arange(geometry.n_views, dtype=torch.float64, device=device) / view_factor + 1.0
     gy = view_pos / (coarse_geom.n_views + 1) * 2.0 - 1.0
     # Fine channel j sits at coarse channel (j - (g - 1) / 2) / g (clamped at the fan edges).
-    chan_pos = (torch.arange(geometry.n_channels, dtype=torch.float64, device=device) - 0.5 * (_COARSE_CHANNELS - 1)) / _COARSE_CHANNELS
+    fine = torch.arange(geometry.n_channels, dtype=torch.float64, device=device)
+    chan_pos = (fine - 0.5 * (channel_factor - 1)) / channel_factor
     gx = chan_pos / (coarse_geom.n_channels - 1) * 2.0 - 1.0
     grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1).float()[None]
     padded = torch.cat((coarse[:, -1:], coarse, coarse[:, :1]), dim=1)[None]
@@ -150,7 +158,10 @@ def _simulate(
         window=window,
         cutoff=cutoff,
     )
-    out = mu_to_hu(image, mu_water_per_mm) if reconstruction == "full" else hu + (1000.0 / mu_water_per_mm) * image
+    if reconstruction == "full":
+        out = mu_to_hu(image, mu_water_per_mm)
+    else:
+        out = hu + (1000.0 / mu_water_per_mm) * image
     # Outside the scan field of view nothing is measured: keep the input there.
     dy, dx = spacing
     y = (torch.arange(height, device=hu.device, dtype=torch.float32) - 0.5 * (height - 1)) * dy
@@ -190,14 +201,19 @@ def simulate_batch(
         raise ConfigError(f"geometry must be a FanBeamGeometry, got {type(geometry).__name__}")
     check_noise_args(dose, incident_photons, electronic_noise)
     if reconstruction not in RECONSTRUCTIONS:
-        raise ConfigError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}")
+        raise ConfigError(
+            f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}"
+        )
     if window not in WINDOWS:
         raise ConfigError(f"window must be one of {', '.join(WINDOWS)}; got {window!r}")
     if not (isinstance(mu_water_per_mm, (int, float)) and 0 < mu_water_per_mm < 1):
-        raise ConfigError(f"mu_water_per_mm must be in (0, 1) 1/mm (about 0.019 at 70 keV), got {mu_water_per_mm!r}")
+        raise ConfigError(
+            f"mu_water_per_mm must be in (0, 1) 1/mm (about 0.019 at 70 keV), got {mu_water_per_mm!r}"
+        )
     spacing = spacing_pair(pixel_spacing_mm)
     target = resolve_device(device)
-    images = torch.as_tensor(np.asarray(hu) if not isinstance(hu, torch.Tensor) else hu)
+    # float32 numpy first: also accepts integer and big-endian arrays (as some NRRD files hold).
+    images = hu if isinstance(hu, torch.Tensor) else torch.tensor(np.asarray(hu, dtype=np.float32))
     if images.ndim != 3 or min(images.shape[1:]) < 2:
         raise ConfigError(f"hu must be a stack of slices (N, H, W), got shape {tuple(images.shape)}")
     images = images.to(device=target, dtype=torch.float32)
@@ -273,7 +289,9 @@ def simulate_slice(
     """
     array = hu if isinstance(hu, torch.Tensor) else np.asarray(hu)
     if array.ndim != 2:
-        raise ConfigError(f"hu must be one slice (H, W), got shape {tuple(array.shape)}; use simulate_batch for stacks")
+        raise ConfigError(
+            f"hu must be one slice (H, W), got shape {tuple(array.shape)}; use simulate_batch for stacks"
+        )
     return simulate_batch(
         array[None],
         pixel_spacing_mm,
@@ -311,7 +329,8 @@ def simulate_volume(
         seed: integer seed.
         progress: show a tqdm progress bar over slices.
         batch_size: slices simulated together (memory grows linearly with it).
-        **kwargs: any keyword of :func:`simulate_slice` (geometry, incident_photons, reconstruction, device, ...).
+        **kwargs: any keyword of :func:`simulate_slice` (geometry, incident_photons,
+            reconstruction, device, ...).
 
     Returns:
         A copy of ``volume`` (same geometry and header) with simulated HU.

@@ -23,7 +23,8 @@ class DataConfig:
 
     ``source``: ``builtin`` (the lung1 sample scan + pydicom-data's real CT slices; never lung2), ``volumes``
     (normal-dose CT files/folders listed in ``volumes``, low dose simulated), ``npy`` (``<root>/train/
-    {quarter_1mm,full_1mm}/*.npy``) or ``mayo`` (``<root>/<patient>/{quarter*,full*}/`` DICOM/IMA).
+    {quarter_1mm,full_1mm}/*.npy``), ``mayo`` (``<root>/<patient>/{quarter*,full*}/`` DICOM/IMA) or
+    ``prepared`` (``root`` = an ``.npz`` written by ``langmamba prepare-data``, with candidate words).
     """
 
     source: str = "builtin"
@@ -179,9 +180,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     """Checks that need several fields at once."""
     if config.model not in ("langae", "seed", "redcnn"):
         raise ConfigError(f"model: expected langae, seed or redcnn, got {config.model!r}")
-    if config.data.source not in ("builtin", "volumes", "npy", "mayo"):
-        raise ConfigError(f"data.source: expected builtin, volumes, npy or mayo, got {config.data.source!r}")
-    if config.data.source in ("npy", "mayo") and not config.data.root:
+    if config.data.source not in ("builtin", "volumes", "npy", "mayo", "prepared"):
+        raise ConfigError(f"data.source: expected builtin, volumes, npy, mayo or prepared, got {config.data.source!r}")
+    if config.data.source in ("npy", "mayo", "prepared") and not config.data.root:
         raise ConfigError(f"data.root is required for data.source={config.data.source}")
     if config.data.source == "volumes" and not config.data.volumes:
         raise ConfigError("data.volumes must list normal-dose CT files or folders for data.source=volumes")

@@ -18,9 +18,15 @@ from .config import DataConfig
 logger = logging.getLogger(__name__)
 
 
-def load_slices(config: DataConfig) -> list[CTSlice]:
-    """All slices named by the data config, optionally limited per patient and centre-cropped (for quick runs)."""
-    if config.source == "builtin":
+def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
+    """All slices named by the data config, optionally limited per patient and centre-cropped (for quick runs),
+    and the language space stored with a prepared set (``None`` otherwise)."""
+    language = None
+    if config.source == "prepared":
+        from .prepare import load_prepared
+
+        slices, language = load_prepared(config.root)
+    elif config.source == "builtin":
         slices = builtin_training_slices(include_pydicom=config.include_pydicom)
     elif config.source == "npy":
         slices = load_npy_pairs(config.root)
@@ -39,7 +45,7 @@ def load_slices(config: DataConfig) -> list[CTSlice]:
         slices = kept
     if config.crop:
         slices = [_centre_crop(s, config.crop) for s in slices]
-    return slices
+    return slices, language
 
 
 def _centre_crop(s: CTSlice, size: int) -> CTSlice:
@@ -49,7 +55,8 @@ def _centre_crop(s: CTSlice, size: int) -> CTSlice:
         top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
         return image[top:top + size, left:left + size]
 
-    return CTSlice(full=crop(s.full), low=crop(s.low), label=crop(s.label), spacing_mm=s.spacing_mm, patient=s.patient)
+    return CTSlice(full=crop(s.full), low=crop(s.low), label=crop(s.label), spacing_mm=s.spacing_mm,
+                   patient=s.patient, words=s.words)
 
 
 def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str) -> list[np.ndarray]:
@@ -73,6 +80,7 @@ class TrainingData:
     validation: list[CTSlice]
     validation_low: list[np.ndarray]
     sampler: PatchSampler
+    language: dict | None
     config: DataConfig
     device: torch.device
     seed: int
@@ -81,7 +89,7 @@ class TrainingData:
     @classmethod
     def build(cls, config: DataConfig, device: torch.device, seed: int, rank: int = 0,
               validation_slices: int = 8) -> "TrainingData":
-        slices = load_slices(config)
+        slices, language = load_slices(config)
         train, validation = split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
         step = max(1, len(validation) // max(1, validation_slices))
         validation = validation[::step][:validation_slices]
@@ -90,7 +98,8 @@ class TrainingData:
         simulation_device = "cuda" if device.type == "cuda" else "cpu"
         # Validation noise is drawn once with a fixed seed so scores are comparable across steps.
         validation_low = simulate_low_dose(validation, config, seed=10_000 + seed, device=simulation_device)
-        data = cls(train=train, validation=validation, validation_low=validation_low, sampler=None, config=config,
+        data = cls(train=train, validation=validation, validation_low=validation_low, sampler=None, language=language,
+                   config=config,
                    device=device, seed=seed * 1000 + rank)
         data.refresh_noise()
         return data

@@ -14,7 +14,6 @@ from ..checkpoint import load_checkpoint
 from ..errors import ConfigError
 from ..losses import seed_loss, stage1_loss
 from ..models.langae import LangAE
-from ..vlm import load_language_space, select_words
 from .config import TrainConfig
 from .data import TrainingData
 
@@ -32,20 +31,29 @@ class LangAETask:
 
     def __init__(self, config: TrainConfig, data: TrainingData, device: torch.device) -> None:
         c = config.langae
-        space = load_language_space(c.vlm_backend, c.vlm_model, c.vocabulary)
-        self.model = LangAE.from_language_space(space, base_channels=c.base_channels,
-                                                channel_multipliers=c.channel_multipliers,
-                                                num_res_blocks=c.num_res_blocks, z_channels=c.z_channels)
-        words = select_words(space, [s.full for s in data.train], c.word_thresholds,
-                             labels=[s.label if s.label is not None else np.zeros(s.full.shape, dtype=bool)
-                                     for s in data.train], progress=True)
-        vocabulary = len(space.vocabulary)
+        if data.language is None:
+            from ..vlm import load_language_space, select_words
+
+            space = load_language_space(c.vlm_backend, c.vlm_model, c.vocabulary)
+            words = select_words(space, [s.full for s in data.train], c.word_thresholds,
+                                 labels=[s.label if s.label is not None else np.zeros(s.full.shape, bool)
+                                         for s in data.train], progress=True)
+            for s, per_level in zip(data.train, words):
+                s.words = per_level
+            codebook, vocabulary, identity = space.codebook(), space.vocabulary, space.describe()
+        else:
+            codebook = torch.as_tensor(data.language["codebook"])
+            vocabulary, identity = data.language["vocabulary"], data.language["describe"]
+        self.model = LangAE(codebook=codebook, vocabulary=vocabulary, vlm_backend=identity.get("backend"),
+                            vlm_id=identity.get("model"), base_channels=c.base_channels,
+                            channel_multipliers=c.channel_multipliers, num_res_blocks=c.num_res_blocks,
+                            z_channels=c.z_channels)
         # (slices, V) candidate mask per pyramid level, indexed by the slice each patch came from.
         self.candidates = []
         for level in range(3):
-            mask = torch.zeros(len(words), vocabulary, dtype=torch.bool)
-            for index, per_level in enumerate(words):
-                mask[index, torch.as_tensor(per_level[level])] = True
+            mask = torch.zeros(len(data.train), len(vocabulary), dtype=torch.bool)
+            for index, s in enumerate(data.train):
+                mask[index, torch.as_tensor(s.words[level])] = True
             self.candidates.append(mask.to(device))
         self.weights = c
         self.discriminator = None

@@ -1,0 +1,204 @@
+"""Speed and size of LangMamba (frozen LangAE encoder + SEED decoder) on slices of a given size.
+
+``python -m langmamba.bench.model --size 512 --device cpu`` prints one JSON object: parameters,
+GFLOPs per slice, peak memory, seconds per slice, slices per second and the selective-scan backend
+that ran. Weights are random (speed does not depend on them); the LangAE has the paper's widths.
+CPU runs are fp32; CUDA runs use bf16 autocast unless ``dtype="float32"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from langmamba.errors import ConfigError
+from langmamba.models.langae import LangAE
+from langmamba.models.seed import LangMamba
+from langmamba.models.ss2d import SS2D, cross_scan
+from langmamba.ops import resolve_backend
+
+logger = logging.getLogger(__name__)
+
+_SCAN_FLOPS_PER_STATE = 7
+"""Per (channel, state, token): decay mul + exp, input mul, state mul + add, read-out mul + add."""
+
+
+def _scan_flops(model: LangMamba, size: int) -> float:
+    """Selective-scan FLOPs of one ``size``² slice (not seen by the flop counter), from the SS2D shapes."""
+    total = 0.0
+    for name, module in model.decoder.named_modules():
+        if not isinstance(module, SS2D):
+            continue
+        level = int(name.split(".")[1])  # decoder.levels[i] works at size / 2^i
+        side = -(-size // 2**level)
+        side_even = side + (side % 2 if module.step == 2 else 0)
+        tokens = cross_scan(torch.empty(1, 1, side_even, side_even), module.step).shape[-1]
+        total += _SCAN_FLOPS_PER_STATE * 4 * module.d_inner * module.d_state * tokens
+    return total
+
+
+def _count_flops(model: LangMamba, size: int, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 1, size, size, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def build_model(decoder_kwargs: dict | None = None, scan_backend: str = "auto") -> LangMamba:
+    """LangMamba with the paper's LangAE (random weights, 512-word codebook of dim 384) and SEED defaults."""
+    langae_config = LangAE(codebook_size=512, codebook_dim=384).get_config()
+    return LangMamba(langae_config, scan_backend=scan_backend, **(decoder_kwargs or {}))
+
+
+def run(
+    size: int = 512,
+    batch: int | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    steps: int = 5,
+    warmup: int = 2,
+    threads: int | None = None,
+    scan_backend: str = "auto",
+    decoder_kwargs: dict | None = None,
+    compile_model: bool = False,
+    count_flops: bool = True,
+) -> dict:
+    """Time ``steps`` forward passes of LangMamba on ``(batch, 1, size, size)`` and describe the model.
+
+    Args:
+        size: slice side in pixels.
+        batch: slices per forward; default 1 on CPU, 32 on CUDA.
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+        dtype: ``"float32"`` or ``"bfloat16"`` (autocast); default fp32 on CPU, bf16 on CUDA.
+        steps: timed forward passes.
+        warmup: untimed passes first (kernel selection, Triton compilation).
+        threads: CPU threads for PyTorch (default: leave as is).
+        scan_backend: selective-scan backend of the SS2D blocks.
+        decoder_kwargs: SEED decoder arguments overriding the defaults (widths, depths ...).
+        compile_model: run the decoder through ``torch.compile``.
+        count_flops: count GFLOPs with ``torch.utils.flop_counter`` (one extra fp32 forward at batch 1).
+
+    Returns:
+        A JSON-serialisable dict: ``device``, ``dtype``, ``batch``, ``size``, ``threads``,
+        ``scan_backend``, ``params_total``, ``params_decoder``, ``params_encoder``, ``gflops_per_slice``
+        (convolutions and matmuls, counted), ``scan_gflops_per_slice`` (analytic), ``seconds_per_slice``,
+        ``slices_per_second``, ``peak_memory_mb`` (CUDA allocator peak, or the process's peak RSS on
+        CPU) and ``decoder`` (the decoder configuration).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    batch = batch or (32 if dev.type == "cuda" else 1)
+    dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+
+    torch.manual_seed(0)
+    model = build_model(decoder_kwargs, scan_backend).to(dev).eval()
+    backend = resolve_backend(scan_backend, dev)
+    params_encoder = sum(p.numel() for p in model.langae.encoder.parameters())
+    params_decoder = sum(p.numel() for p in model.decoder.parameters())
+    result: dict = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": dtype,
+        "batch": batch,
+        "size": size,
+        "threads": torch.get_num_threads(),
+        "scan_backend": backend,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_decoder": params_decoder,
+        "params_encoder": params_encoder,
+        "decoder": {k: v for k, v in model.get_config().items() if k != "langae_config"},
+    }
+    if count_flops:
+        result["gflops_per_slice"] = _count_flops(model, size, dev) / 1e9
+    result["scan_gflops_per_slice"] = _scan_flops(model, size) / 1e9
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    forward = model
+    if compile_model:
+        model.decoder = torch.compile(model.decoder)
+        result["compiled"] = True
+
+    x = torch.rand(batch, 1, size, size, device=dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with torch.inference_mode(), autocast:
+        for _ in range(warmup):
+            forward(x)
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        start = time.perf_counter()
+        for _ in range(steps):
+            forward(x)
+        sync()
+        elapsed = time.perf_counter() - start
+    per_slice = elapsed / (steps * batch)
+    result["seconds_per_slice"] = per_slice
+    result["slices_per_second"] = 1.0 / per_slice
+    if dev.type == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        # ru_maxrss is in KiB on Linux.
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    logger.info("LangMamba %s×%s on %s: %.4f s/slice", size, size, result["device"], per_slice)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m langmamba.bench.model [--size 512] [--batch N] [--device auto] ...``."""
+    parser = argparse.ArgumentParser(description="Time LangMamba (frozen LangAE + SEED) on random slices.")
+    parser.add_argument("--size", type=int, default=512, help="slice side in pixels (default 512)")
+    parser.add_argument("--batch", type=int, default=None, help="slices per forward (default 1 CPU, 32 CUDA)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default fp32 CPU, bf16 CUDA")
+    parser.add_argument("--steps", type=int, default=5, help="timed forward passes")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument("--scan-backend", default="auto", help="selective-scan backend")
+    parser.add_argument("--decoder", default=None, help="JSON dict of SEED decoder arguments to override")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    args = parser.parse_args(argv)
+    try:
+        decoder_kwargs = json.loads(args.decoder) if args.decoder else None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--decoder is not valid JSON: {error}") from error
+    result = run(
+        size=args.size,
+        batch=args.batch,
+        device=args.device,
+        dtype=args.dtype,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        scan_backend=args.scan_backend,
+        decoder_kwargs=decoder_kwargs,
+        compile_model=args.compile,
+        count_flops=not args.no_flops,
+    )
+    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
