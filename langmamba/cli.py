@@ -67,7 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import load_config, train
 
     config = load_config(args.config, args.set, model=args.model)
-    final = train(config, progress=True, resume=not args.restart)
+    final = train(config, progress=True)
     print(f"trained {config.model}: {final}")
     return 0
 
@@ -137,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                            ("select-words", "select candidate words per training slice and pyramid level; write slices "
                                             "and words as one .npz (what training reads)")):
         command = sub.add_parser(name, help=helptext, description=helptext + ". Settings come from the YAML "
-                                 "config (see langmamba/configs/) and --set section.key=value overrides.")
+                                 "config (see langmamba/configs/) and --set section.key=value overrides. A run "
+                                 "whose output folder holds checkpoints resumes from the latest one.")
         if name == "train":
             command.add_argument("model", choices=["langae", "seed", "redcnn"])
-            command.add_argument("--restart", action="store_true", help="ignore checkpoints in the output folder")
         else:
             command.add_argument("output", help="the .npz file to write")
         command.add_argument("--config", help="YAML config file")

@@ -138,6 +138,15 @@ def test_latent_on_a_word_is_reproduced_exactly():
     assert float(out.commitment_loss) == pytest.approx(0.0, abs=1e-10)
 
 
+def test_latents_are_scaled_to_the_codebook_norm(model):
+    x = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        norms = model.encode(x).norm(dim=1)
+        raw = small_langae(normalize_latent=False).encode(x)
+    torch.testing.assert_close(norms, torch.full_like(norms, float(model.codebook.norm(dim=1).mean())))
+    assert raw.shape == (2, DIM, 8, 8) and not torch.allclose(raw.norm(dim=1), norms)
+
+
 def test_straight_through_reaches_encoder_but_not_codebook(model):
     model.zero_grad(set_to_none=True)
     x = torch.rand(1, 1, 128, 128)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checkpoint import register_model
 
+
+@register_model
 class REDCNN(nn.Module):
     """Residual encoder-decoder CNN.
 
@@ -47,5 +50,5 @@ class REDCNN(nn.Module):
         out = self.decoder[4](self.relu(out)) + shortcut_input
         return self.relu(out)
 
-    def config_dict(self) -> dict:
+    def get_config(self) -> dict:
         return {"channels": self.channels, "kernel_size": self.kernel_size}

@@ -22,7 +22,7 @@ from langmamba.errors import ConfigError
 from langmamba.models.langae import LangAE
 from langmamba.models.seed import LangMamba
 from langmamba.models.ss2d import SS2D, cross_scan
-from langmamba.ops import resolve_backend
+from langmamba.ops import resolve_backend, selective_scan
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +44,16 @@ def _scan_flops(model: LangMamba, size: int) -> float:
     return total
 
 
-def _count_flops(model: LangMamba, size: int, device: torch.device) -> float:
+def _count_flops(model: LangMamba, size: int, device: torch.device) -> tuple[float, float]:
+    """(total, decoder) FLOPs of convolutions and matmuls for one ``size``² slice."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.rand(1, 1, size, size, device=device)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
-    return float(counter.get_total_flops())
+    decoder = sum(counter.get_flop_counts().get(f"{type(model).__name__}.decoder", {}).values())
+    return float(counter.get_total_flops()), float(decoder)
 
 
 def build_model(decoder_kwargs: dict | None = None, scan_backend: str = "auto") -> LangMamba:
@@ -72,6 +74,7 @@ def run(
     decoder_kwargs: dict | None = None,
     compile_model: bool = False,
     count_flops: bool = True,
+    channels_last: bool = False,
 ) -> dict:
     """Time ``steps`` forward passes of LangMamba on ``(batch, 1, size, size)`` and describe the model.
 
@@ -86,12 +89,15 @@ def run(
         scan_backend: selective-scan backend of the SS2D blocks.
         decoder_kwargs: SEED decoder arguments overriding the defaults (widths, depths ...).
         compile_model: run the decoder through ``torch.compile``.
+        channels_last: use the channels-last memory format for the model and input (faster convolutions
+            on tensor cores).
         count_flops: count GFLOPs with ``torch.utils.flop_counter`` (one extra fp32 forward at batch 1).
 
     Returns:
         A JSON-serialisable dict: ``device``, ``dtype``, ``batch``, ``size``, ``threads``,
         ``scan_backend``, ``params_total``, ``params_decoder``, ``params_encoder``, ``gflops_per_slice``
-        (convolutions and matmuls, counted), ``scan_gflops_per_slice`` (analytic), ``seconds_per_slice``,
+        and ``gflops_decoder_per_slice`` (convolutions and matmuls, counted), ``scan_gflops_per_slice``
+        (analytic, not in the counted numbers), ``seconds_per_slice``,
         ``slices_per_second``, ``peak_memory_mb`` (CUDA allocator peak, or the process's peak RSS on
         CPU) and ``decoder`` (the decoder configuration).
     """
@@ -125,7 +131,9 @@ def run(
         "decoder": {k: v for k, v in model.get_config().items() if k != "langae_config"},
     }
     if count_flops:
-        result["gflops_per_slice"] = _count_flops(model, size, dev) / 1e9
+        total, decoder = _count_flops(model, size, dev)
+        result["gflops_per_slice"] = total / 1e9
+        result["gflops_decoder_per_slice"] = decoder / 1e9
     result["scan_gflops_per_slice"] = _scan_flops(model, size) / 1e9
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -135,6 +143,10 @@ def run(
         result["compiled"] = True
 
     x = torch.rand(batch, 1, size, size, device=dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        result["channels_last"] = True
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def sync() -> None:
@@ -164,6 +176,97 @@ def run(
     return result
 
 
+def scan_shapes(model: LangMamba, size: int, batch: int) -> list[dict]:
+    """The selective-scan calls of one forward on ``(batch, 1, size, size)``: one dict per SS2D with
+    ``batch``, ``channels`` (4 directions × d_inner), ``state``, ``length`` and ``groups`` (4)."""
+    shapes = []
+    for name, module in model.decoder.named_modules():
+        if isinstance(module, SS2D):
+            side = -(-size // 2 ** int(name.split(".")[1]))
+            side += side % 2 if module.step == 2 else 0
+            length = cross_scan(torch.empty(1, 1, side, side), module.step).shape[-1]
+            shapes.append(
+                {"batch": batch, "channels": 4 * module.d_inner, "state": module.d_state, "length": length, "groups": 4}
+            )
+    return shapes
+
+
+def run_scan(
+    size: int = 512,
+    batch: int | None = None,
+    device: str = "auto",
+    backends: Sequence[str] | None = None,
+    triton_configs: Sequence[tuple[int, int]] = (),
+    steps: int = 10,
+    backward: bool = False,
+    decoder_kwargs: dict | None = None,
+) -> dict:
+    """Time the selective scan alone at the SS2D shapes of a LangMamba forward.
+
+    Inputs are bf16 on CUDA (as under autocast) and fp32 on CPU. ``triton_configs`` adds Triton runs
+    with explicit ``(block_l, num_warps)``. Returns, per backend (and Triton config), the milliseconds
+    of all scans of one forward of ``batch`` slices and per slice, forward only or forward + backward.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    batch = batch or (32 if dev.type == "cuda" else 1)
+    model = build_model(decoder_kwargs)
+    shapes = scan_shapes(model, size, batch)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    runs: list[tuple[str, dict]] = [(name, {"backend": name}) for name in (backends or [resolve_backend("auto", dev)])]
+    runs += [(f"triton_{bl}x{nw}", {"block_l": bl, "num_warps": nw}) for bl, nw in triton_configs]
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in shapes:
+        b, d, n, length, g = (shape[k] for k in ("batch", "channels", "state", "length", "groups"))
+
+        def rand(*dims: int, scale: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*dims, generator=generator) * scale).to(dev)
+
+        tensors = {
+            "u": rand(b, d, length).to(dtype),
+            "delta": rand(b, d, length, scale=0.5).to(dtype),
+            "A": -(torch.rand(d, n, generator=generator) * n + 1).to(dev),
+            "B": rand(b, g, n, length).to(dtype),
+            "C": rand(b, g, n, length).to(dtype),
+            "D": rand(d),
+            "delta_bias": rand(d, scale=0.5),
+        }
+        if backward:
+            for key in ("u", "delta", "B", "C"):
+                tensors[key].requires_grad_(True)
+        cases.append(tensors)
+
+    def call(options: dict, tensors: dict) -> None:
+        if "backend" in options:
+            out = selective_scan(**tensors, delta_softplus=True, backend=options["backend"])
+        else:
+            from langmamba.ops.selective_scan_triton import selective_scan_triton
+
+            out = selective_scan_triton(**tensors, delta_softplus=True, **options)
+        if backward:
+            out.float().sum().backward()
+
+    results = {}
+    for label, options in runs:
+        with torch.set_grad_enabled(backward):
+            for tensors in cases:
+                call(options, tensors)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            for _ in range(steps):
+                for tensors in cases:
+                    call(options, tensors)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        ms = (time.perf_counter() - start) / steps * 1e3
+        results[label] = {"ms_per_forward": ms, "ms_per_slice": ms / batch}
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "size": size,
+            "batch": batch, "backward": backward, "shapes": shapes, "results": results}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m langmamba.bench.model [--size 512] [--batch N] [--device auto] ...``."""
     parser = argparse.ArgumentParser(description="Time LangMamba (frozen LangAE + SEED) on random slices.")
@@ -178,11 +281,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decoder", default=None, help="JSON dict of SEED decoder arguments to override")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--scan", action="store_true", help="time the selective scans alone (see run_scan)")
+    parser.add_argument("--backends", default=None, help="comma-separated scan backends for --scan")
+    parser.add_argument("--triton-configs", default="", help="for --scan: e.g. 64x4,128x8 (block_l x num_warps)")
+    parser.add_argument("--backward", action="store_true", help="for --scan: time forward + backward")
     args = parser.parse_args(argv)
     try:
         decoder_kwargs = json.loads(args.decoder) if args.decoder else None
     except json.JSONDecodeError as error:
         raise ConfigError(f"--decoder is not valid JSON: {error}") from error
+    if args.scan:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.triton_configs.split(",") if c]
+        result = run_scan(
+            size=args.size,
+            batch=args.batch,
+            device=args.device,
+            backends=args.backends.split(",") if args.backends else None,
+            triton_configs=configs,
+            steps=args.steps,
+            backward=args.backward,
+            decoder_kwargs=decoder_kwargs,
+        )
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return 0
     result = run(
         size=args.size,
         batch=args.batch,
@@ -195,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         decoder_kwargs=decoder_kwargs,
         compile_model=args.compile,
         count_flops=not args.no_flops,
+        channels_last=args.channels_last,
     )
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     return 0

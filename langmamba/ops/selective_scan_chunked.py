@@ -38,11 +38,11 @@ def default_chunk_size(length: int) -> int:
     return max(4, int(round(math.sqrt(max(length, 1) / 2.0))))
 
 
-def _to_chunks(x: torch.Tensor, chunks: int, size: int, channels_last: bool = False) -> torch.Tensor:
+def _to_chunks(x: torch.Tensor, chunks: int, size: int, k_last: bool = False) -> torch.Tensor:
     """``(batch, G, K, chunks * size)`` -> ``(size, batch, G, K, chunks)`` (position in chunk first),
-    or ``(size, batch, G, chunks, K)`` with ``channels_last``."""
+    or ``(size, batch, G, chunks, K)`` with ``k_last``."""
     batch, groups, k, _ = x.shape
-    order = (4, 0, 1, 3, 2) if channels_last else (4, 0, 1, 2, 3)
+    order = (4, 0, 1, 3, 2) if k_last else (4, 0, 1, 2, 3)
     return x.view(batch, groups, k, chunks, size).permute(order).contiguous()
 
 
@@ -71,7 +71,9 @@ def selective_scan_chunked(
     size = default_chunk_size(length) if chunk_size is None else int(chunk_size)
     if size < 1:
         raise InputError(f"selective_scan_chunked: chunk_size must be positive, got {chunk_size}")
-    size = min(size, max(length, 1))
+    if length == 0:
+        return finish_output(u.new_zeros(u.shape, dtype=torch.float32), u, D, z, u.dtype)
+    size = min(size, length)
     chunks = -(-length // size)
     pad = chunks * size - length
 
@@ -84,8 +86,8 @@ def selective_scan_chunked(
     step_j = _to_chunks(step.view(batch, groups, per_group, -1), chunks, size)  # (T, batch, G, Dg, n)
     drive_j = _to_chunks(drive.view(batch, groups, per_group, -1), chunks, size)
     # (T, batch, G, 1, n, N): N last so each step's read-out is a contiguous reduction.
-    B_j = _to_chunks(B_g, chunks, size, channels_last=True).unsqueeze(3)
-    C_j = _to_chunks(C_g, chunks, size, channels_last=True).unsqueeze(3)
+    B_j = _to_chunks(B_g, chunks, size, k_last=True).unsqueeze(3)
+    C_j = _to_chunks(C_g, chunks, size, k_last=True).unsqueeze(3)
     A_g = A.float().view(groups, per_group, 1, state)
 
     track = torch.is_grad_enabled() and any(

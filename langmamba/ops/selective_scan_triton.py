@@ -210,18 +210,30 @@ def _bwd_kernel(
         tl.atomic_add(dbias_ptr + d, tl.sum(dbias_acc, axis=0))
 
 
+DEFAULT_BLOCK_L = 128
+"""Tokens per block for long sequences (shorter ones use the next power of two, at least 16)."""
+
+DEFAULT_NUM_WARPS = 8
+"""Warps per program; with ``BLOCK_L = 128`` and ``N = 16`` the forward kernel needs about 123 registers per thread."""
+
+
 def _block_sizes(length: int, state: int, block_l: int | None) -> tuple[int, int]:
     block_n = max(2, triton.next_power_of_2(state))
     if block_l is None:
-        block_l = min(128, max(16, triton.next_power_of_2(length)))
+        block_l = min(DEFAULT_BLOCK_L, max(16, triton.next_power_of_2(length)))
     if block_l < 2 or block_l & (block_l - 1):
         raise InputError(f"selective_scan_triton: block_l must be a power of two >= 2, got {block_l}")
     return block_n, block_l
 
 
+def _warps(num_warps: int | None, block_l: int) -> int:
+    # Small blocks do not need (and cannot fill) many warps.
+    return num_warps if num_warps is not None else max(1, min(DEFAULT_NUM_WARPS, block_l // 16))
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_l):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_l, num_warps):
         batch, dim, length = u.shape
         state = A.shape[1]
         block_n, block_l = _block_sizes(length, state, block_l)
@@ -239,12 +251,13 @@ class _SelectiveScanFn(torch.autograd.Function):
             BLOCK_N=block_n, BLOCK_L=block_l,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(delta_softplus), SAVE_STATE=save,
-            num_warps=4,
+            num_warps=_warps(num_warps, block_l),
         )
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
             ctx.delta_softplus = bool(delta_softplus)
             ctx.block_l = block_l
+            ctx.num_warps = num_warps
         return out
 
     @staticmethod
@@ -275,12 +288,12 @@ class _SelectiveScanFn(torch.autograd.Function):
             BLOCK_N=block_n, BLOCK_L=block_l,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.delta_softplus,
-            num_warps=4,
+            num_warps=_warps(ctx.num_warps, block_l),
         )
         return (
             du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if dD is not None else None, dz,
-            dbias.to(delta_bias.dtype) if dbias is not None else None, None, None,
+            dbias.to(delta_bias.dtype) if dbias is not None else None, None, None, None,
         )
 
 
@@ -295,13 +308,17 @@ def selective_scan_triton(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     block_l: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Selective scan by Triton kernels; ``(batch, D, L)`` in ``u``'s dtype, differentiable.
 
     Args: as :func:`langmamba.ops.selective_scan_ref.selective_scan_ref`, plus ``block_l`` (tokens per
-    program step, a power of two; default ``min(128, next_power_of_2(L))``, at least 16).
-    Tensors must be on a CUDA device, or on the CPU under ``TRITON_INTERPRET=1``.
+    program step, a power of two; default :data:`DEFAULT_BLOCK_L`, or ``next_power_of_2(L)`` (at least
+    16) for shorter sequences) and ``num_warps`` (default :data:`DEFAULT_NUM_WARPS`, fewer for small
+    blocks). Tensors must be on a CUDA device, or on the CPU under ``TRITON_INTERPRET=1``.
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     # as_grouped is a view, so autograd maps the (batch, 1, N, L) gradient back to (batch, N, L).
-    return _SelectiveScanFn.apply(u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, delta_softplus, block_l)
+    return _SelectiveScanFn.apply(
+        u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, delta_softplus, block_l, num_warps
+    )

@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # the simulation itself needs none of langmamba.io's readers
 
 logger = logging.getLogger(__name__)
 
-# Linear attenuation of water at the effective energy of a 120 kVp beam filtered like a clinical
-# scanner's, about 70 keV (NIST XCOM: 0.194 cm²/g at 70 keV) — 1/mm.
+# Linear attenuation of water at the effective energy of a clinical 120 kVp beam, about 70 keV
+# (NIST XCOM mass attenuation of water: 0.206 cm²/g at 60 keV, 0.184 at 80 keV), in 1/mm.
 MU_WATER_PER_MM = 0.0192
 # Full-dose photons per ray (per detector channel and view, unattenuated), for the slice thickness
 # of the images. 2e5 makes the model's full-dose noise match a routine 5 mm chest scan (about 5 HU in
@@ -273,8 +273,9 @@ def simulate_slice(
             scan (with ``reconstruction="full"``: the pure project→FBP round trip).
         electronic_noise: detector electronic noise, standard deviation in counts.
         input_is_noise_free: ``False`` (default): the input is a real full-dose scan and only the
-            variance it lacks is added (Yu et al. 2012); ``True``: the input is an ideal object and
-            the full Poisson + electronic noise at ``dose · I0`` is applied.
+            variance it lacks is added, ``a (1 - a) I + (1 - a²) σ_e²`` counts² per ray with
+            ``I = I0 exp(-p)`` (Yu et al. 2012); ``True``: the input is an ideal object and the full
+            Poisson + electronic noise at ``dose · I0`` is applied.
         reconstruction: ``"noise_insertion"`` (default): input + FBP(noise), which keeps the input's
             own resolution and needs the clean projection only for the noise level;
             ``"full"``: FBP of the noisy sinogram (the honest round trip, blurred by the FBP).

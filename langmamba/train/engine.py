@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from ..checkpoint import save_checkpoint
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..normalization import hu_to_model, model_to_hu
 from .config import TrainConfig
 from .data import TrainingData
@@ -189,15 +189,19 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
     store = CheckpointStore(output)
     start = 0
     latest = store.latest() if resume else None
+    log_path = output / "log.csv"
+    fields = ["step", "loss", "lr", "seconds", "val_psnr", "val_ssim"]
     if latest is not None:
         start = _restore(latest, model, optimizer, data, device)
         logger.info("resumed from %s at step %d", latest, start)
+        if dist.is_main:
+            _truncate_csv(log_path, fields, start)
     elif dist.is_main:
+        if store.root.exists() or log_path.exists():
+            raise ConfigError(f"{output} already holds a training run; resume it (leave resume on) or choose "
+                              "another run.output")
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-    log_path = output / "log.csv"
-    fields = ["step", "loss", "lr", "seconds", "val_psnr", "val_ssim"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.run.bf16)
     bar = tqdm(range(start, config.optim.steps), initial=start, total=config.optim.steps, desc=f"train {config.model}",
                disable=not (progress and dist.is_main), dynamic_ncols=True)
@@ -257,6 +261,19 @@ def _append_csv(path: Path, fields: list[str], row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def _truncate_csv(path: Path, fields: list[str], last_step: int) -> None:
+    """Drop log rows written after the checkpoint a run resumes from (they will be written again)."""
+    if not path.exists():
+        return
+    rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _state(optimizer: torch.optim.Optimizer, data: TrainingData, step: int) -> dict:
