@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from ..io import read_volume
 from .slices import CTSlice, slices_from_volume
 
 
@@ -46,6 +45,8 @@ def load_npy_pairs(root: str | Path, split: str = "train", low_dir: str = "quart
 def load_mayo_dicom_pairs(root: str | Path, low_pattern: str = "quarter*", full_pattern: str = "full*"
                           ) -> list[CTSlice]:
     """AAPM-Mayo folders ``<root>/<patient>/{quarter_*,full_*}/`` of DICOM/IMA slices, paired by position."""
+    from ..io import read_volume
+
     slices = []
     patients = sorted(p for p in Path(root).iterdir() if p.is_dir())
     for patient in patients:

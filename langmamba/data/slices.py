@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..io import CTVolume, read_volume
-from ..sample_data import TRAINING_CASES, sample_path
+
+if TYPE_CHECKING:
+    from ..io import CTVolume
 
 # Real CT slices shipped by pydicom / pydicom-data (head, pancreas, neck), one patient each.
 PYDICOM_CT_SLICES = ("693_UNCR.dcm", "explicit_VR-UN.dcm", "bad_sequence.dcm")
@@ -36,8 +38,8 @@ class CTSlice:
     words: list[np.ndarray] | None = None
 
 
-def slices_from_volume(volume: CTVolume, patient: str, label: np.ndarray | None = None,
-                       low: CTVolume | None = None) -> list[CTSlice]:
+def slices_from_volume(volume: "CTVolume", patient: str, label: np.ndarray | None = None,
+                       low: "CTVolume | None" = None) -> list[CTSlice]:
     """Split a volume (and its optional low-dose partner and label, same grid) into slices."""
     spacing = (volume.spacing[1], volume.spacing[0])
     if low is not None and low.shape != volume.shape:
@@ -53,6 +55,9 @@ def builtin_training_slices(include_pydicom: bool = True) -> list[CTSlice]:
 
     The held-out volume (lung2) is never part of it.
     """
+    from ..io import read_volume
+    from ..sample_data import TRAINING_CASES, sample_path
+
     slices: list[CTSlice] = []
     for case in TRAINING_CASES:
         volume = read_volume(sample_path(case, "image"))

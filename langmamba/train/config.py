@@ -61,6 +61,7 @@ class RunConfig:
     validate_every: int = 500
     checkpoint_every: int = 500
     validation_slices: int = 8
+    max_minutes: float | None = None
 
 
 @dataclass

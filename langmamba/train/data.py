@@ -10,7 +10,6 @@ import torch
 
 from ..data import CTSlice, PatchSampler, builtin_training_slices, load_mayo_dicom_pairs, load_npy_pairs
 from ..data import slices_from_volume, split_by_patient
-from ..io import read_volume
 from ..normalization import hu_to_model
 from ..simulate import simulate_slice
 from .config import DataConfig
@@ -33,6 +32,8 @@ def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
     elif config.source == "mayo":
         slices = load_mayo_dicom_pairs(config.root)
     else:
+        from ..io import read_volume
+
         slices = []
         for index, path in enumerate(config.volumes):
             slices += slices_from_volume(read_volume(path), patient=f"volume{index}")

@@ -205,7 +205,7 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.run.bf16)
     bar = tqdm(range(start, config.optim.steps), initial=start, total=config.optim.steps, desc=f"train {config.model}",
                disable=not (progress and dist.is_main), dynamic_ncols=True)
-    started, last_parts = time.time(), {}
+    started, last_parts, done = time.time(), {}, start
     for step in bar:
         if step > start and config.data.fresh_noise_every and step % config.data.fresh_noise_every == 0 \
                 and data.simulated:
@@ -238,13 +238,18 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
             _append_csv(log_path, fields, row)
         if dist.is_main and (done % config.run.checkpoint_every == 0 or done == config.optim.steps):
             store.save(model, _state(optimizer, data, done), done)
+        if config.run.max_minutes is not None and _out_of_time(started, config.run.max_minutes, dist, device):
+            bar.write(f"stopping after {done} steps: run.max_minutes={config.run.max_minutes} reached")
+            if dist.is_main:
+                store.save(model, _state(optimizer, data, done), done)
+            break
         if dist.active:
             torch.distributed.barrier()
     bar.close()
     final = output / "model"
     if dist.is_main:
         staging = output / f".model-{uuid.uuid4().hex[:8]}"
-        save_checkpoint(model, staging, extra={"steps": config.optim.steps, "train_config": config.to_dict(),
+        save_checkpoint(model, staging, extra={"steps": done, "train_config": config.to_dict(),
                                                "final_losses": last_parts})
         _publish(staging, final)
         if log_path.exists():
@@ -252,6 +257,14 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
     if dist.active:
         torch.distributed.barrier()
     return final
+
+
+def _out_of_time(started: float, minutes: float, dist: Distributed, device: torch.device) -> bool:
+    """Whether the wall-clock budget is spent; every rank takes rank 0's answer so they stop together."""
+    flag = torch.tensor([float(time.time() - started > 60 * minutes)], device=device)
+    if dist.active:
+        torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _append_csv(path: Path, fields: list[str], row: dict) -> None:

@@ -24,7 +24,7 @@ def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = Tr
     from ..vlm import load_language_space, select_words
     from .data import load_slices
 
-    slices = load_slices(config.data)
+    slices, _ = load_slices(config.data)
     c = config.langae
     space = load_language_space(c.vlm_backend, c.vlm_model, c.vocabulary)
     words = select_words(space, [s.full for s in slices], c.word_thresholds,
@@ -40,9 +40,9 @@ def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = Tr
         "thresholds": np.array(c.word_thresholds, np.float64),
     }
     for i, (s, per_level) in enumerate(zip(slices, words)):
-        arrays[f"full_{i}"] = s.full.astype(np.float32)
+        arrays[f"full_{i}"] = _compact(s.full)
         if s.low is not None:
-            arrays[f"low_{i}"] = s.low.astype(np.float32)
+            arrays[f"low_{i}"] = _compact(s.low)
         if s.label is not None:
             arrays[f"label_{i}"] = s.label.astype(bool)
         for level, ids in enumerate(per_level):
@@ -53,6 +53,13 @@ def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = Tr
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, output)
     return output
+
+
+def _compact(hu: np.ndarray) -> np.ndarray:
+    """int16 when that is lossless (clinical CT stores integer HU), float32 otherwise."""
+    if np.all(hu == np.rint(hu)) and hu.min() >= -32768 and hu.max() <= 32767:
+        return hu.astype(np.int16)
+    return hu.astype(np.float32)
 
 
 def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
@@ -68,8 +75,10 @@ def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
         slices = []
         for i, (spacing, patient) in enumerate(zip(archive["spacing_mm"], archive["patients"])):
             get = lambda name: archive[f"{name}_{i}"] if f"{name}_{i}" in archive else None  # noqa: E731
-            slices.append(CTSlice(full=archive[f"full_{i}"], spacing_mm=tuple(spacing), patient=str(patient),
-                                  low=get("low"), label=get("label"),
+            low = get("low")
+            slices.append(CTSlice(full=archive[f"full_{i}"].astype(np.float32), spacing_mm=tuple(spacing),
+                                  patient=str(patient), low=None if low is None else low.astype(np.float32),
+                                  label=get("label"),
                                   words=[archive[f"words{level}_{i}"] for level in range(3)]))
         language = {"codebook": archive["codebook"], "vocabulary": [str(v) for v in archive["vocabulary"]],
                     "describe": json.loads(str(archive["language_space"]))}

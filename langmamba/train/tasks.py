@@ -84,7 +84,8 @@ class SeedTask:
         if not isinstance(langae, LangAE):
             raise ConfigError(f"seed.langae must be a LangAE checkpoint, {config.seed.langae} holds "
                               f"{type(langae).__name__}")
-        self.model = LangMamba(langae, global_residual=config.seed.global_residual, **config.seed.decoder)
+        self.model = LangMamba.from_langae(langae, global_residual=config.seed.global_residual,
+                                          **config.seed.decoder)
         self.langae = langae
         self.langda_weight = config.seed.langda_weight
 
