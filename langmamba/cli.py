@@ -86,6 +86,29 @@ def _cmd_select_words(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import run_evaluation
+
+    weights = Path(args.weights)
+    result = run_evaluation(weights, Path(args.output or weights / "metrics.json"),
+                            Path(args.figure or weights / "comparison.png"), dose=args.dose, seed=args.seed,
+                            bm3d_sigma_hu=args.bm3d_sigma, device=args.device, max_slices=args.slices)
+    table = result["window_-160_240"]
+    print(f"held-out lung2, {result['slices']} slices, dose {result['dose']}, window [-160, 240] HU")
+    print(f"{'method':<22}{'PSNR dB':>9}{'SSIM':>8}{'RMSE HU':>9}")
+    for name, row in table.items():
+        print(f"{name:<22}{row['psnr']:>9.2f}{row['ssim']:>8.4f}{row['rmse']:>9.2f}")
+    print(f"explanation stability: {result['explanation_stability']:.3f}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .train.export import export_checkpoint
+
+    print(f"exported {export_checkpoint(args.source, args.destination, half=args.half, inference_only=args.inference_only)}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "simulate":
         from .bench.simulate import main as bench_main
@@ -147,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="override a setting, e.g. --set optim.steps=2000 (repeatable)")
         command.set_defaults(handler=_cmd_train if name == "train" else _cmd_select_words)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="score all methods on the held-out lung2 volume (the model card's table)",
+        description="Simulate a quarter-dose scan of the held-out lung2 volume with a fixed seed, denoise it with "
+                    "BM3D (sigma tuned on lung1), RED-CNN, LangMamba without LangDA and LangMamba, and write "
+                    "metrics.json and a comparison figure.")
+    evaluate.add_argument("--weights", default="weights", help="folder with redcnn/, langmamba_no_langda/, langmamba/")
+    evaluate.add_argument("--output", help="metrics JSON (default: <weights>/metrics.json)")
+    evaluate.add_argument("--figure", help="comparison PNG (default: <weights>/comparison.png)")
+    evaluate.add_argument("--dose", type=float, default=0.25)
+    evaluate.add_argument("--seed", type=int, default=20250707)
+    evaluate.add_argument("--bm3d-sigma", type=float, default=None, help="BM3D noise sigma in HU (default: tune)")
+    evaluate.add_argument("--slices", type=int, default=None, help="only the central N slices")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    export = sub.add_parser("export", help="write a training checkpoint as a shipped one (fp16, inference-only)")
+    export.add_argument("source", help="checkpoint folder")
+    export.add_argument("destination", help="new checkpoint folder")
+    export.add_argument("--half", action="store_true", help="store the weights in float16")
+    export.add_argument("--inference-only", action="store_true", help="drop the LangAE image decoder (LangMamba)")
+    export.set_defaults(handler=_cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks: simulate | model (pass their own options after the name)")
     bench.add_argument("target", choices=["simulate", "model"])

@@ -44,7 +44,8 @@ def _inputs(batch, dim, state, length, groups, full, seed=0, device="cpu"):
     bc_shape = (batch, state, length) if groups is None else (batch, groups, state, length)
     tensors = {
         "u": torch.randn(batch, dim, length, generator=g),
-        "delta": torch.rand(batch, dim, length, generator=g) * 0.8 if not full else torch.randn(batch, dim, length, generator=g),
+        # Without softplus delta must be positive; with it, raw values of either sign.
+        "delta": torch.randn(batch, dim, length, generator=g) if full else torch.rand(batch, dim, length, generator=g),
         "A": -(torch.rand(dim, state, generator=g) * 3 + 0.2),
         "B": torch.randn(bc_shape, generator=g),
         "C": torch.randn(bc_shape, generator=g),

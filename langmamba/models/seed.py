@@ -4,8 +4,11 @@ Starting from the deepest LangAE feature (``H/16``), each level runs SEED blocks
 mixer, conv block with channel attention and a spatial attention gate, conv feed-forward), then
 upsamples ×2 and fuses the LangAE encoder feature of the next finer level, up to full resolution,
 where a 3×3 conv gives the 1-channel output. The full- and half-resolution levels are conv-only and
-narrow (an SS2D there would scan 65,536 / 16,384 tokens per direction for little gain), so a 512²
-slice stays within a CPU budget of a few seconds.
+narrow (an SS2D there would scan 65,536 / 16,384 tokens per direction for little gain). The default
+widths (16, 32, 48, 96, 128), depths (1, 1, 1, 2, 2) and SS2D state size 8 were chosen against the
+speed targets (``python -m langmamba.bench.model``): on an H100 with bf16 autocast and batches of 64
+512² slices, LangMamba ran 338 slices/s (with depths (1, 1, 2, 2, 2): 307 at state 8, 296 at state
+16); on 2 CPU cores in fp32 a 512² slice takes about a second.
 
 :class:`LangMamba` couples a frozen LangAE (never trained here, always in eval mode) with a trainable
 :class:`SEEDDecoder`; images are ``(B, 1, H, W)`` in model range (see :mod:`langmamba.normalization`).
@@ -155,9 +158,9 @@ class SEEDDecoder(nn.Module):
         self,
         feature_channels: Sequence[int] = (64, 64, 128, 128, 256),
         widths: Sequence[int] = (16, 32, 48, 96, 128),
-        depths: Sequence[int] = (1, 1, 2, 2, 2),
+        depths: Sequence[int] = (1, 1, 1, 2, 2),
         ssm_levels: Sequence[bool] = (False, False, True, True, True),
-        d_state: int = 16,
+        d_state: int = 8,
         expand: float = 2.0,
         step: int = 2,
         ffn_ratio: float = 2.0,
@@ -225,23 +228,29 @@ class LangMamba(nn.Module):
         widths, depths, ssm_levels, d_state, expand, step, ffn_ratio, global_residual: see
             :class:`SEEDDecoder`.
         scan_backend: selective-scan backend (a run-time choice, not saved in checkpoints).
+        langae_decoder: keep the LangAE's image decoder. Denoising and explanations need only its encoder
+            and quantizer, so shipped inference checkpoints drop it (a third of the weights).
     """
 
     def __init__(
         self,
         langae_config: dict,
         widths: Sequence[int] = (16, 32, 48, 96, 128),
-        depths: Sequence[int] = (1, 1, 2, 2, 2),
+        depths: Sequence[int] = (1, 1, 1, 2, 2),
         ssm_levels: Sequence[bool] = (False, False, True, True, True),
-        d_state: int = 16,
+        d_state: int = 8,
         expand: float = 2.0,
         step: int = 2,
         ffn_ratio: float = 2.0,
         global_residual: bool = True,
         scan_backend: str = "auto",
+        langae_decoder: bool = True,
     ) -> None:
         super().__init__()
         self.langae = LangAE(**langae_config)
+        if not langae_decoder:
+            self.langae.decoder = None
+            self.langae.post_quant_conv = None
         self.langae.requires_grad_(False)
         self.langae.eval()
         in_channels = self.langae.get_config()["in_channels"]
@@ -268,6 +277,7 @@ class LangMamba(nn.Module):
             "step": int(step),
             "ffn_ratio": float(ffn_ratio),
             "global_residual": bool(global_residual),
+            "langae_decoder": bool(langae_decoder),
         }
 
     @classmethod
@@ -282,6 +292,16 @@ class LangMamba(nn.Module):
     def get_config(self) -> dict:
         """JSON-serialisable constructor arguments (the checkpoint format rebuilds the model from them)."""
         return copy.deepcopy(self._config)
+
+    def without_langae_decoder(self) -> LangMamba:
+        """A copy for inference only: the same weights without the LangAE's image decoder."""
+        config = self.get_config() | {"langae_decoder": False}
+        model = type(self)(**config)
+        state = {k: v for k, v in self.state_dict().items() if k in model.state_dict()}
+        model.load_state_dict(state, strict=True)
+        for key in ("vocabulary", "vlm_backend", "vlm_id"):
+            setattr(model.langae, key, getattr(self.langae, key, None))
+        return model
 
     def set_scan_backend(self, backend: str) -> None:
         """Use ``backend`` (see :func:`langmamba.ops.selective_scan`) in every SS2D."""

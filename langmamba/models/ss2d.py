@@ -147,7 +147,9 @@ class SS2D(nn.Module):
         self.in_proj = nn.Conv2d(d_model, 2 * d_inner, kernel_size=1, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner)
         bound = d_inner**-0.5
-        self.x_proj_weight = nn.Parameter(torch.empty(DIRECTIONS, dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(DIRECTIONS, dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound)
+        )
         self.dt_projs_weight = nn.Parameter(
             torch.empty(DIRECTIONS, d_inner, dt_rank).uniform_(-(dt_rank**-0.5), dt_rank**-0.5)
         )

@@ -223,25 +223,25 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower optim.lr")
         done = step + 1
+        stop = config.run.max_minutes is not None and _out_of_time(started, config.run.max_minutes, dist, device)
+        last = stop or done == config.optim.steps
         row = None
-        if done % config.run.log_every == 0 or done == config.optim.steps:
+        if done % config.run.log_every == 0 or last:
             last_parts = {k: float(v) for k, v in parts.items()}
             bar.set_postfix(loss=f"{loss.item():.4g}")
             row = {"step": done, "loss": loss.item(), "lr": learning_rate(step, config),
                    "seconds": round(time.time() - started, 1)}
-        if dist.is_main and (done % config.run.validate_every == 0 or done == config.optim.steps):
+        if dist.is_main and (done % config.run.validate_every == 0 or last):
             scores = validate(task, data, device)
             row = (row or {"step": done}) | scores
             if scores:
                 bar.write(f"step {done}: validation PSNR {scores['val_psnr']:.2f} dB, SSIM {scores['val_ssim']:.4f}")
         if dist.is_main and row is not None:
             _append_csv(log_path, fields, row)
-        if dist.is_main and (done % config.run.checkpoint_every == 0 or done == config.optim.steps):
+        if dist.is_main and (done % config.run.checkpoint_every == 0 or last):
             store.save(model, _state(optimizer, data, done), done)
-        if config.run.max_minutes is not None and _out_of_time(started, config.run.max_minutes, dist, device):
+        if stop:
             bar.write(f"stopping after {done} steps: run.max_minutes={config.run.max_minutes} reached")
-            if dist.is_main:
-                store.save(model, _state(optimizer, data, done), done)
             break
         if dist.active:
             torch.distributed.barrier()
