@@ -188,3 +188,26 @@ def test_from_langae_copies_weights_and_vocabulary():
     with torch.no_grad():
         for a, b in zip(model.langae.encode_features(x), langae.eval().encode_features(x)):
             assert torch.equal(a, b)
+
+
+def test_inference_copy_drops_the_langae_image_decoder(tmp_path):
+    model = small_langmamba(global_residual=False).eval()
+    slim = model.without_langae_decoder()
+    assert slim.langae.decoder is None and not any(k.startswith("langae.decoder.") for k in slim.state_dict())
+    assert not slim.langae.training and not any(p.requires_grad for p in slim.langae.parameters())
+    x = torch.rand(1, 1, 48, 32)
+    with torch.no_grad():
+        assert torch.equal(slim(x), model(x))
+    save_checkpoint(slim, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path)(x), model(x))
+
+
+def test_from_langae_without_image_decoder():
+    torch.manual_seed(4)
+    langae = LangAE(**small_langae_config()).eval()
+    model = LangMamba.from_langae(langae, widths=(4, 8, 8, 16, 16), depths=(1, 1, 1, 1, 1), langae_decoder=False)
+    assert model.langae.decoder is None
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.langae.encode_features(x)[-1], langae.encode_features(x)[-1])

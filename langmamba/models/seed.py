@@ -284,7 +284,8 @@ class LangMamba(nn.Module):
     def from_langae(cls, langae: LangAE, **kwargs) -> LangMamba:
         """A LangMamba around a copy of a trained ``langae`` (weights and vocabulary metadata)."""
         model = cls(langae.get_config(), **kwargs)
-        model.langae.load_state_dict(langae.state_dict())
+        keep = model.langae.state_dict()  # without the image decoder when langae_decoder=False
+        model.langae.load_state_dict({k: v for k, v in langae.state_dict().items() if k in keep})
         for key in ("vocabulary", "vlm_backend", "vlm_id"):
             setattr(model.langae, key, getattr(langae, key, None))
         return model.to(next(langae.parameters()).device)
