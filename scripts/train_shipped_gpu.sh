@@ -18,7 +18,10 @@ for stage in seed seed_no_langda redcnn; do
     --set run.max_minutes="$stage2_minutes" > "$results/$stage.log" 2>&1 &
 done
 wait
-python3 -m langmamba export "$results/langae/model" "$results/shipped/langae" --half
-python3 -m langmamba export "$results/seed/model" "$results/shipped/langmamba" --half --inference-only
-python3 -m langmamba export "$results/seed_no_langda/model" "$results/shipped/langmamba_no_langda" --half --inference-only
-python3 -m langmamba export "$results/redcnn/model" "$results/shipped/redcnn" --half
+status=0
+python3 -m langmamba export "$results/langae/model" "$results/shipped/langae" --half || status=1
+python3 -m langmamba export "$results/seed/model" "$results/shipped/langmamba" --half --inference-only || status=1
+python3 -m langmamba export "$results/seed_no_langda/model" "$results/shipped/langmamba_no_langda" --half \
+  --inference-only || status=1
+python3 -m langmamba export "$results/redcnn/model" "$results/shipped/redcnn" --half || status=1
+exit $status

@@ -86,12 +86,12 @@ class SeedTask:
                               f"{type(langae).__name__}")
         self.model = LangMamba.from_langae(langae, global_residual=config.seed.global_residual,
                                           **config.seed.decoder)
-        self.langae = langae
         self.langda_weight = config.seed.langda_weight
 
     def loss(self, module, low, full, which, step):
         prediction = module(low)
-        return seed_loss(prediction, full, self.langae, langda_weight=self.langda_weight)
+        # LangDA runs through the frozen LangAE inside the model: it is on the training device.
+        return seed_loss(prediction, full, self.model.langae, langda_weight=self.langda_weight)
 
     def predict(self, model, low, full):
         return model(low)
