@@ -1,0 +1,101 @@
+"""Training end to end on a small crop of real CT, resume, and data-parallel replicas on 2 CPU processes."""
+
+import csv
+import os
+import socket
+
+import pytest
+import torch
+
+from langmamba.checkpoint import load_checkpoint
+from langmamba.errors import ConfigError
+from langmamba.models.langae import LangAE
+from langmamba.models.seed import LangMamba
+from langmamba.train import load_config, train
+
+QUICK = ["data.crop=128", "data.patch_size=128", "data.max_slices_per_patient=3", "optim.batch_size=2",
+         "optim.warmup_steps=2", "run.log_every=1", "run.validation_slices=1", "run.checkpoint_every=5",
+         "data.validation_patients=['pydicom:explicit_VR-UN']", "data.include_pydicom=true"]
+
+
+def _losses(folder):
+    return [float(r["loss"]) for r in csv.DictReader(open(folder / "log.csv")) if r["loss"]]
+
+
+def test_both_stages_train_and_reload(tmp_path):
+    langae_dir = tmp_path / "langae"
+    config = load_config(overrides=QUICK + ["model=langae", "optim.steps=16", "optim.lr=1e-3",
+                                            "langae.base_channels=8", f"run.output={langae_dir}"])
+    final = train(config, progress=False)
+    losses = _losses(langae_dir)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    langae = load_checkpoint(final)
+    assert isinstance(langae, LangAE) and langae.vocabulary and len(langae.vocabulary) == langae.codebook.shape[0]
+
+    seed_dir = tmp_path / "seed"
+    config = load_config(overrides=QUICK + ["model=seed", "optim.steps=6", "optim.lr=1e-3",
+                                            f"seed.langae={final}", f"run.output={seed_dir}"])
+    model = load_checkpoint(train(config, progress=False))
+    assert isinstance(model, LangMamba)
+    # Stage 2 trains only the decoder: the frozen LangAE is bit-identical to the stage-1 checkpoint.
+    for name, tensor in langae.state_dict().items():
+        assert torch.equal(model.langae.state_dict()[name], tensor), name
+    assert any(r["val_psnr"] for r in csv.DictReader(open(seed_dir / "log.csv")))
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    out = tmp_path / "red"
+    settings = QUICK + ["model=redcnn", "redcnn.channels=4", f"run.output={out}"]
+    train(load_config(overrides=settings + ["optim.steps=5"]), progress=False)
+    first = load_checkpoint(out / "checkpoints" / "step-0000005" / "model")
+    train(load_config(overrides=settings + ["optim.steps=10"]), progress=False)
+    steps = [int(r["step"]) for r in csv.DictReader(open(out / "log.csv")) if r["loss"]]
+    assert steps == list(range(1, 11))  # steps 1-5 once, then 6-10 after the resume
+    resumed = load_checkpoint(out / "model")
+    assert resumed.checkpoint_config["extra"]["steps"] == 10
+    assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), resumed.parameters()))
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "red"
+    settings = QUICK + ["model=redcnn", "redcnn.channels=4", f"run.output={out}", "optim.steps=2"]
+    train(load_config(overrides=settings), progress=False)
+    (out / "checkpoints").rename(tmp_path / "moved")
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(load_config(overrides=settings), progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, output: str, result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from langmamba.train.engine import run_training
+    from langmamba.train.tasks import build_task
+
+    tasks = []
+
+    def capture(config, data, device):
+        tasks.append(build_task(config, data, device))
+        return tasks[-1]
+
+    config = load_config(overrides=QUICK + ["model=redcnn", "redcnn.channels=4", "optim.steps=4",
+                                            f"run.output={output}"])
+    run_training(config, capture, progress=False)
+    flat = torch.cat([p.detach().flatten() for p in tasks[0].model.parameters()])
+    torch.save(flat, os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path)),
+                                nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(rank0, rank1)
+    saved = load_checkpoint(tmp_path / "ddp" / "model")
+    assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), rank0)
