@@ -113,6 +113,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "simulate":
         from .bench.simulate import main as bench_main
+    elif args.target == "noise":
+        from .bench.noise import main as bench_main
     else:
         from .bench.model import main as bench_main
     return bench_main(args.bench_args) or 0
@@ -194,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--inference-only", action="store_true", help="drop the LangAE image decoder (LangMamba)")
     export.set_defaults(handler=_cmd_export)
 
-    bench = sub.add_parser("bench", help="benchmarks: simulate | model (pass their own options after the name)")
-    bench.add_argument("target", choices=["simulate", "model"])
+    bench = sub.add_parser("bench", help="benchmarks: simulate | noise | model (their own options follow the name)")
+    bench.add_argument("target", choices=["simulate", "noise", "model"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     bench.set_defaults(handler=_cmd_bench)
     return parser

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics
 from .io import read_volume, write_volume
-from .io.atomic import atomic_output
+from .evaluate import write_json
 from .sample_data import sample_path
 from .simulate import simulate_volume
 from .visualize import CT_WINDOWS, comparison_figure, save_figure
@@ -50,7 +49,5 @@ def run_simulation_demo(output_dir: Path, *, dose: float = 0.25, seed: int = 0, 
         "psnr_db_-160_240": round(metrics.psnr(low.hu, normal.hu), 2),
         "ssim_-160_240": round(metrics.ssim(low.hu, normal.hu), 4),
     }
-    summary_path = output_dir / f"lung2_dose{percent}.json"
-    with atomic_output(summary_path, as_folder=False, overwrite=True) as staging:
-        (staging / summary_path.name).write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path = write_json(summary, output_dir / f"lung2_dose{percent}.json")
     return {"simulated volume": volume_path, "comparison picture": figure_path, "summary": summary_path}

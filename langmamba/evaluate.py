@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -146,12 +145,12 @@ def comparison_figure_all(images: dict[str, np.ndarray], slice_index: int, spaci
 
 
 def write_json(data: dict, path: Path) -> Path:
-    """Write JSON atomically (a temporary sibling renamed into place)."""
+    """Write JSON atomically (written beside ``path``, then renamed into place)."""
+    from .io.atomic import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path, as_folder=False, overwrite=True) as staging:
+        (staging / path.name).write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 
