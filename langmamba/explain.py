@@ -1,0 +1,695 @@
+"""Word explanations of a denoised CT volume: the vocabulary words LangAE's quantizer reads in every region.
+
+:func:`explain_volume` runs the frozen LangAE encoder and pyramid quantizer of a LangMamba on every slice
+of the denoised output and of the low-dose input, and lists for each pyramid level and region the top-k
+words of both, with a flag where they disagree. The result is a JSON-serialisable dict described by the
+JSON Schema ``langmamba/resources/explanation.schema.json`` (:func:`validate_explanation` checks it).
+:func:`write_explanation` streams the same document to a file.
+:func:`explanation_label_map` paints one level's top-1 words into a label volume with a colour table for
+viewers; :func:`write_color_table` writes that table in 3D Slicer's text format.
+
+Conventions of the document:
+
+- Regions. Level ``l`` splits the ``h × w`` latent of a slice (``h = ceil(H / 16)``) into the quantizer's
+  ``g_h × g_w`` grid, latent row ``i`` falling in cell ``floor(i * g_h / h)``; a cell's voxel box is the
+  16-voxel blocks of its latent rows and columns, clipped to the slice (the slice is reflect-padded on the
+  bottom/right to a multiple of 16 before encoding). ``bbox_voxel`` is ``x0 <= column < x1``,
+  ``y0 <= row < y1`` on slice ``z``; the boxes of a level tile the slice exactly.
+- Patient coordinates. ``bbox_mm`` holds two opposite corners of the box's footprint on the slice plane:
+  the outer voxel edges at continuous indices ``(x0 - 0.5, y0 - 0.5, z)`` and ``(x1 - 0.5, y1 - 0.5, z)``,
+  mapped to LPS and RAS mm with the volume's geometry (identity geometry when none is given).
+- Scores. A word's score is the quantizer's softmax over the whole vocabulary of negative squared codebook
+  distances (:func:`langmamba.models.quantizer.word_scores`), so the top-k scores need not sum to 1.
+- Change. ``changed`` is true where the top-1 word of the output differs from the input's.
+  ``change_score`` is the total variation distance ``0.5 * sum_v |p_v - q_v|`` between the output's and
+  the input's score distributions restricted to the union ``U`` of both top-k sets and renormalised
+  over ``U``: 0 when both weigh their candidate words alike, 1 when they share no mass. The restriction
+  keeps the long tail of the vocabulary, hundreds of words with similar small scores, from diluting it.
+
+Numbers are rounded to 4 decimals. The model runs on batches of slices. The document grows with the
+number of regions (a 512² slice has 4 + 64 + 1024 regions at the default levels, about 0.5 MB of JSON),
+so for long volumes :func:`write_explanation` streams it to a file slice by slice instead of holding it.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from langmamba.errors import ConfigError, InputError, NonFiniteVoxelsError
+from langmamba.infer import prepare_model, resolve_device
+from langmamba.io.volume import CTVolume
+from langmamba.models.quantizer import cell_index, squared_distances
+from langmamba.normalization import hu_to_model
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_NAME = "langmamba-explanations"
+SCHEMA_VERSION = "1.0"
+SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "explanation.schema.json"
+CHANGE_SCORE_METHOD = "tvd_topk_union"
+"""Name recorded in the document for the change score defined in the module docstring."""
+
+DECIMALS = 4
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+ColorTable = list[tuple[int, str, tuple[int, int, int]]]
+
+
+# --- model access ---------------------------------------------------------------------------------
+
+
+def _langae(model: nn.Module) -> nn.Module:
+    """The LangAE of a LangMamba (``model.langae``) or ``model`` itself when it is a LangAE."""
+    langae = getattr(model, "langae", model)
+    if not all(callable(getattr(langae, name, None)) for name in ("encode", "quantize")) or not hasattr(
+        langae, "quantizer"
+    ):
+        raise InputError(
+            f"{type(model).__name__} has no LangAE encoder and word quantizer; explanations need a LangMamba or LangAE"
+        )
+    return langae
+
+
+def _vocabulary(langae: nn.Module) -> list[str]:
+    size = langae.quantizer.codebook_size
+    words = getattr(langae, "vocabulary", None)
+    if words is None:
+        logger.warning("the model carries no vocabulary; words are named token_<id>")
+        return [f"token_{i}" for i in range(size)]
+    if len(words) != size:
+        raise InputError(f"the model's vocabulary has {len(words)} words but its codebook has {size} rows")
+    return [str(w) for w in words]
+
+
+def _scalars(mapping: Any) -> dict:
+    """The entries of ``mapping`` whose values are JSON scalars (training step, run name ...)."""
+    if not isinstance(mapping, dict):
+        return {}
+    return {str(k): v for k, v in mapping.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def _model_info(model: nn.Module, langae: nn.Module) -> dict:
+    from langmamba import __version__
+
+    info = {
+        "class": type(model).__name__,
+        "vlm_backend": getattr(langae, "vlm_backend", None),
+        "vlm_id": getattr(langae, "vlm_id", None),
+        "langmamba_version": __version__,
+        "from_checkpoint": False,
+        "checkpoint_extra": {},
+    }
+    config = getattr(model, "checkpoint_config", None)
+    if isinstance(config, dict):
+        info["from_checkpoint"] = True
+        info["class"] = str(config.get("model_class", info["class"]))
+        info["langmamba_version"] = str(config.get("langmamba_version", __version__))
+        for key in ("vlm_backend", "vlm_id"):
+            if config.get(key) is not None:
+                info[key] = str(config[key])
+        info["checkpoint_extra"] = _scalars(config.get("extra"))
+    for key in ("vlm_backend", "vlm_id"):
+        info[key] = None if info[key] is None else str(info[key])
+    return info
+
+
+# --- geometry -------------------------------------------------------------------------------------
+
+
+def _axis_cells(size: int, latent: int, cells: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel start/end (half-open) of each of ``cells`` cells along an axis of ``size`` voxels."""
+    owner = cell_index(latent, cells).numpy()
+    ids = np.arange(cells)
+    starts = np.searchsorted(owner, ids, side="left") * factor
+    ends = np.minimum(np.searchsorted(owner, ids, side="right") * factor, size)
+    return starts, ends
+
+
+def _affine(volume: CTVolume | None) -> np.ndarray:
+    """3×4 voxel (x, y, z) -> LPS mm matrix."""
+    return np.eye(4)[:3] if volume is None else volume.affine_lps()[:3]
+
+
+def _geometry(volume: CTVolume | None, shape: tuple[int, int, int]) -> dict:
+    if volume is None:
+        spacing, origin, direction = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3)
+    else:
+        spacing, origin, direction = volume.spacing, volume.origin, volume.direction
+    return {
+        "shape": [int(s) for s in shape],
+        "geometry": "identity" if volume is None else "volume",
+        "spacing": _round(spacing),
+        "origin": _round(origin),
+        "direction": _round(direction),
+    }
+
+
+def _round(values: Any) -> Any:
+    """Nested lists of floats rounded to :data:`DECIMALS` (``-0.0`` written as ``0.0``)."""
+    return (np.round(np.asarray(values, dtype=np.float64), DECIMALS) + 0.0).tolist()
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def _as_hu(array: Any, name: str) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if isinstance(array, CTVolume):
+        array = array.hu
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise InputError(f"{name} must be a (Z, Y, X) volume in HU, got shape {array.shape}")
+    if 0 in array.shape:
+        raise InputError(f"{name} is empty (shape {array.shape})")
+    if not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{name} must hold numbers (HU), got dtype {array.dtype}")
+    return array
+
+
+def _pad(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Reflect-pad ``(B, 1, H, W)`` on the bottom/right to multiples of ``factor``, as LangMamba.forward does."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % factor, -width % factor
+    if not (pad_h or pad_w):
+        return x
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def _check_levels(levels: Sequence[int], available: int) -> list[int]:
+    chosen = [int(level) for level in levels]
+    if not chosen:
+        raise InputError("levels must name at least one pyramid level")
+    bad = [level for level in chosen if not 0 <= level < available]
+    if bad:
+        raise InputError(f"pyramid levels {bad} do not exist; the quantizer has levels 0..{available - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"levels {chosen} repeat a level")
+    return chosen
+
+
+# --- scores ---------------------------------------------------------------------------------------
+
+
+def _level_scores(
+    region_out: torch.Tensor, region_in: torch.Tensor, codebook: torch.Tensor, top_k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k ids/scores of output and input region latents ``(N, E)`` and the change score ``(N,)``."""
+    p = torch.softmax(-squared_distances(region_out, codebook), dim=-1)
+    q = torch.softmax(-squared_distances(region_in, codebook), dim=-1)
+    p_top, p_ids = p.topk(top_k, dim=-1)
+    q_top, q_ids = q.topk(top_k, dim=-1)
+    union = torch.zeros_like(p, dtype=torch.bool)
+    union.scatter_(1, p_ids, True)
+    union.scatter_(1, q_ids, True)
+    p_u = torch.where(union, p, 0.0)
+    q_u = torch.where(union, q, 0.0)
+    p_u = p_u / p_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    q_u = q_u / q_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    tvd = 0.5 * (p_u - q_u).abs().sum(dim=-1)
+    return (p_ids.cpu().numpy(), p_top.cpu().numpy(), q_ids.cpu().numpy(), q_top.cpu().numpy(),
+            tvd.clamp(0.0, 1.0).cpu().numpy())
+
+
+# --- explanation ----------------------------------------------------------------------------------
+
+class _Explainer:
+    """One explanation run: checked inputs, region boxes per level, and the running summary tallies."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_hu: Any,
+        output_hu: Any,
+        volume: CTVolume | None,
+        levels: Sequence[int],
+        top_k: int,
+        batch_size: int,
+        device: str | torch.device,
+    ) -> None:
+        self.input_hu = _as_hu(input_hu, "input_hu")
+        self.output_hu = _as_hu(output_hu, "output_hu")
+        shape = self.input_hu.shape
+        if shape != self.output_hu.shape:
+            raise InputError(f"input_hu {shape} and output_hu {self.output_hu.shape} have different shapes")
+        if volume is not None and tuple(volume.shape) != shape:
+            raise InputError(f"the volume geometry is for shape {tuple(volume.shape)} but the voxels have {shape}")
+        if top_k < 1 or batch_size < 1:
+            raise InputError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
+        langae = _langae(model)
+        self.vocabulary = _vocabulary(langae)
+        quantizer = langae.quantizer
+        self.levels = _check_levels(levels, quantizer.num_levels)
+        self.top_k = min(int(top_k), quantizer.codebook_size)
+        self.batch_size = int(batch_size)
+        self.device = resolve_device(device)
+        self.langae = prepare_model(langae, self.device)
+        self.codebook = quantizer.codebook.float()
+        self.affine = _affine(volume)
+
+        _, height, width = shape
+        self.factor = self.langae.downsample_factor
+        self.latent = (math.ceil(height / self.factor), math.ceil(width / self.factor))
+        self.grids = quantizer.level_grids(self.latent)
+        # Per level: (g_h * g_w, 4) voxel boxes x0, y0, x1, y1 of the cells, row-major.
+        self.boxes = {}
+        for level in self.levels:
+            gh, gw = self.grids[level]
+            y0, y1 = _axis_cells(height, self.latent[0], gh, self.factor)
+            x0, x1 = _axis_cells(width, self.latent[1], gw, self.factor)
+            yy0, xx0 = np.meshgrid(y0, x0, indexing="ij")
+            yy1, xx1 = np.meshgrid(y1, x1, indexing="ij")
+            self.boxes[level] = np.stack([xx0, yy0, xx1, yy1], axis=-1).reshape(-1, 4)
+
+        self.header = {
+            "schema": SCHEMA_NAME,
+            "version": SCHEMA_VERSION,
+            "model": _model_info(model, langae),
+            "vocabulary_size": len(self.vocabulary),
+            "top_k": self.top_k,
+            "change_score_method": CHANGE_SCORE_METHOD,
+            "volume": _geometry(volume, shape),
+            "levels": [
+                {"level": level, "grid": [int(g) for g in self.grids[level]], "latent": [int(s) for s in self.latent]}
+                for level in self.levels
+            ],
+        }
+        self.frequencies = {level: {"output": Counter(), "input": Counter()} for level in self.levels}
+        self.counts = {level: {"regions": 0, "changed": 0, "score_sum": 0.0} for level in self.levels}
+        self.flagged: list[dict] = []
+
+    def slices(self, progress: bool = False) -> Iterator[dict]:
+        """Slice entries ``{"z", "levels": [{"level", "regions"}]}`` in order, one encoder batch at a time."""
+        depth = self.input_hu.shape[0]
+        for start in tqdm(range(0, depth, self.batch_size), desc="explain", unit="batch", disable=not progress):
+            stop = min(start + self.batch_size, depth)
+            scores = self._batch_scores(start, stop)
+            for b, z in enumerate(range(start, stop)):
+                yield {"z": z, "levels": [self._regions(z, level, scores[level], b) for level in self.levels]}
+
+    @torch.no_grad()
+    def _batch_scores(self, start: int, stop: int) -> dict[int, tuple[np.ndarray, ...]]:
+        """Per level, :func:`_level_scores` of slices ``start..stop-1`` (regions ordered slice, row, col)."""
+        chunk = np.concatenate([self.output_hu[start:stop], self.input_hu[start:stop]]).astype(np.float32)
+        if not np.isfinite(chunk).all():
+            raise NonFiniteVoxelsError(f"slices {start}..{stop - 1} of the input or output contain NaN or infinite HU")
+        x = _pad(torch.from_numpy(hu_to_model(chunk))[:, None].to(self.device), self.factor)
+        quantized = self.langae.quantize(self.langae.encode(x))
+        count = stop - start
+        scores = {}
+        for level in self.levels:
+            regions = quantized.region_latents[level]
+            flat = regions.reshape(regions.shape[0], -1, regions.shape[-1])
+            dim = flat.shape[-1]
+            scores[level] = _level_scores(
+                flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.codebook, self.top_k
+            )
+        return scores
+
+    def _regions(self, z: int, level: int, scores: tuple[np.ndarray, ...], b: int) -> dict:
+        """The regions of slice ``z`` (batch item ``b`` of ``scores``) at one level; updates the tallies."""
+        grid, boxes = self.grids[level], self.boxes[level]
+        cells = grid[0] * grid[1]
+        rows = slice(b * cells, (b + 1) * cells)
+        out_ids, out_scores, in_ids, in_scores, change = (s[rows] for s in scores)
+        out_scores, in_scores, change = (
+            np.round(s.astype(np.float64), DECIMALS) for s in (out_scores, in_scores, change)
+        )
+        # Outer voxel edges of each box on the slice plane, as homogeneous continuous indices.
+        corners = np.empty((cells, 2, 4))
+        corners[:, 0, :2] = boxes[:, :2] - 0.5
+        corners[:, 1, :2] = boxes[:, 2:] - 0.5
+        corners[..., 2] = z
+        corners[..., 3] = 1.0
+        lps = corners @ self.affine.T
+        ras, lps = _round(lps @ _LPS_TO_RAS), _round(lps)
+
+        vocabulary, counts = self.vocabulary, self.counts[level]
+        frequencies = self.frequencies[level]
+        regions = []
+        for n in range(cells):
+            row, col = divmod(n, grid[1])
+            x0, y0, x1, y1 = (int(v) for v in boxes[n])
+            out_words = [vocabulary[i] for i in out_ids[n]]
+            in_words = [vocabulary[i] for i in in_ids[n]]
+            changed = bool(out_ids[n, 0] != in_ids[n, 0])
+            score = float(change[n]) + 0.0
+            regions.append({
+                "row": row,
+                "col": col,
+                "bbox_voxel": {"x0": x0, "y0": y0, "x1": x1, "y1": y1, "z": z},
+                "bbox_mm": {"lps": lps[n], "ras": ras[n]},
+                "output": {"ids": out_ids[n].tolist(), "words": out_words, "scores": out_scores[n].tolist()},
+                "input": {"ids": in_ids[n].tolist(), "words": in_words, "scores": in_scores[n].tolist()},
+                "changed": changed,
+                "change_score": score,
+            })
+            frequencies["output"][out_words[0]] += 1
+            frequencies["input"][in_words[0]] += 1
+            counts["regions"] += 1
+            counts["score_sum"] += score
+            if changed:
+                counts["changed"] += 1
+                self.flagged.append({
+                    "z": z, "level": level, "row": row, "col": col,
+                    "output_word": out_words[0], "input_word": in_words[0], "change_score": score,
+                })
+        return {"level": level, "regions": regions}
+
+    def summary(self) -> dict:
+        """Per-volume summary of the slices produced so far."""
+        per_level = []
+        for level in self.levels:
+            c = self.counts[level]
+            per_level.append({
+                "level": level,
+                "regions": c["regions"],
+                "changed": c["changed"],
+                "changed_fraction": round(c["changed"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
+                "mean_change_score": round(c["score_sum"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
+                "word_frequencies": {
+                    which: _sorted_counts(self.frequencies[level][which]) for which in ("output", "input")
+                },
+            })
+        return {
+            "regions": sum(self.counts[level]["regions"] for level in self.levels),
+            "flagged_count": len(self.flagged),
+            "flagged": list(self.flagged),
+            "levels": per_level,
+        }
+
+
+def _sorted_counts(counter: Counter) -> dict[str, int]:
+    """Most frequent first, ties by word."""
+    return {word: int(n) for word, n in sorted(counter.items(), key=lambda item: (-item[1], item[0]))}
+
+
+def explain_volume(
+    model: nn.Module,
+    input_hu: np.ndarray | torch.Tensor,
+    output_hu: np.ndarray | torch.Tensor,
+    volume: CTVolume | None = None,
+    *,
+    levels: Sequence[int] = (0, 1, 2),
+    top_k: int = 3,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Per-slice, per-level, per-region word explanations of ``output_hu`` against ``input_hu``.
+
+    The whole document is held in memory (about 3 MB of Python objects per 512² slice at the default
+    levels); :func:`write_explanation` streams it to a file instead.
+
+    Args:
+        model: a LangMamba (its frozen ``langae`` is used) or a LangAE. Its LangAE is moved to ``device``
+            in float32 and eval mode.
+        input_hu: the low-dose volume ``(Z, Y, X)`` in HU.
+        output_hu: the denoised volume, same shape, in HU.
+        volume: geometry of both (spacing, origin, direction; its voxels are not read); ``None`` gives
+            the identity geometry (1 mm voxels, origin 0, axes along LPS).
+        levels: quantizer pyramid levels to explain, 0 = coarsest (2×2 grid by default).
+        top_k: words listed per region (at most the vocabulary size).
+        batch_size: slices per encoder batch (each batch encodes ``2 * batch_size`` images).
+        device: torch device or ``"auto"``.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        A JSON-serialisable dict following ``explanation.schema.json`` (see the module docstring for the
+        region, coordinate and change-score conventions): ``schema``, ``version``, ``model``,
+        ``vocabulary_size``, ``top_k``, ``change_score_method``, ``volume``, ``levels``, ``slices`` and
+        ``summary``.
+
+    Raises:
+        InputError: shapes that differ or are not 3-D, a ``volume`` of another shape, unknown levels,
+            ``top_k`` or ``batch_size`` below 1, or a model without a LangAE quantizer.
+        NonFiniteVoxelsError: NaN or infinite HU values.
+    """
+    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
+    slices = list(explainer.slices(progress))
+    return {**explainer.header, "slices": slices, "summary": explainer.summary()}
+
+
+def write_explanation(
+    destination: str | Path | TextIO,
+    model: nn.Module,
+    input_hu: np.ndarray | torch.Tensor,
+    output_hu: np.ndarray | torch.Tensor,
+    volume: CTVolume | None = None,
+    *,
+    levels: Sequence[int] = (0, 1, 2),
+    top_k: int = 3,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Stream the document of :func:`explain_volume` as JSON to ``destination`` (a path or a text stream).
+
+    Memory stays bounded by one encoder batch and the summary, whatever the number of slices: each
+    slice's regions are written as soon as they are computed. Reading the file back with
+    :func:`json.load` gives exactly the dict :func:`explain_volume` returns. A path is written in place
+    (no temporary file); callers that need all-or-nothing output pass a stream opened in a staging
+    folder (see :mod:`langmamba.io.atomic`). The other arguments and the errors are those of
+    :func:`explain_volume`.
+
+    Returns:
+        The document without ``"slices"`` (header and summary), e.g. for a report.
+    """
+    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
+    if isinstance(destination, (str, Path)):
+        with open(destination, "w", encoding="utf-8") as stream:
+            return _stream(explainer, stream, progress)
+    return _stream(explainer, destination, progress)
+
+
+def _stream(explainer: _Explainer, stream: TextIO, progress: bool) -> dict:
+    """Write the document with ``"slices"`` filled one slice at a time; returns it without the slices."""
+    stream.write(json.dumps(explainer.header)[:-1] + ', "slices": [')
+    for i, entry in enumerate(explainer.slices(progress)):
+        stream.write(("," if i else "") + "\n" + json.dumps(entry))
+    summary = explainer.summary()
+    stream.write('\n], "summary": ' + json.dumps(summary) + "}\n")
+    return {**explainer.header, "summary": summary}
+
+
+# --- label maps and colour tables ---------------------------------------------------------------
+
+
+def word_color(word: str) -> tuple[int, int, int]:
+    """A deterministic RGB colour (0-255) for ``word``: hue, saturation and value from its MD5 digest.
+
+    Saturation and value stay in [0.55, 0.95] so every word is clearly visible on a grey CT.
+    """
+    digest = hashlib.md5(word.encode("utf-8")).digest()
+    hue = int.from_bytes(digest[:4], "big") / 2**32
+    saturation = 0.55 + 0.4 * digest[4] / 255
+    value = 0.75 + 0.2 * digest[5] / 255
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, saturation, value))
+
+
+def explanation_label_map(
+    explanation: dict, level: int, shape: Sequence[int], which: str = "output"
+) -> tuple[np.ndarray, ColorTable]:
+    """Paint one level's regions with their top-1 word: a label volume and its colour table.
+
+    Args:
+        explanation: a document from :func:`explain_volume` (or read back from JSON).
+        level: a pyramid level present in the document.
+        shape: ``(Z, Y, X)`` of the label volume (the explained volume's shape).
+        which: ``"output"`` (denoised) or ``"input"`` words.
+
+    Returns:
+        ``labels``: int32 ``(Z, Y, X)``, ``vocabulary id + 1`` of the region's top-1 word, 0 where no
+        region was explained; ``table``: ``(label_value, word, (r, g, b))`` for every label value used,
+        sorted by value, colours from :func:`word_color`.
+    """
+    if which not in ("output", "input"):
+        raise InputError(f"which must be 'output' or 'input', got {which!r}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"shape must be a positive (Z, Y, X), got {shape}")
+    recorded = tuple(explanation.get("volume", {}).get("shape", shape))
+    if recorded != shape:
+        raise InputError(f"the explanation is of a volume of shape {recorded}, not {shape}")
+    available = [entry["level"] for entry in explanation.get("levels", [])]
+    if level not in available:
+        raise InputError(f"pyramid level {level} is not in the explanation (levels {available})")
+
+    labels = np.zeros(shape, dtype=np.int32)
+    words: dict[int, str] = {}
+    for entry in explanation.get("slices", []):
+        for level_entry in entry["levels"]:
+            if level_entry["level"] != level:
+                continue
+            for region in level_entry["regions"]:
+                box = region["bbox_voxel"]
+                value = int(region[which]["ids"][0]) + 1
+                labels[box["z"], box["y0"]:box["y1"], box["x0"]:box["x1"]] = value
+                words[value] = region[which]["words"][0]
+    table = [(value, words[value], word_color(words[value])) for value in sorted(words)]
+    return labels, table
+
+
+def write_color_table(table: ColorTable, path: str | Path) -> Path:
+    """Write ``table`` as a 3D Slicer colour table (``.ctbl`` / ``.txt``): ``# ...`` header lines, then
+    ``value name r g b a`` per line. Label 0 is written as a transparent ``none`` unless the table has it;
+    spaces in names become ``_``."""
+    rows = sorted((int(value), str(name), tuple(int(c) for c in rgb)) for value, name, rgb in table)
+    values = [value for value, _, _ in rows]
+    if len(set(values)) != len(values) or (values and values[0] < 0):
+        raise InputError("colour table values must be distinct and non-negative")
+    lines = [f"{value} {'_'.join(name.split()) or 'unnamed'} {r} {g} {b} 255" for value, name, (r, g, b) in rows]
+    if 0 not in values:
+        lines.insert(0, "0 none 0 0 0 0")
+    path = Path(path)
+    header = [f"# Color table file {path.name}", f"# {len(lines)} values", "# langmamba word explanation labels"]
+    path.write_text("\n".join(header + lines) + "\n", encoding="utf-8")
+    return path
+
+
+# --- schema validation ----------------------------------------------------------------------------
+
+_ANNOTATIONS = {"$schema", "$id", "$defs", "$comment", "title", "description", "default", "examples"}
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),
+}
+
+
+def load_schema() -> dict:
+    """The explanation document's JSON Schema (draft 2020-12) shipped with langmamba."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+class _Validator:
+    """The subset of JSON Schema 2020-12 the explanation schema uses: ``$ref`` to ``#/$defs/...``,
+    ``type``, ``enum``, ``const``, ``properties``, ``required``, ``additionalProperties``, ``items``,
+    ``minItems``, ``maxItems``, ``minimum``, ``maximum``, ``minLength``. Other keywords raise
+    :class:`ConfigError`, so a schema edit cannot silently go unchecked."""
+
+    keywords = {"$ref", "type", "enum", "const", "properties", "required", "additionalProperties", "items",
+                "minItems", "maxItems", "minimum", "maximum", "minLength"}
+
+    def __init__(self, schema: dict, limit: int = 20) -> None:
+        self.root = schema
+        self.limit = limit
+        self.errors: list[str] = []
+
+    def check(self, value: Any, schema: dict | bool, where: str) -> None:
+        if len(self.errors) >= self.limit:
+            return
+        if schema is True:
+            return
+        if schema is False:
+            self._fail(where, "no value is allowed here")
+            return
+        unknown = set(schema) - self.keywords - _ANNOTATIONS
+        if unknown:
+            raise ConfigError(f"the explanation schema uses keywords the validator does not support: {sorted(unknown)}")
+        if "$ref" in schema:
+            self.check(value, self._resolve(schema["$ref"]), where)
+        if "type" in schema:
+            types = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
+            if not any(_TYPES[t](value) for t in types):
+                self._fail(where, f"expected {' or '.join(types)}, got {type(value).__name__}")
+                return
+        if isinstance(value, float) and not math.isfinite(value):
+            self._fail(where, f"{value} is not a finite number")
+        if "enum" in schema and value not in schema["enum"]:
+            self._fail(where, f"{value!r} is not one of {schema['enum']}")
+        if "const" in schema and value != schema["const"]:
+            self._fail(where, f"expected {schema['const']!r}, got {value!r}")
+        if _TYPES["number"](value):
+            if "minimum" in schema and value < schema["minimum"]:
+                self._fail(where, f"{value} is below the minimum {schema['minimum']}")
+            if "maximum" in schema and value > schema["maximum"]:
+                self._fail(where, f"{value} is above the maximum {schema['maximum']}")
+        if isinstance(value, str) and len(value) < schema.get("minLength", 0):
+            self._fail(where, f"string shorter than {schema['minLength']}")
+        if isinstance(value, dict):
+            self._object(value, schema, where)
+        if isinstance(value, list):
+            if len(value) < schema.get("minItems", 0):
+                self._fail(where, f"{len(value)} items, fewer than {schema['minItems']}")
+            if "maxItems" in schema and len(value) > schema["maxItems"]:
+                self._fail(where, f"{len(value)} items, more than {schema['maxItems']}")
+            if "items" in schema:
+                for i, item in enumerate(value):
+                    self.check(item, schema["items"], f"{where}/{i}")
+
+    def _fail(self, where: str, message: str) -> None:
+        self.errors.append(f"{where or '(document)'}: {message}")
+
+    def _object(self, value: dict, schema: dict, where: str) -> None:
+        for key in schema.get("required", []):
+            if key not in value:
+                self._fail(where, f"missing required key {key!r}")
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in properties:
+                self.check(item, properties[key], f"{where}/{key}")
+            elif extra is False:
+                self._fail(where, f"unexpected key {key!r}")
+            else:
+                self.check(item, extra, f"{where}/{key}")
+
+    def _resolve(self, ref: str) -> dict:
+        if not ref.startswith("#/"):
+            raise ConfigError(f"the explanation schema refers outside itself ({ref}); only '#/...' is supported")
+        node: Any = self.root
+        for part in ref[2:].split("/"):
+            node = node[part]
+        return node
+
+
+def validate_explanation(document: dict, schema: dict | None = None) -> None:
+    """Check ``document`` against the explanation schema (default: the shipped one).
+
+    Uses langmamba's own validator for the schema's keyword subset (see :class:`_Validator`), so no
+    ``jsonschema`` dependency is needed. Also checks what the schema cannot say: every slice lists the
+    document's levels in order, and each region list has the level's ``g_h × g_w`` entries.
+
+    Raises:
+        InputError: the document does not match; the message lists up to 5 problems with their JSON paths.
+    """
+    schema = load_schema() if schema is None else schema
+    validator = _Validator(schema)
+    validator.check(document, schema, "")
+    errors = validator.errors
+    if not errors:
+        grids = {entry["level"]: entry["grid"] for entry in document["levels"]}
+        order = [entry["level"] for entry in document["levels"]]
+        for i, entry in enumerate(document["slices"]):
+            present = [level_entry["level"] for level_entry in entry["levels"]]
+            if present != order:
+                errors.append(f"/slices/{i}: levels {present} differ from the document's {order}")
+                continue
+            for j, level_entry in enumerate(entry["levels"]):
+                grid = grids[level_entry["level"]]
+                if len(level_entry["regions"]) != grid[0] * grid[1]:
+                    errors.append(f"/slices/{i}/levels/{j}: {len(level_entry['regions'])} regions for a grid {grid}")
+    if errors:
+        shown = "; ".join(errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise InputError(f"the explanation document does not match {SCHEMA_NAME} {SCHEMA_VERSION}: {shown}{more}")
