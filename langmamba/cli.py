@@ -88,18 +88,16 @@ def _cmd_select_words(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import run_evaluation
+    from .evaluate import markdown_table, run_evaluation
 
     weights = Path(args.weights)
     result = run_evaluation(weights, Path(args.output or weights / "metrics.json"),
                             Path(args.figure or weights / "comparison.png"), dose=args.dose, seed=args.seed,
                             bm3d_sigma_hu=args.bm3d_sigma, device=args.device, max_slices=args.slices)
-    table = result["window_-160_240"]
-    print(f"held-out lung2, {result['slices']} slices, dose {result['dose']}, window [-160, 240] HU")
-    print(f"{'method':<22}{'PSNR dB':>9}{'SSIM':>8}{'RMSE HU':>9}")
-    for name, row in table.items():
-        print(f"{name:<22}{row['psnr']:>9.2f}{row['ssim']:>8.4f}{row['rmse']:>9.2f}")
-    print(f"explanation stability: {result['explanation_stability']:.3f}")
+    print(f"held-out lung2, {result['slices']} slices, dose {result['dose']}, seed {result['seed']}")
+    print(markdown_table(result))
+    print(f"explanation stability: {result['explanation_stability']:.3f} "
+          f"(without LangDA: {result['explanation_stability_no_langda']:.3f})")
     return 0
 
 

@@ -45,10 +45,17 @@ def noise_roi(normal: np.ndarray, body: np.ndarray, size: int = NOISE_ROI_PX) ->
     return roi
 
 
-def lesion_cnr(hu: np.ndarray, lesion: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float]) -> float:
-    """CNR of the lesion against a 2–8 mm ring of surrounding body tissue."""
+def lesion_background(reference: np.ndarray, lesion: np.ndarray, body: np.ndarray,
+                      spacing_mm: tuple[float, float], lung_hu: float = -400.0) -> np.ndarray:
+    """The lesion's background: a 2–8 mm ring around it, restricted to its dominant tissue on the normal dose.
+
+    A lung nodule's ring holds lung and chest wall; mixing them would make σ measure anatomy, not noise, so the
+    ring keeps only its aerated (< ``lung_hu``) or only its dense part, whichever is larger.
+    """
     ring = metrics.background_ring(lesion, 2.0, 8.0, spacing_mm, within=body)
-    return metrics.cnr(hu, lesion, ring)
+    aerated = ring & (reference < lung_hu)
+    dense = ring & (reference >= lung_hu)
+    return aerated if aerated.sum() >= dense.sum() else dense
 
 
 def score_methods(outputs: dict[str, np.ndarray], reference: np.ndarray, *, label: np.ndarray | None = None,
@@ -72,7 +79,8 @@ def score_methods(outputs: dict[str, np.ndarray], reference: np.ndarray, *, labe
                                 for name, out in {"ndct": reference, **outputs}.items()} if slices else {}
     if label is not None and np.asarray(label).any():
         lesion = np.asarray(label) > 0
-        result["lesion_cnr"] = {name: lesion_cnr(out, lesion, body, spacing_mm)
+        background = lesion_background(reference, lesion, body, spacing_mm)
+        result["lesion_cnr"] = {name: metrics.cnr(out, lesion, background)
                                 for name, out in {"ndct": reference, **outputs}.items()}
     return result
 
@@ -108,7 +116,8 @@ def bm3d_denoise(hu: np.ndarray, sigma_hu: float, progress: bool = False) -> np.
     return out
 
 
-def tune_bm3d_sigma(low: np.ndarray, normal: np.ndarray, candidates_hu=(6, 9, 12, 16, 20, 25)) -> tuple[float, dict]:
+def tune_bm3d_sigma(low: np.ndarray, normal: np.ndarray, candidates_hu=(10, 15, 20, 25, 30, 40, 50)
+                    ) -> tuple[float, dict]:
     """The BM3D σ (HU) with the best PSNR ([-160, 240] window) on tuning slices; also every score tried."""
     scores = {float(s): metrics.psnr(bm3d_denoise(low, s), normal) for s in candidates_hu}
     return max(scores, key=scores.get), scores
@@ -177,6 +186,7 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, dose: floa
     spacing = (normal.spacing[1], normal.spacing[0])
     low = simulate_volume(normal, dose=dose, seed=seed, device=device, progress=progress).hu
 
+    tried = {}
     if bm3d_sigma_hu is None:
         tuning = read_volume(sample_path("lung1", "image"))
         tuning_normal = tuning.hu[list(TUNING_SLICES)]
@@ -205,6 +215,7 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, dose: floa
         "noise_sigma_hu": scores.get("noise_sigma_hu", {}),
         "lesion_cnr": scores.get("lesion_cnr", {}),
         "bm3d_sigma_hu": bm3d_sigma_hu,
+        "bm3d_sigma_tuning_psnr": tried,
         "protocol": "PSNR/SSIM per slice in the window scaled to [0, 1] (data range 1), averaged; RMSE in HU after "
                     "window clipping; quarter dose simulated by langmamba.simulate (noise insertion) on lung2",
     }
@@ -213,3 +224,18 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, dose: floa
     shown = int(lesion_slices[len(lesion_slices) // 2]) if len(lesion_slices) else normal.shape[0] // 2
     comparison_figure_all({"ndct": normal.hu, **outputs}, shown, spacing, figure)
     return result
+
+
+def markdown_table(result: dict) -> str:
+    """The model card's results table (markdown) from a ``metrics.json`` document."""
+    lines = ["| method | PSNR [-160,240] dB | SSIM [-160,240] | RMSE [-160,240] HU | PSNR [-1000,1000] dB | "
+             "SSIM [-1000,1000] | noise σ HU | lesion CNR |", "|---|---|---|---|---|---|---|---|"]
+    noise, cnr = result.get("noise_sigma_hu", {}), result.get("lesion_cnr", {})
+    for name in METHOD_ORDER:
+        narrow, wide = result["window_-160_240"][name], result["window_-1000_1000"][name]
+        lines.append(f"| {METHOD_TITLES[name]} | {narrow['psnr']:.2f} | {narrow['ssim']:.4f} | {narrow['rmse']:.2f} | "
+                     f"{wide['psnr']:.2f} | {wide['ssim']:.4f} | {noise.get(name, float('nan')):.2f} | "
+                     f"{cnr.get(name, float('nan')):.2f} |")
+    lines.append(f"| {METHOD_TITLES['ndct']} (reference) | – | – | – | – | – | "
+                 f"{noise.get('ndct', float('nan')):.2f} | {cnr.get('ndct', float('nan')):.2f} |")
+    return "\n".join(lines)

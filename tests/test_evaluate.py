@@ -41,6 +41,7 @@ def test_noise_sigma_and_lesion_cnr():
     scores = score_methods({"noisy": noisy}, reference, label=lesion, spacing_mm=(1.0, 1.0))
     assert scores["noise_sigma_hu"]["ndct"] == pytest.approx(0.0, abs=1e-9)
     assert scores["noise_sigma_hu"]["noisy"] == pytest.approx(10.0, rel=0.25)
+    # background = the dense part of the ring (the lesion sits in soft tissue), σ = 10 HU there
     assert scores["lesion_cnr"]["noisy"] == pytest.approx(60 / 10, rel=0.3)
     assert scores["lesion_cnr"]["ndct"] == np.inf
 
@@ -50,3 +51,29 @@ def test_noise_roi_is_uniform_soft_tissue_inside_the_body():
     roi = noise_roi(reference, body)
     assert roi.any() and not (roi & ~body).any()
     assert np.all(reference[roi] == 40.0)
+
+
+def test_lung_lesion_background_is_lung_only():
+    reference, body = _phantom()
+    yy, xx = np.mgrid[:48, :48]
+    lung = ((yy - 24) ** 2 + (xx - 24) ** 2 < 12**2)[None].repeat(2, 0)
+    reference[lung] = -850.0
+    lesion = np.zeros(reference.shape, bool)
+    lesion[:, 22:27, 22:27] = True
+    reference[lesion] = 30.0
+    rng = np.random.default_rng(2)
+    noisy = reference + rng.normal(0, 20, reference.shape) * body
+    scores = score_methods({"noisy": noisy}, reference, label=lesion)
+    # the ring lies in lung: contrast 880 HU over σ 20 HU
+    assert scores["lesion_cnr"]["noisy"] == pytest.approx(880 / 20, rel=0.2)
+
+
+def test_markdown_table_lists_every_method():
+    from langmamba.evaluate import METHOD_ORDER, markdown_table
+
+    reference, body = _phantom()
+    outputs = {name: reference + 10.0 * i * body for i, name in enumerate(METHOD_ORDER)}
+    scores = score_methods(outputs, reference)
+    table = markdown_table(scores)
+    assert table.count("\n") == len(METHOD_ORDER) + 2
+    assert "RED-CNN" in table and "LangMamba w/o LangDA" in table
