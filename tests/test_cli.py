@@ -56,3 +56,12 @@ def test_help_reads_well(capsys):
     text = capsys.readouterr().out
     for command in ("info", "simulate", "train", "select-words", "bench"):
         assert command in text
+
+
+def test_demo_writes_volume_picture_and_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--slices", "1", "--output", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "lung2_dose25.json").read_text())
+    assert summary["slices"] == 1 and 5 < summary["added_noise_sigma_hu_in_body"] < 40
+    assert (out / "lung2_dose25.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_volume(out / "lung2_dose25.nrrd").shape[0] == 1
