@@ -108,6 +108,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_denoise(args: argparse.Namespace) -> int:
+    from .denoise import run_denoise
+
+    written = run_denoise(args.input, args.output, weights=args.weights, explain=args.explain, labels=args.labels,
+                          level=args.level, blend=args.blend, batch_size=args.batch_size, device=args.device,
+                          overwrite=args.overwrite)
+    for caption, path in written.items():
+        print(f"{caption}: {path}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "simulate":
         from .bench.simulate import main as bench_main
@@ -186,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--slices", type=int, default=None, help="only the central N slices")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    denoise = sub.add_parser(
+        "denoise", help="denoise a CT volume (file or DICOM folder) with LangMamba, optionally explained",
+        description="Denoise a CT volume slice by slice with the shipped LangMamba weights. DICOM in gives a derived "
+                    "DICOM series out (a path without extension); other formats keep their geometry.")
+    denoise.add_argument("input", help="DICOM series folder, DICOM file, .nii/.nii.gz, .nrrd or .mha")
+    denoise.add_argument("output", help="output file, or a folder (no extension) for a DICOM series")
+    denoise.add_argument("--weights", help="LangMamba checkpoint folder (default: the shipped weights/langmamba)")
+    denoise.add_argument("--explain", metavar="JSON", help="write per-region explanations (JSON)")
+    denoise.add_argument("--labels", metavar="NRRD", help="write the chosen level's region label map (+ .ctbl)")
+    denoise.add_argument("--level", type=int, default=2, choices=[0, 1, 2], help="pyramid level of --labels")
+    denoise.add_argument("--blend", type=float, default=1.0, help="1 = denoised, 0 = input, between: a mix")
+    denoise.add_argument("--batch-size", type=int, default=4, help="slices per batch")
+    denoise.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    denoise.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
+    denoise.set_defaults(handler=_cmd_denoise)
 
     export = sub.add_parser("export", help="write a training checkpoint as a shipped one (fp16, inference-only)")
     export.add_argument("source", help="checkpoint folder")

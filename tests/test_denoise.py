@@ -1,0 +1,59 @@
+"""`langmamba denoise` with the shipped weights on small real and synthetic volumes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from langmamba.cli import main
+from langmamba.errors import ConfigError
+from langmamba.io import read_volume, write_volume
+
+
+def test_dicom_in_dicom_out_with_explanations(dicom_ct_series, tmp_path, capsys):
+    folder, volume = dicom_ct_series
+    out, explain, labels = tmp_path / "denoised", tmp_path / "e.json", tmp_path / "labels.nrrd"
+    assert main(["denoise", str(folder), str(out), "--explain", str(explain), "--labels", str(labels),
+                 "--level", "1", "--device", "cpu"]) == 0
+    source, denoised = read_volume(folder), read_volume(out)
+    assert denoised.shape == source.shape
+    np.testing.assert_allclose(denoised.origin, source.origin, atol=1e-4)
+    np.testing.assert_allclose(denoised.spacing, source.spacing, atol=1e-4)
+    assert denoised.dicom.SeriesInstanceUID != source.dicom.SeriesInstanceUID
+    assert denoised.dicom.StudyInstanceUID == source.dicom.StudyInstanceUID
+    assert "LangMamba" in denoised.dicom.SeriesDescription
+    document = json.loads(explain.read_text())
+    assert document["schema"] == "langmamba-explanations" and len(document["slices"]) == source.shape[0]
+    label_map = read_volume(labels, check_hu=False)
+    assert label_map.shape == source.shape and label_map.hu.max() > 0
+    assert (tmp_path / "labels.ctbl").read_text().strip()
+
+
+def test_blend_zero_returns_the_input(tmp_path, tiny_ct_volume):
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    assert main(["denoise", str(source), str(tmp_path / "out.nrrd"), "--blend", "0", "--device", "cpu"]) == 0
+    np.testing.assert_allclose(read_volume(tmp_path / "out.nrrd").hu, read_volume(source).hu, atol=1e-3)
+
+
+def test_bad_blend_and_overwriting_the_input_are_refused(tmp_path, tiny_ct_volume, capsys):
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    assert main(["denoise", str(source), str(tmp_path / "o.nrrd"), "--blend", "2", "--device", "cpu"]) == 2
+    assert "blend" in capsys.readouterr().err
+    assert main(["denoise", str(source), str(source), "--device", "cpu"]) == 2
+    assert "input" in capsys.readouterr().err
+
+
+def test_denoising_lowers_noise_on_real_ct(tmp_path):
+    from langmamba.checkpoint import load_checkpoint
+    from langmamba.denoise import default_weights, denoise_volume
+    from langmamba.sample_data import sample_path
+    from langmamba.simulate import simulate_volume
+
+    normal = read_volume(sample_path("lung1"))
+    normal = normal.with_hu(normal.hu[24:25])
+    low = simulate_volume(normal, dose=0.25, seed=1, device="cpu")
+    denoised = denoise_volume(load_checkpoint(default_weights()), low, device="cpu")
+    body = normal.hu > -300
+    assert np.std((denoised.hu - normal.hu)[body]) < np.std((low.hu - normal.hu)[body])
+    with pytest.raises(ConfigError):
+        denoise_volume(load_checkpoint(default_weights()), low, blend=-1)
