@@ -8,12 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .normalization import HU_MAX, HU_MIN, hu_to_model, model_to_hu
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from .simulate._tensor import resolve_device
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -26,9 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..checkpoint import save_checkpoint
+from ..checkpoint import _read_weights, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..normalization import hu_to_model, model_to_hu
+from ..visualize import save_figure
 from .config import TrainConfig
 from .data import TrainingData
 
@@ -164,10 +165,7 @@ def plot_log(log_path: Path, figure_path: Path) -> None:
         twin.set_ylabel("PSNR [dB], window [-160, 240] HU")
     fig.legend(loc="upper right")
     fig.tight_layout()
-    tmp = figure_path.with_name(f".{figure_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, figure_path)
+    save_figure(fig, figure_path, dpi=100)
 
 
 def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, TrainingData, torch.device], Task],
@@ -296,14 +294,7 @@ def _state(optimizer: torch.optim.Optimizer, data: TrainingData, step: int) -> d
 
 def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData,
              device: torch.device) -> int:
-    from safetensors.torch import load_file
-
-    weights = sorted((folder / "model").glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{folder} holds no model weights to resume from")
-    state_dict = {}
-    for file in weights:
-        state_dict.update(load_file(file, device=str(device)))
+    state_dict = _read_weights(folder / "model")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if not k.endswith("codebook")]:
         raise CheckpointError(f"cannot resume from {folder}: it was written by another architecture "

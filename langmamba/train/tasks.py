@@ -6,7 +6,6 @@ import logging
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from ..baselines import REDCNN
