@@ -9,7 +9,7 @@ PIP_INSTALL := $(PIP) install -c requirements/constraints.txt
 # MONAI Label pins an old torch; its real imports are listed in requirements/base.in.
 MONAILABEL := monailabel==0.8.5
 
-.PHONY: run test setup sample lock bench clean
+.PHONY: run demo test setup sample lock bench clean
 
 setup: $(STAMP) $(SAMPLE_STAMP)
 
@@ -27,7 +27,15 @@ $(SAMPLE_STAMP): $(STAMP)
 	$(BIN)/langmamba fetch-sample
 	touch $@
 
+# The MONAI Label server on the sample study (HOST, PORT, STUDIES = folder or DICOMweb URL override it).
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STUDIES ?=
 run: setup
+	$(BIN)/python monailabel_app/serve.py --host $(HOST) --port $(PORT) $(if $(STUDIES),--studies $(STUDIES))
+
+# The low-dose simulation demo (out/demo/).
+demo: setup
 	$(BIN)/langmamba demo
 
 test: setup

@@ -1,0 +1,236 @@
+"""``POST /infer/langmamba_denoise``: MONAI Label's infer contract, served without blocking the server.
+
+MONAI Label 0.8.5's generic ``/infer/{model}`` route is an ``async`` function that runs inference inline, so
+one denoising request (seconds to minutes on CPU) freezes every other call, ``/info/`` included; a failing
+request returns a bare 500 and leaves its upload in the temporary folder. This module registers a route for
+this one model, ahead of the generic one, with the same URL, query (``image``, ``output``), form fields
+(``params``, ``file``), authentication (MONAI Label's RBAC dependency) and responses (``image``: the NRRD,
+``json``: the result params, ``all``: MONAI Label's multipart of both), and adds:
+
+- inference in a worker thread (the task's lock queues concurrent requests in order);
+- a 4xx JSON body ``{"error": <kind>, "detail": <message>}`` for every bad request (413 too large, 415
+  unsupported format, 422 bad parameters, 404 unknown image, 400 any other unusable input);
+- upload size limits enforced while the body streams in, and removal of every temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
+from requests_toolbelt import MultipartEncoder
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.exception import MONAILabelException
+
+from langmamba.errors import ConfigError, EmptyInputError, InputError, UnsupportedFormatError
+
+from .limits import VolumeTooLargeError
+
+logger = logging.getLogger(__name__)
+
+MODEL = "langmamba_denoise"
+ROUTE_NAME = "langmamba_denoise_infer"
+OUTPUTS = ("image", "json", "all")
+_KNOWN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".png", ".jpg", ".jpeg",
+                   ".bmp", ".gif", ".tif", ".tiff")
+_DRAIN_FACTOR = 4  # bodies up to this many times the limit are read and dropped so the client sees the 413
+
+
+class ImageNotFoundError(InputError):
+    """The request names an image id the datastore does not hold."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def error_response(status: int, kind: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+
+def status_of(err: Exception) -> int:
+    """The HTTP status of a request that raised ``err``."""
+    if isinstance(err, VolumeTooLargeError):
+        return 413
+    if isinstance(err, UnsupportedFormatError):
+        return 415
+    if isinstance(err, ConfigError):
+        return 422
+    if isinstance(err, ImageNotFoundError):
+        return 404
+    return 400
+
+
+def _upload_suffix(filename: str | None) -> str:
+    """The known suffix of an uploaded file's name (``.nii.gz`` included), else its last suffix (checked later)."""
+    name = (filename or "").lower()
+    for suffix in _KNOWN_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    suffix = Path(name).suffix
+    return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
+
+
+async def _read_form(request: Request, limit: int) -> Any:
+    """The multipart form, refusing bodies above ``limit`` bytes (declared or actually streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _BodyTooLarge(int(declared))
+    received = 0
+
+    async def receive() -> dict:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _BodyTooLarge(received)
+        return message
+
+    return await Request(request.scope, receive).form(max_files=2, max_fields=16)
+
+
+async def _drain(request: Request, limit: int) -> None:
+    """Read and drop the rest of a too-large body (bounded), so the client gets to read the error."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > _DRAIN_FACTOR * limit:
+        return
+    total = 0
+    try:
+        while total <= _DRAIN_FACTOR * limit:
+            message = await request.receive()
+            total += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+    except ClientDisconnect:
+        return
+
+
+async def _save_upload(upload: UploadFile, folder: Path, limit: int) -> Path:
+    path = folder / f"upload{_upload_suffix(upload.filename)}"
+    size = 0
+    with open(path, "wb") as out:
+        while chunk := await upload.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise VolumeTooLargeError(f"the upload is larger than this server's limit of {limit:,} bytes")
+            out.write(chunk)
+    if size == 0:
+        raise EmptyInputError("the uploaded file is empty (0 bytes)")
+    return path
+
+
+def _message(err: Exception, upload: Path | None, filename: str | None) -> str:
+    """The error message with the server's temporary path replaced by the name the client sent."""
+    text = str(err)
+    if upload is not None:
+        shown = f"uploaded file {Path(filename).name!r}" if filename else "the uploaded file"
+        text = text.replace(str(upload), shown)
+    return text
+
+
+def _multipart(params: dict, image: Path) -> Response:
+    """MONAI Label's ``output=all`` response: a ``params`` JSON part and an ``image`` file part."""
+    with open(image, "rb") as handle:
+        fields = {
+            "params": (None, json.dumps(params), "application/json"),
+            "image": ("denoised.nrrd", handle, "application/octet-stream"),
+        }
+        encoder = MultipartEncoder(fields=fields)
+        body = encoder.to_string()
+    return Response(content=body, media_type=encoder.content_type)
+
+
+def make_endpoint(app_getter):
+    """The route's handler; ``app_getter()`` returns the running :class:`LangMambaApp`."""
+
+    async def infer_langmamba(request: Request, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        instance = app_getter()
+        limit = instance.max_upload_bytes
+        output = request.query_params.get("output") or "all"
+        if output not in OUTPUTS:
+            return error_response(422, "ConfigError", f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        try:
+            form = await _read_form(request, limit)
+        except _BodyTooLarge:
+            await _drain(request, limit)
+            return error_response(413, "VolumeTooLargeError",
+                                  f"the request body is larger than this server's upload limit of {limit:,} bytes")
+        except ClientDisconnect:
+            return error_response(400, "InputError", "the client disconnected before the upload finished")
+        except Exception as err:  # python-multipart raises several types for malformed bodies
+            return error_response(400, "InputError", f"the request body is not a valid multipart form ({err})")
+
+        work = Path(tempfile.mkdtemp(prefix="langmamba-request-"))
+        upload_path = None
+        upload = form.get("file")
+        filename = upload.filename if isinstance(upload, UploadFile) else None
+        try:
+            try:
+                params = json.loads(form.get("params") or "{}")
+            except (TypeError, json.JSONDecodeError) as err:
+                raise ConfigError(f"params must be a JSON object ({err})") from err
+            if not isinstance(params, dict):
+                raise ConfigError("params must be a JSON object")
+            image = request.query_params.get("image", "")
+            if isinstance(upload, UploadFile):
+                upload_path = await _save_upload(upload, work, limit)
+            elif upload:
+                raise InputError("the form field 'file' must be a file upload")
+            elif not image:
+                raise InputError("give an image id (?image=...) or upload a file in the form field 'file'")
+            infer_request = {**params, "model": MODEL, "image": image, "upload": str(upload_path or "")}
+            result = await run_in_threadpool(instance.infer, infer_request)
+        except (InputError, ConfigError) as err:
+            logger.info("denoise request refused: %s", type(err).__name__)
+            return error_response(status_of(err), type(err).__name__, _message(err, upload_path, filename))
+        except MONAILabelException as err:
+            return error_response(400, "MONAILabelException", str(err.msg))
+        except Exception:
+            logger.exception("denoise request failed")
+            return error_response(500, "InternalError", "the server failed to denoise this volume; see its log")
+        finally:
+            form_close = getattr(form, "close", None)
+            if form_close is not None:
+                await form_close()
+            shutil.rmtree(work, ignore_errors=True)
+
+        result_file = Path(result["file"])
+        if output == "json":
+            result_file.unlink(missing_ok=True)
+            return JSONResponse(result["params"])
+        if output == "image":
+            return FileResponse(result_file, media_type="application/octet-stream", filename="denoised.nrrd",
+                                background=BackgroundTask(result_file.unlink, missing_ok=True))
+        try:
+            return _multipart(result["params"], result_file)
+        finally:
+            result_file.unlink(missing_ok=True)
+
+    return infer_langmamba
+
+
+def install_route(fastapi_app: FastAPI, app_getter) -> None:
+    """Put this model's route in front of MONAI Label's generic ``/infer/{model}`` (replacing an earlier copy
+    after ``/reload``)."""
+    path = f"{settings.MONAI_LABEL_API_STR}/infer/{MODEL}"
+    routes = fastapi_app.router.routes
+    routes[:] = [r for r in routes if getattr(r, "name", None) != ROUTE_NAME]
+    route = APIRoute(path, make_endpoint(app_getter), methods=["POST"], name=ROUTE_NAME, tags=["Infer"],
+                     summary="LangMamba denoising: NRRD image and/or explanations JSON")
+    routes.insert(0, route)
+    fastapi_app.openapi_schema = None

@@ -1,0 +1,77 @@
+"""``make run``: start the LangMamba MONAI Label server on embedded defaults and say how to connect.
+
+Defaults: the shipped weights (``weights/langmamba``), the held-out sample study ``lung2`` copied from the data
+cache into ``out/studies`` (the cache's files are only read), ``127.0.0.1:8000``, CUDA when present else CPU.
+``--studies`` takes another folder or a DICOMweb URL (e.g. Orthanc's ``http://host:8042/dicom-web``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent
+REPO = APP_DIR.parent
+DEFAULT_STUDIES = REPO / "out" / "studies"
+
+
+def prepare_sample_studies(folder: Path) -> Path:
+    """``folder`` with ``lung2.nrrd`` (copied once from the sample cache, which is never written)."""
+    from langmamba.sample_data import sample_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "lung2.nrrd"
+    if not target.exists():
+        staging = folder / ".lung2.nrrd.part"
+        shutil.copyfile(sample_path("lung2", "image"), staging)
+        os.replace(staging, target)
+    return folder
+
+
+def banner(url: str, studies: str, device: str) -> str:
+    from langmamba.denoise import default_weights
+
+    return f"""
+LangMamba MONAI Label server
+  URL:      {url}   (API docs: {url}/docs, app info: {url}/info/)
+  studies:  {studies}
+  weights:  {default_weights()}
+  device:   {device}
+
+Connect from 3D Slicer:
+  1. Install the LangMamba extension (slicer_extension/ in this repository).
+  2. In its module set the server address to {url} and press refresh.
+  3. Pick an image (lung2) and run 'langmamba_denoise': the denoised CT comes back as a new volume with the
+     explanations. (MONAI Label's stock Slicer plugin lists only segmentation tasks.)
+  Results are also saved in the datastore as a new image '<image>_langmamba'.
+From a shell:
+  curl -X POST '{url}/infer/langmamba_denoise?image=lung2&output=image' -F 'params={{"explain": false}}' -o denoised.nrrd
+Stop the server with Ctrl+C.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--studies", default="", help="studies folder or DICOMweb URL (default: the sample study)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    studies = args.studies or str(prepare_sample_studies(DEFAULT_STUDIES))
+    device = "cuda (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else "cpu"
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+    print(banner(f"http://{host}:{args.port}", studies, device), flush=True)
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies,
+               "--host", args.host, "--port", str(args.port)]
+    os.execv(sys.executable, command)
+
+
+if __name__ == "__main__":
+    main()
