@@ -37,6 +37,7 @@ from langmamba.denoise import default_weights
 from langmamba.evaluate import write_json
 from langmamba.io import write_volume
 
+from lib import auth
 from lib.endpoint import MODEL, ImageNotFoundError, install_route
 from lib.task import DenoiseParams, DenoiseResult, LangMambaDenoise
 
@@ -66,6 +67,7 @@ class LangMambaApp(MONAILabelApp):
             version=langmamba.__version__,
             labels={},
         )
+        auth.install()
         server = sys.modules.get("monailabel.app")
         if server is not None and hasattr(server, "app"):
             install_route(server.app, lambda: self)
@@ -88,10 +90,16 @@ class LangMambaApp(MONAILabelApp):
         if not uri or not os.path.exists(uri):
             raise ImageNotFoundError(f"the datastore holds no image with id {image_id!r}")
         path = Path(uri)
-        # the DICOMweb datastore converts each series to NIfTI beside its DICOM folder; read the DICOM itself so
-        # the result can be written back as a derived series of the same study
-        series = path if path.is_dir() else path.parent / image_id
-        return series if isinstance(datastore, DICOMWebDatastore) and series.is_dir() else path
+        if not isinstance(datastore, DICOMWebDatastore) or path.is_dir():
+            return path
+        # The DICOMweb datastore converts a newly fetched series to NIfTI in a temporary file, copies it into
+        # its cache beside the DICOM folder and returns the temporary file, which it never removes. Read the
+        # DICOM folder itself, so the result can go back as a derived series of the same study.
+        cached = Path(LocalDatastore.get_image_uri(datastore, image_id))
+        if cached != path and path.parent == Path(tempfile.gettempdir()):
+            path.unlink(missing_ok=True)
+        series = cached.parent / image_id
+        return series if series.is_dir() else cached
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
         """Denoise ``request["upload"]`` (a file path) or datastore image ``request["image"]``.
