@@ -9,7 +9,7 @@ PIP_INSTALL := $(PIP) install -c requirements/constraints.txt
 # MONAI Label pins an old torch; its real imports are listed in requirements/base.in.
 MONAILABEL := monailabel==0.8.5
 
-.PHONY: run demo test setup sample lock bench clean
+.PHONY: run demo test setup sample lock bench bundle clean
 
 setup: $(STAMP) $(SAMPLE_STAMP)
 
@@ -33,6 +33,10 @@ PORT ?= 8000
 STUDIES ?=
 run: setup
 	$(BIN)/python monailabel_app/serve.py --host $(HOST) --port $(PORT) $(if $(STUDIES),--studies $(STUDIES))
+
+# A self-contained MONAI Bundle of the shipped model (weights inside) in out/bundle/.
+bundle: setup
+	$(BIN)/python monailabel_app/bundle/export.py out/bundle --overwrite
 
 # The low-dose simulation demo (out/demo/).
 demo: setup
