@@ -104,11 +104,13 @@ def stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
     intercept = 0
     if (lo < _INT16.min or hi > _INT16.max) and hi - lo <= _INT16.max - _INT16.min:
         intercept = int(lo) - int(_INT16.min)
-    shifted = rounded - intercept
-    clipped = int(np.count_nonzero((shifted < _INT16.min) | (shifted > _INT16.max)))
+    # In place on the rounded copy: a 1,000-slice volume must not need several full-size temporaries.
+    rounded -= intercept
+    clipped = int(np.count_nonzero((rounded < _INT16.min) | (rounded > _INT16.max)))
     if clipped:
         logger.warning("%d voxels outside the int16 range of DICOM were clipped", clipped)
-    return np.clip(shifted, _INT16.min, _INT16.max).astype(np.int16), intercept
+    np.clip(rounded, _INT16.min, _INT16.max, out=rounded)
+    return rounded.astype(np.int16), intercept
 
 
 def _ds_numbers(values) -> list[str]:
