@@ -39,7 +39,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -456,6 +456,7 @@ def write_explanation(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    on_slice: Callable[[dict], None] | None = None,
 ) -> dict:
     """Stream the document of :func:`explain_volume` as JSON to ``destination`` (a path or a text stream).
 
@@ -463,8 +464,9 @@ def write_explanation(
     slice's regions are written as soon as they are computed. Reading the file back with
     :func:`json.load` gives exactly the dict :func:`explain_volume` returns. A path is written in place
     (no temporary file); callers that need all-or-nothing output pass a stream opened in a staging
-    folder (see :mod:`langmamba.io.atomic`). The other arguments and the errors are those of
-    :func:`explain_volume`.
+    folder (see :mod:`langmamba.io.atomic`). ``on_slice``, when given, is called with every slice entry
+    right after it is written (e.g. to paint a label map with :func:`paint_label_slice` or collect a
+    report while streaming). The other arguments and the errors are those of :func:`explain_volume`.
 
     Returns:
         The document without ``"slices"`` (header and summary), e.g. for a report.
@@ -472,15 +474,18 @@ def write_explanation(
     explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
     if isinstance(destination, (str, Path)):
         with open(destination, "w", encoding="utf-8") as stream:
-            return _stream(explainer, stream, progress)
-    return _stream(explainer, destination, progress)
+            return _stream(explainer, stream, progress, on_slice)
+    return _stream(explainer, destination, progress, on_slice)
 
 
-def _stream(explainer: _Explainer, stream: TextIO, progress: bool) -> dict:
+def _stream(explainer: _Explainer, stream: TextIO, progress: bool,
+            on_slice: Callable[[dict], None] | None = None) -> dict:
     """Write the document with ``"slices"`` filled one slice at a time; returns it without the slices."""
     stream.write(json.dumps(explainer.header)[:-1] + ', "slices": [')
     for i, entry in enumerate(explainer.slices(progress)):
         stream.write(("," if i else "") + "\n" + json.dumps(entry))
+        if on_slice is not None:
+            on_slice(entry)
     summary = explainer.summary()
     stream.write('\n], "summary": ' + json.dumps(summary) + "}\n")
     return {**explainer.header, "summary": summary}
@@ -532,16 +537,28 @@ def explanation_label_map(
     labels = np.zeros(shape, dtype=np.int32)
     words: dict[int, str] = {}
     for entry in explanation.get("slices", []):
-        for level_entry in entry["levels"]:
-            if level_entry["level"] != level:
-                continue
-            for region in level_entry["regions"]:
-                box = region["bbox_voxel"]
-                value = int(region[which]["ids"][0]) + 1
-                labels[box["z"], box["y0"]:box["y1"], box["x0"]:box["x1"]] = value
-                words[value] = region[which]["words"][0]
-    table = [(value, words[value], word_color(words[value])) for value in sorted(words)]
-    return labels, table
+        paint_label_slice(labels, entry, level, words, which)
+    return labels, color_table(words)
+
+
+def paint_label_slice(
+    labels: np.ndarray, entry: dict, level: int, words: dict[int, str], which: str = "output"
+) -> None:
+    """Paint one slice entry's regions at ``level`` into ``labels`` (Z, Y, X) in place, as
+    :func:`explanation_label_map` does, and record ``label value -> word`` in ``words``."""
+    for level_entry in entry["levels"]:
+        if level_entry["level"] != level:
+            continue
+        for region in level_entry["regions"]:
+            box = region["bbox_voxel"]
+            value = int(region[which]["ids"][0]) + 1
+            labels[box["z"], box["y0"]:box["y1"], box["x0"]:box["x1"]] = value
+            words[value] = region[which]["words"][0]
+
+
+def color_table(words: dict[int, str]) -> ColorTable:
+    """``(label_value, word, (r, g, b))`` sorted by value, colours from :func:`word_color`."""
+    return [(value, words[value], word_color(words[value])) for value in sorted(words)]
 
 
 def write_color_table(table: ColorTable, path: str | Path) -> Path:

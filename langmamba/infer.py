@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
 from .normalization import HU_MAX, HU_MIN, hu_to_model, model_to_hu
 from .simulate._tensor import resolve_device
 
@@ -18,22 +19,45 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, device: str | torch.device = "auto",
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
     """Denoise ``hu`` (Z, H, W) slice by slice in batches; returns float32 HU of the same shape.
 
     The model sees the paper's normalisation ([-1000, 2000] HU -> [0, 1]); voxels outside that range (metal,
     dense bone above 2000 HU) keep their input values, since the model cannot represent them.
+
+    Memory stays at ``out`` plus one batch: the outside-range mask and the blend are applied batch by batch.
+
+    Args:
+        model: a slice denoiser ``(B, 1, H, W) -> (B, 1, H, W)`` in the model range.
+        hu: the volume ``(Z, H, W)`` in HU, any real dtype (e.g. int16 as stored).
+        batch_size: slices per forward pass.
+        device: torch device or ``"auto"`` (CUDA when available; bf16 autocast there).
+        progress: show a tqdm bar over the slices.
+        blend: ``blend * denoised + (1 - blend) * hu``; 1 = denoised only.
+        out: float32 ``(Z, H, W)`` array to fill (it may be ``hu`` itself); a new one when ``None``.
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if not 0.0 <= blend <= 1.0:
+        raise ConfigError(f"blend must be between 0 and 1, got {blend}")
+    if out is None:
+        out = np.empty(hu.shape, dtype=np.float32)
+    elif out.shape != hu.shape or out.dtype != np.float32:
+        raise ConfigError(f"out must be float32 of shape {hu.shape}, got {out.dtype} {out.shape}")
     device = resolve_device(device)
     model = prepare_model(model, device)
-    out = np.empty(hu.shape, dtype=np.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for start in tqdm(range(0, hu.shape[0], batch_size), desc="denoise", unit="batch", disable=not progress):
-        chunk = np.asarray(hu[start:start + batch_size], dtype=np.float32)
-        x = torch.from_numpy(hu_to_model(chunk))[:, None].to(device)
-        with autocast:
-            y = model(x)
-        out[start:start + len(chunk)] = model_to_hu(y[:, 0].float().cpu().numpy())
-    outside = (hu < HU_MIN) | (hu > HU_MAX)
-    out[outside] = hu[outside]
+    with tqdm(total=hu.shape[0], desc="denoise", unit="slice", disable=not progress) as bar:
+        for start in range(0, hu.shape[0], batch_size):
+            chunk = np.array(hu[start:start + batch_size], dtype=np.float32)
+            x = torch.from_numpy(hu_to_model(chunk))[:, None].to(device)
+            with autocast:
+                y = model(x)
+            result = model_to_hu(y[:, 0].float().cpu().numpy())
+            outside = (chunk < HU_MIN) | (chunk > HU_MAX)
+            result[outside] = chunk[outside]
+            if blend != 1.0:
+                result = blend * result + (1.0 - blend) * chunk
+            out[start:start + len(chunk)] = result
+            bar.update(len(chunk))
     return out
