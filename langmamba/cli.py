@@ -109,14 +109,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_denoise(args: argparse.Namespace) -> int:
-    from .denoise import run_denoise
+    from .denoise import (check_study_outputs, distributed_rank, gather_summaries, is_study_folder, rank_device,
+                          run_denoise, run_denoise_folder)
 
-    written = run_denoise(args.input, args.output, weights=args.weights, explain=args.explain, labels=args.labels,
-                          level=args.level, blend=args.blend, batch_size=args.batch_size, device=args.device,
-                          overwrite=args.overwrite)
-    for caption, path in written.items():
-        print(f"{caption}: {path}")
-    return 0
+    rank, world_size, local_rank = distributed_rank()
+    folder_mode = is_study_folder(args.input)
+    check_study_outputs(args.explain, args.labels, args.report, folder_mode)
+    if not folder_mode:
+        if world_size > 1:
+            raise LangMambaError("torchrun with several processes needs a folder of studies as IN")
+        written = run_denoise(args.input, args.output, weights=args.weights, explain=args.explain,
+                              labels=args.labels, report=args.report, level=args.level, blend=args.blend,
+                              batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+        for caption, path in written.items():
+            print(f"{caption}: {path}")
+        return 0
+    summary = run_denoise_folder(
+        args.input, args.output, weights=args.weights, explain=bool(args.explain), labels=bool(args.labels),
+        report=bool(args.report), level=args.level, blend=args.blend, batch_size=args.batch_size,
+        device=rank_device(args.device, local_rank, world_size), overwrite=args.overwrite,
+        progress=not args.no_progress, rank=rank, world_size=world_size, echo=lambda line: print(line, flush=True))
+    merged = gather_summaries(summary, world_size)
+    if merged is not None:
+        print(f"denoise {args.output}: {merged.line()}", flush=True)
+        for name, error in merged.failed:
+            print(f"  failed: {name}: {error}", file=sys.stderr)
+    return 1 if summary.failed or (merged is not None and merged.failed) else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -124,6 +143,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from .bench.simulate import main as bench_main
     elif args.target == "noise":
         from .bench.noise import main as bench_main
+    elif args.target == "denoise":
+        from .bench.denoise import main as bench_main
     else:
         from .bench.model import main as bench_main
     return bench_main(args.bench_args) or 0
@@ -199,19 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     denoise = sub.add_parser(
-        "denoise", help="denoise a CT volume (file or DICOM folder) with LangMamba, optionally explained",
-        description="Denoise a CT volume slice by slice with the shipped LangMamba weights. DICOM in gives a derived "
-                    "DICOM series out (a path without extension); other formats keep their geometry.")
-    denoise.add_argument("input", help="DICOM series folder, DICOM file, .nii/.nii.gz, .nrrd or .mha")
-    denoise.add_argument("output", help="output file, or a folder (no extension) for a DICOM series")
+        "denoise", help="denoise a CT volume (file or DICOM folder) or a folder of studies with LangMamba",
+        description="Denoise CT slice by slice with the shipped LangMamba weights. DICOM in gives a derived DICOM "
+                    "series out (a path without extension); other formats keep their geometry. IN may be a folder "
+                    "of studies (sub-folders each a DICOM series, or volume files): OUT is then a folder with "
+                    "OUT/<study>/ (DICOM) or OUT/<file name>, and OUT/<study>.explanations.json, "
+                    "OUT/<study>.labels.nrrd (+ .labels.ctbl), OUT/<study>.report.html when asked for (give those "
+                    "options without a path). Finished studies are skipped, so an interrupted run resumes; a "
+                    "failed study is reported and the others go on (exit code 1). Under torchrun every rank "
+                    "takes its share of the studies.")
+    denoise.add_argument("input", help="DICOM series folder, DICOM file, .nii/.nii.gz, .nrrd, .mha, or a folder of "
+                                       "studies")
+    denoise.add_argument("output", help="output file, or a folder (no extension) for a DICOM series or the studies")
     denoise.add_argument("--weights", help="LangMamba checkpoint folder (default: the shipped weights/langmamba)")
-    denoise.add_argument("--explain", metavar="JSON", help="write per-region explanations (JSON)")
-    denoise.add_argument("--labels", metavar="NRRD", help="write the chosen level's region label map (+ .ctbl)")
-    denoise.add_argument("--level", type=int, default=2, choices=[0, 1, 2], help="pyramid level of --labels")
+    denoise.add_argument("--explain", metavar="JSON", nargs="?", const=True,
+                         help="write per-region explanations (JSON)")
+    denoise.add_argument("--labels", metavar="NRRD", nargs="?", const=True,
+                         help="write the chosen level's region label map (+ .ctbl colour table)")
+    denoise.add_argument("--report", metavar="HTML", nargs="?", const=True,
+                         help="write a self-contained HTML report (slices, difference, words, flagged regions)")
+    denoise.add_argument("--level", type=int, default=2, choices=[0, 1, 2],
+                         help="pyramid level of --labels and --report")
     denoise.add_argument("--blend", type=float, default=1.0, help="1 = denoised, 0 = input, between: a mix")
     denoise.add_argument("--batch-size", type=int, default=4, help="slices per batch")
-    denoise.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    denoise.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the input)")
+    denoise.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    denoise.add_argument("--overwrite", action="store_true",
+                         help="replace existing outputs, and redo finished studies (never the input)")
+    denoise.add_argument("--no-progress", action="store_true", help="no progress bars")
     denoise.set_defaults(handler=_cmd_denoise)
 
     export = sub.add_parser("export", help="write a training checkpoint as a shipped one (fp16, inference-only)")
@@ -221,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--inference-only", action="store_true", help="drop the LangAE image decoder (LangMamba)")
     export.set_defaults(handler=_cmd_export)
 
-    bench = sub.add_parser("bench", help="benchmarks: simulate | noise | model (their own options follow the name)")
-    bench.add_argument("target", choices=["simulate", "noise", "model"])
+    bench = sub.add_parser("bench", help="benchmarks: simulate | noise | model | denoise (their own options follow "
+                                         "the name)")
+    bench.add_argument("target", choices=["simulate", "noise", "model", "denoise"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     bench.set_defaults(handler=_cmd_bench)
     return parser

@@ -57,3 +57,39 @@ def test_denoising_lowers_noise_on_real_ct(tmp_path):
     assert np.std((denoised.hu - normal.hu)[body]) < np.std((low.hu - normal.hu)[body])
     with pytest.raises(ConfigError):
         denoise_volume(load_checkpoint(default_weights()), low, blend=-1)
+
+
+def test_slices_are_blended_and_masked_batch_by_batch_into_one_buffer():
+    import torch
+
+    from langmamba.infer import denoise_slices
+    from langmamba.normalization import hu_to_model, model_to_hu
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    hu = np.random.default_rng(0).normal(0.0, 400.0, size=(5, 24, 20)).astype(np.float32)
+    hu[1, 3, 4], hu[3, 0, 0] = 2500.0, -1500.0  # outside the model's range: kept as they are
+    with torch.no_grad():
+        full = model_to_hu(model(torch.from_numpy(hu_to_model(hu))[:, None])[:, 0].numpy())
+    outside = (hu < -1000) | (hu > 2000)
+    full[outside] = hu[outside]
+    expected = 0.3 * full + 0.7 * hu
+    by_two = denoise_slices(model, hu, batch_size=2, device="cpu", blend=0.3)
+    np.testing.assert_allclose(by_two, expected, atol=1e-3)
+    assert by_two[1, 3, 4] == pytest.approx(2500.0) and by_two[3, 0, 0] == pytest.approx(-1500.0)
+    in_place = hu.copy()
+    assert denoise_slices(model, in_place, batch_size=3, device="cpu", blend=0.3, out=in_place) is in_place
+    np.testing.assert_allclose(in_place, expected, atol=1e-3)
+    with pytest.raises(ConfigError, match="out must be float32"):
+        denoise_slices(model, hu, device="cpu", out=np.empty((5, 24, 20), dtype=np.float64))
+    with pytest.raises(ConfigError, match="batch size"):
+        denoise_slices(model, hu, device="cpu", batch_size=0)
+
+
+def test_report_option_writes_one_html_file(tmp_path, tiny_ct_volume, capsys):
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    assert main(["denoise", str(source), str(tmp_path / "out.nrrd"), "--report", str(tmp_path / "r.html"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert "report: " in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd", "out.nrrd", "r.html"]
+    assert (tmp_path / "r.html").read_text().count("data:image/png;base64,") >= 2
