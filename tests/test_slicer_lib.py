@@ -227,3 +227,21 @@ def test_csv_and_json_exports(document, tmp_path):
     with pytest.raises(lmexplanation.ExplanationError):
         lmexplanation.export_json({"schema": "other"}, str(tmp_path / "x.json"))
     assert not (tmp_path / "x.json").exists()
+
+
+# --- extension layout ---------------------------------------------------------------------------------
+
+
+def test_module_cmakelists_installs_every_script_and_resource():
+    import re
+
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    listed = {line.strip().replace("${MODULE_NAME}", "LangMambaDenoise") for line in text.splitlines()
+              if re.fullmatch(r"\s+\S+\.(py|png|ui)", line)}
+    shipped = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*") if p.suffix in (".py", ".png", ".ui")
+               and "__pycache__" not in p.parts}
+    assert listed == shipped
+    top = (MODULE_DIR.parents[1] / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(slicer_extension/LangMambaDenoise)" in top and "find_package(Slicer REQUIRED)" in top
+    entry = json.loads((MODULE_DIR / "LangMambaDenoise.json").read_text())
+    assert entry["category"] == re.search(r'EXTENSION_CATEGORY "([^"]+)"', top).group(1)
