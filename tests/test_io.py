@@ -568,7 +568,7 @@ def test_failed_dicom_write_leaves_nothing(tmp_path, tiny_ct_volume, monkeypatch
 
 
 def test_failed_file_write_leaves_nothing(tmp_path, tiny_ct_volume, monkeypatch):
-    import langmamba.io as lio
+    import langmamba.io.api as lio
 
     def partial_then_fail(volume, filename):
         filename.write_bytes(b"partial")

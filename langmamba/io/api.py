@@ -1,0 +1,114 @@
+"""read_volume and write_volume: format dispatch, input checks and atomic writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from langmamba.errors import EmptyInputError, InputError
+from langmamba.io.atomic import atomic_output, check_not_input
+from langmamba.io.dicom import read_dicom_file, read_dicom_folder
+from langmamba.io.dicom_write import write_dicom_series
+from langmamba.io.formats import Format, format_for_reading, format_for_writing
+from langmamba.io.itk_formats import read_nifti, read_sitk, reject_picture, write_sitk
+from langmamba.io.validate import check_finite, check_hu_range
+from langmamba.io.volume import CTVolume
+
+
+def read_volume(
+    path: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    check_hu: bool = True,
+    progress: bool = False,
+) -> CTVolume:
+    """Read a CT volume in HU from a DICOM series folder, a DICOM file, NIfTI, NRRD or MetaImage.
+
+    Args:
+        path: a folder holding one DICOM series (its files, not subfolders), a DICOM file (one
+            CT slice, or a multi-frame Enhanced CT), ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr`` or
+            ``.mha``/``.mhd``.
+        series_uid: SeriesInstanceUID to read from a folder that holds several series.
+        check_hu: for formats without a modality (NIfTI, NRRD, MetaImage), reject value ranges
+            that cannot be HU (see :mod:`langmamba.io.validate`).
+        progress: show tqdm progress bars while reading DICOM files.
+
+    Returns:
+        CTVolume with ``hu`` float32 of shape ``(Z, Y, X)`` in HU, spacing/origin in mm (LPS),
+        ``dicom`` = first slice header for DICOM input and ``source`` = ``str(path)``.
+
+    Raises:
+        InputError: the path does not exist or cannot be opened; and its subclasses
+            EmptyInputError, CorruptFileError, UnsupportedFormatError, UnsupportedImageError,
+            NotAnImageError, NotCTError, MixedSeriesError, IrregularSpacingError,
+            NonFiniteVoxelsError for the problems their names say.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return read_dicom_folder(path, series_uid=series_uid, progress=progress)
+    if path.stat().st_size == 0:
+        raise EmptyInputError(f"{path}: the file is empty (0 bytes)")
+    fmt = format_for_reading(path)
+    if fmt is Format.DICOM:
+        return read_dicom_file(path, progress=progress)
+    if fmt is Format.PICTURE:
+        reject_picture(path)
+    volume = read_nifti(path) if fmt is Format.NIFTI else read_sitk(path, fmt.value)
+    check_finite(volume.hu, str(path))
+    if check_hu:
+        check_hu_range(volume.hu, str(path))
+    return volume
+
+
+def write_volume(
+    volume: CTVolume,
+    path: str | os.PathLike,
+    *,
+    series_description: str = "LangMamba denoised",
+    overwrite: bool = False,
+    derived_from: CTVolume | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write ``volume`` atomically as NIfTI, NRRD, MetaImage (by extension) or a DICOM series.
+
+    A path ending in ``/``, without extension, or naming an existing folder is written as a
+    DICOM series folder (see :mod:`langmamba.io.dicom_write`). NIfTI/NRRD/MetaImage store int16
+    when every HU is an integer in range, else float32.
+
+    Args:
+        volume: the CT volume, ``hu`` of shape ``(Z, Y, X)`` in HU.
+        path: the output file or folder.
+        series_description: DICOM SeriesDescription (DICOM output only).
+        overwrite: replace an existing output (never the input, and only a folder that holds
+            nothing but DICOM files).
+        derived_from: the volume ``volume`` was computed from; its DICOM header is referenced by
+            the new series, and its source is protected like ``volume.source``.
+        progress: show a tqdm progress bar while writing DICOM slices.
+
+    Returns:
+        The path written (without a trailing ``/``).
+
+    Raises:
+        OverwriteError: the output is, contains or lies inside the input, or exists and
+            ``overwrite`` is False.
+        UnsupportedFormatError: the extension names no format langmamba writes.
+        NonFiniteVoxelsError: the volume holds NaN or infinite values.
+    """
+    fmt = format_for_writing(path)
+    output = Path(path).expanduser()
+    check_not_input(output, [volume.source, getattr(derived_from, "source", None)])
+    check_finite(volume.hu, "the volume to write")
+    with atomic_output(output, as_folder=fmt is Format.DICOM, overwrite=overwrite) as staging:
+        if fmt is Format.DICOM:
+            write_dicom_series(
+                volume,
+                staging,
+                series_description=series_description,
+                derived_from=derived_from,
+                progress=progress,
+            )
+        else:
+            write_sitk(volume, staging / output.name)
+    return output
