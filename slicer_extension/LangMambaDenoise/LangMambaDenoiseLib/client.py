@@ -171,13 +171,7 @@ class LangMambaClient:
     def info(self, cancel: CancelToken | None = None) -> dict:
         """``GET /info/``: the app's description (``name``, ``models`` ...)."""
         status, headers, body = self._request("GET", "/info/", cancel=cancel)
-        try:
-            info = json.loads(body.decode("utf-8"))
-        except ValueError as error:
-            raise ProtocolError(f"/info/ did not answer JSON ({error})") from None
-        if not isinstance(info, dict):
-            raise ProtocolError("/info/ did not answer a JSON object")
-        return info
+        return _json_object(body, "the answer of /info/")
 
     def infer(
         self,
