@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +124,17 @@ class LangMambaApp(MONAILabelApp):
         else:
             image_id = image
             path = self._image_path(image_id, datastore)
-        result = task.run(task.read(path), params)
+        started = time.perf_counter()
+        volume = task.read(path)
+        read_s = time.perf_counter() - started
+        result = task.run(volume, params)
+        started = time.perf_counter()
         file = task.write_result(result)
-        summary = dict(result.summary)
+        timings = {"read": round(read_s, 3), **result.summary["timings_s"],
+                   "write": round(time.perf_counter() - started, 3)}
+        summary = {**result.summary, "timings_s": timings, "saved": None}
         try:
-            save = bool(request.get("save", self.save_results))
+            save = self.save_results if params.save is None else params.save
             if image_id and save:
                 summary["saved"] = self._persist(image_id, result, file, datastore)
         except Exception:

@@ -2,9 +2,13 @@
 
 1. Overhead: the held-out lung2 volume (512x512x61) denoised in-process (read NRRD, ``denoise_volume``, write
    NRRD; model already loaded, as in the server) versus one ``POST /infer/langmamba_denoise?output=image`` upload
-   of the same file to a real ``monailabel start_server`` on loopback (``explain: false`` for both).
-2. Throughput: 1, 2 and 4 concurrent clients, each sending one request with the first ``--slices`` slices of lung2;
-   slices per second over the wall time of each round.
+   of the same file to a real ``monailabel start_server`` on loopback (``explain: false`` for both). Besides the
+   raw difference of wall times (sensitive to other load on the machine), the overhead outside the model is
+   reported: (server wall - the server's own denoise time, from the ``X-LangMamba-Timings`` header) minus
+   (in-process wall - in-process denoise time), i.e. what HTTP, the upload, temporary files and the response
+   add beyond langmamba's own reading and writing.
+2. Throughput: 1, 2 and 4 concurrent clients, each sending ``--requests-per-client`` requests (one after the
+   other) with the first ``--slices`` slices of lung2; slices per second over the wall time of each round.
 
 Usage: ``.venv/bin/python scripts/bench_server.py [--device cpu] [--slices 8] [--json out/bench_server.json]``.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -31,14 +36,29 @@ from langmamba.io import read_volume, write_volume  # noqa: E402
 from langmamba.sample_data import sample_path  # noqa: E402
 from tests.servers import MonaiLabelServer, crop  # noqa: E402
 
+TIMINGS_HEADER = "X-LangMamba-Timings"
 
-def in_process(source: Path, output: Path, device: str) -> float:
-    model = load_checkpoint(default_weights())
+
+def in_process(model, source: Path, output: Path, device: str) -> dict:
+    """Seconds to read, denoise and write ``source`` with a loaded model."""
     start = time.perf_counter()
     volume = read_volume(source)
+    read = time.perf_counter()
     denoised = denoise_volume(model, volume, device=device)
+    done = time.perf_counter()
     write_volume(denoised, output, overwrite=True)
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return {"wall": round(end - start, 2), "read": round(read - start, 2), "denoise": round(done - read, 2),
+            "write": round(end - done, 2)}
+
+
+def on_server(server: MonaiLabelServer, source: Path, params: dict) -> dict:
+    """Seconds for one upload with ``output=image``, and the server's own timings of it."""
+    start = time.perf_counter()
+    response = server.infer(upload=source, output="image", params=params)
+    wall = time.perf_counter() - start
+    response.raise_for_status()
+    return {"wall": round(wall, 2), "server": json.loads(response.headers[TIMINGS_HEADER])}
 
 
 def main() -> None:
@@ -46,11 +66,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slices", type=int, default=8, help="slices per request in the throughput rounds")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating in-process/server runs of the overhead")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    results: dict = {"machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
-                                 "torch_threads": torch.get_num_threads(), "device": args.device}}
+    results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                 "torch_threads": torch.get_num_threads(), "device": args.device,
+                                 "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         tmp = Path(tmp)
         lung2 = read_volume(sample_path("lung2"))
@@ -60,36 +83,39 @@ def main() -> None:
         write_volume(crop(lung2, slice(0, args.slices), slice(None), slice(None)), part)
         params = {"explain": False, "device": args.device}
 
-        local_s = in_process(full, tmp / "local.nrrd", args.device)
-        results["in_process_s"] = round(local_s, 2)
-        print(f"in-process 512x512x61: {local_s:.1f} s", flush=True)
-
+        model = load_checkpoint(default_weights())
         (tmp / "studies").mkdir()
         server = MonaiLabelServer(tmp / "studies", tmp)
         try:
-            start = time.perf_counter()
-            response = server.infer(upload=full, output="image", params=params)
-            server_s = time.perf_counter() - start
-            response.raise_for_status()
-            results["server_s"] = round(server_s, 2)
-            results["overhead_s"] = round(server_s - local_s, 2)
-            results["overhead_pct"] = round(100 * (server_s - local_s) / local_s, 1)
-            print(f"server 512x512x61: {server_s:.1f} s (overhead {server_s - local_s:+.1f} s, "
-                  f"{results['overhead_pct']:+.1f} %)", flush=True)
+            runs = []
+            for _ in range(args.repeats):
+                local = in_process(model, full, tmp / "local.nrrd", args.device)
+                remote = on_server(server, full, params)
+                outside = (remote["wall"] - remote["server"]["denoise"]) - (local["wall"] - local["denoise"])
+                runs.append({"in_process_s": local, "server_s": remote,
+                             "overhead_wall_s": round(remote["wall"] - local["wall"], 2),
+                             "overhead_outside_model_s": round(outside, 2)})
+                print(f"512x512x61: in-process {local['wall']:.1f} s (model {local['denoise']:.1f} s), server "
+                      f"{remote['wall']:.1f} s (model {remote['server']['denoise']:.1f} s); overhead outside the "
+                      f"model {outside:+.2f} s", flush=True)
+            results["overhead"] = runs
 
             rounds = []
             for clients in args.clients:
                 start = time.perf_counter()
+                count = clients * args.requests_per_client
+
+                def client(_: int) -> None:
+                    for _ in range(args.requests_per_client):
+                        server.infer(upload=part, output="image", params=params).raise_for_status()
+
                 with ThreadPoolExecutor(clients) as pool:
-                    responses = list(pool.map(lambda _: server.infer(upload=part, output="image", params=params),
-                                              range(clients)))
+                    list(pool.map(client, range(clients)))
                 wall = time.perf_counter() - start
-                for r in responses:
-                    r.raise_for_status()
-                rate = clients * args.slices / wall
-                rounds.append({"clients": clients, "requests": clients, "slices_per_request": args.slices,
+                rate = count * args.slices / wall
+                rounds.append({"clients": clients, "requests": count, "slices_per_request": args.slices,
                                "wall_s": round(wall, 2), "slices_per_s": round(rate, 2),
-                               "requests_per_min": round(60 * clients / wall, 2)})
+                               "requests_per_min": round(60 * count / wall, 2)})
                 print(f"{clients} concurrent client(s): {wall:.1f} s, {rate:.2f} slices/s", flush=True)
             results["throughput"] = rounds
         finally:

@@ -46,6 +46,17 @@ def _wait(url: str, process: subprocess.Popen, log: Path, timeout: float, what: 
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def _start(command: list[str], log: Path, url: str, what: str, timeout: float, **popen) -> subprocess.Popen:
+    """Start ``command`` with its output in ``log`` and wait until ``url`` answers; stop it if it never does."""
+    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, **popen)
+    try:
+        _wait(url, process, log, timeout, what)
+    except Exception:
+        _stop(process)
+        raise
+    return process
+
+
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -78,13 +89,8 @@ class MonaiLabelServer:
         environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
         environment.setdefault("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp / "dicomweb-cache"))
         environment.setdefault("MONAI_LABEL_SESSION_PATH", str(tmp / "sessions"))
-        self.process = subprocess.Popen(command, cwd=tmp, env=environment, stdout=open(self.log, "wb"),
-                                        stderr=subprocess.STDOUT)
-        try:
-            _wait(f"{self.url}/info/", self.process, self.log, timeout, "MONAI Label")
-        except Exception:
-            _stop(self.process)
-            raise
+        self.process = _start(command, self.log, f"{self.url}/info/", "MONAI Label", timeout, cwd=tmp,
+                              env=environment)
         # files made at start-up (MONAI Label's logging config, torch's compile cache), not by requests
         self.startup_files = self.temp_files()
 
@@ -147,13 +153,7 @@ class Orthanc:
         path = folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         self.log = folder / "orthanc.log"
-        self.process = subprocess.Popen([executable, str(path)], stdout=open(self.log, "wb"),
-                                        stderr=subprocess.STDOUT)
-        try:
-            _wait(f"{self.url}/system", self.process, self.log, timeout, "Orthanc")
-        except Exception:
-            _stop(self.process)
-            raise
+        self.process = _start([executable, str(path)], self.log, f"{self.url}/system", "Orthanc", timeout)
 
     def upload(self, paths: list[Path]) -> list[dict]:
         """Store DICOM files through Orthanc's REST API."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -119,6 +120,30 @@ def test_by_image_id_json_has_explanations_and_saves_a_new_image(server):
     assert entry["labels"] == {} and entry["image"]["info"]["derived_from"] == "chest"
 
 
+def test_save_false_stores_nothing(server):
+    before = sorted(p.name for p in server.studies.iterdir())
+    response = server.infer(image="chest", output="json", params={"save": False, "explain": False})
+    assert response.status_code == 200, response.text
+    assert response.json()["saved"] is None and response.json()["explanations"] is None
+    assert sorted(p.name for p in server.studies.iterdir()) == before
+
+
+def test_zipped_dicom_series_upload(server, lung2, tmp_path, dicom_series_writer):
+    volume = crop(lung2, slice(30, 32), slice(192, 256), slice(160, 240))
+    files = dicom_series_writer(tmp_path / "series", volume.hu, spacing=volume.spacing, origin=volume.origin,
+                                direction=volume.direction)
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in files:
+            zipped.write(path, f"study/series/{path.name}")
+    response = server.infer(upload=archive, output="image", params={"explain": False})
+    assert response.status_code == 200, response.text
+    result = _image(response.content, tmp_path)
+    assert result.GetSize() == (80, 64, 2)
+    np.testing.assert_allclose(result.GetSpacing(), volume.spacing, rtol=1e-5)
+    np.testing.assert_allclose(result.GetOrigin(), volume.origin, atol=1e-3)
+
+
 def test_output_all_is_multipart_params_and_image(server, tmp_path):
     response = server.infer(image="chest", output="all", params={"level": 0, "explain": True})
     assert response.status_code == 200, response.text
@@ -194,10 +219,11 @@ def _write(path: Path, content: bytes) -> Path:
         ({"image": "chest", "output": "json"}, {"blend": 1.5}, 422, "blend"),
         ({"image": "chest", "output": "json"}, {"level": 7}, 422, "level"),
         ({"image": "chest", "output": "xml"}, {}, 422, "output"),
+        ({"image": "chest", "output": "json"}, {"save": "no"}, 422, "save"),
         ({"image": "no-such-image", "output": "json"}, {}, 404, "no-such-image"),
         ({"output": "json"}, {}, 400, "image id"),
     ],
-    ids=["blend", "level", "output", "unknown-id", "nothing"],
+    ids=["blend", "level", "output", "save", "unknown-id", "nothing"],
 )
 def test_bad_request_is_a_clear_4xx(server, query, params, status, words):
     response = requests.post(f"{server.url}/infer/langmamba_denoise", params=query,

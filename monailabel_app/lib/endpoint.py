@@ -20,6 +20,7 @@ import logging
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ logger = logging.getLogger(__name__)
 MODEL = "langmamba_denoise"
 ROUTE_NAME = "langmamba_denoise_infer"
 OUTPUTS = ("image", "json", "all")
-_KNOWN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".png", ".jpg", ".jpeg",
-                   ".bmp", ".gif", ".tif", ".tiff")
+TIMINGS_HEADER = "X-LangMamba-Timings"  # the result's timings_s (seconds) with output=image, which has no params
+_KNOWN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".zip", ".png", ".jpg",
+                   ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 _DRAIN_FACTOR = 4  # bodies up to this many times the limit are read and dropped so the client sees the 413
 
 
@@ -131,7 +133,28 @@ async def _save_upload(upload: UploadFile, folder: Path, limit: int) -> Path:
             out.write(chunk)
     if size == 0:
         raise EmptyInputError("the uploaded file is empty (0 bytes)")
+    if path.suffix == ".zip":
+        return _unzip_series(path, folder / "series", 4 * limit)
     return path
+
+
+def _unzip_series(archive: Path, folder: Path, limit: int) -> Path:
+    """The files of a zipped DICOM series, flattened into ``folder`` (no member paths are used; at most
+    ``limit`` bytes unpacked)."""
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = [m for m in zipped.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")]
+            if not members:
+                raise EmptyInputError("the uploaded zip archive holds no files")
+            if sum(m.file_size for m in members) > limit:
+                raise VolumeTooLargeError(f"the uploaded zip archive unpacks to more than {limit:,} bytes")
+            folder.mkdir()
+            for index, member in enumerate(members):
+                with zipped.open(member) as source, open(folder / f"{index:06d}.dcm", "wb") as target:
+                    shutil.copyfileobj(source, target)
+    except zipfile.BadZipFile as err:
+        raise InputError(f"the uploaded zip archive cannot be read ({err})") from err
+    return folder
 
 
 def _message(err: Exception, upload: Path | None, filename: str | None) -> str:
@@ -214,7 +237,9 @@ def make_endpoint(app_getter):
             result_file.unlink(missing_ok=True)
             return JSONResponse(result["params"])
         if output == "image":
+            timings = json.dumps(result["params"].get("timings_s", {}))
             return FileResponse(result_file, media_type="application/octet-stream", filename="denoised.nrrd",
+                                headers={TIMINGS_HEADER: timings},
                                 background=BackgroundTask(result_file.unlink, missing_ok=True))
         try:
             return _multipart(result["params"], result_file)

@@ -40,13 +40,15 @@ MAX_TOP_K = 5
 @dataclass
 class DenoiseParams:
     """Request parameters: ``blend`` in [0, 1], explanation ``level`` (0 = coarsest), ``device``, ``explain``,
-    ``top_k`` words per explained region."""
+    ``top_k`` words per explained region, ``save`` the result of a datastore image (``None``: the server's
+    default)."""
 
     blend: float = 1.0
     level: int = 2
     device: str = "auto"
     explain: bool = True
     top_k: int = 1
+    save: bool | None = None
 
     @classmethod
     def from_request(cls, request: dict[str, Any], levels: int) -> DenoiseParams:
@@ -71,11 +73,11 @@ class DenoiseParams:
             if device == "cuda" and not torch.cuda.is_available():
                 raise ConfigError("device 'cuda' was requested but this server has no CUDA GPU; use 'auto' or 'cpu'")
             params.device = device
-        if "explain" in request:
-            explain = request["explain"]
-            if not isinstance(explain, bool):
-                raise ConfigError(f"explain must be true or false, got {explain!r}")
-            params.explain = explain
+        for key in ("explain", "save"):
+            if key in request:
+                if not isinstance(request[key], bool):
+                    raise ConfigError(f"{key} must be true or false, got {request[key]!r}")
+                setattr(params, key, request[key])
         if "top_k" in request:
             top_k = request["top_k"]
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
