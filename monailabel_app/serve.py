@@ -42,11 +42,12 @@ LangMamba MONAI Label server
   device:   {device}
 
 Connect from 3D Slicer:
-  1. Install the LangMamba extension (slicer_extension/ in this repository).
-  2. In its module set the server address to {url} and press refresh.
-  3. Pick an image (lung2) and run 'langmamba_denoise': the denoised CT comes back as a new volume with the
-     explanations. (MONAI Label's stock Slicer plugin lists only segmentation tasks.)
-  Results are also saved in the datastore as a new image '<image>_langmamba'.
+  1. Install the LangMamba Denoise extension (slicer_extension/ in this repository; see its README).
+  2. Load a CT, open the module 'LangMamba Denoise', set the server to {url} and press Connect.
+  3. Pick the input volume and press Denoise: the denoised CT appears as '<input> (LangMamba)' beside the input,
+     and the explanation browser lists the words of every region. (MONAI Label's stock Slicer plugin lists only
+     segmentation tasks.)
+  Requests by datastore image id also save the result as a new image '<image>_langmamba'.
 From a shell:
   curl -X POST '{url}/infer/langmamba_denoise?image=lung2&output=image' -F 'params={{"explain": false}}' -o denoised.nrrd
 Stop the server with Ctrl+C.
