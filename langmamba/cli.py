@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--level", type=int, default=2, choices=[0, 1, 2],
                          help="pyramid level of --labels and --report")
     denoise.add_argument("--blend", type=float, default=1.0, help="1 = denoised, 0 = input, between: a mix")
-    denoise.add_argument("--batch-size", type=int, default=4, help="slices per batch")
+    denoise.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 on CUDA, 1 on "
+                                                                        "the CPU)")
     denoise.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     denoise.add_argument("--overwrite", action="store_true",
                          help="replace existing outputs, and redo finished studies (never the input)")

@@ -67,6 +67,14 @@ def denoise_volume(model, volume: CTVolume, *, blend: float = 1.0, batch_size: i
     return volume.with_hu(output)
 
 
+def default_batch_size(device: str = "auto") -> int:
+    """Slices per batch when none is given: 4 on CUDA; 1 on the CPU, where it was both the fastest and the
+    leanest (512² slices, shipped weights: 0.72 s/slice and +0.36 GB against 0.83 s/slice and +1.16 GB at 4)."""
+    from .infer import resolve_device
+
+    return 4 if resolve_device(device).type == "cuda" else 1
+
+
 def color_table_path(labels: str | Path) -> Path:
     """The colour table written beside a label map: its extension replaced by ``.ctbl``."""
     labels = Path(labels)
@@ -108,17 +116,18 @@ def _timed(timings: dict[str, float], stage: str, start: float) -> float:
 
 def process_volume(model, source: str | Path, destination: str | Path, *, explain: str | Path | None = None,
                    labels: str | Path | None = None, report: str | Path | None = None, level: int = 2,
-                   blend: float = 1.0, batch_size: int = 4, device: str = "auto", overwrite: bool = False,
-                   progress: bool = True, timings: dict[str, float] | None = None,
+                   blend: float = 1.0, batch_size: int | None = None, device: str = "auto",
+                   overwrite: bool = False, progress: bool = True, timings: dict[str, float] | None = None,
                    run_info: dict | None = None) -> dict[str, Path]:
     """Read, denoise, explain and write one volume with a loaded ``model``; returns the written paths.
 
     ``timings`` (if given) receives seconds per stage: ``read``, ``denoise``, ``explain`` (encoder and the
     streamed JSON), ``write`` (denoised volume, label map, colour table) and ``report``.
     """
-    from .explain import paint_label_slice, write_explanation
+    from .explain import write_explanation
 
     timings = {} if timings is None else timings
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     if not 0.0 <= blend <= 1.0:
         raise ConfigError(f"blend must be between 0 and 1, got {blend}")
     if batch_size < 1:
@@ -133,24 +142,16 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
     start = _timed(timings, "denoise", start)
 
     written: dict[str, Path] = {}
-    label_map = collector = document = None
-    words: dict[int, str] = {}
+    collector = document = None
     images = {}
     if explain or labels or report:
         from .report import ReportCollector
 
-        label_map = np.zeros(volume.shape, dtype=np.int16) if labels else None
-        collector = ReportCollector(level, volume.shape[0]) if report else None
-
-        def on_slice(entry: dict) -> None:
-            if label_map is not None:
-                paint_label_slice(label_map, entry, level, words)
-            if collector is not None:
-                collector(entry)
-
+        # A few bytes per region: the label map is painted from it once the input voxels are released.
+        collector = ReportCollector(level, volume.shape[0]) if labels or report else None
         # The explainer encodes input and output of every slice: half the slices per batch keeps the encoder's
         # activations (host memory on the CPU) at the denoiser's ``batch_size`` images.
-        kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_slice=on_slice)
+        kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_slice=collector)
         if explain:
             explain = Path(explain)
             with atomic_output(explain, as_folder=False, overwrite=overwrite) as staging:
@@ -160,15 +161,16 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
         else:
             with open(os.devnull, "w", encoding="utf-8") as stream:
                 document = write_explanation(stream, model, volume.hu, denoised.hu, volume, **kwargs)
-        if collector is not None:
+        if report:
             images = {z: (volume.hu[z].copy(), denoised.hu[z].copy()) for z in collector.choose_slices()}
         start = _timed(timings, "explain", start)
 
     volume = _geometry_only(volume)
-    if label_map is not None:
+    if labels:
         labels = Path(labels)
+        label_map, words = collector.label_map(volume.shape)
         written["label map"] = _write_label_map(label_map, volume, labels, overwrite)
-        label_map = None
+        del label_map
         written["colour table"] = _write_color_table(words, color_table_path(labels), overwrite)
     written["denoised"] = write_volume(denoised, destination, series_description="LangMamba denoised",
                                        overwrite=overwrite, derived_from=volume, progress=progress)
@@ -187,7 +189,7 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
 
 def run_denoise(source: str | Path, destination: str | Path, *, weights: str | Path | None = None,
                 explain: str | Path | None = None, labels: str | Path | None = None, level: int = 2,
-                blend: float = 1.0, batch_size: int = 4, device: str = "auto", overwrite: bool = False,
+                blend: float = 1.0, batch_size: int | None = None, device: str = "auto", overwrite: bool = False,
                 progress: bool = True, report: str | Path | None = None, model=None,
                 timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Read, denoise, write one volume; optionally the explanations JSON, a region label map with its colour
@@ -346,8 +348,8 @@ def rank_device(device: str, local_rank: int, world_size: int) -> str:
 
 def run_denoise_folder(source: str | Path, destination: str | Path, *, weights: str | Path | None = None,
                        explain: bool = False, labels: bool = False, report: bool = False, level: int = 2,
-                       blend: float = 1.0, batch_size: int = 4, device: str = "auto", overwrite: bool = False,
-                       progress: bool = True, rank: int = 0, world_size: int = 1,
+                       blend: float = 1.0, batch_size: int | None = None, device: str = "auto",
+                       overwrite: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1,
                        echo: Callable[[str], None] = print) -> FolderSummary:
     """Denoise every study of the folder ``source`` into the folder ``destination`` (naming: module docstring).
 

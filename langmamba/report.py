@@ -12,9 +12,9 @@ inline, and no script, font or image is fetched from a network. It shows
   :data:`MAX_TEXT_COLUMNS` columns, else only in flagged cells; flagged cells outlined in red);
 - the flagged regions of all levels, largest change score first (at most :data:`MAX_FLAGGED_ROWS` rows).
 
-:class:`ReportCollector` gathers what the report needs while explanations stream (pass it as ``on_slice`` to
-:func:`langmamba.explain.write_explanation`): a few bytes per region of the chosen level, so it stays small for
-thousand-slice volumes. :func:`write_report` writes the file atomically.
+:class:`ReportCollector` gathers what the report (and the label map) need while explanations stream (pass it as
+``on_slice`` to :func:`langmamba.explain.write_explanation`): a few bytes per region of the chosen level, so it
+stays small for thousand-slice volumes. :func:`write_report` writes the file atomically.
 """
 
 from __future__ import annotations
@@ -83,6 +83,16 @@ class ReportCollector:
                 self.words[region["output"]["ids"][0]] = region["output"]["words"][0]
                 self.words[region["input"]["ids"][0]] = region["input"]["words"][0]
         self.seen[z] = True
+
+    def label_map(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[int, str]]:
+        """The chosen level's top-1 output words painted as int16 ``vocabulary id + 1`` into a ``shape`` volume
+        (what :func:`langmamba.explain.explanation_label_map` gives), and ``label value -> word``."""
+        if self.grid is None or not self.seen.all():
+            raise InputError("the label map needs the explanations of every slice")
+        labels = np.zeros(shape, dtype=np.int16)
+        for n, (x0, y0, x1, y1) in enumerate(self.boxes[self.level]):
+            labels[:, y0:y1, x0:x1] = (self.output_ids[:, n] + 1)[:, None, None]
+        return labels, {int(i) + 1: self.words[int(i)] for i in np.unique(self.output_ids)}
 
     def choose_slices(self, count: int = 3) -> list[int]:
         """The middle slice and the slices with the most flagged regions (ties: lower z), sorted, distinct."""

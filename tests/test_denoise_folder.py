@@ -15,7 +15,7 @@ import pytest
 from langmamba.cli import main
 from langmamba.denoise import find_studies, is_study_folder
 from langmamba.errors import InputError
-from langmamba.explain import validate_explanation
+from langmamba.explain import explanation_label_map, validate_explanation
 from langmamba.io import read_volume, write_volume
 from langmamba.io.volume import CTVolume
 
@@ -112,6 +112,11 @@ def test_folder_run_writes_every_study_survives_a_bad_one_and_resumes(tmp_path, 
                 corners = [[box["x0"] - 0.5, box["y0"] - 0.5, box["z"]], [box["x1"] - 0.5, box["y1"] - 0.5, box["z"]]]
                 np.testing.assert_allclose(region["bbox_mm"]["lps"], source.index_to_lps(np.array(corners)), atol=1e-3)
     assert "<img" in (out / "a.report.html").read_text()
+    # The label map paints the explanations' level-1 top words (as explanation_label_map does from the JSON).
+    expected_labels, table = explanation_label_map(document, 1, source.shape)
+    np.testing.assert_array_equal(read_volume(out / "d.labels.nrrd", check_hu=False).hu, expected_labels)
+    colours = [line.split() for line in (out / "d.labels.ctbl").read_text().splitlines() if line[0] != "#"]
+    assert [int(row[0]) for row in colours] == [0] + [value for value, _, _ in table]
 
     # Rerun: the finished studies are skipped and left untouched; c fails again.
     before = mtimes(expected.values())

@@ -97,11 +97,12 @@ def _measure(config: dict) -> dict:
     import torch
 
     from langmamba.checkpoint import load_checkpoint
-    from langmamba.denoise import default_weights, process_volume
+    from langmamba.denoise import default_batch_size, default_weights, process_volume
     from langmamba.infer import resolve_device
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     device = str(resolve_device(config["device"]))
+    batch_size = config["batch_size"] or default_batch_size(device)
     model = load_checkpoint(config["weights"] or default_weights())
     out = Path(config["workdir"])
     output = str(out / "denoised") + ("/" if config["format"] == "dicom" else ".nrrd")
@@ -110,29 +111,28 @@ def _measure(config: dict) -> dict:
     started = time.perf_counter()
     process_volume(model, config["input"], output, explain=out / "explanations.json" if config["explain"] else None,
                    labels=out / "labels.nrrd" if config["labels"] else None,
-                   report=out / "report.html" if config["report"] else None, batch_size=config["batch_size"],
+                   report=out / "report.html" if config["report"] else None, batch_size=batch_size,
                    device=device, overwrite=True, progress=config["progress"], timings=timings)
     total = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     slices, height, width = _shape_of(output)
     flops = _count_flops(model, height, width, device)
-    return {"device": device, "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda")
-            else "cpu", "torch_threads": torch.get_num_threads(), "shape": [slices, height, width],
-            "timings_s": timings, "total_s": total, "peak_rss_bytes": peak,
-            "peak_rss_model_loaded_bytes": baseline,
-            "flops_per_slice": flops}
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    return {"device": device, "batch_size": batch_size, "device_name": name, "torch_threads": torch.get_num_threads(),
+            "shape": [slices, height, width], "timings_s": timings, "total_s": total, "peak_rss_bytes": peak,
+            "peak_rss_model_loaded_bytes": baseline, "flops_per_slice": flops}
 
 
 def _shape_of(path: str) -> tuple[int, int, int]:
     """``(Z, Y, X)`` of a written output from its headers (a DICOM series: one file per slice)."""
-    import SimpleITK as sitk
-
     if Path(path).is_dir():
         import pydicom
 
         files = sorted(Path(path).iterdir())
         first = pydicom.dcmread(files[0], stop_before_pixels=True)
         return len(files), int(first.Rows), int(first.Columns)
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.ReadImageInformation()
@@ -145,14 +145,15 @@ def _in_fresh_process(function, *args):
 
 
 def run(*, input_path: str | None = None, slices: int = 32, size: int = 512, noise_hu: float = 25.0,
-        fmt: str = "dicom", device: str = "auto", batch_size: int = 4, explain: bool = True, labels: bool = False,
-        report: bool = False, weights: str | None = None, peak_tflops: float = H100_BF16_DENSE_TFLOPS,
-        workdir: str | None = None, keep: bool = False, threads: int = 0, seed: int = 0,
+        fmt: str = "dicom", device: str = "auto", batch_size: int | None = None, explain: bool = True,
+        labels: bool = False, report: bool = False, weights: str | None = None,
+        peak_tflops: float = H100_BF16_DENSE_TFLOPS, workdir: str | None = None, keep: bool = False,
+        threads: int = 0, seed: int = 0,
         progress: bool = False) -> dict:
     """Build (or take) the volume, run the pipeline in a fresh process and summarise; see the module docstring."""
     from langmamba.errors import ConfigError
 
-    if slices < 1 or size < 16 or batch_size < 1:
+    if slices < 1 or size < 16 or (batch_size is not None and batch_size < 1):
         raise ConfigError(f"slices, batch size must be at least 1 and size at least 16, got {slices}, "
                           f"{batch_size}, {size}")
     if fmt not in ("dicom", "nrrd"):
@@ -174,7 +175,7 @@ def run(*, input_path: str | None = None, slices: int = 32, size: int = 512, noi
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
-    return summarise(measured, source=source, batch_size=batch_size, explain=explain, labels=labels,
+    return summarise(measured, source=source, batch_size=measured["batch_size"], explain=explain, labels=labels,
                      report=report, peak_tflops=peak_tflops, kept=str(folder) if keep else None)
 
 
@@ -225,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=["dicom", "nrrd"], default="dicom",
                         help="format of the synthetic input and of the output")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 on CUDA, 1 on "
+                                                                      "the CPU)")
     parser.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True,
                         help="stream the explanations JSON (default on)")
     parser.add_argument("--labels", action="store_true", help="also write the label map")
