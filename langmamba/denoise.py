@@ -14,9 +14,9 @@ rerun skips finished studies (unless ``overwrite``) and redoes the others, repla
 run left. Under ``torchrun`` each rank takes the studies ``rank::world_size`` of the sorted list on
 ``cuda:LOCAL_RANK`` (or the CPU) and rank 0 prints the summary of all ranks.
 
-Memory stays near two float32 volumes (input and output) plus one batch: the output is preallocated and filled
-batch by batch, explanations stream to disk, the label map is int16, and the input voxels are released before
-the output is written.
+Host memory stays near two float32 volumes (input and output) plus one batch: the output is preallocated and
+filled batch by batch, explanations stream to disk keeping a few bytes per region of the chosen level, and the
+input voxels are released before the int16 label map is painted and the outputs are written.
 """
 
 from __future__ import annotations
