@@ -568,7 +568,7 @@ def test_failed_dicom_write_leaves_nothing(tmp_path, tiny_ct_volume, monkeypatch
 
 
 def test_failed_file_write_leaves_nothing(tmp_path, tiny_ct_volume, monkeypatch):
-    import langmamba.io.api as lio
+    import langmamba.io.itk_formats as lio
 
     def partial_then_fail(volume, filename):
         filename.write_bytes(b"partial")
@@ -602,3 +602,24 @@ def test_describe_nifti_volume(tmp_path, tiny_ct_volume):
     assert info["format"] == "NIfTI" and info["modality"] is None and info["series_description"] is None
     assert info["extent_mm"] == pytest.approx([32 * 0.8, 40 * 0.7, 6 * 2.5])
     assert info["non_finite_voxels"] == 0
+
+
+def test_dicom_series_round_trip_needs_neither_simpleitk_nor_nibabel(tmp_path):
+    """DICOM-only machines (the GPU benchmark host) read and write series with pydicom alone."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "sys.modules['SimpleITK'] = None\n"
+        "sys.modules['nibabel'] = None\n"
+        "import numpy as np\n"
+        "from langmamba.io import CTVolume, read_volume, write_volume\n"
+        "hu = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8) - 50\n"
+        "path = write_volume(CTVolume(hu=hu, spacing=(0.5, 0.5, 2.0)), sys.argv[1])\n"
+        "back = read_volume(path)\n"
+        "assert np.array_equal(back.hu, hu) and back.spacing == (0.5, 0.5, 2.0), (back.hu, back.spacing)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "series")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "series").iterdir())) == 2

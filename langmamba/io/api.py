@@ -10,7 +10,6 @@ from langmamba.io.atomic import atomic_output, check_not_input
 from langmamba.io.dicom import read_dicom_file, read_dicom_folder
 from langmamba.io.dicom_write import write_dicom_series
 from langmamba.io.formats import Format, format_for_reading, format_for_writing
-from langmamba.io.itk_formats import read_nifti, read_sitk, reject_picture, write_sitk
 from langmamba.io.validate import check_finite, check_hu_range
 from langmamba.io.volume import CTVolume
 
@@ -53,9 +52,11 @@ def read_volume(
     fmt = format_for_reading(path)
     if fmt is Format.DICOM:
         return read_dicom_file(path, progress=progress)
+    from langmamba.io import itk_formats  # SimpleITK and nibabel: only the non-DICOM formats need them
+
     if fmt is Format.PICTURE:
-        reject_picture(path)
-    volume = read_nifti(path) if fmt is Format.NIFTI else read_sitk(path, fmt.value)
+        itk_formats.reject_picture(path)
+    volume = itk_formats.read_nifti(path) if fmt is Format.NIFTI else itk_formats.read_sitk(path, fmt.value)
     check_finite(volume.hu, str(path))
     if check_hu:
         check_hu_range(volume.hu, str(path))
@@ -110,5 +111,7 @@ def write_volume(
                 progress=progress,
             )
         else:
-            write_sitk(volume, staging / output.name)
+            from langmamba.io import itk_formats
+
+            itk_formats.write_sitk(volume, staging / output.name)
     return output
