@@ -274,6 +274,12 @@ class _Explainer:
             yy0, xx0 = np.meshgrid(y0, x0, indexing="ij")
             yy1, xx1 = np.meshgrid(y1, x1, indexing="ij")
             self.boxes[level] = np.stack([xx0, yy0, xx1, yy1], axis=-1).reshape(-1, 4)
+        # Per level: (row, col, (x0, y0, x1, y1)) of every cell as Python ints, for the JSON records.
+        self.cells = {
+            level: [(*divmod(n, self.grids[level][1]), tuple(box)) for n, box in enumerate(self.boxes[level].tolist())]
+            for level in self.levels
+        }
+        self.words = np.array(self.vocabulary, dtype=object)
 
         self.header = {
             "schema": SCHEMA_NAME,
@@ -338,29 +344,29 @@ class _Explainer:
         lps = corners @ self.affine.T
         ras, lps = _round(lps @ _LPS_TO_RAS), _round(lps)
 
-        vocabulary, counts = self.vocabulary, self.counts[level]
-        frequencies = self.frequencies[level]
+        # Whole-slice conversions to Python objects first: per-region numpy calls dominated this loop.
+        words = self.words
+        out_ids_l, in_ids_l = out_ids.tolist(), in_ids.tolist()
+        out_words_l, in_words_l = words[out_ids].tolist(), words[in_ids].tolist()
+        out_scores_l, in_scores_l, change_l = out_scores.tolist(), in_scores.tolist(), (change + 0.0).tolist()
+        changed_l = (out_ids[:, 0] != in_ids[:, 0]).tolist()
+        counts = self.counts[level]
+        out_counter, in_counter = self.frequencies[level]["output"], self.frequencies[level]["input"]
         regions = []
-        for n in range(cells):
-            row, col = divmod(n, grid[1])
-            x0, y0, x1, y1 = (int(v) for v in boxes[n])
-            out_words = [vocabulary[i] for i in out_ids[n]]
-            in_words = [vocabulary[i] for i in in_ids[n]]
-            changed = bool(out_ids[n, 0] != in_ids[n, 0])
-            score = float(change[n]) + 0.0
+        for n, (row, col, (x0, y0, x1, y1)) in enumerate(self.cells[level]):
+            out_words, in_words, changed, score = out_words_l[n], in_words_l[n], changed_l[n], change_l[n]
             regions.append({
                 "row": row,
                 "col": col,
                 "bbox_voxel": {"x0": x0, "y0": y0, "x1": x1, "y1": y1, "z": z},
                 "bbox_mm": {"lps": lps[n], "ras": ras[n]},
-                "output": {"ids": out_ids[n].tolist(), "words": out_words, "scores": out_scores[n].tolist()},
-                "input": {"ids": in_ids[n].tolist(), "words": in_words, "scores": in_scores[n].tolist()},
+                "output": {"ids": out_ids_l[n], "words": out_words, "scores": out_scores_l[n]},
+                "input": {"ids": in_ids_l[n], "words": in_words, "scores": in_scores_l[n]},
                 "changed": changed,
                 "change_score": score,
             })
-            frequencies["output"][out_words[0]] += 1
-            frequencies["input"][in_words[0]] += 1
-            counts["regions"] += 1
+            out_counter[out_words[0]] += 1
+            in_counter[in_words[0]] += 1
             counts["score_sum"] += score
             if changed:
                 counts["changed"] += 1
@@ -368,6 +374,7 @@ class _Explainer:
                     "z": z, "level": level, "row": row, "col": col,
                     "output_word": out_words[0], "input_word": in_words[0], "change_score": score,
                 })
+        counts["regions"] += cells
         return {"level": level, "regions": regions}
 
     def summary(self) -> dict:
