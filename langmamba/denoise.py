@@ -82,18 +82,6 @@ def color_table_path(labels: str | Path) -> Path:
     return labels.with_name(labels.name[: len(labels.name) - len(suffix)] + ".ctbl")
 
 
-def _write_label_map(labels: np.ndarray, like: CTVolume, path: Path, overwrite: bool) -> Path:
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(labels.astype(np.int16, copy=False))
-    image.SetSpacing(like.spacing)
-    image.SetOrigin(like.origin)
-    image.SetDirection(tuple(like.direction.flatten()))
-    with atomic_output(path, as_folder=False, overwrite=overwrite) as staging:
-        sitk.WriteImage(image, str(staging / path.name), True)
-    return path
-
-
 def _write_color_table(words: dict[int, str], path: Path, overwrite: bool) -> Path:
     from .explain import color_table, write_color_table
 
@@ -169,7 +157,9 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
     if labels:
         labels = Path(labels)
         label_map, words = collector.label_map(volume.shape)
-        written["label map"] = _write_label_map(label_map, volume, labels, overwrite)
+        # int16 on disk: write_volume stores integer values in range as int16.
+        written["label map"] = write_volume(volume.with_hu(label_map), labels, overwrite=overwrite,
+                                            series_description="LangMamba explanation labels")
         del label_map
         written["colour table"] = _write_color_table(words, color_table_path(labels), overwrite)
     written["denoised"] = write_volume(denoised, destination, series_description="LangMamba denoised",
