@@ -12,12 +12,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from langmamba.errors import OverwriteError
+from langmamba.io.atomic import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +44,13 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> bool:
     Returns ``False`` (and logs a warning) when the cache cannot be written.
     """
     path = Path(path)
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as fh:
-            tmp_name = fh.name
-            np.savez(fh, **arrays)
-        os.replace(tmp_name, path)
+        with atomic_output(path, as_folder=False, overwrite=True) as staging:
+            with open(staging / path.name, "wb") as fh:
+                np.savez(fh, **arrays)
         return True
-    except OSError as exc:
+    except (OSError, OverwriteError) as exc:
         logger.warning("could not write cache file %s (%s); continuing without it", path, exc)
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
         return False
 
 
