@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -140,15 +141,15 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
         # The explainer encodes input and output of every slice: half the slices per batch keeps the encoder's
         # activations (host memory on the CPU) at the denoiser's ``batch_size`` images.
         kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_slice=collector)
+        with ExitStack() as stack:
+            target = os.devnull
+            if explain:
+                explain = Path(explain)
+                target = stack.enter_context(atomic_output(explain, as_folder=False, overwrite=overwrite))
+                target = target / explain.name
+            document = write_explanation(target, model, volume.hu, denoised.hu, volume, **kwargs)
         if explain:
-            explain = Path(explain)
-            with atomic_output(explain, as_folder=False, overwrite=overwrite) as staging:
-                with open(staging / explain.name, "w", encoding="utf-8") as stream:
-                    document = write_explanation(stream, model, volume.hu, denoised.hu, volume, **kwargs)
             written["explanations"] = explain
-        else:
-            with open(os.devnull, "w", encoding="utf-8") as stream:
-                document = write_explanation(stream, model, volume.hu, denoised.hu, volume, **kwargs)
         if report:
             images = {z: (volume.hu[z].copy(), denoised.hu[z].copy()) for z in collector.choose_slices()}
         start = _timed(timings, "explain", start)
