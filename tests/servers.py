@@ -46,18 +46,18 @@ def _wait(url: str, process: subprocess.Popen, log: Path, timeout: float, what: 
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-def _start(command: list[str], log: Path, url: str, what: str, timeout: float, **popen) -> subprocess.Popen:
+def start_process(command: list[str], log: Path, url: str, what: str, timeout: float, **popen) -> subprocess.Popen:
     """Start ``command`` with its output in ``log`` and wait until ``url`` answers; stop it if it never does."""
     process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, **popen)
     try:
         _wait(url, process, log, timeout, what)
     except Exception:
-        _stop(process)
+        stop_process(process)
         raise
     return process
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
         try:
@@ -89,7 +89,7 @@ class MonaiLabelServer:
         environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
         environment.setdefault("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp / "dicomweb-cache"))
         environment.setdefault("MONAI_LABEL_SESSION_PATH", str(tmp / "sessions"))
-        self.process = _start(command, self.log, f"{self.url}/info/", "MONAI Label", timeout, cwd=tmp,
+        self.process = start_process(command, self.log, f"{self.url}/info/", "MONAI Label", timeout, cwd=tmp,
                               env=environment)
         # files made at start-up (MONAI Label's logging config, torch's compile cache), not by requests
         self.startup_files = self.temp_files()
@@ -113,7 +113,7 @@ class MonaiLabelServer:
         return sorted(self.tmpdir.rglob("*"))
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
 
 def orthanc_plugin() -> Path:
@@ -153,14 +153,14 @@ class Orthanc:
         path = folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         self.log = folder / "orthanc.log"
-        self.process = _start([executable, str(path)], self.log, f"{self.url}/system", "Orthanc", timeout)
+        self.process = start_process([executable, str(path)], self.log, f"{self.url}/system", "Orthanc", timeout)
 
     def upload(self, paths: list[Path]) -> list[dict]:
         """Store DICOM files through Orthanc's REST API."""
         return [requests.post(f"{self.url}/instances", data=p.read_bytes(), timeout=30).json() for p in paths]
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
 
 def crop(volume: CTVolume, z: slice, y: slice, x: slice) -> CTVolume:

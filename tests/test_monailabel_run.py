@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
-import time
 
 import requests
 import torch
 
 from langmamba.sample_data import sample_path
-from tests.servers import REPO, free_port
+from tests.servers import REPO, free_port, start_process, stop_process
 
 
 def _digest(path) -> str:
@@ -34,25 +32,15 @@ def test_serve_starts_the_server_on_the_sample_study_and_says_how_to_connect(tmp
     port = free_port()
     log = tmp_path / "serve.log"
     env = {**os.environ, "TMPDIR": str(tmp_path), "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
-    process = subprocess.Popen([sys.executable, str(REPO / "monailabel_app" / "serve.py"), "--port", str(port),
-                                "--studies", str(studies)], cwd=tmp_path, env=env, stdout=open(log, "wb"),
-                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    process = start_process([sys.executable, str(REPO / "monailabel_app" / "serve.py"), "--port", str(port),
+                             "--studies", str(studies)], log, f"{url}/info/", "serve.py", 300, cwd=tmp_path, env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                info = requests.get(f"{url}/info/", timeout=5).json()
-                break
-            except requests.RequestException:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+        info = requests.get(f"{url}/info/", timeout=30).json()
         assert "langmamba_denoise" in info["models"]
         assert requests.get(f"{url}/datastore/", timeout=30).json()["total"] == 1
         banner = log.read_text()
         assert f"URL:      {url}" in banner and "3D Slicer" in banner
         assert ("device:   cuda" if torch.cuda.is_available() else "device:   cpu") in banner
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_process(process)
