@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -405,12 +404,3 @@ def load_checkpoint(
         raise CheckpointError(f"weights in {directory} do not load into {type(model).__name__}: {error}") from error
     model.checkpoint_config = config
     return model.to(map_location).eval()
-
-
-def model_factory(name: str) -> Callable[..., nn.Module]:
-    """The registered class called ``name`` (for building a fresh model from a config dict)."""
-    if name not in MODEL_REGISTRY:
-        importlib.import_module("langmamba.models")
-    if name not in MODEL_REGISTRY:
-        raise ConfigError(f"unknown model class {name!r} (registered: {', '.join(sorted(MODEL_REGISTRY)) or 'none'})")
-    return MODEL_REGISTRY[name]

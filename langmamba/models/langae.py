@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -245,19 +244,6 @@ class LangAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(self.quantizer.codebook_dim, z_channels, kernel_size=1)
         self.decoder = Decoder(out_channels=in_channels, **common)
         self.feature_channels: tuple[int, ...] = self.encoder.feature_channels
-
-    @classmethod
-    def from_language_space(cls, space: Any, **kwargs: Any) -> LangAE:
-        """A LangAE quantizing onto ``space`` (a :class:`langmamba.vlm.base.LanguageSpace`): its codebook,
-        vocabulary, backend and model id; ``kwargs`` are the other constructor arguments."""
-        identity = space.describe()
-        return cls(
-            codebook=space.codebook(),
-            vocabulary=space.vocabulary,
-            vlm_backend=identity.get("backend", getattr(space, "backend", None)),
-            vlm_id=identity.get("model", space.name),
-            **kwargs,
-        )
 
     @property
     def codebook(self) -> torch.Tensor:

@@ -304,12 +304,6 @@ class LangMamba(nn.Module):
             setattr(model.langae, key, getattr(self.langae, key, None))
         return model
 
-    def set_scan_backend(self, backend: str) -> None:
-        """Use ``backend`` (see :func:`langmamba.ops.selective_scan`) in every SS2D."""
-        for module in self.decoder.modules():
-            if isinstance(module, SS2D):
-                module.scan_backend = backend
-
     def train(self, mode: bool = True) -> LangMamba:
         super().train(mode)
         self.langae.eval()  # frozen stage-1 model: its dropout/normalisation stay in inference mode

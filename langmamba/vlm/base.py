@@ -170,11 +170,5 @@ class LanguageSpace(abc.ABC):
         labels = None if label is None else np.asarray(label)[None]
         return self.similarity_batch(hu[None], labels=labels, spacing_mm=spacing_mm)[0]
 
-    def top_words(self, scores: np.ndarray, k: int = 10) -> list[tuple[str, float]]:
-        """The ``k`` best words of a similarity vector ``(V,)`` with their scores, best first."""
-        scores = np.asarray(scores).reshape(-1)
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [(self._vocabulary[i], float(scores[i])) for i in order]
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, V={len(self)})"

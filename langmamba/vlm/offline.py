@@ -102,7 +102,6 @@ class OfflineLanguageSpace(LanguageSpace):
             if use_cache:
                 save_npz_atomic(cache_file, codebook=codebook, classes=classes)
         self._codebook = torch.from_numpy(np.ascontiguousarray(codebook, dtype=np.float32))
-        self._class_embeddings = classes.astype(np.float32)
         affinity = codebook.astype(np.float64) @ classes.astype(np.float64).T
         # Centring per word removes how "generic" a word is, leaving which tissue it names.
         self._affinity = affinity - affinity.mean(axis=1, keepdims=True)
@@ -124,10 +123,6 @@ class OfflineLanguageSpace(LanguageSpace):
         """Word embeddings, float32 ``(V, E)`` (E = 384 for all-MiniLM-L6-v2), unit-norm rows."""
         return self._codebook.clone()
 
-    def class_embeddings(self) -> np.ndarray:
-        """Unit embeddings of the class descriptions, float32 ``(K, E)``, rows as ``tissue.ALL_CLASSES``."""
-        return self._class_embeddings.copy()
-
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
@@ -147,11 +142,6 @@ class OfflineLanguageSpace(LanguageSpace):
     def _scores(self, presence: np.ndarray) -> np.ndarray:
         """Class presences ``(..., K)`` -> min-max normalised word scores ``(..., V)``."""
         return minmax_normalise(presence @ self._affinity.T)
-
-    def composition_batch(self, hu_slices: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """Tissue fractions of slices ``(N, H, W)`` in HU -> float64 ``(N, K_t)``, as ``tissue.TISSUE_CLASSES``."""
-        hu = as_hu_batch(hu_slices)
-        return np.stack([tissue.composition(tissue.classify(s, self.smoothing_px)) for s in hu])
 
     def similarity_batch(
         self,
