@@ -204,7 +204,7 @@ def test_logic_reports_server_errors(shim, scene, server, lung2_crop):
         logic.denoise(node, level=7)
     assert caught.value.status == 422
     result = logic.requestDenoiseById("chest", logic.requestParameters(level=0, device="cpu"))
-    output_node = logic.applyResult(node, result, level=0)
+    output_node = logic.applyResult(node, result)
     assert [entry["level"] for entry in logic.explanation["levels"]] == [0]
     assert slicer.util.arrayFromVolume(output_node).shape == lung2_crop.hu.shape
     logic.setServerUrl(f"http://127.0.0.1:{free_port()}")

@@ -178,7 +178,7 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         return self.client.infer(MODEL_NAME, parameters, image_id=imageId, output="all",
                                  progress=progress, cancel=cancel)
 
-    def applyResult(self, inputVolumeNode, result, level: int = 2, name: str | None = None):
+    def applyResult(self, inputVolumeNode, result, name: str | None = None):
         """Load a server result: a new scalar volume ``"<input> (LangMamba)"`` with the input's geometry
         and a CT window, shown side by side (linked) with the input; the explanation, if any, is kept for
         browsing. Returns the new volume node."""
@@ -216,7 +216,7 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         """Encode, upload, denoise and load in one call (blocks until the server answers)."""
         parameters = self.requestParameters(blend, level, device, explain, topK)
         result = self.requestDenoise(self.encodeVolume(inputVolumeNode), parameters, progress, cancel)
-        return self.applyResult(inputVolumeNode, result, level)
+        return self.applyResult(inputVolumeNode, result)
 
     @staticmethod
     def _applyWindow(inputNode, outputNode) -> None:
@@ -654,11 +654,11 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except (ValueError, lmnrrd.NrrdError) as error:
             self.setStatus(str(error), error=True)
             return
-        logic, level = self.logic, int(_get(self.ui.levelSpinBox, "value"))
+        logic = self.logic
         self.ui.showOverlayCheckBox.setChecked(False)
 
         def done(result):
-            outputNode = logic.applyResult(inputNode, result, level)
+            outputNode = logic.applyResult(inputNode, result)
             self.updateTable()
             explained = "" if logic.explanation is not None else " (no explanation)"
             self.setStatus(f"Denoised into '{outputNode.GetName()}'{explained}.")
