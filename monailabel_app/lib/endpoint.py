@@ -38,6 +38,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelException
 
 from langmamba.errors import ConfigError, EmptyInputError, InputError, UnsupportedFormatError
+from langmamba.io.formats import suffix_of
 
 from .limits import VolumeTooLargeError
 
@@ -47,8 +48,6 @@ MODEL = "langmamba_denoise"
 ROUTE_NAME = "langmamba_denoise_infer"
 OUTPUTS = ("image", "json", "all")
 TIMINGS_HEADER = "X-LangMamba-Timings"  # the result's timings_s (seconds) with output=image, which has no params
-_KNOWN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".zip", ".png", ".jpg",
-                   ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 _DRAIN_FACTOR = 4  # bodies up to this many times the limit are read and dropped so the client sees the 413
 
 
@@ -78,13 +77,10 @@ def status_of(err: Exception) -> int:
 
 
 def _upload_suffix(filename: str | None) -> str:
-    """The known suffix of an uploaded file's name (``.nii.gz`` included), else its last suffix (checked later)."""
-    name = (filename or "").lower()
-    for suffix in _KNOWN_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    suffix = Path(name).suffix
-    return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
+    """The lower-case suffix of an uploaded file's name (``.nii.gz`` as one), if it is a plain one (checked
+    later by the reader); else ``""``."""
+    suffix = suffix_of(filename or "")
+    return suffix if suffix == ".nii.gz" or re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
 
 
 async def _read_form(request: Request, limit: int) -> Any:
