@@ -43,6 +43,7 @@ demo: setup
 	$(BIN)/langmamba demo
 
 test: setup
+	bash scripts/install_orthanc.sh  # the DICOMweb tests start a real Orthanc (Debian packages)
 	$(BIN)/python -m pytest -q
 
 bench: setup
