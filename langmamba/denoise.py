@@ -140,7 +140,7 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
         collector = ReportCollector(level, volume.shape[0]) if labels or report else None
         # The explainer encodes input and output of every slice: half the slices per batch keeps the encoder's
         # activations (host memory on the CPU) at the denoiser's ``batch_size`` images.
-        kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_slice=collector)
+        kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_batch=collector)
         with ExitStack() as stack:
             target = os.devnull
             if explain:

@@ -40,6 +40,8 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -159,7 +161,12 @@ def _geometry(volume: CTVolume | None, shape: tuple[int, int, int]) -> dict:
 
 def _round(values: Any) -> Any:
     """Nested lists of floats rounded to :data:`DECIMALS` (``-0.0`` written as ``0.0``)."""
-    return (np.round(np.asarray(values, dtype=np.float64), DECIMALS) + 0.0).tolist()
+    return _rounded(np.asarray(values, dtype=np.float64)).tolist()
+
+
+def _rounded(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to :data:`DECIMALS`, ``-0.0`` as ``0.0``."""
+    return np.round(values, DECIMALS) + 0.0
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -204,11 +211,20 @@ def _check_levels(levels: Sequence[int], available: int) -> list[int]:
 
 # --- scores ---------------------------------------------------------------------------------------
 
+SCALE = 10**DECIMALS
+"""Scores are kept as integers in units of ``1 / SCALE``: exactly the document's rounded numbers."""
+_SCORE_TEXT = np.array([repr(k / SCALE) for k in range(SCALE + 1)], dtype=object)
+_BOOL_TEXT = np.array(["false", "true"], dtype=object)
 
-def _level_scores(
-    region_out: torch.Tensor, region_in: torch.Tensor, codebook: torch.Tensor, top_k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k ids/scores of output and input region latents ``(N, E)`` and the change score ``(N,)``."""
+
+def _to_units(values: torch.Tensor) -> np.ndarray:
+    """Scores in [0, 1] as int32 units of ``1 / SCALE`` (``np.round(values, DECIMALS) * SCALE``)."""
+    return np.rint(values.double().cpu().numpy() * SCALE).astype(np.int32)
+
+
+def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, codebook: torch.Tensor,
+                  top_k: int) -> tuple[np.ndarray, ...]:
+    """Top-k ids and scores (units) of output and input region latents ``(N, E)`` and the change score ``(N,)``."""
     p = torch.softmax(-squared_distances(region_out, codebook), dim=-1)
     q = torch.softmax(-squared_distances(region_in, codebook), dim=-1)
     p_top, p_ids = p.topk(top_k, dim=-1)
@@ -221,8 +237,54 @@ def _level_scores(
     p_u = p_u / p_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     q_u = q_u / q_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     tvd = 0.5 * (p_u - q_u).abs().sum(dim=-1)
-    return (p_ids.cpu().numpy(), p_top.cpu().numpy(), q_ids.cpu().numpy(), q_top.cpu().numpy(),
-            tvd.clamp(0.0, 1.0).cpu().numpy())
+    return (p_ids.cpu().numpy(), _to_units(p_top), q_ids.cpu().numpy(), _to_units(q_top),
+            _to_units(tvd.clamp(0.0, 1.0)))
+
+
+@dataclass(frozen=True)
+class LevelWords:
+    """The words of one pyramid level for a batch of ``B`` slices of ``C`` regions (row-major grid order).
+
+    ``output_ids``/``input_ids``: int64 ``(B, C, k)`` vocabulary ids, best first; ``output_scores``/
+    ``input_scores``: int32 ``(B, C, k)`` and ``change``: int32 ``(B, C)``, in units of ``1 / SCALE`` (the
+    document's rounded numbers times ``SCALE``).
+    """
+
+    level: int
+    output_ids: np.ndarray
+    output_scores: np.ndarray
+    input_ids: np.ndarray
+    input_scores: np.ndarray
+    change: np.ndarray
+
+    @property
+    def changed(self) -> np.ndarray:
+        """``(B, C)``: the top-1 words of output and input differ."""
+        return self.output_ids[..., 0] != self.input_ids[..., 0]
+
+
+@dataclass(frozen=True)
+class ExplainedBatch:
+    """Slices ``start .. start + count - 1`` explained: their :class:`LevelWords` in the document's level
+    order, with each level's ``(g_h, g_w)`` grid and ``(C, 4)`` voxel boxes ``x0, y0, x1, y1`` (half-open)
+    and the vocabulary, for consumers such as :class:`langmamba.report.ReportCollector`."""
+
+    start: int
+    count: int
+    levels: list[LevelWords]
+    grids: dict[int, tuple[int, int]]
+    boxes: dict[int, np.ndarray]
+    vocabulary: list[str]
+
+
+@dataclass(frozen=True)
+class _LevelLayout:
+    """What every slice of one level shares: the region text up to ``"z": `` and the box corners as indices
+    into the level's edge lattice (``ys × xs`` points, row-major)."""
+
+    heads: np.ndarray
+    corners: tuple[np.ndarray, np.ndarray]
+    lattice: np.ndarray
 
 
 # --- explanation ----------------------------------------------------------------------------------
@@ -264,9 +326,9 @@ class _Explainer:
         _, height, width = shape
         self.factor = self.langae.downsample_factor
         self.latent = (math.ceil(height / self.factor), math.ceil(width / self.factor))
-        self.grids = quantizer.level_grids(self.latent)
-        # Per level: (g_h * g_w, 4) voxel boxes x0, y0, x1, y1 of the cells, row-major.
+        self.grids = {level: tuple(int(g) for g in quantizer.level_grids(self.latent)[level]) for level in self.levels}
         self.boxes = {}
+        self.layouts = {}
         for level in self.levels:
             gh, gw = self.grids[level]
             y0, y1 = _axis_cells(height, self.latent[0], gh, self.factor)
@@ -274,12 +336,11 @@ class _Explainer:
             yy0, xx0 = np.meshgrid(y0, x0, indexing="ij")
             yy1, xx1 = np.meshgrid(y1, x1, indexing="ij")
             self.boxes[level] = np.stack([xx0, yy0, xx1, yy1], axis=-1).reshape(-1, 4)
-        # Per level: (row, col, (x0, y0, x1, y1)) of every cell as Python ints, for the JSON records.
-        self.cells = {
-            level: [(*divmod(n, self.grids[level][1]), tuple(box)) for n, box in enumerate(self.boxes[level].tolist())]
-            for level in self.levels
-        }
+            self.layouts[level] = _layout(self.boxes[level], gw)
+        self.id_text = np.array([str(i) for i in range(len(self.vocabulary))], dtype=object)
+        self.word_text = np.array([json.dumps(word) for word in self.vocabulary], dtype=object)
         self.words = np.array(self.vocabulary, dtype=object)
+        self.region_template = _region_template(self.top_k)
 
         self.header = {
             "schema": SCHEMA_NAME,
@@ -290,92 +351,148 @@ class _Explainer:
             "change_score_method": CHANGE_SCORE_METHOD,
             "volume": _geometry(volume, shape),
             "levels": [
-                {"level": level, "grid": [int(g) for g in self.grids[level]], "latent": [int(s) for s in self.latent]}
+                {"level": level, "grid": list(self.grids[level]), "latent": [int(s) for s in self.latent]}
                 for level in self.levels
             ],
         }
-        self.frequencies = {level: {"output": Counter(), "input": Counter()} for level in self.levels}
-        self.counts = {level: {"regions": 0, "changed": 0, "score_sum": 0.0} for level in self.levels}
+        size = len(self.vocabulary)
+        self.top1_counts = {level: {"output": np.zeros(size, np.int64), "input": np.zeros(size, np.int64)}
+                            for level in self.levels}
+        self.counts = {level: {"regions": 0, "changed": 0, "score_units": 0} for level in self.levels}
         self.flagged: list[dict] = []
 
-    def slices(self, progress: bool = False) -> Iterator[dict]:
-        """Slice entries ``{"z", "levels": [{"level", "regions"}]}`` in order, one encoder batch at a time."""
+    # --- computing ---
+
+    def batches(self, progress: bool = False) -> Iterator[ExplainedBatch]:
+        """The :class:`ExplainedBatch` es in order; updates the summary tallies. The next batch is encoded in a
+        background thread while the caller handles this one (the GPU or torch's threads work meanwhile)."""
         depth = self.input_hu.shape[0]
-        for start in tqdm(range(0, depth, self.batch_size), desc="explain", unit="batch", disable=not progress):
-            stop = min(start + self.batch_size, depth)
-            scores = self._batch_scores(start, stop)
-            for b, z in enumerate(range(start, stop)):
-                yield {"z": z, "levels": [self._regions(z, level, scores[level], b) for level in self.levels]}
+        starts = range(0, depth, self.batch_size)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmamba-explain") as pool, \
+                tqdm(total=depth, desc="explain", unit="slice", disable=not progress) as bar:
+            pending = pool.submit(self._batch, starts[0]) if starts else None
+            for i in range(len(starts)):
+                batch = pending.result()
+                pending = pool.submit(self._batch, starts[i + 1]) if i + 1 < len(starts) else None
+                self._tally(batch)
+                yield batch
+                bar.update(batch.count)
 
     @torch.no_grad()
-    def _batch_scores(self, start: int, stop: int) -> dict[int, tuple[np.ndarray, ...]]:
-        """Per level, :func:`_level_scores` of slices ``start..stop-1`` (regions ordered slice, row, col)."""
-        chunk = np.concatenate([self.output_hu[start:stop], self.input_hu[start:stop]]).astype(np.float32)
-        if not np.isfinite(chunk).all():
+    def _batch(self, start: int) -> ExplainedBatch:
+        """Encode and score slices ``start .. start + batch_size - 1`` (output and input in one encoder batch)."""
+        stop = min(start + self.batch_size, self.input_hu.shape[0])
+        chunk = torch.cat([torch.from_numpy(np.ascontiguousarray(hu[start:stop])).to(self.device).float()
+                           for hu in (self.output_hu, self.input_hu)])
+        if not torch.isfinite(chunk).all():
             raise NonFiniteVoxelsError(f"slices {start}..{stop - 1} of the input or output contain NaN or infinite HU")
-        x = _pad(torch.from_numpy(hu_to_model(chunk))[:, None].to(self.device), self.factor)
+        x = _pad(hu_to_model(chunk)[:, None], self.factor)
         quantized = self.langae.quantize(self.langae.encode(x))
         count = stop - start
-        scores = {}
+        levels = []
         for level in self.levels:
             regions = quantized.region_latents[level]
             flat = regions.reshape(regions.shape[0], -1, regions.shape[-1])
-            dim = flat.shape[-1]
-            scores[level] = _level_scores(
-                flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.codebook, self.top_k
-            )
-        return scores
+            cells, dim = flat.shape[1:]
+            scores = _level_scores(flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.codebook,
+                                   self.top_k)
+            shapes = [(count, cells, self.top_k)] * 4 + [(count, cells)]
+            levels.append(LevelWords(level, *(s.reshape(shape) for s, shape in zip(scores, shapes))))
+        return ExplainedBatch(start, count, levels, self.grids, self.boxes, self.vocabulary)
 
-    def _regions(self, z: int, level: int, scores: tuple[np.ndarray, ...], b: int) -> dict:
-        """The regions of slice ``z`` (batch item ``b`` of ``scores``) at one level; updates the tallies."""
-        grid, boxes = self.grids[level], self.boxes[level]
-        cells = grid[0] * grid[1]
-        rows = slice(b * cells, (b + 1) * cells)
-        out_ids, out_scores, in_ids, in_scores, change = (s[rows] for s in scores)
-        out_scores, in_scores, change = (
-            np.round(s.astype(np.float64), DECIMALS) for s in (out_scores, in_scores, change)
-        )
-        # Outer voxel edges of each box on the slice plane, as homogeneous continuous indices.
-        corners = np.empty((cells, 2, 4))
-        corners[:, 0, :2] = boxes[:, :2] - 0.5
-        corners[:, 1, :2] = boxes[:, 2:] - 0.5
-        corners[..., 2] = z
-        corners[..., 3] = 1.0
-        lps = corners @ self.affine.T
-        ras, lps = _round(lps @ _LPS_TO_RAS), _round(lps)
+    def _tally(self, batch: ExplainedBatch) -> None:
+        """Add a batch to the summary: region counts, changed regions, top-1 word counts, flagged regions."""
+        for words in batch.levels:
+            counts = self.counts[words.level]
+            counts["regions"] += words.change.size
+            counts["changed"] += int(words.changed.sum())
+            counts["score_units"] += int(words.change.sum(dtype=np.int64))
+            for which, ids in (("output", words.output_ids), ("input", words.input_ids)):
+                self.top1_counts[words.level][which] += np.bincount(ids[..., 0].ravel(), minlength=len(self.words))
+        columns = self.grids
+        for b in range(batch.count):
+            for words in batch.levels:
+                for n in np.flatnonzero(words.changed[b]).tolist():
+                    row, col = divmod(n, columns[words.level][1])
+                    self.flagged.append({
+                        "z": batch.start + b, "level": words.level, "row": row, "col": col,
+                        "output_word": self.vocabulary[words.output_ids[b, n, 0]],
+                        "input_word": self.vocabulary[words.input_ids[b, n, 0]],
+                        "change_score": int(words.change[b, n]) / SCALE,
+                    })
 
-        # Whole-slice conversions to Python objects first: per-region numpy calls dominated this loop.
-        words = self.words
-        out_ids_l, in_ids_l = out_ids.tolist(), in_ids.tolist()
-        out_words_l, in_words_l = words[out_ids].tolist(), words[in_ids].tolist()
-        out_scores_l, in_scores_l, change_l = out_scores.tolist(), in_scores.tolist(), (change + 0.0).tolist()
-        changed_l = (out_ids[:, 0] != in_ids[:, 0]).tolist()
-        counts = self.counts[level]
-        out_counter, in_counter = self.frequencies[level]["output"], self.frequencies[level]["input"]
+    def _corner_mm(self, z: int, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """LPS and RAS mm ``(P, 3)``, rounded, of the level's edge lattice on slice ``z``."""
+        lattice = self.layouts[level].lattice
+        points = np.empty((len(lattice), 4))
+        points[:, :2] = lattice - 0.5
+        points[:, 2] = z
+        points[:, 3] = 1.0
+        lps = points @ self.affine.T
+        return _rounded(lps), _rounded(lps @ _LPS_TO_RAS)
+
+    # --- formatting: dicts and JSON text with the same content ---
+
+    def entries(self, batch: ExplainedBatch) -> Iterator[dict]:
+        """The slice entries ``{"z", "levels": [{"level", "regions"}]}`` of a batch as Python objects."""
+        for b in range(batch.count):
+            z = batch.start + b
+            yield {"z": z, "levels": [self._regions(z, words, b) for words in batch.levels]}
+
+    def _regions(self, z: int, words: LevelWords, b: int) -> dict:
+        layout = self.layouts[words.level]
+        lps, ras = (points.tolist() for points in self._corner_mm(z, words.level))
+        first, second = (corner.tolist() for corner in layout.corners)
+        columns = self.grids[words.level][1]
+        changed = words.changed[b].tolist()
+        change = (words.change[b] / SCALE).tolist()
+        sides = {}
+        for which, ids, scores in (("output", words.output_ids, words.output_scores),
+                                   ("input", words.input_ids, words.input_scores)):
+            sides[which] = (ids[b].tolist(), self.words[ids[b]].tolist(), (scores[b] / SCALE).tolist())
         regions = []
-        for n, (row, col, (x0, y0, x1, y1)) in enumerate(self.cells[level]):
-            out_words, in_words, changed, score = out_words_l[n], in_words_l[n], changed_l[n], change_l[n]
+        for n, (x0, y0, x1, y1) in enumerate(self.boxes[words.level].tolist()):
+            a, c = first[n], second[n]
             regions.append({
-                "row": row,
-                "col": col,
+                "row": n // columns,
+                "col": n % columns,
                 "bbox_voxel": {"x0": x0, "y0": y0, "x1": x1, "y1": y1, "z": z},
-                "bbox_mm": {"lps": lps[n], "ras": ras[n]},
-                "output": {"ids": out_ids_l[n], "words": out_words, "scores": out_scores_l[n]},
-                "input": {"ids": in_ids_l[n], "words": in_words, "scores": in_scores_l[n]},
-                "changed": changed,
-                "change_score": score,
+                "bbox_mm": {"lps": [lps[a], lps[c]], "ras": [ras[a], ras[c]]},
+                **{which: {"ids": ids[n], "words": names[n], "scores": scores[n]}
+                   for which, (ids, names, scores) in sides.items()},
+                "changed": changed[n],
+                "change_score": change[n],
             })
-            out_counter[out_words[0]] += 1
-            in_counter[in_words[0]] += 1
-            counts["score_sum"] += score
-            if changed:
-                counts["changed"] += 1
-                self.flagged.append({
-                    "z": z, "level": level, "row": row, "col": col,
-                    "output_word": out_words[0], "input_word": in_words[0], "change_score": score,
-                })
-        counts["regions"] += cells
-        return {"level": level, "regions": regions}
+        return {"level": words.level, "regions": regions}
+
+    def entry_texts(self, batch: ExplainedBatch) -> Iterator[str]:
+        """The slice entries of a batch as JSON text, equal to ``json.dumps`` of :meth:`entries`, built from
+        whole-slice arrays (a 512² slice has 1,092 regions: formatting them one by one took most of the time)."""
+        for b in range(batch.count):
+            z = batch.start + b
+            levels = ", ".join('{"level": %d, "regions": [%s]}' % (words.level, self._regions_text(z, words, b))
+                               for words in batch.levels)
+            yield '{"z": %d, "levels": [%s]}' % (z, levels)
+
+    def _regions_text(self, z: int, words: LevelWords, b: int) -> str:
+        layout = self.layouts[words.level]
+        k = self.top_k
+        values = np.empty((len(layout.heads), 14 + 6 * k + 2), dtype=object)
+        values[:, 0] = layout.heads
+        values[:, 1] = str(z)
+        for i, points in enumerate(self._corner_mm(z, words.level)):
+            texts = _number_texts(points)
+            values[:, 2 + 6 * i:5 + 6 * i] = texts[layout.corners[0]]
+            values[:, 5 + 6 * i:8 + 6 * i] = texts[layout.corners[1]]
+        column = 14
+        for ids, scores in ((words.output_ids, words.output_scores), (words.input_ids, words.input_scores)):
+            values[:, column:column + k] = self.id_text[ids[b]]
+            values[:, column + k:column + 2 * k] = self.word_text[ids[b]]
+            values[:, column + 2 * k:column + 3 * k] = _SCORE_TEXT[scores[b]]
+            column += 3 * k
+        values[:, column] = _BOOL_TEXT[words.changed[b].astype(np.intp)]
+        values[:, column + 1] = _SCORE_TEXT[words.change[b]]
+        return ", ".join([self.region_template] * len(values)) % tuple(values.ravel().tolist())
 
     def summary(self) -> dict:
         """Per-volume summary of the slices produced so far."""
@@ -387,9 +504,9 @@ class _Explainer:
                 "regions": c["regions"],
                 "changed": c["changed"],
                 "changed_fraction": round(c["changed"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
-                "mean_change_score": round(c["score_sum"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
+                "mean_change_score": round(c["score_units"] / SCALE / c["regions"], DECIMALS) if c["regions"] else 0.0,
                 "word_frequencies": {
-                    which: _sorted_counts(self.frequencies[level][which]) for which in ("output", "input")
+                    which: self._frequencies(self.top1_counts[level][which]) for which in ("output", "input")
                 },
             })
         return {
@@ -399,10 +516,45 @@ class _Explainer:
             "levels": per_level,
         }
 
+    def _frequencies(self, counts: np.ndarray) -> dict[str, int]:
+        """Top-1 counts by word, most frequent first, ties by word."""
+        by_word: Counter = Counter()
+        for i in np.flatnonzero(counts).tolist():
+            by_word[self.vocabulary[i]] += int(counts[i])
+        return {word: n for word, n in sorted(by_word.items(), key=lambda item: (-item[1], item[0]))}
 
-def _sorted_counts(counter: Counter) -> dict[str, int]:
-    """Most frequent first, ties by word."""
-    return {word: int(n) for word, n in sorted(counter.items(), key=lambda item: (-item[1], item[0]))}
+
+def _layout(boxes: np.ndarray, columns: int) -> _LevelLayout:
+    """The :class:`_LevelLayout` of a level's ``(C, 4)`` boxes on a grid of ``columns`` columns."""
+    heads = np.array([
+        '{"row": %d, "col": %d, "bbox_voxel": {"x0": %d, "y0": %d, "x1": %d, "y1": %d, "z": '
+        % (n // columns, n % columns, x0, y0, x1, y1) for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
+    ], dtype=object)
+    xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
+    lattice = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(-1, 2).astype(np.float64)
+
+    def index(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.searchsorted(ys, y) * len(xs) + np.searchsorted(xs, x)
+
+    return _LevelLayout(heads, (index(boxes[:, 0], boxes[:, 1]), index(boxes[:, 2], boxes[:, 3])), lattice)
+
+
+def _region_template(top_k: int) -> str:
+    """``%``-template of one region's JSON after its head: z, two corners × 3 coordinates in LPS then RAS,
+    then ids, words and scores of output and input, changed and change score."""
+    corner = "[%s, %s, %s]"
+    words = ", ".join(["%s"] * top_k)
+    side = '{"ids": [%s], "words": [%s], "scores": [%s]}' % (words, words, words)
+    return ('%s%s}, "bbox_mm": {"lps": [' + corner + ", " + corner + '], "ras": [' + corner + ", " + corner
+            + ']}, "output": ' + side + ', "input": ' + side + ', "changed": %s, "change_score": %s}')
+
+
+def _number_texts(points: np.ndarray) -> np.ndarray:
+    """``repr`` of every number of ``points (P, 3)`` as an object array; each distinct value formatted once
+    (on an axis-aligned volume a coordinate takes one value per lattice row or column)."""
+    distinct, inverse = np.unique(points, return_inverse=True)
+    texts = np.array([repr(v) for v in distinct.tolist()], dtype=object)
+    return texts[inverse.reshape(points.shape)]
 
 
 def explain_volume(
@@ -447,7 +599,7 @@ def explain_volume(
         NonFiniteVoxelsError: NaN or infinite HU values.
     """
     explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
-    slices = list(explainer.slices(progress))
+    slices = [entry for batch in explainer.batches(progress) for entry in explainer.entries(batch)]
     return {**explainer.header, "slices": slices, "summary": explainer.summary()}
 
 
@@ -463,17 +615,18 @@ def write_explanation(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    on_slice: Callable[[dict], None] | None = None,
+    on_batch: Callable[[ExplainedBatch], None] | None = None,
 ) -> dict:
     """Stream the document of :func:`explain_volume` as JSON to ``destination`` (a path or a text stream).
 
     Memory stays bounded by one encoder batch and the summary, whatever the number of slices: each
-    slice's regions are written as soon as they are computed. Reading the file back with
-    :func:`json.load` gives exactly the dict :func:`explain_volume` returns. A path is written in place
-    (no temporary file); callers that need all-or-nothing output pass a stream opened in a staging
-    folder (see :mod:`langmamba.io.atomic`). ``on_slice``, when given, is called with every slice entry
-    right after it is written (e.g. to paint a label map with :func:`paint_label_slice` or collect a
-    report while streaming). The other arguments and the errors are those of :func:`explain_volume`.
+    slice's regions are written as soon as they are computed, formatted straight from the batch's arrays.
+    Reading the file back with :func:`json.load` gives exactly the dict :func:`explain_volume` returns. A
+    path is written in place (no temporary file); callers that need all-or-nothing output pass a stream
+    opened in a staging folder (see :mod:`langmamba.io.atomic`). ``on_batch``, when given, is called with
+    every :class:`ExplainedBatch` right after its slices are written (e.g. to collect a label map and a
+    report with :class:`langmamba.report.ReportCollector`). The other arguments and the errors are those
+    of :func:`explain_volume`.
 
     Returns:
         The document without ``"slices"`` (header and summary), e.g. for a report.
@@ -481,18 +634,21 @@ def write_explanation(
     explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
     if isinstance(destination, (str, Path)):
         with open(destination, "w", encoding="utf-8") as stream:
-            return _stream(explainer, stream, progress, on_slice)
-    return _stream(explainer, destination, progress, on_slice)
+            return _stream(explainer, stream, progress, on_batch)
+    return _stream(explainer, destination, progress, on_batch)
 
 
 def _stream(explainer: _Explainer, stream: TextIO, progress: bool,
-            on_slice: Callable[[dict], None] | None = None) -> dict:
-    """Write the document with ``"slices"`` filled one slice at a time; returns it without the slices."""
+            on_batch: Callable[[ExplainedBatch], None] | None = None) -> dict:
+    """Write the document with ``"slices"`` filled one batch at a time; returns it without the slices."""
     stream.write(json.dumps(explainer.header)[:-1] + ', "slices": [')
-    for i, entry in enumerate(explainer.slices(progress)):
-        stream.write(("," if i else "") + "\n" + json.dumps(entry))
-        if on_slice is not None:
-            on_slice(entry)
+    separator = "\n"
+    for batch in explainer.batches(progress):
+        for text in explainer.entry_texts(batch):
+            stream.write(separator + text)
+            separator = ",\n"
+        if on_batch is not None:
+            on_batch(batch)
     summary = explainer.summary()
     stream.write('\n], "summary": ' + json.dumps(summary) + "}\n")
     return {**explainer.header, "summary": summary}

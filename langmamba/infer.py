@@ -47,17 +47,17 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
     device = resolve_device(device)
     model = prepare_model(model, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    target = torch.from_numpy(out)
     with tqdm(total=hu.shape[0], desc="denoise", unit="slice", disable=not progress) as bar:
         for start in range(0, hu.shape[0], batch_size):
-            chunk = np.array(hu[start:start + batch_size], dtype=np.float32)
-            x = torch.from_numpy(hu_to_model(chunk))[:, None].to(device)
+            # The HU arithmetic runs where the model does: on a GPU the host only copies voxels in and out.
+            chunk = torch.from_numpy(np.ascontiguousarray(hu[start:start + batch_size])).to(device).float()
             with autocast:
-                y = model(x)
-            result = model_to_hu(y[:, 0].float().cpu().numpy())
-            outside = (chunk < HU_MIN) | (chunk > HU_MAX)
-            result[outside] = chunk[outside]
+                y = model(hu_to_model(chunk)[:, None])
+            result = model_to_hu(y[:, 0].float())
+            result = torch.where((chunk < HU_MIN) | (chunk > HU_MAX), chunk, result)
             if blend != 1.0:
                 result = blend * result + (1.0 - blend) * chunk
-            out[start:start + len(chunk)] = result
+            target[start:start + len(chunk)] = result.cpu()
             bar.update(len(chunk))
     return out

@@ -13,7 +13,7 @@ inline, and no script, font or image is fetched from a network. It shows
 - the flagged regions of all levels, largest change score first (at most :data:`MAX_FLAGGED_ROWS` rows).
 
 :class:`ReportCollector` gathers what the report (and the label map) need while explanations stream (pass it as
-``on_slice`` to :func:`langmamba.explain.write_explanation`): a few bytes per region of the chosen level, so it
+``on_batch`` to :func:`langmamba.explain.write_explanation`): a few bytes per region of the chosen level, so it
 stays small for thousand-slice volumes. :func:`write_report` writes the file atomically.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .explain import word_color
+from .explain import SCALE, ExplainedBatch, word_color
 from .io.atomic import atomic_output
 from .visualize import CT_WINDOWS
 
@@ -41,11 +41,11 @@ DIFFERENCE_RANGE_HU = 100.0
 
 
 class ReportCollector:
-    """Per-slice top-1 words, flags and change scores of one pyramid level, filled slice by slice.
+    """Per-slice top-1 words, flags and change scores of one pyramid level, filled batch by batch.
 
-    Call it with every slice entry of an explanation document (``{"z", "levels": [...]}``). Arrays are
-    ``(Z, cells)`` with cells in row-major grid order; ``boxes[level]`` is ``(cells, 4)`` voxel boxes
-    ``x0, y0, x1, y1`` (half-open) of every level seen.
+    Call it with every :class:`langmamba.explain.ExplainedBatch` of an explanation (``on_batch`` of
+    :func:`langmamba.explain.write_explanation`). Arrays are ``(Z, cells)`` with cells in row-major grid order;
+    ``boxes[level]`` is ``(cells, 4)`` voxel boxes ``x0, y0, x1, y1`` (half-open) of every explained level.
     """
 
     def __init__(self, level: int, depth: int) -> None:
@@ -59,30 +59,26 @@ class ReportCollector:
         self.output_ids = self.input_ids = self.changed = self.scores = None
         self.seen = np.zeros(depth, dtype=bool)
 
-    def __call__(self, entry: dict) -> None:
-        z = int(entry["z"])
-        for level_entry in entry["levels"]:
-            level, regions = level_entry["level"], level_entry["regions"]
-            if level not in self.boxes:
-                self.boxes[level] = np.array(
-                    [[r["bbox_voxel"][k] for k in ("x0", "y0", "x1", "y1")] for r in regions], dtype=np.int32)
-            if level != self.level:
+    def __call__(self, batch: ExplainedBatch) -> None:
+        self.boxes = {level: boxes.astype(np.int32) for level, boxes in batch.boxes.items()}
+        for words in batch.levels:
+            if words.level != self.level:
                 continue
             if self.grid is None:
-                self.grid = (max(r["row"] for r in regions) + 1, max(r["col"] for r in regions) + 1)
-                cells = len(regions)
+                self.grid = batch.grids[self.level]
+                cells = words.change.shape[1]
                 self.output_ids = np.zeros((self.depth, cells), dtype=np.int32)
                 self.input_ids = np.zeros((self.depth, cells), dtype=np.int32)
                 self.changed = np.zeros((self.depth, cells), dtype=bool)
                 self.scores = np.zeros((self.depth, cells), dtype=np.float32)
-            for n, region in enumerate(regions):
-                self.output_ids[z, n] = region["output"]["ids"][0]
-                self.input_ids[z, n] = region["input"]["ids"][0]
-                self.changed[z, n] = region["changed"]
-                self.scores[z, n] = region["change_score"]
-                self.words[region["output"]["ids"][0]] = region["output"]["words"][0]
-                self.words[region["input"]["ids"][0]] = region["input"]["words"][0]
-        self.seen[z] = True
+            rows = slice(batch.start, batch.start + batch.count)
+            self.output_ids[rows] = words.output_ids[..., 0]
+            self.input_ids[rows] = words.input_ids[..., 0]
+            self.changed[rows] = words.changed
+            self.scores[rows] = words.change / SCALE
+            for i in np.unique(np.concatenate([words.output_ids[..., 0], words.input_ids[..., 0]])).tolist():
+                self.words[i] = batch.vocabulary[i]
+        self.seen[batch.start:batch.start + batch.count] = True
 
     def label_map(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[int, str]]:
         """The chosen level's top-1 output words painted as int16 ``vocabulary id + 1`` into a ``shape`` volume

@@ -27,9 +27,10 @@ def test_synthetic_volume_tiles_real_slices_back_and_forth():
 
 def test_bench_runs_the_pipeline_and_reports(tmp_path, capsys):
     assert main(["bench", "denoise", "--slices", "3", "--size", "64", "--device", "cpu", "--batch-size", "2",
-                 "--format", "nrrd", "--labels", "--workdir", str(tmp_path), "--json"]) == 0
+                 "--format", "nrrd", "--labels", "--runs", "2", "--workdir", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["shape"] == [3, 64, 64] and result["device"] == "cpu"
+    assert result["runs"] == 2 and result["first_run_total_s"] > 0
     seconds = result["seconds"]
     assert set(seconds) == {"read", "denoise", "explain", "write", "total"}
     assert seconds["total"] >= seconds["denoise"] + seconds["explain"] > 0
@@ -45,11 +46,13 @@ def test_bench_runs_the_pipeline_and_reports(tmp_path, capsys):
 def test_summary_arithmetic():
     measured = {"device": "cuda:0", "device_name": "test", "torch_threads": 1, "shape": [100, 512, 512],
                 "timings_s": {"read": 1.0, "denoise": 4.0, "explain": 4.0, "write": 1.0}, "total_s": 10.0,
+                "first_total_s": 30.0, "runs": 2,
                 "peak_rss_bytes": 3e9, "peak_rss_model_loaded_bytes": 1e9,
                 "flops_per_slice": {"denoise": 3e10, "explain": 5e10}}
     result = summarise(measured, source="x", batch_size=4, explain=True, labels=False, report=False,
                        peak_tflops=1.0)
     assert (result["slices_per_s"], result["s_per_slice"]) == (10.0, 0.1)
+    assert (result["runs"], result["first_run_total_s"]) == (2, 30.0)
     assert (result["io_share"], result["compute_share"]) == (0.2, 0.8)
     assert result["achieved_tflops"] == pytest.approx(8e10 * 100 / 8.0 / 1e12)
     assert result["denoise_tflops"] == pytest.approx(3e10 * 100 / 4.0 / 1e12)

@@ -226,6 +226,19 @@ def test_streamed_file_equals_the_in_memory_document(model, padded_case, tmp_pat
     assert [entry["levels"][0] for entry in one_level["slices"]] == [entry["levels"][1] for entry in doc["slices"]]
 
 
+def test_streamed_text_is_json_dumps_of_the_entries(model, geometry_case):
+    """The fast formatter writes each slice exactly as json.dumps would, on a flipped, offset geometry."""
+    input_hu, output_hu, volume, doc = geometry_case
+    stream = io.StringIO()
+    write_explanation(stream, model, input_hu, output_hu, volume, batch_size=2, top_k=4)
+    lines = stream.getvalue().split("\n")
+    slice_lines = [line.rstrip(",") for line in lines[1:-2]]
+    expected = explain_volume(model, input_hu, output_hu, volume, top_k=4)
+    assert slice_lines == [json.dumps(entry) for entry in expected["slices"]]
+    assert json.loads(stream.getvalue()) == expected
+    assert expected["slices"][1]["levels"][0]["regions"][0]["bbox_mm"] == doc["slices"][1]["levels"][0]["regions"][0]["bbox_mm"]
+
+
 def test_checkpoint_config_provides_the_model_record(model, tmp_path):
     save_checkpoint(model, tmp_path / "ckpt", extra={"step": 1200, "run": "tiny", "metrics": {"psnr": 30.0}})
     loaded = load_checkpoint(tmp_path / "ckpt")

@@ -49,7 +49,7 @@ def explained():
     volume = CTVolume(input_hu, spacing=(0.7, 0.8, 2.0))
     model = load_checkpoint(default_weights())
     collector = ReportCollector(level=2, depth=3)
-    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_slice=collector)
+    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector)
     return input_hu, output_hu, collector, document
 
 
