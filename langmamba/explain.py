@@ -38,10 +38,10 @@ import hashlib
 import json
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,10 +51,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from langmamba import workers
 from langmamba.errors import ConfigError, InputError, NonFiniteVoxelsError
 from langmamba.infer import prepare_model, resolve_device
 from langmamba.io.volume import CTVolume
 from langmamba.models.quantizer import cell_index, squared_distances
+from langmamba.explanation_text import (
+    DECIMALS,
+    SCALE,
+    ExplainedBatch,
+    LevelWords,
+    TextFormat,
+    corner_mm,
+    level_layout,
+    rounded,
+    slice_texts,
+)
 from langmamba.normalization import hu_to_model
 
 logger = logging.getLogger(__name__)
@@ -65,8 +77,6 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "explanation.schem
 CHANGE_SCORE_METHOD = "tvd_topk_union"
 """Name recorded in the document for the change score defined in the module docstring."""
 
-DECIMALS = 4
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ColorTable = list[tuple[int, str, tuple[int, int, int]]]
 
 
@@ -161,12 +171,7 @@ def _geometry(volume: CTVolume | None, shape: tuple[int, int, int]) -> dict:
 
 def _round(values: Any) -> Any:
     """Nested lists of floats rounded to :data:`DECIMALS` (``-0.0`` written as ``0.0``)."""
-    return _rounded(np.asarray(values, dtype=np.float64)).tolist()
-
-
-def _rounded(values: np.ndarray) -> np.ndarray:
-    """``values`` rounded to :data:`DECIMALS`, ``-0.0`` as ``0.0``."""
-    return np.round(values, DECIMALS) + 0.0
+    return rounded(np.asarray(values, dtype=np.float64)).tolist()
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -211,12 +216,6 @@ def _check_levels(levels: Sequence[int], available: int) -> list[int]:
 
 # --- scores ---------------------------------------------------------------------------------------
 
-SCALE = 10**DECIMALS
-"""Scores are kept as integers in units of ``1 / SCALE``: exactly the document's rounded numbers."""
-_SCORE_TEXT = np.array([repr(k / SCALE) for k in range(SCALE + 1)], dtype=object)
-_BOOL_TEXT = np.array(["false", "true"], dtype=object)
-
-
 def _to_units(values: torch.Tensor) -> np.ndarray:
     """Scores in [0, 1] as int32 units of ``1 / SCALE`` (``np.round(values, DECIMALS) * SCALE``)."""
     return np.rint(values.double().cpu().numpy() * SCALE).astype(np.int32)
@@ -239,52 +238,6 @@ def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, codebook: t
     tvd = 0.5 * (p_u - q_u).abs().sum(dim=-1)
     return (p_ids.cpu().numpy(), _to_units(p_top), q_ids.cpu().numpy(), _to_units(q_top),
             _to_units(tvd.clamp(0.0, 1.0)))
-
-
-@dataclass(frozen=True)
-class LevelWords:
-    """The words of one pyramid level for a batch of ``B`` slices of ``C`` regions (row-major grid order).
-
-    ``output_ids``/``input_ids``: int64 ``(B, C, k)`` vocabulary ids, best first; ``output_scores``/
-    ``input_scores``: int32 ``(B, C, k)`` and ``change``: int32 ``(B, C)``, in units of ``1 / SCALE`` (the
-    document's rounded numbers times ``SCALE``).
-    """
-
-    level: int
-    output_ids: np.ndarray
-    output_scores: np.ndarray
-    input_ids: np.ndarray
-    input_scores: np.ndarray
-    change: np.ndarray
-
-    @property
-    def changed(self) -> np.ndarray:
-        """``(B, C)``: the top-1 words of output and input differ."""
-        return self.output_ids[..., 0] != self.input_ids[..., 0]
-
-
-@dataclass(frozen=True)
-class ExplainedBatch:
-    """Slices ``start .. start + count - 1`` explained: their :class:`LevelWords` in the document's level
-    order, with each level's ``(g_h, g_w)`` grid and ``(C, 4)`` voxel boxes ``x0, y0, x1, y1`` (half-open)
-    and the vocabulary, for consumers such as :class:`langmamba.report.ReportCollector`."""
-
-    start: int
-    count: int
-    levels: list[LevelWords]
-    grids: dict[int, tuple[int, int]]
-    boxes: dict[int, np.ndarray]
-    vocabulary: list[str]
-
-
-@dataclass(frozen=True)
-class _LevelLayout:
-    """What every slice of one level shares: the region text up to ``"z": `` and the box corners as indices
-    into the level's edge lattice (``ys × xs`` points, row-major)."""
-
-    heads: np.ndarray
-    corners: tuple[np.ndarray, np.ndarray]
-    lattice: np.ndarray
 
 
 # --- explanation ----------------------------------------------------------------------------------
@@ -336,11 +289,9 @@ class _Explainer:
             yy0, xx0 = np.meshgrid(y0, x0, indexing="ij")
             yy1, xx1 = np.meshgrid(y1, x1, indexing="ij")
             self.boxes[level] = np.stack([xx0, yy0, xx1, yy1], axis=-1).reshape(-1, 4)
-            self.layouts[level] = _layout(self.boxes[level], gw)
-        self.id_text = np.array([str(i) for i in range(len(self.vocabulary))], dtype=object)
-        self.word_text = np.array([json.dumps(word) for word in self.vocabulary], dtype=object)
+            self.layouts[level] = level_layout(self.boxes[level], gw)
         self.words = np.array(self.vocabulary, dtype=object)
-        self.region_template = _region_template(self.top_k)
+        self.text_format = TextFormat.build(self.layouts, self.affine, self.vocabulary, self.top_k)
 
         self.header = {
             "schema": SCHEMA_NAME,
@@ -364,16 +315,18 @@ class _Explainer:
     # --- computing ---
 
     def batches(self, progress: bool = False) -> Iterator[ExplainedBatch]:
-        """The :class:`ExplainedBatch` es in order; updates the summary tallies. The next batch is encoded in a
-        background thread while the caller handles this one (the GPU or torch's threads work meanwhile)."""
-        depth = self.input_hu.shape[0]
-        starts = range(0, depth, self.batch_size)
+        """The :class:`ExplainedBatch` es in order; updates the summary tallies. On a GPU the next batch is
+        encoded in a background thread while the caller formats this one (on the CPU, torch's threads already
+        use every core)."""
+        starts = range(0, self.input_hu.shape[0], self.batch_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmamba-explain") as pool, \
-                tqdm(total=depth, desc="explain", unit="slice", disable=not progress) as bar:
-            pending = pool.submit(self._batch, starts[0]) if starts else None
-            for i in range(len(starts)):
-                batch = pending.result()
-                pending = pool.submit(self._batch, starts[i + 1]) if i + 1 < len(starts) else None
+                tqdm(total=self.input_hu.shape[0], desc="explain", unit="slice", disable=not progress) as bar:
+            ahead = self.device.type == "cuda"
+            pending = pool.submit(self._batch, starts[0]) if ahead else None
+            for i, start in enumerate(starts):
+                batch = pending.result() if ahead else self._batch(start)
+                if ahead and i + 1 < len(starts):
+                    pending = pool.submit(self._batch, starts[i + 1])
                 self._tally(batch)
                 yield batch
                 bar.update(batch.count)
@@ -421,17 +374,7 @@ class _Explainer:
                         "change_score": int(words.change[b, n]) / SCALE,
                     })
 
-    def _corner_mm(self, z: int, level: int) -> tuple[np.ndarray, np.ndarray]:
-        """LPS and RAS mm ``(P, 3)``, rounded, of the level's edge lattice on slice ``z``."""
-        lattice = self.layouts[level].lattice
-        points = np.empty((len(lattice), 4))
-        points[:, :2] = lattice - 0.5
-        points[:, 2] = z
-        points[:, 3] = 1.0
-        lps = points @ self.affine.T
-        return _rounded(lps), _rounded(lps @ _LPS_TO_RAS)
-
-    # --- formatting: dicts and JSON text with the same content ---
+    # --- the entries as Python objects (the streamed text is langmamba.explanation_text's) ---
 
     def entries(self, batch: ExplainedBatch) -> Iterator[dict]:
         """The slice entries ``{"z", "levels": [{"level", "regions"}]}`` of a batch as Python objects."""
@@ -441,7 +384,7 @@ class _Explainer:
 
     def _regions(self, z: int, words: LevelWords, b: int) -> dict:
         layout = self.layouts[words.level]
-        lps, ras = (points.tolist() for points in self._corner_mm(z, words.level))
+        lps, ras = (points.tolist() for points in corner_mm(layout, self.affine, z))
         first, second = (corner.tolist() for corner in layout.corners)
         columns = self.grids[words.level][1]
         changed = words.changed[b].tolist()
@@ -464,35 +407,6 @@ class _Explainer:
                 "change_score": change[n],
             })
         return {"level": words.level, "regions": regions}
-
-    def entry_texts(self, batch: ExplainedBatch) -> Iterator[str]:
-        """The slice entries of a batch as JSON text, equal to ``json.dumps`` of :meth:`entries`, built from
-        whole-slice arrays (a 512² slice has 1,092 regions: formatting them one by one took most of the time)."""
-        for b in range(batch.count):
-            z = batch.start + b
-            levels = ", ".join('{"level": %d, "regions": [%s]}' % (words.level, self._regions_text(z, words, b))
-                               for words in batch.levels)
-            yield '{"z": %d, "levels": [%s]}' % (z, levels)
-
-    def _regions_text(self, z: int, words: LevelWords, b: int) -> str:
-        layout = self.layouts[words.level]
-        k = self.top_k
-        values = np.empty((len(layout.heads), 14 + 6 * k + 2), dtype=object)
-        values[:, 0] = layout.heads
-        values[:, 1] = str(z)
-        for i, points in enumerate(self._corner_mm(z, words.level)):
-            texts = _number_texts(points)
-            values[:, 2 + 6 * i:5 + 6 * i] = texts[layout.corners[0]]
-            values[:, 5 + 6 * i:8 + 6 * i] = texts[layout.corners[1]]
-        column = 14
-        for ids, scores in ((words.output_ids, words.output_scores), (words.input_ids, words.input_scores)):
-            values[:, column:column + k] = self.id_text[ids[b]]
-            values[:, column + k:column + 2 * k] = self.word_text[ids[b]]
-            values[:, column + 2 * k:column + 3 * k] = _SCORE_TEXT[scores[b]]
-            column += 3 * k
-        values[:, column] = _BOOL_TEXT[words.changed[b].astype(np.intp)]
-        values[:, column + 1] = _SCORE_TEXT[words.change[b]]
-        return ", ".join([self.region_template] * len(values)) % tuple(values.ravel().tolist())
 
     def summary(self) -> dict:
         """Per-volume summary of the slices produced so far."""
@@ -522,39 +436,6 @@ class _Explainer:
         for i in np.flatnonzero(counts).tolist():
             by_word[self.vocabulary[i]] += int(counts[i])
         return {word: n for word, n in sorted(by_word.items(), key=lambda item: (-item[1], item[0]))}
-
-
-def _layout(boxes: np.ndarray, columns: int) -> _LevelLayout:
-    """The :class:`_LevelLayout` of a level's ``(C, 4)`` boxes on a grid of ``columns`` columns."""
-    heads = np.array([
-        '{"row": %d, "col": %d, "bbox_voxel": {"x0": %d, "y0": %d, "x1": %d, "y1": %d, "z": '
-        % (n // columns, n % columns, x0, y0, x1, y1) for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
-    ], dtype=object)
-    xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
-    lattice = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(-1, 2).astype(np.float64)
-
-    def index(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.searchsorted(ys, y) * len(xs) + np.searchsorted(xs, x)
-
-    return _LevelLayout(heads, (index(boxes[:, 0], boxes[:, 1]), index(boxes[:, 2], boxes[:, 3])), lattice)
-
-
-def _region_template(top_k: int) -> str:
-    """``%``-template of one region's JSON after its head: z, two corners × 3 coordinates in LPS then RAS,
-    then ids, words and scores of output and input, changed and change score."""
-    corner = "[%s, %s, %s]"
-    words = ", ".join(["%s"] * top_k)
-    side = '{"ids": [%s], "words": [%s], "scores": [%s]}' % (words, words, words)
-    return ('%s%s}, "bbox_mm": {"lps": [' + corner + ", " + corner + '], "ras": [' + corner + ", " + corner
-            + ']}, "output": ' + side + ', "input": ' + side + ', "changed": %s, "change_score": %s}')
-
-
-def _number_texts(points: np.ndarray) -> np.ndarray:
-    """``repr`` of every number of ``points (P, 3)`` as an object array; each distinct value formatted once
-    (on an axis-aligned volume a coordinate takes one value per lattice row or column)."""
-    distinct, inverse = np.unique(points, return_inverse=True)
-    texts = np.array([repr(v) for v in distinct.tolist()], dtype=object)
-    return texts[inverse.reshape(points.shape)]
 
 
 def explain_volume(
@@ -642,13 +523,19 @@ def _stream(explainer: _Explainer, stream: TextIO, progress: bool,
             on_batch: Callable[[ExplainedBatch], None] | None = None) -> dict:
     """Write the document with ``"slices"`` filled one batch at a time; returns it without the slices."""
     stream.write(json.dumps(explainer.header)[:-1] + ', "slices": [')
+    # Text of a few batches is formatted by worker processes while the next ones are encoded.
+    pending: deque = deque()
+    limit = 2 * workers.worker_count()
     separator = "\n"
-    for batch in explainer.batches(progress):
-        for text in explainer.entry_texts(batch):
-            stream.write(separator + text)
-            separator = ",\n"
-        if on_batch is not None:
-            on_batch(batch)
+    for batch in chain(explainer.batches(progress), [None]):
+        if batch is not None:
+            pending.append(workers.submit(slice_texts, explainer.text_format, batch.start, batch.levels))
+            if on_batch is not None:
+                on_batch(batch)
+        while pending and (batch is None or len(pending) > limit):
+            for text in pending.popleft().result():
+                stream.write(separator + text)
+                separator = ",\n"
     summary = explainer.summary()
     stream.write('\n], "summary": ' + json.dumps(summary) + "}\n")
     return {**explainer.header, "summary": summary}

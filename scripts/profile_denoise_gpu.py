@@ -3,15 +3,14 @@
 Usage: python scripts/profile_denoise_gpu.py [--slices 300] [--batch-size 32] [--device cuda] [--lung1-npz F]
 
 Times, on the synthetic volume of ``langmamba bench denoise`` (lung1's real slices tiled along z): slice
-denoising (cold, then warm), the model's forward alone, the explanation encoder pass, building the per-region
-records in Python and serialising them with ``json.dumps``. ``--lung1-npz`` (arrays ``hu``, ``spacing``,
+denoising (cold, then warm), the model's forward alone, the explanation encoder pass (with and without the
+prefetching thread, and a CUDA kernel table of one batch), and formatting the per-region JSON text. ``--lung1-npz`` (arrays ``hu``, ``spacing``,
 ``origin``, ``direction``) stands in for the sample study on hosts without SimpleITK.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -60,21 +59,39 @@ def main() -> None:
     timed(f"denoise {n} slices, batch {bs}, first call", lambda: denoise_slices(model, hu, batch_size=bs, device=device))
     denoised = timed(f"denoise {n} slices, warm", lambda: denoise_slices(model, hu, batch_size=bs, device=device))
     net = prepare_model(model, device)
-    x = torch.from_numpy(hu_to_model(hu[:bs]))[:, None].to(device)
+    x = hu_to_model(torch.from_numpy(hu[:bs]).to(device))[:, None]
     batches = -(-n // bs)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         net(x)
         timed(f"model forward alone, {batches} batches", lambda: [net(x) for _ in range(batches)])
-    explainer = _Explainer(model, hu, denoised, None, (0, 1, 2), 3, bs, device)
-    starts = range(0, n, bs)
-    explainer._batch_scores(0, min(bs, n))
-    scores = timed("explanation encoder + word scores (input and output)",
-                   lambda: [explainer._batch_scores(s, min(s + bs, n)) for s in starts])
-    entries = timed("region records in Python", lambda: [
-        {"z": z, "levels": [explainer._regions(z, level, batch[level], z - s) for level in explainer.levels]}
-        for s, batch in zip(starts, scores) for z in range(s, min(s + bs, n))])
-    size = timed("json.dumps", lambda: sum(len(json.dumps(entry)) for entry in entries))
-    print(f"explanation JSON: {size / 1e6:.1f} MB for {n} slices")
+    half = max(1, bs // 2)  # what langmamba denoise uses: the encoder sees input and output of half a batch
+    explainer = _Explainer(model, hu, denoised, None, (0, 1, 2), 3, half, device)
+    list(explainer.batches())
+    explained = timed(f"explanation encoder + word scores, batch {half} (input and output), prefetching",
+                      lambda: list(explainer.batches()))
+    timed("the same, one batch after the other", lambda: [explainer._batch(s) for s in range(0, n, half)])
+    x = hu_to_model(torch.from_numpy(np.concatenate([hu[:half], denoised[:half]])).to(device))[:, None]
+    with torch.inference_mode():
+        langae = explainer.langae
+        timed("explanation encoder alone", lambda: [langae.encode(x) for _ in range(0, n, half)])
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                langae.quantize(langae.encode(x))
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        denoise_slices(model, hu, batch_size=bs, device=device)
+        timed("with cudnn.benchmark: denoise, warm", lambda: denoise_slices(model, hu, batch_size=bs, device=device))
+        list(explainer.batches())
+        timed("with cudnn.benchmark: explanation encoder + word scores", lambda: list(explainer.batches()))
+        torch.backends.cudnn.benchmark = False
+    texts = timed("JSON text of the regions", lambda: [t for batch in explained for t in explainer.entry_texts(batch)])
+    print(f"explanation JSON: {sum(map(len, texts)) / 1e6:.1f} MB for {n} slices")
+    timed("region dicts (explain_volume's in-memory document)",
+          lambda: [e for batch in explained[:1] for e in explainer.entries(batch)])
 
 
 if __name__ == "__main__":

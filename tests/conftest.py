@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from langmamba import workers
 from langmamba.io.volume import CTVolume
 
 
@@ -117,3 +118,19 @@ def dicom_ct_series(tmp_path: Path, tiny_ct_volume: CTVolume) -> tuple[Path, CTV
     vol = tiny_ct_volume
     write_ct_series(folder, vol.hu, spacing=vol.spacing, origin=vol.origin, direction=vol.direction)
     return folder, vol
+
+
+@pytest.fixture
+def worker_processes() -> Iterator[int]:
+    """Two :mod:`langmamba.workers` processes for the test (whatever the machine's cores), then the default."""
+    workers.configure(2)
+    yield 2
+    workers.configure(None)
+
+
+@pytest.fixture
+def in_process() -> Iterator[None]:
+    """No :mod:`langmamba.workers` processes for the test (for monkeypatched functions), then the default."""
+    workers.configure(0)
+    yield
+    workers.configure(None)

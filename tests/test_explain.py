@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from langmamba import workers
 from langmamba.checkpoint import load_checkpoint, save_checkpoint
 from langmamba.errors import InputError, NonFiniteVoxelsError
 from langmamba.explain import (
@@ -237,6 +238,17 @@ def test_streamed_text_is_json_dumps_of_the_entries(model, geometry_case):
     assert slice_lines == [json.dumps(entry) for entry in expected["slices"]]
     assert json.loads(stream.getvalue()) == expected
     assert expected["slices"][1]["levels"][0]["regions"][0]["bbox_mm"] == doc["slices"][1]["levels"][0]["regions"][0]["bbox_mm"]
+
+
+def test_worker_processes_write_the_same_file(model, geometry_case, tmp_path, worker_processes):
+    input_hu, output_hu, volume, doc = geometry_case
+    write_explanation(tmp_path / "parallel.json", model, input_hu, output_hu, volume, batch_size=1)
+    assert workers._pool is not None  # the text was formatted in worker processes
+    workers.configure(0)
+    write_explanation(tmp_path / "serial.json", model, input_hu, output_hu, volume, batch_size=1)
+    parallel = (tmp_path / "parallel.json").read_text(encoding="utf-8")
+    assert parallel == (tmp_path / "serial.json").read_text(encoding="utf-8")
+    assert json.loads(parallel) == doc
 
 
 def test_checkpoint_config_provides_the_model_record(model, tmp_path):

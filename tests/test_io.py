@@ -545,7 +545,7 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_ct_volume):
         write_volume(tiny_ct_volume, folder, overwrite=True)
 
 
-def test_failed_dicom_write_leaves_nothing(tmp_path, tiny_ct_volume, monkeypatch):
+def test_failed_dicom_write_leaves_nothing(tmp_path, tiny_ct_volume, monkeypatch, in_process):
     existing = write_volume(tiny_ct_volume, tmp_path / "kept")
     before = {p.name: p.read_bytes() for p in existing.iterdir()}
     real = dicom_write._write_slice

@@ -33,6 +33,7 @@ from pydicom.pixel_data_handlers.util import apply_modality_lut
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 from tqdm import tqdm
 
+from langmamba import workers
 from langmamba.errors import (
     CorruptFileError,
     EmptyInputError,
@@ -235,6 +236,20 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
+def _read_voxels(items: list[tuple[Path, list[Frame]]]) -> list[np.ndarray]:
+    """HU ``(frames, rows, cols)`` of each ``(file, its frames)``; run by :mod:`langmamba.workers` processes."""
+    voxels = []
+    for path, file_frames in items:
+        ds = _read_dataset(path, header_only=False, strict=True)
+        values = _to_hu(ds, _decode(ds, path), file_frames)
+        if values.shape[0] != len(file_frames):
+            raise CorruptFileError(
+                f"{path}: {values.shape[0]} frames of pixel data for {len(file_frames)} declared"
+            )
+        voxels.append(values)
+    return voxels
+
+
 def _volume(headers: dict[Path, Dataset], label: str, progress: bool) -> CTVolume:
     """Build the volume from the header-only datasets of one series (one or more files)."""
     modalities = {str(ds.get("Modality", "")) for ds in headers.values()}
@@ -246,16 +261,15 @@ def _volume(headers: dict[Path, Dataset], label: str, progress: bool) -> CTVolum
     geometry = series_geometry(frames, next(iter(headers.values())), label)
     slot = {id(frames[i]): z for z, i in enumerate(geometry.order)}
     hu = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
-    files = tqdm(frames_by_file.items(), desc="Reading DICOM", unit="file", disable=not progress)
-    for path, file_frames in files:
-        ds = _read_dataset(path, header_only=False, strict=True)
-        values = _to_hu(ds, _decode(ds, path), file_frames)
-        if values.shape[0] != len(file_frames):
-            raise CorruptFileError(
-                f"{path}: {values.shape[0]} frames of pixel data for {len(file_frames)} declared"
-            )
-        for k, frame in enumerate(file_frames):
-            hu[slot[id(frame)]] = values[k]
+    items = list(frames_by_file.items())
+    parts = workers.split(len(items))
+    futures = [workers.submit(_read_voxels, items[part.start:part.stop]) for part in parts]
+    with tqdm(total=len(items), desc="Reading DICOM", unit="file", disable=not progress) as bar:
+        for part, future in zip(parts, futures):
+            for (_, file_frames), values in zip(items[part.start:part.stop], future.result()):
+                for k, frame in enumerate(file_frames):
+                    hu[slot[id(frame)]] = values[k]
+            bar.update(len(part))
     check_finite(hu, label)
     if any(_sop_class(ds) not in CT_SOP_CLASSES for ds in headers.values()):
         check_hu_range(hu, label)  # e.g. a secondary capture labelled CT
@@ -284,6 +298,18 @@ def _series_listing(series: dict[str, dict[Path, Dataset]]) -> str:
     return "\n".join(lines)
 
 
+def _scan_headers(paths: list[Path]) -> list[tuple[bool, Dataset | None]]:
+    """``(empty, header or None when not DICOM)`` of each file; run by :mod:`langmamba.workers` processes."""
+    scanned = []
+    for path in paths:
+        if path.stat().st_size == 0:
+            scanned.append((True, None))
+            continue
+        maybe_dicom = suffix_of(path) not in _NOT_DICOM_SUFFIXES or has_dicom_magic(path)
+        scanned.append((False, _read_dataset(path, header_only=True, strict=False) if maybe_dicom else None))
+    return scanned
+
+
 def read_dicom_folder(
     folder: Path, *, series_uid: str | None = None, progress: bool = False
 ) -> CTVolume:
@@ -310,12 +336,14 @@ def read_dicom_folder(
         )
     headers: dict[Path, Dataset] = {}
     seen: set[str] = set()
-    for path in tqdm(files, desc="Scanning DICOM", unit="file", disable=not progress):
-        if path.stat().st_size == 0:
+    parts = workers.split(len(files))
+    scans = [workers.submit(_scan_headers, files[part.start:part.stop]) for part in parts]
+    scanned = (result for future in scans for result in future.result())
+    for path, (empty, ds) in tqdm(zip(files, scanned), total=len(files), desc="Scanning DICOM", unit="file",
+                                  disable=not progress):
+        if empty:
             logger.warning("%s: skipping the empty file %s", folder, path.name)
             continue
-        maybe_dicom = suffix_of(path) not in _NOT_DICOM_SUFFIXES or has_dicom_magic(path)
-        ds = _read_dataset(path, header_only=True, strict=False) if maybe_dicom else None
         if ds is None:
             logger.info("%s: skipping %s, not a DICOM file", folder, path.name)
             continue

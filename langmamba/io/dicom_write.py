@@ -26,7 +26,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from pydicom.valuerep import format_number_as_ds
 from tqdm import tqdm
 
-from langmamba import __version__
+from langmamba import __version__, workers
 from langmamba.errors import UnsupportedImageError
 from langmamba.io.dicom import source_references
 from langmamba.io.volume import CTVolume
@@ -249,19 +249,34 @@ def write_dicom_series(
     stored, intercept = stored_values(volume.hu)
     ds = _base_dataset(volume, header, series_description, intercept, datetime.now())
     references = _reference_items(volume, derived_from)
-    normal = np.cross(direction[:, 0], direction[:, 1])
     width = max(4, len(str(volume.shape[0])))
-    for k in tqdm(range(volume.shape[0]), desc="Writing DICOM", unit="slice", disable=not progress):
-        position = np.asarray(volume.origin) + k * volume.spacing[2] * direction[:, 2]
+    placement = (np.asarray(volume.origin, dtype=np.float64), volume.spacing[2] * direction[:, 2],
+                 np.cross(direction[:, 0], direction[:, 1]))
+    # pydicom encodes in Python: worker processes (langmamba.workers) write slices side by side.
+    tasks = [(ds, folder, width, placement, part, stored[part.start:part.stop], references[part.start:part.stop])
+             for part in workers.split(volume.shape[0])]
+    with tqdm(total=volume.shape[0], desc="Writing DICOM", unit="slice", disable=not progress) as bar:
+        for future in [workers.submit(_write_slices, *task) for task in tasks]:
+            bar.update(future.result())
+
+
+def _write_slices(ds: Dataset, folder: Path, width: int, placement: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  part: range, stored: np.ndarray, references: list[_References | None]) -> int:
+    """Write slices ``part`` (their int16 ``stored`` values and references) of a series whose shared attributes
+    are ``ds``; ``placement`` is the origin, the step between slices and the slice normal, in LPS mm."""
+    origin, step, normal = placement
+    for i, k in enumerate(part):
+        position = origin + k * step
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = _ds_numbers(position)
         ds.SliceLocation = format_number_as_ds(float(position @ normal))
-        if references[k] is not None:
-            series_item, source_item = references[k]
+        if references[i] is not None:
+            series_item, source_item = references[i]
             ds.ReferencedSeriesSequence = Sequence([series_item])
             if source_item is not None:
                 ds.SourceImageSequence = Sequence([source_item])
-        ds.PixelData = stored[k].tobytes()
+        ds.PixelData = stored[i].tobytes()
         _write_slice(ds, folder / f"{k + 1:0{width}d}.dcm")
+    return len(part)
