@@ -5,9 +5,11 @@ whatever the threads. On a GPU host they took longer than the GPU itself (300 sl
 1.6 s to read, 1.6 s to write, 1.3 s of explanation text, against 1.9 s of GPU work), so they are spread over
 processes here.
 
-The processes fork from a forkserver that imported numpy, pydicom and langmamba's torch-free modules only: no
-torch, no CUDA context, no threads, so forking them is safe beside a process that drives a GPU. The pool starts on
-first use and lives as long as the process, so a server or a folder run pays its start once.
+The processes are forked, all at once, when the pool starts: the tasks are module-level functions of torch-free
+modules (numpy and pydicom work) and never touch torch or CUDA, which is what makes forking a process that drives a
+GPU safe (as torch's own data loaders do). Forking, unlike spawning, does not re-run the caller's ``__main__``, so
+scripts without a ``__main__`` guard work too. The pool starts on first use and lives as long as the process, so a
+server or a folder run pays its start once.
 
 The number of processes comes from ``LANGMAMBA_WORKERS``; ``0`` keeps all work in the calling process. The default
 is one process per CPU core beyond two, at most 8: a 2-core machine works in-process, where extra processes
@@ -19,6 +21,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
@@ -26,7 +29,6 @@ from typing import Any
 from langmamba.errors import ConfigError
 
 MAX_DEFAULT_WORKERS = 8
-_PRELOAD = ["numpy", "pydicom", "langmamba.io.dicom", "langmamba.io.dicom_write", "langmamba.explanation_text"]
 
 _pool: ProcessPoolExecutor | None = None
 _count: int | None = None
@@ -71,17 +73,22 @@ def _executor() -> ProcessPoolExecutor | None:
     if worker_count() == 0:
         return None
     if _pool is None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(_PRELOAD)
-        _pool = ProcessPoolExecutor(max_workers=worker_count(), mp_context=context)
+        pool = ProcessPoolExecutor(max_workers=worker_count(), mp_context=multiprocessing.get_context("fork"))
+        # A fork pool starts every process at its first task. Python warns about forking beside threads (torch's,
+        # tqdm's); the workers never use what those threads hold (CUDA, torch's thread pools).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
+                                    category=DeprecationWarning)
+            pool.submit(int).result()
+        _pool = pool
     return _pool
 
 
 def submit(function: Callable[..., Any], *args: Any) -> Future:
     """Run ``function(*args)`` in a worker; without workers it runs now and the future holds its result or error.
 
-    ``function`` must be a module-level function of a module the workers can import without torch, and its
-    arguments and result must pickle.
+    ``function`` must be a module-level function that never uses torch or CUDA, and its arguments and result
+    must pickle.
     """
     pool = _executor()
     if pool is not None:
