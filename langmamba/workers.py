@@ -18,8 +18,8 @@ would only compete with torch's own threads.
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing
+import multiprocessing.util
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +31,7 @@ from langmamba.errors import ConfigError
 MAX_DEFAULT_WORKERS = 8
 
 _pool: ProcessPoolExecutor | None = None
+_pool_pid: int | None = None
 _count: int | None = None
 
 
@@ -63,13 +64,15 @@ def configure(workers: int | None) -> None:
 def shutdown() -> None:
     """Stop the pool's processes (a later task starts a new pool)."""
     global _pool
-    if _pool is not None:
+    if _pool is not None and _pool_pid == os.getpid():
         _pool.shutdown(wait=True, cancel_futures=True)
-        _pool = None
+    _pool = None
 
 
 def _executor() -> ProcessPoolExecutor | None:
-    global _pool
+    global _pool, _pool_pid
+    if _pool is not None and _pool_pid != os.getpid():
+        return None  # a forked worker: it works in-process and never uses its parent's pool
     if worker_count() == 0:
         return None
     if _pool is None:
@@ -80,7 +83,10 @@ def _executor() -> ProcessPoolExecutor | None:
             warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
                                     category=DeprecationWarning)
             pool.submit(int).result()
-        _pool = pool
+        _pool, _pool_pid = pool, os.getpid()
+        # Before multiprocessing joins a process's children at exit, in the main process and in a
+        # multiprocessing child alike (where atexit handlers do not run), else the idle workers are waited for.
+        multiprocessing.util.Finalize(None, shutdown, exitpriority=10)
     return _pool
 
 
@@ -115,4 +121,3 @@ def split(count: int, parts: int | None = None) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-atexit.register(shutdown)

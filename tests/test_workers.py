@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -61,6 +62,21 @@ def test_processes_run_tasks_in_order_and_pass_errors_back(worker_processes):
     assert os.getpid() not in pids  # the tasks ran in other processes
     with pytest.raises(ZeroDivisionError):
         workers.map_ordered(divmod, [(1, 1), (1, 0)])
+
+
+def _pool_in_a_child() -> None:
+    workers.configure(2)
+    assert workers.map_ordered(pow, [(3, 2)] * 4) == [9] * 4
+
+
+def test_a_multiprocessing_child_with_a_pool_exits():
+    """multiprocessing children skip atexit: the pool must still stop, or the child waits on it forever."""
+    child = multiprocessing.get_context("spawn").Process(target=_pool_in_a_child)
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
 
 
 def _written(folder):
