@@ -28,12 +28,15 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from . import workers
 from .errors import CheckpointError, ConfigError, InputError, LangMambaError
 from .io import CTVolume, read_volume, write_volume
 from .io.atomic import atomic_output, check_not_input
@@ -111,7 +114,9 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
     """Read, denoise, explain and write one volume with a loaded ``model``; returns the written paths.
 
     ``timings`` (if given) receives seconds per stage: ``read``, ``denoise``, ``explain`` (encoder and the
-    streamed JSON), ``write`` (denoised volume, label map, colour table) and ``report``.
+    streamed JSON), ``write`` (denoised volume, label map, colour table) and ``report``. With
+    :mod:`langmamba.workers` processes the denoised volume is written during ``explain``, and ``write`` counts
+    the rest.
     """
     from .explain import write_explanation
 
@@ -133,38 +138,49 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
     written: dict[str, Path] = {}
     collector = document = None
     images = {}
-    if explain or labels or report:
-        from .report import ReportCollector
+    explaining = bool(explain or labels or report)
+    write_denoised = partial(write_volume, denoised, destination, series_description="LangMamba denoised",
+                             overwrite=overwrite)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmamba-write") as writer:
+        # With worker processes, they write the denoised volume while the GPU and the other workers explain it;
+        # without, the input is released first (on a 2-core machine nothing would run alongside anyway).
+        background = None
+        if explaining and workers.worker_count():
+            background = writer.submit(write_denoised, derived_from=volume, progress=False)
+        if explaining:
+            from .report import ReportCollector
 
-        # A few bytes per region: the label map is painted from it once the input voxels are released.
-        collector = ReportCollector(level, volume.shape[0]) if labels or report else None
-        # The explainer encodes input and output of every slice: half the slices per batch keeps the encoder's
-        # activations (host memory on the CPU) at the denoiser's ``batch_size`` images.
-        kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_batch=collector)
-        with ExitStack() as stack:
-            target = os.devnull
+            # A few bytes per region: the label map is painted from it once the input voxels are released.
+            collector = ReportCollector(level, volume.shape[0]) if labels or report else None
+            # The explainer encodes input and output of every slice: half the slices per batch keeps the encoder's
+            # activations (host memory on the CPU) at the denoiser's ``batch_size`` images.
+            kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_batch=collector)
+            with ExitStack() as stack:
+                target = os.devnull
+                if explain:
+                    explain = Path(explain)
+                    target = stack.enter_context(atomic_output(explain, as_folder=False, overwrite=overwrite))
+                    target = target / explain.name
+                document = write_explanation(target, model, volume.hu, denoised.hu, volume, **kwargs)
             if explain:
-                explain = Path(explain)
-                target = stack.enter_context(atomic_output(explain, as_folder=False, overwrite=overwrite))
-                target = target / explain.name
-            document = write_explanation(target, model, volume.hu, denoised.hu, volume, **kwargs)
-        if explain:
-            written["explanations"] = explain
-        if report:
-            images = {z: (volume.hu[z].copy(), denoised.hu[z].copy()) for z in collector.choose_slices()}
-        start = _timed(timings, "explain", start)
+                written["explanations"] = explain
+            if report:
+                images = {z: (volume.hu[z].copy(), denoised.hu[z].copy()) for z in collector.choose_slices()}
+            start = _timed(timings, "explain", start)
 
-    volume = _geometry_only(volume)
-    if labels:
-        labels = Path(labels)
-        label_map, words = collector.label_map(volume.shape)
-        # int16 on disk: write_volume stores integer values in range as int16.
-        written["label map"] = write_volume(volume.with_hu(label_map), labels, overwrite=overwrite,
-                                            series_description="LangMamba explanation labels")
-        del label_map
-        written["colour table"] = _write_color_table(words, color_table_path(labels), overwrite)
-    written["denoised"] = write_volume(denoised, destination, series_description="LangMamba denoised",
-                                       overwrite=overwrite, derived_from=volume, progress=progress)
+        volume = _geometry_only(volume)
+        if labels:
+            labels = Path(labels)
+            label_map, words = collector.label_map(volume.shape)
+            # int16 on disk: write_volume stores integer values in range as int16.
+            written["label map"] = write_volume(volume.with_hu(label_map), labels, overwrite=overwrite,
+                                                series_description="LangMamba explanation labels")
+            del label_map
+            written["colour table"] = _write_color_table(words, color_table_path(labels), overwrite)
+        if background is None:
+            written["denoised"] = write_denoised(derived_from=volume, progress=progress)
+        else:
+            written["denoised"] = background.result()
     start = _timed(timings, "write", start)
     if report:
         from .report import write_report

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from langmamba import workers
 from langmamba.cli import main
+from langmamba.denoise import run_denoise
 from langmamba.errors import ConfigError
 from langmamba.io import read_volume, write_volume
 
@@ -27,6 +29,27 @@ def test_dicom_in_dicom_out_with_explanations(dicom_ct_series, tmp_path, capsys)
     label_map = read_volume(labels, check_hu=False)
     assert label_map.shape == source.shape and label_map.hu.max() > 0
     assert (tmp_path / "labels.ctbl").read_text().strip()
+
+
+def test_worker_processes_give_the_same_outputs(dicom_ct_series, tmp_path, worker_processes):
+    """With workers the series is read, written (during the explanations) and explained by other processes."""
+    folder, _ = dicom_ct_series
+    outputs = {}
+    for mode in ("workers", "in process"):
+        if mode == "in process":
+            workers.configure(0)
+        out = tmp_path / mode
+        timings = {}
+        written = run_denoise(folder, out / "denoised", explain=out / "e.json", labels=out / "labels.nrrd",
+                              device="cpu", progress=False, timings=timings)
+        assert set(written) == {"denoised", "explanations", "label map", "colour table"}
+        assert set(timings) == {"read", "denoise", "explain", "write"}
+        outputs[mode] = (read_volume(written["denoised"]), (out / "e.json").read_text(),
+                         read_volume(written["label map"], check_hu=False).hu)
+    (parallel, parallel_text, parallel_labels), (serial, serial_text, serial_labels) = outputs.values()
+    np.testing.assert_array_equal(parallel.hu, serial.hu)
+    np.testing.assert_array_equal(parallel_labels, serial_labels)
+    assert json.loads(parallel_text) == json.loads(serial_text)
 
 
 def test_blend_zero_returns_the_input(tmp_path, tiny_ct_volume):
