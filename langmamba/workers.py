@@ -18,17 +18,23 @@ would only compete with torch's own threads.
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import multiprocessing.util
 import os
+import tempfile
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 from langmamba.errors import ConfigError
 
 MAX_DEFAULT_WORKERS = 8
+_SHARED_DIR = "/dev/shm"
 
 _pool: ProcessPoolExecutor | None = None
 _pool_pid: int | None = None
@@ -107,9 +113,79 @@ def submit(function: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
+def results(futures: Sequence[Future]) -> Iterator[Any]:
+    """The results of ``futures`` in order. On the first error the tasks not started are cancelled and the
+    running ones waited for before it is raised, so no task still uses what the caller then releases (such as a
+    :func:`shared_empty` array)."""
+    try:
+        for future in futures:
+            yield future.result()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
+
+
 def map_ordered(function: Callable[..., Any], tasks: Sequence[tuple]) -> list:
     """``[function(*task) for task in tasks]``, spread over the workers; the first error is raised."""
-    return [future.result() for future in [submit(function, *task) for task in tasks]]
+    return list(results([submit(function, *task) for task in tasks]))
+
+
+@contextmanager
+def shared_empty(shape: tuple[int, ...], dtype: Any) -> Iterator[tuple[np.ndarray, Any]]:
+    """An uninitialised array that worker tasks can fill or read in place, and the handle they take it by.
+
+    Large arrays cost time to pass to and from processes (a 300-slice float32 volume is 300 MB of pickles), so with
+    workers the array lives in shared memory: a file in ``/dev/shm``, unlinked at once so nothing is left behind
+    whatever happens to this process, that tasks open through ``/proc/<pid>/fd`` (see :func:`open_shared`) while
+    this context is open. The array stays valid afterwards. Without workers the handle is the array itself; where
+    no shared memory can hold it (no ``/dev/shm``, or too little space) the handle is ``None`` and tasks must
+    return their data instead.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if worker_count() == 0:
+        array = np.empty(shape, dtype)
+        yield array, array
+        return
+    if not (os.path.isdir(_SHARED_DIR) and os.path.isdir(f"/proc/{os.getpid()}/fd")) or nbytes == 0 \
+            or _free_bytes(_SHARED_DIR) < 2 * nbytes:
+        yield np.empty(shape, dtype), None
+        return
+    fd, path = tempfile.mkstemp(prefix="langmamba-", dir=_SHARED_DIR)
+    try:
+        os.unlink(path)
+        os.ftruncate(fd, nbytes)
+        array = np.frombuffer(mmap.mmap(fd, nbytes), dtype=dtype).reshape(shape)
+        yield array, (f"/proc/{os.getpid()}/fd/{fd}", tuple(shape), np.dtype(dtype).str)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def shared_copy(array: np.ndarray) -> Iterator[Any]:
+    """A handle by which tasks read ``array`` (:func:`open_shared`): the array itself without workers, a copy in
+    shared memory with them, or ``None`` where no shared memory can hold it (see :func:`shared_empty`)."""
+    if worker_count() == 0:
+        yield array
+        return
+    with shared_empty(array.shape, array.dtype) as (copy, handle):
+        if handle is not None:
+            copy[...] = array
+        yield handle
+
+
+def open_shared(handle: Any, writable: bool = True) -> np.ndarray:
+    """In a task: the array of a :func:`shared_empty` handle (in-process, the array itself)."""
+    if isinstance(handle, np.ndarray):
+        return handle
+    path, shape, dtype = handle
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r+" if writable else "r", shape=shape)
+
+
+def _free_bytes(folder: str) -> int:
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize
 
 
 def split(count: int, parts: int | None = None) -> list[range]:

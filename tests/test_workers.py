@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pydicom
@@ -64,6 +65,26 @@ def test_processes_run_tasks_in_order_and_pass_errors_back(worker_processes):
         workers.map_ordered(divmod, [(1, 1), (1, 0)])
 
 
+def _fill_row(handle, row: int) -> int:
+    workers.open_shared(handle)[row] = row + 0.5
+    return row
+
+
+def test_tasks_fill_a_shared_array_that_outlives_its_file(worker_processes):
+    with workers.shared_empty((4, 3), np.float32) as (array, handle):
+        assert handle is not None and not isinstance(handle, np.ndarray)  # shared memory, not pickles
+        assert workers.map_ordered(_fill_row, [(handle, row) for row in range(4)]) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(array, np.repeat(np.arange(4, dtype=np.float32)[:, None] + 0.5, 3, axis=1))
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("langmamba-")]  # unlinked from the start
+
+
+def test_a_failed_task_waits_for_the_others_before_raising(worker_processes):
+    futures = [workers.submit(divmod, 1, 0), workers.submit(time.sleep, 0.5), workers.submit(time.sleep, 0.5)]
+    with pytest.raises(ZeroDivisionError):
+        list(workers.results(futures))
+    assert all(future.done() for future in futures)
+
+
 def _pool_in_a_child() -> None:
     workers.configure(2)
     assert workers.map_ordered(pow, [(3, 2)] * 4) == [9] * 4
@@ -102,6 +123,14 @@ def test_dicom_series_written_and_read_by_processes_equals_in_process(tmp_path, 
     np.testing.assert_array_equal(back_parallel.hu, back_serial.hu)
     np.testing.assert_array_equal(back_parallel.hu, tiny_ct_volume.hu)
     np.testing.assert_allclose(back_parallel.affine_lps(), tiny_ct_volume.affine_lps(), atol=1e-4)
+
+
+def test_without_shared_memory_workers_pass_the_voxels(tmp_path, tiny_ct_volume, worker_processes, monkeypatch):
+    monkeypatch.setattr(workers, "_SHARED_DIR", str(tmp_path / "no-shm"))
+    with workers.shared_empty((2, 2), np.float32) as (_, handle):
+        assert handle is None
+    folder = write_volume(tiny_ct_volume, tmp_path / "series")
+    np.testing.assert_array_equal(read_volume(folder).hu, tiny_ct_volume.hu)
 
 
 def test_a_damaged_file_read_by_a_worker_is_named(tmp_path, tiny_ct_volume, worker_processes):

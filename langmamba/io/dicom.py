@@ -236,17 +236,23 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
-def _read_voxels(items: list[tuple[Path, list[Frame]]]) -> list[np.ndarray]:
-    """HU ``(frames, rows, cols)`` of each ``(file, its frames)``; run by :mod:`langmamba.workers` processes."""
+def _read_voxels(items: list[tuple[Path, list[Frame]]], slots: list[list[int]], target) -> list[np.ndarray]:
+    """Read the HU ``(frames, rows, cols)`` of each ``(file, its frames)`` into the slices ``slots`` of the
+    :func:`langmamba.workers.shared_empty` array ``target``, or return them when ``target`` is ``None``; run by
+    :mod:`langmamba.workers` processes."""
+    volume = None if target is None else workers.open_shared(target)
     voxels = []
-    for path, file_frames in items:
+    for (path, file_frames), file_slots in zip(items, slots):
         ds = _read_dataset(path, header_only=False, strict=True)
         values = _to_hu(ds, _decode(ds, path), file_frames)
         if values.shape[0] != len(file_frames):
             raise CorruptFileError(
                 f"{path}: {values.shape[0]} frames of pixel data for {len(file_frames)} declared"
             )
-        voxels.append(values)
+        if volume is None:
+            voxels.append(values)
+        else:
+            volume[file_slots] = values
     return voxels
 
 
@@ -260,16 +266,17 @@ def _volume(headers: dict[Path, Dataset], label: str, progress: bool) -> CTVolum
     frames = [f for fs in frames_by_file.values() for f in fs]
     geometry = series_geometry(frames, next(iter(headers.values())), label)
     slot = {id(frames[i]): z for z, i in enumerate(geometry.order)}
-    hu = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
     items = list(frames_by_file.items())
+    slots = [[slot[id(frame)] for frame in file_frames] for _, file_frames in items]
     parts = workers.split(len(items))
-    futures = [workers.submit(_read_voxels, items[part.start:part.stop]) for part in parts]
-    with tqdm(total=len(items), desc="Reading DICOM", unit="file", disable=not progress) as bar:
-        for part, future in zip(parts, futures):
-            for (_, file_frames), values in zip(items[part.start:part.stop], future.result()):
-                for k, frame in enumerate(file_frames):
-                    hu[slot[id(frame)]] = values[k]
-            bar.update(len(part))
+    with workers.shared_empty((len(frames), frames[0].rows, frames[0].cols), np.float32) as (hu, target):
+        futures = [workers.submit(_read_voxels, items[part.start:part.stop], slots[part.start:part.stop], target)
+                   for part in parts]
+        with tqdm(total=len(items), desc="Reading DICOM", unit="file", disable=not progress) as bar:
+            for part, voxels in zip(parts, workers.results(futures)):
+                for file_slots, values in zip(slots[part.start:part.stop], voxels):
+                    hu[file_slots] = values
+                bar.update(len(part))
     check_finite(hu, label)
     if any(_sop_class(ds) not in CT_SOP_CLASSES for ds in headers.values()):
         check_hu_range(hu, label)  # e.g. a secondary capture labelled CT
@@ -338,7 +345,7 @@ def read_dicom_folder(
     seen: set[str] = set()
     parts = workers.split(len(files))
     scans = [workers.submit(_scan_headers, files[part.start:part.stop]) for part in parts]
-    scanned = (result for future in scans for result in future.result())
+    scanned = (result for part in workers.results(scans) for result in part)
     for path, (empty, ds) in tqdm(zip(files, scanned), total=len(files), desc="Scanning DICOM", unit="file",
                                   disable=not progress):
         if empty:

@@ -253,17 +253,23 @@ def write_dicom_series(
     placement = (np.asarray(volume.origin, dtype=np.float64), volume.spacing[2] * direction[:, 2],
                  np.cross(direction[:, 0], direction[:, 1]))
     # pydicom encodes in Python: worker processes (langmamba.workers) write slices side by side.
-    tasks = [(ds, folder, width, placement, part, stored[part.start:part.stop], references[part.start:part.stop])
-             for part in workers.split(volume.shape[0])]
-    with tqdm(total=volume.shape[0], desc="Writing DICOM", unit="slice", disable=not progress) as bar:
-        for future in [workers.submit(_write_slices, *task) for task in tasks]:
-            bar.update(future.result())
+    with workers.shared_copy(stored) as handle:
+        tasks = [(ds, folder, width, placement, part, references[part.start:part.stop],
+                  (handle, 0) if handle is not None else (stored[part.start:part.stop], part.start))
+                 for part in workers.split(volume.shape[0])]
+        with tqdm(total=volume.shape[0], desc="Writing DICOM", unit="slice", disable=not progress) as bar:
+            for written in workers.results([workers.submit(_write_slices, *task) for task in tasks]):
+                bar.update(written)
 
 
 def _write_slices(ds: Dataset, folder: Path, width: int, placement: tuple[np.ndarray, np.ndarray, np.ndarray],
-                  part: range, stored: np.ndarray, references: list[_References | None]) -> int:
-    """Write slices ``part`` (their int16 ``stored`` values and references) of a series whose shared attributes
-    are ``ds``; ``placement`` is the origin, the step between slices and the slice normal, in LPS mm."""
+                  part: range, references: list[_References | None], pixels: tuple) -> int:
+    """Write slices ``part`` of a series whose shared attributes are ``ds``, with their references; ``placement``
+    is the origin, the step between slices and the slice normal in LPS mm. ``pixels`` is ``(values, first)``: the
+    int16 stored values of slice ``k`` are row ``k - first`` of ``values``, an array or a
+    :func:`langmamba.workers.shared_empty` handle."""
+    values, first = pixels
+    stored = workers.open_shared(values, writable=False)
     origin, step, normal = placement
     for i, k in enumerate(part):
         position = origin + k * step
@@ -277,6 +283,6 @@ def _write_slices(ds: Dataset, folder: Path, width: int, placement: tuple[np.nda
             ds.ReferencedSeriesSequence = Sequence([series_item])
             if source_item is not None:
                 ds.SourceImageSequence = Sequence([source_item])
-        ds.PixelData = stored[i].tobytes()
+        ds.PixelData = stored[k - first].tobytes()
         _write_slice(ds, folder / f"{k + 1:0{width}d}.dcm")
     return len(part)
