@@ -4,8 +4,9 @@ Usage: python scripts/profile_denoise_gpu.py [--slices 300] [--batch-size 32] [-
 
 Times, on the synthetic volume of ``langmamba bench denoise`` (lung1's real slices tiled along z): slice
 denoising (cold, then warm), the model's forward alone, the explanation encoder pass (with and without the
-prefetching thread, and a CUDA kernel table of one batch), and formatting the per-region JSON text. ``--lung1-npz`` (arrays ``hu``, ``spacing``,
-``origin``, ``direction``) stands in for the sample study on hosts without SimpleITK.
+prefetching thread, and a CUDA kernel table of one batch), and formatting the per-region JSON text.
+``--lung1-npz`` (arrays ``hu``, ``spacing``, ``origin``, ``direction``) stands in for the sample study on hosts
+without SimpleITK.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main() -> None:
         print(f"{label}: {time.perf_counter() - start:.3f} s", flush=True)
         return result
 
-    timed(f"denoise {n} slices, batch {bs}, first call", lambda: denoise_slices(model, hu, batch_size=bs, device=device))
+    timed(f"denoise {n} slices, batch {bs}, first call",
+          lambda: denoise_slices(model, hu, batch_size=bs, device=device))
     denoised = timed(f"denoise {n} slices, warm", lambda: denoise_slices(model, hu, batch_size=bs, device=device))
     net = prepare_model(model, device)
     x = hu_to_model(torch.from_numpy(hu[:bs]).to(device))[:, None]

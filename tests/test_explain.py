@@ -237,7 +237,8 @@ def test_streamed_text_is_json_dumps_of_the_entries(model, geometry_case):
     expected = explain_volume(model, input_hu, output_hu, volume, top_k=4)
     assert slice_lines == [json.dumps(entry) for entry in expected["slices"]]
     assert json.loads(stream.getvalue()) == expected
-    assert expected["slices"][1]["levels"][0]["regions"][0]["bbox_mm"] == doc["slices"][1]["levels"][0]["regions"][0]["bbox_mm"]
+    first_box = [document["slices"][1]["levels"][0]["regions"][0]["bbox_mm"] for document in (expected, doc)]
+    assert first_box[0] == first_box[1]  # top_k changes words, not boxes
 
 
 def test_worker_processes_write_the_same_file(model, geometry_case, tmp_path, worker_processes):

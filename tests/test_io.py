@@ -32,8 +32,7 @@ from langmamba.errors import (
     UnsupportedFormatError,
     UnsupportedImageError,
 )
-from langmamba.io import AIR_HU, CTVolume, describe_volume, read_volume, write_volume
-from langmamba.io import dicom_write
+from langmamba.io import AIR_HU, CTVolume, describe_volume, dicom_write, read_volume, write_volume
 
 matplotlib.use("Agg")
 
