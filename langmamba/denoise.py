@@ -25,13 +25,13 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +59,15 @@ def default_weights() -> Path:
 
 
 def denoise_volume(model, volume: CTVolume, *, blend: float = 1.0, batch_size: int = 4, device: str = "auto",
-                   progress: bool = False, out: np.ndarray | None = None,
-                   on_batch: Callable[[int], None] | None = None) -> CTVolume:
+                   progress: bool = False, out: np.ndarray | None = None) -> CTVolume:
     """The denoised volume (same geometry and DICOM header); ``blend`` mixes output (1) and input (0).
 
-    ``out``: an optional float32 ``(Z, Y, X)`` array to denoise into; ``on_batch``: called with the number of
-    slices written so far (see :func:`langmamba.infer.denoise_slices`).
+    ``out``: an optional float32 ``(Z, Y, X)`` array to denoise into (see :func:`langmamba.infer.denoise_slices`).
     """
     from .infer import denoise_slices
 
     output = denoise_slices(model, volume.hu, batch_size=batch_size, device=device, progress=progress, blend=blend,
-                            out=out, on_batch=on_batch)
+                            out=out)
     return volume.with_hu(output)
 
 
@@ -108,40 +106,6 @@ def _timed(timings: dict[str, float], stage: str, start: float) -> float:
     return now
 
 
-def _explain_while_denoising(device: str) -> bool:
-    """Whether the explainer follows the denoiser batch by batch: on a GPU, which the two then keep busy. On the
-    CPU torch's threads already use every core."""
-    from .infer import resolve_device
-
-    return resolve_device(device).type == "cuda"
-
-
-class SlicesReady:
-    """How many leading slices of a volume being denoised are written, for an explainer that follows it."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._failed = False
-        self._condition = threading.Condition()
-
-    def advance(self, count: int) -> None:
-        with self._condition:
-            self._count = count
-            self._condition.notify_all()
-
-    def fail(self) -> None:
-        with self._condition:
-            self._failed = True
-            self._condition.notify_all()
-
-    def wait(self, count: int) -> None:
-        """Return once the first ``count`` slices are written; raise if the denoiser failed before."""
-        with self._condition:
-            self._condition.wait_for(lambda: self._count >= count or self._failed)
-            if self._count < count:
-                raise LangMambaError("denoising failed before the slices to explain were written")
-
-
 def process_volume(model, source: str | Path, destination: str | Path, *, explain: str | Path | None = None,
                    labels: str | Path | None = None, report: str | Path | None = None, level: int = 2,
                    blend: float = 1.0, batch_size: int | None = None, device: str = "auto",
@@ -149,17 +113,12 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
                    run_info: dict | None = None) -> dict[str, Path]:
     """Read, denoise, explain and write one volume with a loaded ``model``; returns the written paths.
 
-    On a GPU the explainer encodes every batch as soon as the denoiser has written it, so the GPU goes from one
-    to the other without waiting for the host; with :mod:`langmamba.workers` processes, they write the denoised
-    volume while the explanations are computed. Without either (a small CPU machine) the stages run one after
-    the other, and the input voxels are released before the outputs are written.
-
-    ``timings`` (if given) receives seconds per stage: ``read``, ``denoise`` (until the denoiser is done),
-    ``explain`` (the rest of the encoder and the streamed JSON), ``write`` (what remains of writing the denoised
-    volume, the label map and colour table) and ``report``.
+    ``timings`` (if given) receives seconds per stage: ``read``, ``denoise``, ``explain`` (encoder and the
+    streamed JSON), ``write`` (denoised volume, label map, colour table) and ``report``. With
+    :mod:`langmamba.workers` processes the denoised volume is written during ``explain``, and ``write`` counts
+    the rest.
     """
     from .explain import write_explanation
-    from .infer import prepare_model, resolve_device
 
     timings = {} if timings is None else timings
     batch_size = default_batch_size(device) if batch_size is None else batch_size
@@ -173,39 +132,21 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
     start = time.perf_counter()
     volume = read_volume(source, progress=progress)
     start = _timed(timings, "read", start)
+    denoised = denoise_volume(model, volume, blend=blend, batch_size=batch_size, device=device, progress=progress)
+    start = _timed(timings, "denoise", start)
 
     written: dict[str, Path] = {}
     collector = document = None
     images = {}
     explaining = bool(explain or labels or report)
-    follow = explaining and _explain_while_denoising(device)
-    # Once, before two threads use it: converting the stored float16 weights in place while the other runs breaks it.
-    model = prepare_model(model, resolve_device(device))
-    ready = SlicesReady()
-    output = np.empty(volume.shape, dtype=np.float32)
-    denoised_at = [start]
-
-    def denoise(show: bool) -> CTVolume:
-        try:
-            result = denoise_volume(model, volume, blend=blend, batch_size=batch_size, device=device, progress=show,
-                                    out=output, on_batch=ready.advance)
-        except BaseException:
-            ready.fail()
-            raise
-        denoised_at[0] = time.perf_counter()
-        return result
-
-    def write_denoised(denoised: CTVolume, derived_from: CTVolume, show: bool) -> Path:
-        return write_volume(denoised, destination, series_description="LangMamba denoised", overwrite=overwrite,
-                            derived_from=derived_from, progress=show)
-
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="langmamba") as threads:
-        denoising = threads.submit(denoise, False) if follow else None
-        denoised = None if follow else denoise(progress)
+    write_denoised = partial(write_volume, denoised, destination, series_description="LangMamba denoised",
+                             overwrite=overwrite)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmamba-write") as writer:
+        # With worker processes, they write the denoised volume while the GPU and the other workers explain it;
+        # without, the input is released first (on a 2-core machine nothing would run alongside anyway).
         background = None
         if explaining and workers.worker_count():
-            background = threads.submit(
-                lambda: write_denoised(denoised if denoising is None else denoising.result(), volume, False))
+            background = writer.submit(write_denoised, derived_from=volume, progress=False)
         if explaining:
             from .report import ReportCollector
 
@@ -213,31 +154,19 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
             collector = ReportCollector(level, volume.shape[0]) if labels or report else None
             # The explainer encodes input and output of every slice: half the slices per batch keeps the encoder's
             # activations (host memory on the CPU) at the denoiser's ``batch_size`` images.
-            kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_batch=collector,
-                          ready=ready.wait)
+            kwargs = dict(batch_size=max(1, batch_size // 2), device=device, progress=progress, on_batch=collector)
             with ExitStack() as stack:
                 target = os.devnull
                 if explain:
                     explain = Path(explain)
                     target = stack.enter_context(atomic_output(explain, as_folder=False, overwrite=overwrite))
                     target = target / explain.name
-                try:
-                    document = write_explanation(target, model, volume.hu, output, volume, **kwargs)
-                except LangMambaError:
-                    if denoising is not None:
-                        denoising.result()  # the denoiser's own error, when it failed first
-                    raise
-            if denoising is not None:
-                denoised = denoising.result()
+                document = write_explanation(target, model, volume.hu, denoised.hu, volume, **kwargs)
             if explain:
                 written["explanations"] = explain
             if report:
                 images = {z: (volume.hu[z].copy(), denoised.hu[z].copy()) for z in collector.choose_slices()}
-        timings["denoise"] = denoised_at[0] - start
-        if explaining:
-            start = _timed(timings, "explain", denoised_at[0])
-        else:
-            start = denoised_at[0]
+            start = _timed(timings, "explain", start)
 
         volume = _geometry_only(volume)
         if labels:
@@ -249,7 +178,7 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
             del label_map
             written["colour table"] = _write_color_table(words, color_table_path(labels), overwrite)
         if background is None:
-            written["denoised"] = write_denoised(denoised, volume, progress)
+            written["denoised"] = write_denoised(derived_from=volume, progress=progress)
         else:
             written["denoised"] = background.result()
     start = _timed(timings, "write", start)

@@ -255,9 +255,7 @@ class _Explainer:
         top_k: int,
         batch_size: int,
         device: str | torch.device,
-        ready: Callable[[int], None] | None = None,
     ) -> None:
-        self.ready = ready
         self.input_hu = _as_hu(input_hu, "input_hu")
         self.output_hu = _as_hu(output_hu, "output_hu")
         shape = self.input_hu.shape
@@ -337,8 +335,6 @@ class _Explainer:
     def _batch(self, start: int) -> ExplainedBatch:
         """Encode and score slices ``start .. start + batch_size - 1`` (output and input in one encoder batch)."""
         stop = min(start + self.batch_size, self.input_hu.shape[0])
-        if self.ready is not None:
-            self.ready(stop)
         chunk = torch.cat([torch.from_numpy(np.ascontiguousarray(hu[start:stop])).to(self.device).float()
                            for hu in (self.output_hu, self.input_hu)])
         if not torch.isfinite(chunk).all():
@@ -501,7 +497,6 @@ def write_explanation(
     device: str | torch.device = "cpu",
     progress: bool = False,
     on_batch: Callable[[ExplainedBatch], None] | None = None,
-    ready: Callable[[int], None] | None = None,
 ) -> dict:
     """Stream the document of :func:`explain_volume` as JSON to ``destination`` (a path or a text stream).
 
@@ -511,15 +506,13 @@ def write_explanation(
     path is written in place (no temporary file); callers that need all-or-nothing output pass a stream
     opened in a staging folder (see :mod:`langmamba.io.atomic`). ``on_batch``, when given, is called with
     every :class:`ExplainedBatch` right after its slices are written (e.g. to collect a label map and a
-    report with :class:`langmamba.report.ReportCollector`). ``ready``, when given, is called with ``n`` before
-    the first ``n`` slices of ``output_hu`` are read and returns once they are written (so explaining can follow
-    a denoiser that is still filling ``output_hu``). The other arguments and the errors are those of
-    :func:`explain_volume`.
+    report with :class:`langmamba.report.ReportCollector`). The other arguments and the errors are those
+    of :func:`explain_volume`.
 
     Returns:
         The document without ``"slices"`` (header and summary), e.g. for a report.
     """
-    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, ready)
+    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
     if isinstance(destination, (str, Path)):
         with open(destination, "w", encoding="utf-8") as stream:
             return _stream(explainer, stream, progress, on_batch)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import nn
@@ -21,8 +19,7 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, device: str | torch.device = "auto",
-                   progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None,
-                   on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+                   progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
     """Denoise ``hu`` (Z, H, W) slice by slice in batches; returns float32 HU of the same shape.
 
     The model sees the paper's normalisation ([-1000, 2000] HU -> [0, 1]); voxels outside that range (metal,
@@ -38,7 +35,6 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
         progress: show a tqdm bar over the slices.
         blend: ``blend * denoised + (1 - blend) * hu``; 1 = denoised only.
         out: float32 ``(Z, H, W)`` array to fill (it may be ``hu`` itself); a new one when ``None``.
-        on_batch: called with the number of leading slices of ``out`` written so far, after every batch.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
@@ -64,6 +60,4 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
                 result = blend * result + (1.0 - blend) * chunk
             target[start:start + len(chunk)].copy_(result)  # straight into the output, no host temporary
             bar.update(len(chunk))
-            if on_batch is not None:
-                on_batch(start + len(chunk))
     return out

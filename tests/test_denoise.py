@@ -5,8 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from langmamba import denoise as denoise_module
-from langmamba import infer as infer_module
 from langmamba import workers
 from langmamba.cli import main
 from langmamba.denoise import run_denoise
@@ -52,38 +50,6 @@ def test_worker_processes_give_the_same_outputs(dicom_ct_series, tmp_path, worke
     np.testing.assert_array_equal(parallel.hu, serial.hu)
     np.testing.assert_array_equal(parallel_labels, serial_labels)
     assert json.loads(parallel_text) == json.loads(serial_text)
-
-
-def test_explaining_while_denoising_gives_the_same_outputs(dicom_ct_series, tmp_path, monkeypatch):
-    """What a GPU run does (the explainer follows the denoiser batch by batch), here on the CPU."""
-    folder, _ = dicom_ct_series
-    texts = []
-    for follow in (True, False):
-        monkeypatch.setattr(denoise_module, "_explain_while_denoising", lambda device: follow)
-        out = tmp_path / str(follow)
-        timings = {}
-        run_denoise(folder, out / "denoised", explain=out / "e.json", device="cpu", batch_size=2, progress=False,
-                    timings=timings)
-        assert timings["denoise"] > 0 and timings["explain"] > 0
-        texts.append((read_volume(out / "denoised").hu, (out / "e.json").read_text()))
-    np.testing.assert_array_equal(texts[0][0], texts[1][0])
-    assert json.loads(texts[0][1]) == json.loads(texts[1][1])
-
-
-def test_a_denoiser_failure_stops_the_explainer_that_follows_it(dicom_ct_series, tmp_path, monkeypatch):
-    folder, _ = dicom_ct_series
-    monkeypatch.setattr(denoise_module, "_explain_while_denoising", lambda device: True)
-
-    def fail_after_one_batch(model, hu, *, out, on_batch, **kwargs):
-        out[:1] = hu[:1]
-        on_batch(1)
-        raise RuntimeError("the GPU fell over")
-
-    monkeypatch.setattr(infer_module, "denoise_slices", fail_after_one_batch)
-    with pytest.raises(RuntimeError, match="GPU fell over"):
-        run_denoise(folder, tmp_path / "denoised", explain=tmp_path / "e.json", device="cpu", batch_size=2,
-                    progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["series"]  # the input only: nothing half-written
 
 
 def test_blend_zero_returns_the_input(tmp_path, tiny_ct_volume):
