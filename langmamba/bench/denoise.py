@@ -6,9 +6,13 @@ low dose), writes it as a DICOM series (or ``--format nrrd``), and runs the same
 (:func:`langmamba.denoise.process_volume`) on it in a fresh process, so the reported peak host memory
 (``ru_maxrss``) is that of the pipeline alone. ``--input PATH`` measures a given volume instead.
 
+``--runs N`` runs the pipeline N times in that process and reports the last run, as a server or a folder run
+would see it once warm, with the first run's total (CUDA start-up, kernel compilation) beside it.
+
 It reports slices/s, seconds per slice, the share of time in I/O (read + write of the volume, label map and
 colour table) and in compute (denoising + explanations; the explanation JSON is streamed to disk while it is
-computed, so its writing counts as compute), the peak RSS, and the model's achieved TFLOP/s: FLOPs of one slice
+computed, so its writing counts as compute, and so does the denoised series' writing when
+:mod:`langmamba.workers` processes do it during the explanations), the peak RSS, and the model's achieved TFLOP/s: FLOPs of one slice
 counted with :class:`torch.utils.flop_counter.FlopCounterMode` (plus the selective scans, which the counter does
 not see) times the slices, over the compute time, against ``--peak-tflops`` (H100 dense bf16: 989) on CUDA.
 """
