@@ -20,6 +20,7 @@ import torch
 from langmamba.checkpoint import load_checkpoint
 from langmamba.denoise import default_weights
 from langmamba.explain import _Explainer
+from langmamba.explanation_text import slice_texts
 from langmamba.infer import denoise_slices, prepare_model
 from langmamba.normalization import hu_to_model
 from langmamba.simulate._tensor import resolve_device
@@ -90,7 +91,9 @@ def main() -> None:
         list(explainer.batches())
         timed("with cudnn.benchmark: explanation encoder + word scores", lambda: list(explainer.batches()))
         torch.backends.cudnn.benchmark = False
-    texts = timed("JSON text of the regions", lambda: [t for batch in explained for t in explainer.entry_texts(batch)])
+    text_format = explainer.text_format
+    texts = timed("JSON text of the regions, one process",
+                  lambda: [t for batch in explained for t in slice_texts(text_format, batch.start, batch.levels)])
     print(f"explanation JSON: {sum(map(len, texts)) / 1e6:.1f} MB for {n} slices")
     timed("region dicts (explain_volume's in-memory document)",
           lambda: [e for batch in explained[:1] for e in explainer.entries(batch)])
