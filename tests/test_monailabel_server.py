@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import SimpleITK as sitk
@@ -40,7 +41,9 @@ def server(tmp_path_factory, lung2):
     studies = tmp / "studies"
     studies.mkdir()
     write_volume(crop(lung2, slice(28, 31), slice(160, 288), slice(128, 256)), studies / "chest.nrrd")
-    srv = MonaiLabelServer(studies, tmp, conf={"max_upload_mb": str(UPLOAD_LIMIT_MB), "max_voxels": "4000000"})
+    # Two langmamba.workers processes, forked inside the server, read and write the DICOM of the requests.
+    srv = MonaiLabelServer(studies, tmp, conf={"max_upload_mb": str(UPLOAD_LIMIT_MB), "max_voxels": "4000000"},
+                           env={"LANGMAMBA_WORKERS": "2"})
     srv.studies = studies
     yield srv
     srv.stop()
@@ -142,6 +145,8 @@ def test_zipped_dicom_series_upload(server, lung2, tmp_path, dicom_series_writer
     assert result.GetSize() == (80, 64, 2)
     np.testing.assert_allclose(result.GetSpacing(), volume.spacing, rtol=1e-5)
     np.testing.assert_allclose(result.GetOrigin(), volume.origin, atol=1e-3)
+    # the series was read by the server's two worker processes, forked beside its threads
+    assert len(psutil.Process(server.process.pid).children()) == 2
 
 
 def test_output_all_is_multipart_params_and_image(server, tmp_path):
