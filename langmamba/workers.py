@@ -12,7 +12,7 @@ scripts without a ``__main__`` guard work too. The pool starts on first use and 
 server or a folder run pays its start once.
 
 The number of processes comes from ``LANGMAMBA_WORKERS``; ``0`` keeps all work in the calling process. The default
-is one process per CPU core beyond two, at most 8: a 2-core machine works in-process, where extra processes
+is one process per usable CPU core beyond two, at most 8: a 2-core machine works in-process, where extra processes
 would only compete with torch's own threads.
 """
 
@@ -47,15 +47,23 @@ def worker_count() -> int:
     if _count is None:
         value = os.environ.get("LANGMAMBA_WORKERS")
         if value is None:
-            _count = min(MAX_DEFAULT_WORKERS, max(0, (os.cpu_count() or 1) - 2))
-        else:
-            try:
-                _count = int(value)
-            except ValueError:
-                raise ConfigError(f"LANGMAMBA_WORKERS must be a whole number, got {value!r}") from None
-            if _count < 0:
-                raise ConfigError(f"LANGMAMBA_WORKERS must be 0 or more, got {_count}")
+            _count = min(MAX_DEFAULT_WORKERS, max(0, usable_cores() - 2))
+            return _count
+        try:
+            count = int(value)
+        except ValueError:
+            raise ConfigError(f"LANGMAMBA_WORKERS must be a whole number, got {value!r}") from None
+        if count < 0:
+            raise ConfigError(f"LANGMAMBA_WORKERS must be 0 or more, got {count}")
+        _count = count
     return _count
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (a container's limit, not the host's count, where the OS says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def configure(workers: int | None) -> None:
