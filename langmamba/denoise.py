@@ -38,7 +38,7 @@ import numpy as np
 
 from . import workers
 from .errors import CheckpointError, ConfigError, InputError, LangMambaError
-from .io import CTVolume, read_volume, write_volume
+from .io import CTVolume, read_volume, write_labels, write_volume
 from .io.atomic import atomic_output, check_not_input
 from .io.formats import has_dicom_magic, suffix_of
 
@@ -172,8 +172,7 @@ def process_volume(model, source: str | Path, destination: str | Path, *, explai
         if labels:
             labels = Path(labels)
             label_map, words = collector.label_map(volume.shape)
-            # int16 on disk: write_volume stores integer values in range as int16.
-            written["label map"] = write_volume(volume.with_hu(label_map), labels, overwrite=overwrite,
+            written["label map"] = write_labels(label_map, volume, labels, overwrite=overwrite,
                                                 series_description="LangMamba explanation labels")
             del label_map
             written["colour table"] = _write_color_table(words, color_table_path(labels), overwrite)

@@ -32,7 +32,7 @@ from langmamba.errors import (
     UnsupportedFormatError,
     UnsupportedImageError,
 )
-from langmamba.io import AIR_HU, CTVolume, describe_volume, dicom_write, read_volume, write_volume
+from langmamba.io import AIR_HU, CTVolume, describe_volume, dicom_write, read_volume, write_labels, write_volume
 
 matplotlib.use("Agg")
 
@@ -622,3 +622,26 @@ def test_dicom_series_round_trip_needs_neither_simpleitk_nor_nibabel(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "series")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "series").iterdir())) == 2
+
+
+def test_label_maps_are_written_as_int16_on_the_volume_grid(tmp_path, tiny_ct_volume):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 316, size=tiny_ct_volume.shape).astype(np.int32)
+    path = write_labels(labels, tiny_ct_volume, tmp_path / "labels.nrrd")
+    image = sitk.ReadImage(str(path))
+    assert image.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    np.testing.assert_allclose(image.GetSpacing(), tiny_ct_volume.spacing)
+    np.testing.assert_allclose(image.GetOrigin(), tiny_ct_volume.origin)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), tiny_ct_volume.direction)
+    with pytest.raises(OverwriteError):
+        write_labels(labels, tiny_ct_volume, path)
+    as_dicom = read_volume(write_labels(labels, tiny_ct_volume, tmp_path / "labels-series"), check_hu=False)
+    np.testing.assert_array_equal(as_dicom.hu, labels)
+    with pytest.raises(InputError, match="integers of shape"):
+        write_labels(labels[:1], tiny_ct_volume, tmp_path / "short.nrrd")
+    with pytest.raises(InputError, match="integers of shape"):
+        write_labels(labels.astype(np.float32), tiny_ct_volume, tmp_path / "float.nrrd")
+    with pytest.raises(InputError, match="int16"):
+        write_labels(labels + 40000, tiny_ct_volume, tmp_path / "big.nrrd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels-series", "labels.nrrd"]

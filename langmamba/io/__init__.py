@@ -20,10 +20,11 @@ _EXPORTS = {
     "check_not_input": "langmamba.io.atomic",
     "describe_volume": "langmamba.io.describe",
     "read_volume": "langmamba.io.api",
+    "write_labels": "langmamba.io.api",
     "write_volume": "langmamba.io.api",
 }
 
-__all__ = ["AIR_HU", "CTVolume", "Format", "describe_volume", "read_volume", "write_volume"]
+__all__ = ["AIR_HU", "CTVolume", "Format", "describe_volume", "read_volume", "write_labels", "write_volume"]
 
 
 def __getattr__(name: str):

@@ -1,9 +1,11 @@
-"""read_volume and write_volume: format dispatch, input checks and atomic writes."""
+"""read_volume, write_volume and write_labels: format dispatch, input checks and atomic writes."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
 
 from langmamba.errors import EmptyInputError, InputError
 from langmamba.io.atomic import atomic_output, check_not_input
@@ -12,6 +14,8 @@ from langmamba.io.dicom_write import write_dicom_series
 from langmamba.io.formats import Format, format_for_reading, format_for_writing
 from langmamba.io.validate import check_finite, check_hu_range
 from langmamba.io.volume import CTVolume
+
+_INT16 = np.iinfo(np.int16)
 
 
 def read_volume(
@@ -114,4 +118,45 @@ def write_volume(
             from langmamba.io import itk_formats
 
             itk_formats.write_sitk(volume, staging / output.name)
+    return output
+
+
+def write_labels(
+    labels: np.ndarray,
+    geometry: CTVolume,
+    path: str | os.PathLike,
+    *,
+    series_description: str = "LangMamba labels",
+    overwrite: bool = False,
+) -> Path:
+    """Write an integer label volume on the grid of ``geometry`` atomically, like :func:`write_volume`.
+
+    NIfTI, NRRD and MetaImage files store ``labels`` as int16 straight from the array: a 1,000-slice 512² map
+    is 0.5 GB, where :func:`write_volume` would first make float32 copies of 1 GB each. A DICOM series goes
+    through :func:`write_volume`.
+
+    Args:
+        labels: integers ``(Z, Y, X)`` within int16, e.g. explanation word ids + 1.
+        geometry: spacing, origin, direction (and DICOM header) of the grid; its voxels are not read.
+        path, series_description, overwrite: as for :func:`write_volume`.
+
+    Raises:
+        InputError: ``labels`` is not an integer array of ``geometry``'s shape within int16.
+        OverwriteError, UnsupportedFormatError: as for :func:`write_volume`.
+    """
+    if labels.shape != tuple(geometry.shape) or labels.dtype.kind not in "iu":
+        raise InputError(f"labels must be integers of shape {tuple(geometry.shape)}, got {labels.dtype} "
+                         f"{labels.shape}")
+    if labels.size and (int(labels.min()) < _INT16.min or int(labels.max()) > _INT16.max):
+        raise InputError("label values must fit in int16")
+    fmt = format_for_writing(path)
+    if fmt is Format.DICOM:
+        return write_volume(geometry.with_hu(labels), path, series_description=series_description,
+                            overwrite=overwrite)
+    from langmamba.io import itk_formats
+
+    output = Path(path).expanduser()
+    check_not_input(output, [geometry.source])
+    with atomic_output(output, as_folder=False, overwrite=overwrite) as staging:
+        itk_formats.write_array(labels.astype(np.int16, copy=False), geometry, staging / output.name)
     return output

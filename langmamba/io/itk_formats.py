@@ -165,10 +165,16 @@ def write_sitk(volume: CTVolume, filename: Path) -> None:
     Raises:
         OSError: SimpleITK could not write the file (disk full, permissions ...).
     """
-    image = sitk.GetImageFromArray(storage_array(volume.hu))
-    image.SetSpacing(volume.spacing)
-    image.SetOrigin(volume.origin)
-    image.SetDirection(tuple(volume.direction.flatten()))
+    write_array(storage_array(volume.hu), volume, filename)
+
+
+def write_array(values: np.ndarray, geometry: CTVolume, filename: Path) -> None:
+    """Write ``values (Z, Y, X)``, stored in their own dtype, on the grid of ``geometry`` (its voxels are not
+    read) to ``filename`` with SimpleITK; errors as :func:`write_sitk`."""
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(tuple(geometry.direction.flatten()))
     try:
         sitk.WriteImage(image, str(filename), True)
     except RuntimeError as err:
