@@ -60,7 +60,8 @@ class ReportCollector:
         self.seen = np.zeros(depth, dtype=bool)
 
     def __call__(self, batch: ExplainedBatch) -> None:
-        self.boxes = {level: boxes.astype(np.int32) for level, boxes in batch.boxes.items()}
+        if not self.boxes:  # every batch of one explanation carries the same boxes
+            self.boxes = {level: boxes.astype(np.int32) for level, boxes in batch.boxes.items()}
         for words in batch.levels:
             if words.level != self.level:
                 continue
