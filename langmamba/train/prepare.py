@@ -68,6 +68,15 @@ def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = Tr
     return output
 
 
+def _origin(extra: dict[str, np.ndarray], i: int) -> dict:
+    """Case, role, crop offset and slice index of slice ``i`` (format 2; format 1 files have none)."""
+    if "cases" not in extra:
+        return {}
+    index = int(extra["indices"][i])
+    return {"case": str(extra["cases"][i]) or None, "role": str(extra["roles"][i]) or None,
+            "offset": (int(extra["offsets"][i][0]), int(extra["offsets"][i][1])), "index": index if index >= 0 else None}
+
+
 def _pack_hu(hu: np.ndarray) -> np.ndarray:
     """uint8 blob: ``b"i"`` + LZMA of the int16 HU's low-byte plane then high-byte plane (lossless, integer HU),
     or ``b"f"`` + LZMA of float32 values (non-integer HU, e.g. real low-dose pairs stored as floats)."""
@@ -130,12 +139,7 @@ def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
                 low = _unpack_hu(archive[f"low_{i}"], shape) if f"low_{i}" in names else None
                 label = _unpack_mask(archive[f"label_{i}"], shape) if f"label_{i}" in names else None
             slices.append(CTSlice(full=full, spacing_mm=tuple(spacing), patient=str(patient), low=low, label=label,
-                                  words=[archive[f"words{level}_{i}"] for level in range(3)],
-                                  case=str(extra["cases"][i]) or None if "cases" in extra else None,
-                                  role=str(extra["roles"][i]) or None if "roles" in extra else None,
-                                  offset=tuple(int(v) for v in extra["offsets"][i]) if "offsets" in extra else (0, 0),
-                                  index=int(extra["indices"][i]) if "indices" in extra and extra["indices"][i] >= 0
-                                  else None))
+                                  words=[archive[f"words{level}_{i}"] for level in range(3)], **_origin(extra, i)))
         if len(slices) != count:
             raise InputError(f"{path}: damaged prepared set ({len(slices)} of {count} slices)")
         language = {"codebook": archive["codebook"], "vocabulary": [str(v) for v in archive["vocabulary"]],
