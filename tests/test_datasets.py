@@ -224,6 +224,22 @@ def test_a_patient_in_two_roles_is_refused(monkeypatch):
         role_of_patient()
 
 
+def test_training_keeps_the_fixed_split_of_prepared_slices():
+    from langmamba.data import CTSlice
+    from langmamba.train.data import split_by_role
+
+    image = np.zeros((4, 4), np.float32)
+    slices = [CTSlice(full=image, spacing_mm=(1, 1), patient=c.patient, case=c.id, role=c.role)
+              for c in cases_in(TRAINING, VALIDATION)]
+    train, validation = split_by_role(slices)
+    assert {s.case for s in train} == {"lung1", "rider", "platipy"}
+    assert {s.role for s in validation} == {VALIDATION} and len(validation) == len(slices) - 3
+    _, narrowed = split_by_role(slices, ["lungdx_a0001"])
+    assert [s.case for s in narrowed] == ["lungdx_a0001"]
+    with pytest.raises(ConfigError, match="not validation patients"):
+        split_by_role(slices, ["lung1"])  # a training patient cannot be moved into validation
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_the_dicom_cases_are_different_people(cache):
     """No DICOM case is a second copy of another case's patient (compared by a digest, never printed)."""

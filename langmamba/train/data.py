@@ -10,6 +10,7 @@ import torch
 
 from ..data import CTSlice, PatchSampler, builtin_training_slices, load_mayo_dicom_pairs, load_npy_pairs
 from ..data import slices_from_volume, split_by_patient
+from ..errors import ConfigError
 from ..normalization import hu_to_model
 from ..simulate import simulate_slice
 from .config import DataConfig
@@ -66,6 +67,23 @@ def _centre_crop(s: CTSlice, size: int) -> CTSlice:
                    offset=(s.offset[0] + top, s.offset[1] + left))
 
 
+def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None = None
+                  ) -> tuple[list[CTSlice], list[CTSlice]]:
+    """The fixed patient-level split of :mod:`langmamba.data.cases` carried by prepared slices: training and
+    validation slices by their role (test slices are never used). ``validation_patients`` may narrow validation to
+    some of its patients, never move a training patient into it."""
+    train = [s for s in slices if s.role == "training"]
+    validation = [s for s in slices if s.role == "validation"]
+    if validation_patients is not None:
+        known = {s.patient for s in validation}
+        wrong = sorted(set(validation_patients) - known)
+        if wrong:
+            raise ConfigError(f"data.validation_patients {wrong} are not validation patients of the fixed split; "
+                              f"validation patients: {sorted(known)} (or leave the setting unset)")
+        validation = [s for s in validation if s.patient in set(validation_patients)]
+    return train, validation
+
+
 def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str) -> list[np.ndarray]:
     """Low-dose partner of every slice: the real one when present, else simulated (dose drawn per slice)."""
     rng = np.random.default_rng(seed)
@@ -97,10 +115,8 @@ class TrainingData:
     def build(cls, config: DataConfig, device: torch.device, seed: int, rank: int = 0,
               validation_slices: int = 8) -> "TrainingData":
         slices, language = load_slices(config)
-        if config.validation_patients is None and slices and all(s.role is not None for s in slices):
-            # The fixed patient-level split of langmamba.data.cases; test slices are never loaded for training.
-            train = [s for s in slices if s.role == "training"]
-            validation = [s for s in slices if s.role == "validation"]
+        if slices and all(s.role is not None for s in slices):
+            train, validation = split_by_role(slices, config.validation_patients)
         else:
             train, validation = split_by_patient(slices, config.validation_patients, config.validation_fraction,
                                                  seed)
