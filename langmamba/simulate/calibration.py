@@ -6,7 +6,7 @@ The scanner's incident photons are unknown, so they are solved for: the noise th
 measured in the same flat soft tissue as the native noise, must be ``σ_native² · (1 / d - 1)``.
 
 Noise is measured as the global noise level of Christianson et al. ("Automated technique to measure
-noise in clinical CT examinations", AJR 204(6), 2015): the mode of the histogram of local standard
+noise in clinical CT examinations", AJR 204(6), 2015): the mode of the distribution of local standard
 deviations over soft tissue, which ignores edges and structure without any hand-placed ROI.
 """
 
@@ -57,16 +57,25 @@ def local_std(images: torch.Tensor, window_px: int) -> torch.Tensor:
     return ((mean_sq - mean * mean).clamp_min(0.0) * (n / (n - 1))).sqrt().float()[:, 0]
 
 
-def histogram_mode(values: torch.Tensor, bins: int = 100) -> float:
-    """Mode of a 1-D sample: the peak of its histogram over [0, 99th percentile], smoothed over 5 bins."""
-    values = values.double()
-    top = float(torch.quantile(values, 0.99)) if values.numel() < 16_000_000 else float(values.max())
-    if not top > 0:
-        return 0.0
-    counts = torch.histc(values, bins=bins, min=0.0, max=top)
-    smooth = F.avg_pool1d(counts[None, None], 5, stride=1, padding=2, count_include_pad=False)[0, 0]
-    peak = int(torch.argmax(smooth))
-    return (peak + 0.5) * top / bins
+def kernel_mode(values: torch.Tensor, bandwidth: float = 0.1, steps: int = 50) -> float:
+    """Mode of a positive 1-D sample by mean shift with a Gaussian kernel ``bandwidth`` × the median wide.
+
+    Starting at the median, the estimate moves to the kernel-weighted mean until it settles. Unlike the
+    peak of a histogram it varies smoothly with the data and scales with them (mode(c·x) = c·mode(x)),
+    which the photon search of :func:`native_incident_photons` relies on.
+    """
+    values = values.double().flatten()
+    mode = float(values.median())
+    width = bandwidth * mode
+    if not width > 0:
+        return mode
+    for _ in range(steps):
+        weight = torch.exp(-0.5 * ((values - mode) / width) ** 2)
+        new = float((weight * values).sum() / weight.sum())
+        if abs(new - mode) < 1e-6 * width:
+            return new
+        mode = new
+    return mode
 
 
 def window_pixels(pixel_spacing_mm: float | Sequence[float], window_mm: float = WINDOW_MM) -> int:
@@ -120,7 +129,7 @@ def estimate_noise(
     for i in range(images.shape[0]):
         values = sd[i][mask[i]]
         if values.numel() >= MIN_PIXELS:
-            sigma[i] = histogram_mode(values)
+            sigma[i] = kernel_mode(values)
     return NoiseEstimate(sigma_hu=sigma, mask=mask, window_px=side)
 
 
@@ -148,7 +157,7 @@ def native_incident_photons(
     pixel_spacing_mm: float | Sequence[float] | torch.Tensor,
     dose: float | Sequence[float] | torch.Tensor = 0.25,
     *,
-    iterations: int = 4,
+    iterations: int = 6,
     tolerance: float = 0.03,
     start_photons: float | None = None,
     seed: int = 0,
@@ -158,8 +167,9 @@ def native_incident_photons(
     """Solve, slice by slice, for the ``incident_photons`` at which ``dose`` gives native variance / ``dose``.
 
     The added variance of the quantum noise scales as ``1 / I0``; electronic noise and the low-signal
-    correction bend that a little, so the update ``I0 ← I0 · measured / wanted`` is repeated until the
-    measured added variance is within ``tolerance`` of ``σ_native² (1 / d - 1)`` (or ``iterations`` runs).
+    correction bend that, so the photons are searched by the secant method on log variance against
+    log photons (first step: slope -1) until the measured added variance is within ``tolerance`` of
+    ``σ_native² (1 / d - 1)`` (or ``iterations`` runs).
     Each iteration is one noise simulation with a fixed ``seed``.
 
     Args:
@@ -198,6 +208,7 @@ def native_incident_photons(
     photons = torch.full((n,), float(start_photons or FULL_DOSE_PHOTONS), dtype=torch.float64)
     added = torch.zeros(n, dtype=torch.float64)
     active = torch.isfinite(sigma_native) & (wanted > 0)
+    previous: list[tuple[float, float] | None] = [None] * n
     spacing_arg = pixel_spacing_mm if isinstance(pixel_spacing_mm, torch.Tensor) else spacings[0]
     for iteration in range(iterations):
         todo = torch.nonzero(active).flatten()
@@ -216,7 +227,14 @@ def native_incident_photons(
             if abs(ratio - 1.0) <= tolerance or not math.isfinite(ratio) or ratio <= 0:
                 active[i] = False
             elif iteration < iterations - 1:  # the last photons stay the ones measured
-                photons[i] *= ratio
+                slope = -1.0
+                if previous[i] is not None:  # secant on log variance against log photons
+                    (log_i0, log_var) = previous[i]
+                    step = math.log(photons[i]) - log_i0
+                    if abs(step) > 1e-6:
+                        slope = min(-0.3, max(-2.0, (math.log(measured**2) - log_var) / step))
+                previous[i] = (math.log(photons[i]), math.log(measured**2))
+                photons[i] *= ratio ** (-1.0 / slope)
     photons[~torch.isfinite(sigma_native)] = math.nan
     no_noise = torch.isfinite(sigma_native) & (wanted <= 0)  # dose 1: nothing to add
     added[no_noise] = 0.0
