@@ -35,11 +35,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
     from .io import read_volume, write_volume
-    from .simulate import simulate_volume
+    from .simulate import calibrate_volume, simulate_volume
 
+    photons: object = args.incident_photons
+    if photons != "native":
+        try:
+            photons = float(photons)
+        except ValueError:
+            raise ConfigError(f"--incident-photons must be 'native' or a number, got {photons!r}") from None
     volume = read_volume(args.input)
-    low_dose = simulate_volume(volume, dose=args.dose, seed=args.seed, device=args.device, progress=True)
+    if photons == "native":
+        calibration = calibrate_volume(volume, args.dose, seed=args.seed, device=args.device)
+        print(calibration.line())
+        photons = calibration.incident_photons
+    low_dose = simulate_volume(volume, dose=args.dose, seed=args.seed, device=args.device, progress=True,
+                               incident_photons=photons)
     percent = f"{100 * args.dose:g}%"
     written = write_volume(low_dose, args.output, series_description=f"Simulated {percent} dose (langmamba)",
                            overwrite=args.overwrite, derived_from=volume)
@@ -214,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--dose", type=float, default=0.25, help="dose fraction, e.g. 0.25 for quarter dose")
     simulate.add_argument("--seed", type=int, default=0, help="random seed (same seed, same noise)")
     simulate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    simulate.add_argument("--incident-photons", default="native",
+                          help="'native' (default): photons solved from the scan's own noise so that the dose "
+                               "multiplies its noise variance by 1/dose; or a number: photons of the central ray")
     simulate.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     simulate.set_defaults(handler=_cmd_simulate)
 

@@ -11,16 +11,23 @@ import torch
 from langmamba.errors import ConfigError
 from langmamba.io.volume import CTVolume
 from langmamba.simulate import (
+    BowtieFilter,
     FanBeamGeometry,
+    LowSignalFilter,
+    TubeCurrentModulation,
     added_count_variance,
+    calibrate_volume,
     derive_slice_seeds,
+    estimate_noise,
     fan_beam_project,
     fbp_parallel,
+    native_incident_photons,
     projection_noise,
     rebin_fan_to_parallel,
     simulate_batch,
     simulate_slice,
     simulate_volume,
+    z_modulation,
 )
 
 # Same fan and field of view as the default scanner, sampled half as finely: keeps the physics, 8x faster.
@@ -236,14 +243,16 @@ def test_same_seed_same_output_and_different_seed_differs():
 def test_simulate_volume_per_slice_seeds_and_geometry():
     hu = np.stack([_water_cylinder(96, 2.5), _water_cylinder(96, 2.5) + 10.0, _water_cylinder(96, 2.5)])
     volume = CTVolume(hu=hu, spacing=(2.5, 2.5, 3.0), origin=(1.0, 2.0, 3.0), source="memory")
-    out = simulate_volume(volume, 0.25, seed=7, geometry=SMALL, batch_size=2)
+    out = simulate_volume(volume, 0.25, seed=7, geometry=SMALL, batch_size=2, incident_photons=2e5)
     assert isinstance(out, CTVolume)
     assert out.shape == volume.shape and out.spacing == volume.spacing and out.origin == volume.origin
     seeds = derive_slice_seeds(7, 3)
+    photons = 2e5 * z_modulation(volume, TubeCurrentModulation())
+    assert photons[1] > photons[0] == pytest.approx(photons[2])  # the denser slice gets more current
     for z in range(3):
-        one = simulate_slice(hu[z], 2.5, 0.25, geometry=SMALL, seed=seeds[z])
+        one = simulate_slice(hu[z], 2.5, 0.25, geometry=SMALL, seed=seeds[z], incident_photons=photons[z])
         np.testing.assert_allclose(out.hu[z], one, atol=1e-3)
-    whole = simulate_volume(volume, 0.25, seed=7, geometry=SMALL, batch_size=3)
+    whole = simulate_volume(volume, 0.25, seed=7, geometry=SMALL, batch_size=3, incident_photons=2e5)
     np.testing.assert_allclose(whole.hu, out.hu, atol=1e-3)
     assert np.abs(out.hu[0] - out.hu[2]).max() > 1.0  # same content, independent noise
 
@@ -259,6 +268,168 @@ def test_pixels_outside_fov_keep_input_values():
     assert outside.any()
     np.testing.assert_array_equal(out[outside], hu[outside])
     assert out[~outside].std() > 0
+
+
+# ---------------------------------------------------------------- realistic scanner: bowtie, modulation, low signal
+
+WIDE_MM = 500.0 / 128  # 128 pixels across the 50 cm field of view
+
+
+def _wide_body(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """An abdomen 35 x 25 cm with a spine and both arms at the sides (49 cm across), HU; and its soft interior."""
+    y, x = _grid(size, 500.0 / size)
+    hu = np.full(x.shape, -1000.0, dtype=np.float32)
+    hu[(x / 175.0) ** 2 + (y / 125.0) ** 2 <= 1.0] = 40.0
+    hu[np.hypot(x, y + 70.0) <= 18.0] = 800.0
+    for side in (-1.0, 1.0):
+        hu[((x - side * 212.0) / 35.0) ** 2 + (y / 45.0) ** 2 <= 1.0] = 40.0
+        hu[np.hypot(x - side * 212.0, y) <= 12.0] = 900.0
+    interior = ((x / 150.0) ** 2 + (y / 100.0) ** 2 <= 1.0) & (np.hypot(x, y + 70.0) > 30.0)
+    return hu, interior
+
+
+def _native_scan(clean: np.ndarray, photons: float, seed: int = 2, geometry: FanBeamGeometry = SMALL) -> np.ndarray:
+    """A 'real' full-dose scan of a phantom: the full noise model at dose 1 (FBP-correlated noise)."""
+    return simulate_slice(clean, WIDE_MM, 1.0, geometry=geometry, seed=seed, input_is_noise_free=True,
+                          incident_photons=photons)
+
+
+def test_bowtie_transmission_falls_off_to_the_edges():
+    bowtie = BowtieFilter()
+    t = bowtie.transmission(FanBeamGeometry(), 0.0192)
+    centre = t.numel() // 2
+    assert t[centre - 1 : centre + 1].min() > 0.999
+    half = t[centre:]
+    assert bool((half[1:] <= half[:-1] + 1e-7).all())  # monotone away from the centre
+    assert float(t.min()) == pytest.approx(math.exp(-0.0192 * bowtie.max_water_mm), rel=1e-4)
+    assert torch.equal(t, t.flip(0))
+    with pytest.raises(ConfigError, match="max_water_mm"):
+        BowtieFilter(max_water_mm=-1.0)
+
+
+def test_tube_current_follows_attenuation_with_mean_one():
+    hu, _ = _wide_body()
+    mu = torch.from_numpy(0.0192 * (1.0 + np.maximum(hu, -1000.0) / 1000.0))
+    sino = fan_beam_project(mu, WIDE_MM, SMALL)[None]
+    current = TubeCurrentModulation().angular(sino)[0]
+    assert current.mean().item() == pytest.approx(1.0, abs=1e-5)
+    beta = SMALL.view_angles()
+    # The source on the x axis (beta = 0, pi) looks through the width: more current than from above.
+    lateral = current[(beta.cos().abs() > 0.95)].mean()
+    frontal = current[(beta.sin().abs() > 0.95)].mean()
+    assert lateral > 3.0 * frontal
+    capped = TubeCurrentModulation(max_ratio=2.0).angular(sino)[0]
+    assert capped.max() / capped.min() <= 2.0 + 1e-4
+    assert torch.allclose(TubeCurrentModulation(angular_exponent=0.0).angular(sino), torch.ones(1, SMALL.n_views))
+    z = TubeCurrentModulation().longitudinal(torch.tensor([200.0, 300.0, 400.0]), 0.0192)
+    assert z.mean().item() == pytest.approx(1.0, abs=1e-6) and bool((z[1:] > z[:-1]).all())
+
+
+def test_low_signal_filter_averages_only_starved_rays():
+    lsf = LowSignalFilter(min_effective_counts=20.0, max_channels=33)
+    counts = torch.tensor([1e5, 100.0, 10.0, 2.0, 0.01])
+    half = lsf.half_widths(counts, electronic_noise=0.0)
+    assert half.tolist()[:2] == [0, 0] and half[2] == 1 and half[3] == 5 and half[4] == 16
+    noise = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    widths = torch.randint(0, 6, (3, 64), generator=torch.Generator().manual_seed(1))
+    from langmamba.simulate.noise import _variable_box_mean
+
+    fast = _variable_box_mean(noise, widths)
+    for r in range(3):
+        for j in range(64):
+            lo, hi = max(0, j - int(widths[r, j])), min(64, j + int(widths[r, j]) + 1)
+            assert fast[r, j].item() == pytest.approx(noise[r, lo:hi].mean().item(), abs=1e-5)
+
+
+def test_wide_body_quarter_dose_adds_the_noise_the_dose_implies():
+    """Issue 15: a 49 cm body with arms at quarter dose got +-1000 HU streaks (added sigma 146 HU)."""
+    clean, interior = _wide_body()
+    native = _native_scan(clean, 1e6)
+    native_var = float((native - clean)[interior].var())
+    calibration = native_incident_photons(native, WIDE_MM, 0.25, geometry=SMALL)
+    out = simulate_slice(native, WIDE_MM, 0.25, geometry=SMALL, seed=5,
+                         incident_photons=float(calibration.incident_photons[0]))
+    added = (out - native)[interior]
+    implied = math.sqrt(native_var * (1 / 0.25 - 1))
+    assert implied / 1.5 < added.std() < 1.5 * implied, (added.std(), implied)
+    assert np.percentile(np.abs(added), 99.9) < 8.0 * added.std()
+    assert abs(float(added.mean())) < 0.2 * implied  # no bias from the log of starved rays
+    # The scanner without bowtie, modulation and low-signal correction, at the default photons, fails.
+    raw = simulate_slice(native, WIDE_MM, 0.25, geometry=SMALL, seed=5, bowtie=None, modulation=None,
+                         low_signal=None)
+    assert (raw - native)[interior].std() > 3.0 * implied
+
+
+@pytest.mark.parametrize("dose", [0.5, 0.1])
+def test_native_noise_aware_dose_gives_variance_over_dose(dose):
+    """Dose d multiplies the scan's own noise variance by 1 / d over the soft tissue it was measured in."""
+    clean = _water_cylinder(128, 2.0, radius=110.0)
+    native = simulate_slice(clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True,
+                            incident_photons=3e4)
+    calibration = native_incident_photons(native, PIXEL_MM, dose, geometry=SMALL, seed=1)
+    assert calibration.variance_ratio[0].item() == pytest.approx(1 / dose, rel=0.1)
+    out = simulate_batch(np.stack([native] * 2), PIXEL_MM, dose, geometry=SMALL, seed=[21, 22],
+                         incident_photons=calibration.incident_photons.expand(2))
+    tissue = estimate_noise(native, PIXEL_MM).mask[0].numpy()
+    assert tissue.sum() > 2000
+    ratio = float(np.mean([(o - clean)[tissue].var() for o in out])) / float((native - clean)[tissue].var())
+    assert ratio == pytest.approx(1 / dose, rel=0.15), ratio
+
+
+def test_estimate_noise_finds_sigma_of_flat_tissue_and_skips_air():
+    rng = np.random.default_rng(0)
+    hu = _water_cylinder(128, 2.0, radius=110.0) + 40.0
+    noisy = hu + rng.normal(0.0, 12.0, hu.shape).astype(np.float32)
+    estimate = estimate_noise(noisy, 2.0)
+    assert estimate.sigma_hu[0].item() == pytest.approx(12.0, rel=0.05)
+    assert not estimate.mask[0][0, 0]  # air corner
+    assert math.isnan(estimate_noise(np.full((64, 64), -1000.0, np.float32), 2.0).sigma_hu[0].item())
+
+
+def test_calibrate_volume_spreads_photons_along_z():
+    clean = np.stack([_water_cylinder(96, 2.5, radius=r) for r in (80.0, 100.0, 110.0)])
+    rng = np.random.default_rng(1)
+    noisy = clean + (clean > -900) * rng.normal(0, 10.0, clean.shape).astype(np.float32)
+    volume = CTVolume(hu=noisy, spacing=(2.5, 2.5, 3.0), origin=(0.0, 0.0, 0.0), source="memory")
+    calibration = calibrate_volume(volume, 0.25, n_slices=2, geometry=SMALL)
+    assert len(calibration.slices) == 2 and np.isfinite(calibration.reference_photons)
+    factors = z_modulation(volume, TubeCurrentModulation())
+    np.testing.assert_allclose(calibration.incident_photons, calibration.reference_photons * factors)
+    assert "variance ratio" in calibration.line()
+    with pytest.raises(ConfigError, match="noise-free"):
+        calibrate_volume(volume, 0.25, input_is_noise_free=True)
+
+
+# ---------------------------------------------------------------- batched tensor API (the training's GPU path)
+
+
+def test_tensor_batch_stays_tensor_and_matches_per_slice_calls():
+    hu = np.stack([_water_cylinder(), _water_cylinder() + 20.0, _water_cylinder()])
+    doses = torch.tensor([0.5, 0.25, 0.1])
+    photons = torch.tensor([1e5, 2e5, 4e5])
+    out = simulate_batch(torch.from_numpy(hu), PIXEL_MM, doses, geometry=SMALL, incident_photons=photons,
+                         seed=[1, 2, 3])
+    assert isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.shape == hu.shape
+    for i in range(3):
+        one = simulate_slice(hu[i], PIXEL_MM, float(doses[i]), geometry=SMALL, seed=i + 1,
+                             incident_photons=float(photons[i]))
+        assert isinstance(one, np.ndarray)
+        np.testing.assert_allclose(out[i].numpy(), one, atol=1e-3)
+    # One generator on the compute device draws the whole batch in one call.
+    gen = torch.Generator().manual_seed(4)
+    again = simulate_batch(torch.from_numpy(hu), PIXEL_MM, doses, geometry=SMALL, seed=gen)
+    assert again.shape == hu.shape and torch.isfinite(again).all()
+    # Per-slice spacings: slices that share one are simulated together, the result is the same.
+    spacings = torch.tensor([PIXEL_MM, 1.8, PIXEL_MM])
+    mixed = simulate_batch(torch.from_numpy(hu), spacings, doses, geometry=SMALL, incident_photons=photons,
+                           seed=[1, 2, 3])
+    np.testing.assert_allclose(mixed[0].numpy(), out[0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(mixed[1].numpy(), simulate_slice(hu[1], 1.8, 0.25, geometry=SMALL, seed=2,
+                               incident_photons=2e5), atol=1e-3)
+    with pytest.raises(ConfigError, match="dose"):
+        simulate_batch(torch.from_numpy(hu), PIXEL_MM, torch.tensor([0.5, 0.0, 0.1]), geometry=SMALL)
+    with pytest.raises(ConfigError, match="3 slices"):
+        simulate_batch(torch.from_numpy(hu), PIXEL_MM, torch.tensor([0.5, 0.1]), geometry=SMALL)
 
 
 # ---------------------------------------------------------------- argument checks

@@ -10,12 +10,26 @@ Public API:
 - :class:`FanBeamGeometry`: the scanner (distances, channels, views).
 - :func:`simulate_slice`, :func:`simulate_batch`, :func:`simulate_volume`: the simulation.
 - :func:`fan_beam_project`, :func:`rebin_fan_to_parallel`, :func:`fbp_parallel`: the exact pieces.
-- :func:`projection_noise`, :func:`added_count_variance`: the noise model.
+- :func:`projection_noise`, :func:`added_count_variance`: the noise model; :class:`LowSignalFilter`:
+  the scanner's handling of photon-starved rays.
+- :class:`BowtieFilter`, :class:`TubeCurrentModulation`: how many photons each ray gets.
+- :func:`native_incident_photons`, :func:`calibrate_volume`, :func:`estimate_noise`: dose relative
+  to the scan's own noise.
+- :func:`noise_power_spectrum`, :func:`compare_nps`: noise texture.
 """
 
+from langmamba.simulate.calibration import (
+    Calibration,
+    NoiseEstimate,
+    VolumeCalibration,
+    calibrate_volume,
+    estimate_noise,
+    native_incident_photons,
+)
+from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter
 from langmamba.simulate.fbp import WINDOWS, fbp_parallel, ramp_filter
 from langmamba.simulate.geometry import FanBeamGeometry
-from langmamba.simulate.noise import added_count_variance, low_dose_counts, projection_noise
+from langmamba.simulate.noise import LowSignalFilter, added_count_variance, low_dose_counts, projection_noise
 from langmamba.simulate.projector import fan_beam_project
 from langmamba.simulate.rebin import rebin_fan_to_parallel
 from langmamba.simulate.simulator import (
@@ -29,9 +43,23 @@ from langmamba.simulate.simulator import (
     simulate_batch,
     simulate_slice,
     simulate_volume,
+    slice_photons,
+    z_modulation,
 )
 
 __all__ = [
+    "BowtieFilter",
+    "Calibration",
+    "LowSignalFilter",
+    "NoiseEstimate",
+    "TubeCurrentModulation",
+    "VolumeCalibration",
+    "calibrate_volume",
+    "estimate_noise",
+    "native_incident_photons",
+    "slice_photons",
+    "water_equivalent_diameter",
+    "z_modulation",
     "ELECTRONIC_NOISE",
     "FULL_DOSE_PHOTONS",
     "MU_WATER_PER_MM",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,7 +15,8 @@ from langmamba.errors import ConfigError, NonFiniteVoxelsError
 from langmamba.simulate._tensor import resolve_device, spacing_pair
 from langmamba.simulate.fbp import WINDOWS, fbp_parallel
 from langmamba.simulate.geometry import FanBeamGeometry
-from langmamba.simulate.noise import check_noise_args, projection_noise
+from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter
+from langmamba.simulate.noise import Generators, LowSignalFilter, check_noise_args, projection_noise
 from langmamba.simulate.projector import fan_beam_project
 from langmamba.simulate.rebin import rebin_fan_to_parallel
 
@@ -60,20 +62,28 @@ def derive_slice_seeds(seed: int, n: int) -> list[int]:
     return [int(child.generate_state(1, np.uint64)[0] >> np.uint64(1)) for child in children]
 
 
-def _generators(seed: SeedLike | Sequence[SeedLike], n: int) -> list[torch.Generator]:
-    if isinstance(seed, torch.Generator):
-        return [seed] * n  # slices draw one after another from the caller's generator
+def _generators(seed: SeedLike | Sequence[SeedLike], n: int) -> Generators:
+    """One generator for the batch (or ``None``: torch's default), or a list of ``n``, one per slice."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed  # the whole batch draws from it, one call
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
             raise ConfigError(f"seed holds {len(seed)} seeds for {n} slices")
-        return [g for s in seed for g in _generators(s, 1)]
-    if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+        gens = [_generators(s, 1) for s in seed]
+        return [g[0] if isinstance(g, list) else _fresh_generator(g) for g in gens]
     if isinstance(seed, (bool, float)) or not isinstance(seed, (int, np.integer)):
         raise ConfigError(f"seed must be an int, a torch.Generator, a list of them, or None; got {seed!r}")
     seeds = [int(seed)] if n == 1 else derive_slice_seeds(int(seed), n)
     # CPU generators: the same seed gives the same noise on every device.
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _fresh_generator(generator: torch.Generator | None) -> torch.Generator:
+    """A list entry of ``None`` gets a CPU generator seeded from fresh entropy."""
+    if generator is not None:
+        return generator
+    seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return torch.Generator().manual_seed(seed)
 
 
 def _check_fov(shape: tuple[int, int], spacing: tuple[float, float], geometry: FanBeamGeometry) -> None:
@@ -116,38 +126,32 @@ def _coarse_projection(
 def _simulate(
     hu: torch.Tensor,
     spacing: tuple[float, float],
-    dose: float,
-    geometry: FanBeamGeometry,
-    incident_photons: float,
-    electronic_noise: float,
-    input_is_noise_free: bool,
-    reconstruction: str,
-    window: str,
-    cutoff: float,
-    mu_water_per_mm: float,
-    generators: list[torch.Generator],
+    dose: torch.Tensor,
+    incident_photons: torch.Tensor,
+    scanner: _Scanner,
+    generators: Generators,
 ) -> torch.Tensor:
-    """Core on ``(N, H, W)`` float32 HU already on the compute device; returns ``(N, H, W)`` HU."""
+    """Core on ``(N, H, W)`` float32 HU on the compute device, ``dose`` and ``incident_photons`` ``(N,)``."""
     n, height, width = hu.shape
-    mu = hu_to_mu(hu, mu_water_per_mm)
-    if reconstruction == "full":
+    geometry, mu_water = scanner.geometry, scanner.mu_water_per_mm
+    mu = hu_to_mu(hu, mu_water)
+    if scanner.reconstruction == "full":
         clean = fan_beam_project(mu, spacing, geometry)
     else:
         clean = _coarse_projection(mu, spacing, geometry)
-    noise = torch.stack(
-        [
-            projection_noise(
-                clean[i],
-                dose,
-                incident_photons,
-                electronic_noise,
-                input_is_noise_free=input_is_noise_free,
-                generator=generators[i],
-            )
-            for i in range(n)
-        ]
+    noisy = torch.isfinite(incident_photons)  # an infinite I0 means no noise for that slice
+    flux = ray_flux(clean, torch.where(noisy, incident_photons, 1.0), scanner)
+    noise = projection_noise(
+        clean,
+        dose[:, None, None],
+        flux,
+        scanner.electronic_noise,
+        input_is_noise_free=scanner.input_is_noise_free,
+        generator=generators,
+        low_signal=scanner.low_signal,
     )
-    sinogram = clean + noise if reconstruction == "full" else noise
+    noise = noise * noisy[:, None, None]
+    sinogram = clean + noise if scanner.reconstruction == "full" else noise
     parallel = rebin_fan_to_parallel(sinogram, geometry)
     image = fbp_parallel(
         parallel,
@@ -155,13 +159,13 @@ def _simulate(
         geometry.parallel_spacing_mm,
         (height, width),
         spacing,
-        window=window,
-        cutoff=cutoff,
+        window=scanner.window,
+        cutoff=scanner.cutoff,
     )
-    if reconstruction == "full":
-        out = mu_to_hu(image, mu_water_per_mm)
+    if scanner.reconstruction == "full":
+        out = mu_to_hu(image, mu_water)
     else:
-        out = hu + (1000.0 / mu_water_per_mm) * image
+        out = hu + (1000.0 / mu_water) * image
     # Outside the scan field of view nothing is measured: keep the input there.
     dy, dx = spacing
     y = (torch.arange(height, device=hu.device, dtype=torch.float32) - 0.5 * (height - 1)) * dy
@@ -170,36 +174,51 @@ def _simulate(
     return torch.where(inside, out, hu)
 
 
-def simulate_batch(
-    hu: np.ndarray | torch.Tensor,
-    pixel_spacing_mm: float | Sequence[float],
-    dose: float = 0.25,
-    *,
-    geometry: FanBeamGeometry | None = None,
-    incident_photons: float = FULL_DOSE_PHOTONS,
-    electronic_noise: float = ELECTRONIC_NOISE,
-    input_is_noise_free: bool = False,
-    reconstruction: str = "noise_insertion",
-    window: str = "hann",
-    cutoff: float = 1.0,
-    mu_water_per_mm: float = MU_WATER_PER_MM,
-    seed: SeedLike | Sequence[SeedLike] = None,
-    device: torch.device | str = "auto",
-) -> np.ndarray:
-    """Simulate a lower-dose scan of each slice of a ``(N, H, W)`` stack; see :func:`simulate_slice`.
+def ray_flux(clean: torch.Tensor, incident_photons: torch.Tensor, scanner: _Scanner) -> torch.Tensor:
+    """Full-dose photons in air of every ray, ``(N, V, C)``: ``I0 · m(β) · b(γ)`` (see :mod:`.exposure`).
 
-    Slices are processed together (they share every sampling grid, which is faster than one by
-    one). ``seed``: an int (per-slice seeds are derived from it with :func:`derive_slice_seeds`),
-    a list of ``N`` ints or generators, one :class:`torch.Generator` drawn from slice after slice,
-    or ``None`` (fresh entropy).
-
-    Returns:
-        float32 ``(N, H, W)`` HU.
+    ``clean`` is the clean fan sinogram ``(N, V, C)`` (it drives the angular tube-current modulation),
+    ``incident_photons`` the ``(N,)`` photons of the central ray at the slice's mean tube current.
     """
+    flux = incident_photons.float()[:, None, None].expand(clean.shape)
+    if scanner.modulation is not None:
+        flux = flux * scanner.modulation.angular(clean)[:, :, None]
+    if scanner.bowtie is not None:
+        flux = flux * scanner.bowtie.transmission(scanner.geometry, scanner.mu_water_per_mm, clean.device)
+    return flux
+
+
+@dataclass(frozen=True)
+class _Scanner:
+    """Every setting of a simulation that is not per slice (checked once in :func:`_make_scanner`)."""
+
+    geometry: FanBeamGeometry
+    electronic_noise: float
+    input_is_noise_free: bool
+    reconstruction: str
+    window: str
+    cutoff: float
+    mu_water_per_mm: float
+    bowtie: BowtieFilter | None
+    modulation: TubeCurrentModulation | None
+    low_signal: LowSignalFilter | None
+
+
+def _make_scanner(
+    geometry: FanBeamGeometry | None,
+    electronic_noise: float,
+    input_is_noise_free: bool,
+    reconstruction: str,
+    window: str,
+    cutoff: float,
+    mu_water_per_mm: float,
+    bowtie: BowtieFilter | None,
+    modulation: TubeCurrentModulation | None,
+    low_signal: LowSignalFilter | None,
+) -> _Scanner:
     geometry = geometry or FanBeamGeometry()
     if not isinstance(geometry, FanBeamGeometry):
         raise ConfigError(f"geometry must be a FanBeamGeometry, got {type(geometry).__name__}")
-    check_noise_args(dose, incident_photons, electronic_noise)
     if reconstruction not in RECONSTRUCTIONS:
         raise ConfigError(
             f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}"
@@ -210,33 +229,134 @@ def simulate_batch(
         raise ConfigError(
             f"mu_water_per_mm must be in (0, 1) 1/mm (about 0.019 at 70 keV), got {mu_water_per_mm!r}"
         )
-    spacing = spacing_pair(pixel_spacing_mm)
-    target = resolve_device(device)
+    for name, value, kind in (
+        ("bowtie", bowtie, BowtieFilter),
+        ("modulation", modulation, TubeCurrentModulation),
+        ("low_signal", low_signal, LowSignalFilter),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+    return _Scanner(
+        geometry, float(electronic_noise), bool(input_is_noise_free), reconstruction, window, float(cutoff),
+        float(mu_water_per_mm), bowtie, modulation, low_signal,
+    )
+
+
+def _per_slice(value: float | Sequence[float] | np.ndarray | torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """A number or ``n`` values → float64 ``(n,)`` CPU tensor."""
+    if isinstance(value, torch.Tensor):
+        values = value.detach().to("cpu", torch.float64).flatten()
+    elif isinstance(value, (bool, str)) or value is None:
+        raise ConfigError(f"{name} must be a number or one value per slice, got {value!r}")
+    else:
+        try:
+            values = torch.as_tensor(np.asarray(value, dtype=np.float64)).flatten()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} must be a number or one value per slice, got {value!r}") from exc
+    if values.numel() == 1:
+        values = values.expand(n)
+    if values.numel() != n:
+        raise ConfigError(f"{name} holds {values.numel()} values for {n} slices")
+    return values
+
+
+def simulate_batch(
+    hu: np.ndarray | torch.Tensor,
+    pixel_spacing_mm: float | Sequence[float] | torch.Tensor,
+    dose: float | Sequence[float] | torch.Tensor = 0.25,
+    *,
+    geometry: FanBeamGeometry | None = None,
+    incident_photons: float | Sequence[float] | torch.Tensor = FULL_DOSE_PHOTONS,
+    electronic_noise: float = ELECTRONIC_NOISE,
+    input_is_noise_free: bool = False,
+    reconstruction: str = "noise_insertion",
+    window: str = "hann",
+    cutoff: float = 1.0,
+    mu_water_per_mm: float = MU_WATER_PER_MM,
+    bowtie: BowtieFilter | None = BowtieFilter(),
+    modulation: TubeCurrentModulation | None = TubeCurrentModulation(),
+    low_signal: LowSignalFilter | None = LowSignalFilter(),
+    seed: SeedLike | Sequence[SeedLike] = None,
+    device: torch.device | str = "auto",
+) -> np.ndarray | torch.Tensor:
+    """Simulate a lower-dose scan of each slice of a ``(N, H, W)`` stack; see :func:`simulate_slice`.
+
+    Slices are processed together (they share every sampling grid, which is faster than one by one)
+    and each may have its own dose and incident photons. A tensor stays a tensor: with
+    ``device="auto"`` it is simulated on its own device and returned there, so a training loop on the
+    GPU never copies to the host.
+
+    Args:
+        hu: ``(N, H, W)`` HU, numpy array or torch tensor.
+        pixel_spacing_mm: a number or ``(row, column)`` pair in mm shared by all slices, or a tensor
+            ``(N,)`` (square pixels) or ``(N, 2)`` of per-slice spacings (slices that share a spacing
+            are simulated together).
+        dose: a fraction in (0, 1], or ``N`` of them (``(N,)`` tensor or sequence).
+        incident_photons: ``I0`` of the central ray, a number or ``N`` of them (e.g. from
+            :func:`~langmamba.simulate.calibration.native_incident_photons`).
+        bowtie, modulation, low_signal: the scanner's bowtie filter, angular tube-current modulation
+            and low-signal correction (:mod:`~langmamba.simulate.exposure`,
+            :class:`~langmamba.simulate.noise.LowSignalFilter`); ``None`` turns one off.
+        seed: an int (per-slice seeds are derived from it with :func:`derive_slice_seeds`), a list of
+            ``N`` ints or generators (slice ``i`` draws from generator ``i``), one
+            :class:`torch.Generator` the whole batch draws from (put it on the compute device for
+            speed), or ``None`` (torch's default generator of the compute device).
+        Other arguments: see :func:`simulate_slice`.
+
+    Returns:
+        ``(N, H, W)`` float32 HU: a tensor on the compute device for a tensor input, else a numpy array.
+    """
+    scanner = _make_scanner(
+        geometry, electronic_noise, input_is_noise_free, reconstruction, window, cutoff, mu_water_per_mm,
+        bowtie, modulation, low_signal,
+    )
+    as_tensor = isinstance(hu, torch.Tensor)
+    if as_tensor and (device is None or device == "auto"):
+        target = hu.device
+    else:
+        target = resolve_device(device)
     # float32 numpy first: also accepts integer and big-endian arrays (as some NRRD files hold).
-    images = hu if isinstance(hu, torch.Tensor) else torch.tensor(np.asarray(hu, dtype=np.float32))
+    images = hu if as_tensor else torch.tensor(np.asarray(hu, dtype=np.float32))
     if images.ndim != 3 or min(images.shape[1:]) < 2:
         raise ConfigError(f"hu must be a stack of slices (N, H, W), got shape {tuple(images.shape)}")
+    n = images.shape[0]
+    doses = _per_slice(dose, n, "dose")
+    photons = _per_slice(incident_photons, n, "incident_photons")
+    check_noise_args(doses, photons, electronic_noise)
+    spacings = _spacings(pixel_spacing_mm, n)
     images = images.to(device=target, dtype=torch.float32)
     if not torch.isfinite(images).all():
         raise NonFiniteVoxelsError("the image contains NaN or infinite HU values; they cannot be projected")
-    _check_fov(tuple(images.shape[1:]), spacing, geometry)
-    generators = _generators(seed, images.shape[0])
+    for spacing in set(spacings):
+        _check_fov(tuple(images.shape[1:]), spacing, scanner.geometry)
+    generators = _generators(seed, n)
+    doses, photons = doses.to(target, torch.float32), photons.to(target, torch.float32)
     with torch.no_grad():
-        out = _simulate(
-            images,
-            spacing,
-            float(dose),
-            geometry,
-            float(incident_photons),
-            float(electronic_noise),
-            bool(input_is_noise_free),
-            reconstruction,
-            window,
-            float(cutoff),
-            float(mu_water_per_mm),
-            generators,
-        )
-    return out.cpu().numpy().astype(np.float32, copy=False)
+        if len(set(spacings)) == 1:
+            out = _simulate(images, spacings[0], doses, photons, scanner, generators)
+        else:
+            out = torch.empty_like(images)
+            for spacing in dict.fromkeys(spacings):
+                index = [i for i, s in enumerate(spacings) if s == spacing]
+                group = generators if not isinstance(generators, list) else [generators[i] for i in index]
+                sel = torch.tensor(index, device=target)
+                out[sel] = _simulate(images[sel], spacing, doses[sel], photons[sel], scanner, group)
+    return out if as_tensor else out.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _spacings(pixel_spacing_mm: float | Sequence[float] | torch.Tensor, n: int) -> list[tuple[float, float]]:
+    """Per-slice ``(dy, dx)``: one shared spacing, or a per-slice tensor ``(N,)`` / ``(N, 2)``."""
+    if not isinstance(pixel_spacing_mm, torch.Tensor):
+        return [spacing_pair(pixel_spacing_mm)] * n
+    values = pixel_spacing_mm.detach().to("cpu", torch.float64)
+    if values.ndim == 1 and values.numel() == n:
+        return [spacing_pair(float(v)) for v in values]
+    if values.ndim == 2 and tuple(values.shape) == (n, 2):
+        return [spacing_pair((float(a), float(b))) for a, b in values]
+    raise ConfigError(
+        f"a pixel_spacing_mm tensor must hold one spacing per slice, (N,) or (N, 2) with N = {n}, "
+        f"got shape {tuple(values.shape)}"
+    )
 
 
 def simulate_slice(
@@ -252,16 +372,20 @@ def simulate_slice(
     window: str = "hann",
     cutoff: float = 1.0,
     mu_water_per_mm: float = MU_WATER_PER_MM,
+    bowtie: BowtieFilter | None = BowtieFilter(),
+    modulation: TubeCurrentModulation | None = TubeCurrentModulation(),
+    low_signal: LowSignalFilter | None = LowSignalFilter(),
     seed: SeedLike = None,
     device: torch.device | str = "auto",
-) -> np.ndarray:
+) -> np.ndarray | torch.Tensor:
     """Simulate a scan of one axial slice at a fraction of its dose.
 
     The slice (HU, centred on the isocentre) is converted to attenuation
     ``μ = μ_w (1 + HU / 1000)`` (HU clipped at -1000), projected along every ray of ``geometry``
     (fan beam, :func:`~langmamba.simulate.projector.fan_beam_project`), given count-domain noise
-    (:mod:`langmamba.simulate.noise`), rebinned to parallel beam and reconstructed by filtered
-    back-projection.
+    (:mod:`langmamba.simulate.noise`) with the photons a clinical scanner sends along each ray (bowtie
+    filter, tube current following the patient's attenuation) and its low-signal correction, rebinned
+    to parallel beam and reconstructed by filtered back-projection.
 
     Args:
         hu: ``(H, W)`` slice in HU. Rows run along ``y``, columns along ``x``.
@@ -269,8 +393,10 @@ def simulate_slice(
         dose: fraction of the input's dose to simulate, in (0, 1] (0.25 = quarter dose).
         geometry: scanner geometry (default :class:`FanBeamGeometry`); its field of view must
             cover the image's width and height.
-        incident_photons: ``I0``, full-dose photons per ray in air; ``math.inf`` gives a noise-free
-            scan (with ``reconstruction="full"``: the pure project→FBP round trip).
+        incident_photons: ``I0``, full-dose photons of the central ray in air at the slice's mean tube
+            current; ``math.inf`` gives a noise-free scan (with ``reconstruction="full"``: the pure
+            project→FBP round trip). To make ``dose`` mean "the input's noise variance / dose", take it
+            from :func:`~langmamba.simulate.calibration.native_incident_photons`.
         electronic_noise: detector electronic noise, standard deviation in counts.
         input_is_noise_free: ``False`` (default): the input is a real full-dose scan and only the
             variance it lacks is added, ``a (1 - a) I + (1 - a²) σ_e²`` counts² per ray with
@@ -282,11 +408,17 @@ def simulate_slice(
         window, cutoff: apodisation of the ramp filter (``ram-lak``, ``shepp-logan``, ``cosine``,
             ``hamming``, ``hann``) and its cut-off as a fraction of Nyquist.
         mu_water_per_mm: attenuation of water in 1/mm (sets the noise level through ``exp(-p)``).
+        bowtie: :class:`~langmamba.simulate.exposure.BowtieFilter`, or ``None`` for a flat beam.
+        modulation: :class:`~langmamba.simulate.exposure.TubeCurrentModulation` (its angular part is
+            used here), or ``None`` for a constant tube current.
+        low_signal: :class:`~langmamba.simulate.noise.LowSignalFilter` for photon-starved rays, or
+            ``None`` for the raw count model.
         seed: int or :class:`torch.Generator`; the same seed gives the same output.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        device: ``"auto"`` (a tensor's own device; CUDA when available for an array), ``"cpu"``, ``"cuda"``.
 
     Returns:
-        float32 ``(H, W)`` HU. Pixels outside the scan field of view keep their input value.
+        float32 ``(H, W)`` HU (a tensor for a tensor input). Pixels outside the scan field of view keep
+        their input value.
     """
     array = hu if isinstance(hu, torch.Tensor) else np.asarray(hu)
     if array.ndim != 2:
@@ -305,6 +437,9 @@ def simulate_slice(
         window=window,
         cutoff=cutoff,
         mu_water_per_mm=mu_water_per_mm,
+        bowtie=bowtie,
+        modulation=modulation,
+        low_signal=low_signal,
         seed=[seed] if not isinstance(seed, torch.Generator) else seed,
         device=device,
     )[0]
@@ -317,12 +452,15 @@ def simulate_volume(
     seed: int = 0,
     progress: bool = False,
     batch_size: int = 4,
+    incident_photons: str | float | Sequence[float] | np.ndarray = "native",
+    modulation: TubeCurrentModulation | None = TubeCurrentModulation(),
     **kwargs,
 ) -> CTVolume:
     """Simulate a lower-dose scan of every axial slice of ``volume``.
 
     Slice ``z`` uses the seed ``derive_slice_seeds(seed, Z)[z]`` whatever the batch size, so results
-    do not depend on ``batch_size``. The in-plane spacing may differ between rows and columns.
+    do not depend on ``batch_size``. The in-plane spacing may differ between rows and columns. The
+    tube current follows the patient along ``z`` as well as around it (``modulation``).
 
     Args:
         volume: the normal-dose volume (``hu`` is ``(Z, Y, X)``, ``spacing`` is ``(x, y, z)`` mm).
@@ -330,7 +468,12 @@ def simulate_volume(
         seed: integer seed.
         progress: show a tqdm progress bar over slices.
         batch_size: slices simulated together (memory grows linearly with it).
-        **kwargs: any keyword of :func:`simulate_slice` (geometry, incident_photons,
+        incident_photons: ``"native"`` (default): solved from the volume's own noise so that ``dose``
+            multiplies its noise variance by ``1 / dose`` (:func:`~langmamba.simulate.calibration.
+            calibrate_volume`); a number: ``I0`` at the volume's mean tube current, shared out along
+            ``z`` by ``modulation``; ``Z`` numbers: ``I0`` of each slice, used as given.
+        modulation: tube-current modulation (angular and along ``z``); ``None``: constant current.
+        **kwargs: any other keyword of :func:`simulate_slice` (geometry, bowtie, low_signal,
             reconstruction, device, ...).
 
     Returns:
@@ -344,6 +487,7 @@ def simulate_volume(
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     n_slices = volume.hu.shape[0]
     spacing = (volume.spacing[1], volume.spacing[0])  # (row, column) = (y, x)
+    photons = slice_photons(volume, dose, incident_photons, modulation=modulation, seed=seed, **kwargs)
     seeds = derive_slice_seeds(int(seed), n_slices)
     out = np.empty_like(volume.hu, dtype=np.float32)
     starts = range(0, n_slices, batch_size)
@@ -354,7 +498,48 @@ def simulate_volume(
     for start in starts:
         stop = min(start + batch_size, n_slices)
         out[start:stop] = simulate_batch(
-            volume.hu[start:stop], spacing, dose, seed=list(seeds[start:stop]), **kwargs
+            volume.hu[start:stop], spacing, dose, seed=list(seeds[start:stop]),
+            incident_photons=photons[start:stop], modulation=modulation, **kwargs,
         )
         logger.debug("simulated slices %d-%d of %d", start, stop - 1, n_slices)
     return volume.with_hu(out)
+
+
+def slice_photons(
+    volume: CTVolume,
+    dose: float,
+    incident_photons: str | float | Sequence[float] | np.ndarray = "native",
+    *,
+    modulation: TubeCurrentModulation | None = TubeCurrentModulation(),
+    seed: int = 0,
+    **kwargs,
+) -> np.ndarray:
+    """``I0`` of every slice of ``volume``, ``(Z,)`` float64; see :func:`simulate_volume` for the arguments."""
+    n_slices = volume.hu.shape[0]
+    if isinstance(incident_photons, str):
+        if incident_photons != "native":
+            raise ConfigError(f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}")
+        from langmamba.simulate.calibration import calibrate_volume
+
+        calibration = calibrate_volume(volume, dose, modulation=modulation, seed=seed, **kwargs)
+        logger.info("%s", calibration.line())
+        return calibration.incident_photons
+    if np.ndim(incident_photons) > 0:
+        return _per_slice(incident_photons, n_slices, "incident_photons").numpy()
+    value = float(_per_slice(incident_photons, 1, "incident_photons")[0])
+    return value * z_modulation(volume, modulation, kwargs.get("mu_water_per_mm", MU_WATER_PER_MM))
+
+
+def z_modulation(
+    volume: CTVolume, modulation: TubeCurrentModulation | None, mu_water_per_mm: float = MU_WATER_PER_MM
+) -> np.ndarray:
+    """Relative tube current of each slice, ``(Z,)`` float64 with mean 1, from its water-equivalent diameter."""
+    n_slices = volume.hu.shape[0]
+    if modulation is None or n_slices == 1:
+        return np.ones(n_slices)
+    pixel_area = float(volume.spacing[0] * volume.spacing[1])
+    diameters = torch.cat([
+        water_equivalent_diameter(torch.from_numpy(np.asarray(volume.hu[z:z + 16], dtype=np.float32)), pixel_area)
+        for z in range(0, n_slices, 16)
+    ])
+    return modulation.longitudinal(diameters, mu_water_per_mm).double().numpy()
