@@ -5,39 +5,46 @@
 #   phase A:      LangAE (langmamba/configs/langae.yaml) on GPU 0  |  RED-CNN (redcnn.yaml) on GPU 1
 #   phase B:      SEED with LangDA (seed.yaml) on GPU 0  |  SEED without LangDA (seed_no_langda.yaml) on GPU 1,
 #                 both on phase A's finished LangAE
-#   phase export: half-precision weights laid out like weights/ in $OUT/weights (langae, langmamba,
+#   phase export: half-precision weights laid out like weights/ in $RUNS/weights (langae, langmamba,
 #                 langmamba_no_langda, redcnn), every file at most 16 MiB
 #   phase status: the table only
 #
-# Usage: scripts/train_gpu.sh A|B|export|status [--smoke]
+# Usage: scripts/train_gpu.sh PHASE... [--smoke]   (PHASE: A, B, export or status; e.g. `A export`)
 #   --smoke: a few CPU steps on out/prep/builtin.npz (tiny models, 128² crops) into runs/gpu_smoke, to check
 #            the script end to end on a machine without a GPU.
-# Settings (environment): OUT (runs/gpu), DATA (out/prep/training.npz), MINUTES (7, training minutes per run
+# Settings (environment): RUNS (runs/gpu; not $OUT, which the device tool sets), RESULTS (when set, after
+# every phase the logs, status files, loss plots and exported weights are copied there), DATA (out/prep/training.npz), MINUTES (7, training minutes per run
 # and call; loading, validation and saving come on top), LANGAE_STEPS / REDCNN_STEPS / SEED_STEPS (the
 # configs' optim.steps when empty), PRESET (seed.decoder_preset, from seed.yaml when empty), LANGDA
 # (seed.langda_weight of the LangDA run, from seed.yaml when empty), BATCH (optim.batch_size of every run
 # when set), PYTHON (python3), ALLOW_UNFINISHED_LANGAE=1 (phase B on a LangAE that has not done its steps).
-# Each run resumes from the latest checkpoint in $OUT/<run>/checkpoints; its log is appended to
-# $OUT/logs/<run>.log; $OUT/<run>/status.json says how far it is; $OUT/<run>/model is its best validated
+# Each run resumes from the latest checkpoint in $RUNS/<run>/checkpoints; its log is appended to
+# $RUNS/logs/<run>.log; $RUNS/<run>/status.json says how far it is; $RUNS/<run>/model is its best validated
 # moving average.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-phase=${1:-}
+phases=()
 smoke=0
-[[ "${2:-}" == --smoke ]] && smoke=1
-case "$phase" in A|B|export|status) ;; *) echo "usage: $0 A|B|export|status [--smoke]" >&2; exit 2 ;; esac
+for arg in "$@"; do
+  case "$arg" in
+    A|B|export|status) phases+=("$arg") ;;
+    --smoke) smoke=1 ;;
+    *) echo "usage: $0 A|B|export|status... [--smoke]" >&2; exit 2 ;;
+  esac
+done
+[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|export|status... [--smoke]" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}
-OUT=${OUT:-runs/gpu}
+RUNS=${RUNS:-runs/gpu}
 DATA=${DATA:-out/prep/training.npz}
 MINUTES=${MINUTES:-7}
 common=()
 langae_set=()
 if [[ $smoke == 1 ]]; then
-  OUT=${OUT/%runs\/gpu/runs/gpu_smoke}
+  RUNS=${RUNS/%runs\/gpu/runs/gpu_smoke}
   DATA=out/prep/builtin.npz
   MINUTES=2
   LANGAE_STEPS=${LANGAE_STEPS:-4} REDCNN_STEPS=${REDCNN_STEPS:-4} SEED_STEPS=${SEED_STEPS:-4}
@@ -49,13 +56,13 @@ if [[ $smoke == 1 ]]; then
 fi
 [[ -n "${BATCH:-}" ]] && common+=(--set optim.batch_size="$BATCH")
 [[ -f "$DATA" ]] || { echo "error: the prepared training set $DATA does not exist (langmamba select-words $DATA)" >&2; exit 1; }
-mkdir -p "$OUT/logs"
+mkdir -p "$RUNS/logs"
 
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 [[ $smoke == 1 ]] && gpus=0
 
 finished() {  # finished RUN -> exit 0 when status.json says all its steps are done
-  "$PYTHON" - "$OUT/$1/status.json" <<'EOF'
+  "$PYTHON" - "$RUNS/$1/status.json" <<'EOF'
 import json, sys
 try:
     sys.exit(0 if json.load(open(sys.argv[1]))["finished"] else 1)
@@ -72,13 +79,13 @@ launch() {  # launch RUN GPU MODEL CONFIG [--set ...]: one resumable training ca
     echo "$name: already finished"
     return
   fi
-  local log="$OUT/logs/$name.log"
+  local log="$RUNS/logs/$name.log"
   echo "=== $(date -u +%FT%TZ) call on GPU $gpu (of $gpus) ===" >> "$log"
   local visible=$gpu
   [[ $gpus -le 1 ]] && visible=0
   echo "$name: training on GPU $visible for up to $MINUTES min (log $log)"
   CUDA_VISIBLE_DEVICES=$visible "$PYTHON" -m langmamba train "$model" --config "langmamba/configs/$config.yaml" \
-    --set data.root="$DATA" --set run.output="$OUT/$name" --set run.max_minutes="$MINUTES" \
+    --set data.root="$DATA" --set run.output="$RUNS/$name" --set run.max_minutes="$MINUTES" \
     "${common[@]}" "$@" >> "$log" 2>&1 &
   pids+=($!) names+=("$name")
 }
@@ -89,8 +96,8 @@ wait_all() {
     if wait "${pids[$i]}"; then
       echo "${names[$i]}: call ended"
     else
-      echo "${names[$i]}: FAILED (tail of $OUT/logs/${names[$i]}.log):" >&2
-      tail -n 20 "$OUT/logs/${names[$i]}.log" >&2
+      echo "${names[$i]}: FAILED (tail of $RUNS/logs/${names[$i]}.log):" >&2
+      tail -n 20 "$RUNS/logs/${names[$i]}.log" >&2
       status=1
     fi
   done
@@ -103,7 +110,7 @@ steps() {  # steps VALUE -> an optim.steps override when VALUE is set
 }
 
 table() {
-  "$PYTHON" - "$OUT" <<'EOF'
+  "$PYTHON" - "$RUNS" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -124,7 +131,23 @@ for path in sorted((out / "weights").rglob("*")) if (out / "weights").is_dir() e
 EOF
 }
 
+collect() {  # copy what is worth keeping into $RESULTS (small files only: no checkpoints)
+  [[ -n "${RESULTS:-}" ]] || return 0
+  mkdir -p "$RESULTS"
+  for name in langae redcnn seed seed_no_langda; do
+    [[ -d "$RUNS/$name" ]] || continue
+    mkdir -p "$RESULTS/$name"
+    for f in status.json log.csv loss.png config.yaml; do
+      [[ -f "$RUNS/$name/$f" ]] && cp "$RUNS/$name/$f" "$RESULTS/$name/"
+    done
+  done
+  cp -r "$RUNS/logs" "$RESULTS/"
+  [[ -d "$RUNS/weights" ]] && cp -r "$RUNS/weights" "$RESULTS/"
+  return 0
+}
+
 status=0
+for phase in "${phases[@]}"; do
 case "$phase" in
   A)
     # shellcheck disable=SC2046
@@ -135,10 +158,11 @@ case "$phase" in
     ;;
   B)
     if ! finished langae && [[ "${ALLOW_UNFINISHED_LANGAE:-0}" != 1 ]]; then
-      echo "error: phase A's LangAE ($OUT/langae) has not finished its steps; run phase A again first" >&2
-      exit 1
+      echo "error: phase A's LangAE ($RUNS/langae) has not finished its steps; run phase A again first" >&2
+      status=1
+      continue
     fi
-    seed_set=(--set seed.langae="$OUT/langae/model")
+    seed_set=(--set seed.langae="$RUNS/langae/model")
     [[ -n "${PRESET:-}" ]] && seed_set+=(--set seed.decoder_preset="$PRESET")
     langda=()
     [[ -n "${LANGDA:-}" ]] && langda=(--set seed.langda_weight="$LANGDA")
@@ -149,7 +173,7 @@ case "$phase" in
     wait_all || status=1
     ;;
   export)
-    "$PYTHON" - "$OUT" <<'EOF'
+    "$PYTHON" - "$RUNS" <<'EOF'
 import sys
 from pathlib import Path
 from langmamba.train.export import export_checkpoint
@@ -169,6 +193,9 @@ for run, shipped, inference_only in (("langae", "langae", False), ("seed", "lang
     print(f"{run}: exported to {folder}")
 EOF
     ;;
+  status) ;;
 esac
+collect
+done
 table
 exit $status

@@ -35,8 +35,10 @@ class ModelEMA:
         decay = self.current_decay()
         params = dict(model.named_parameters())
         shadow = dict(self.model.named_parameters())
-        for name in self._names:
-            shadow[name].lerp_(params[name].detach().to(shadow[name].dtype), 1.0 - decay)
+        targets = [shadow[name] for name in self._names]
+        sources = [params[name].detach() for name in self._names]
+        if targets:
+            torch._foreach_lerp_(targets, sources, 1.0 - decay)
         for (name, buffer), (_, source) in zip(self.model.named_buffers(), model.named_buffers()):
             buffer.copy_(source)
         self.updates += 1
