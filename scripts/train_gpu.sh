@@ -17,7 +17,8 @@
 # and call; loading, validation and saving come on top), LANGAE_STEPS / REDCNN_STEPS / SEED_STEPS (the
 # configs' optim.steps when empty), PRESET (seed.decoder_preset, from seed.yaml when empty), LANGDA
 # (seed.langda_weight of the LangDA run, from seed.yaml when empty), BATCH (optim.batch_size of every run
-# when set), PYTHON (python3), ALLOW_UNFINISHED_LANGAE=1 (phase B on a LangAE that has not done its steps).
+# when set), PYTHON (python3), LANGAE (phase B's LangAE checkpoint, default $RUNS/langae/model: e.g. an
+# exported weights/langae brought back on a fresh machine), ALLOW_UNFINISHED_LANGAE=1 (phase B on a LangAE that has not done its steps).
 # Each run resumes from the latest checkpoint in $RUNS/<run>/checkpoints; its log is appended to
 # $RUNS/logs/<run>.log; $RUNS/<run>/status.json says how far it is; $RUNS/<run>/model is its best validated
 # moving average.
@@ -157,12 +158,12 @@ case "$phase" in
     wait_all || status=1
     ;;
   B)
-    if ! finished langae && [[ "${ALLOW_UNFINISHED_LANGAE:-0}" != 1 ]]; then
+    if [[ -z "${LANGAE:-}" ]] && ! finished langae && [[ "${ALLOW_UNFINISHED_LANGAE:-0}" != 1 ]]; then
       echo "error: phase A's LangAE ($RUNS/langae) has not finished its steps; run phase A again first" >&2
       status=1
       continue
     fi
-    seed_set=(--set seed.langae="$RUNS/langae/model")
+    seed_set=(--set seed.langae="${LANGAE:-$RUNS/langae/model}")
     [[ -n "${PRESET:-}" ]] && seed_set+=(--set seed.decoder_preset="$PRESET")
     langda=()
     [[ -n "${LANGDA:-}" ]] && langda=(--set seed.langda_weight="$LANGDA")
