@@ -97,7 +97,7 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
                                 nprocs=2, join=True)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(rank0, rank1)
-    saved = load_checkpoint(tmp_path / "ddp" / "model")
+    saved = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model")
     assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), rank0)
 
 

@@ -31,6 +31,19 @@ from langmamba.models.ss2d import SS2D, LayerNorm2d
 LEVELS = 5
 """Resolution levels of the decoder: H, H/2, H/4, H/8, H/16 (the LangAE encoder's)."""
 
+DECODER_PRESETS: dict[str, dict] = {
+    # The speed-first decoder of the first shipped weights (the constructor's defaults).
+    "fast": {},
+    # Wider, SS2D from half resolution down, state 16.
+    "medium": {"widths": (32, 64, 96, 128, 128), "depths": (1, 1, 2, 2, 2),
+               "ssm_levels": (False, True, True, True, True), "d_state": 16},
+    # The paper's configuration: 64-128 channels and Mamba (SS2D) blocks at every level.
+    "paper": {"widths": (64, 64, 128, 128, 128), "depths": (1, 1, 2, 2, 2),
+              "ssm_levels": (True, True, True, True, True), "d_state": 16},
+}
+"""Named :class:`SEEDDecoder` width/depth choices (training's ``seed.decoder_preset``); the keys of
+``seed.decoder`` override single arguments on top of the preset."""
+
 
 class ChannelAttention(nn.Module):
     """Squeeze-and-excitation: per-channel weights from the global average. ``(B, C, H, W)`` in and out."""

@@ -26,6 +26,13 @@ class DataConfig:
     (normal-dose CT files/folders listed in ``volumes``, low dose simulated), ``npy`` (``<root>/train/
     {quarter_1mm,full_1mm}/*.npy``), ``mayo`` (``<root>/<patient>/{quarter*,full*}/`` DICOM/IMA) or
     ``prepared`` (``root`` = an ``.npz`` written by ``langmamba prepare-data``, with candidate words).
+
+    Every training batch gets fresh simulated noise on the training device: ``batch_size / patches_per_slice``
+    whole slices are simulated at a dose drawn uniformly from ``[dose, dose_max]`` (``dose`` alone when
+    ``dose_max`` is unset) and ``patches_per_slice`` body patches are cut from each. Validation scores are
+    averaged over ``validation_doses`` (noise drawn once, with a fixed seed). When the slices carry a split
+    role (a prepared set of the data issue), training uses the ``train`` role and validation the
+    ``validation`` role; ``lung2`` (the test case) is never used.
     """
 
     source: str = "builtin"
@@ -34,8 +41,9 @@ class DataConfig:
     include_pydicom: bool = True
     dose: float = 0.25
     dose_max: float | None = None
-    fresh_noise_every: int = 500
-    patch_size: int = 128
+    patch_size: int = 256
+    patches_per_slice: int = 2
+    validation_doses: list[float] = field(default_factory=lambda: [0.25])
     validation_patients: list[str] | None = None
     validation_fraction: float = 0.2
     max_slices_per_patient: int | None = None
@@ -55,6 +63,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    ema_decay: float = 0.999
 
 
 @dataclass
@@ -93,6 +102,7 @@ class SeedConfig:
     langae: str = "weights/langae"
     langda_weight: float = 1.0
     global_residual: bool = True
+    decoder_preset: str = "fast"
     decoder: dict[str, Any] = field(default_factory=dict)
 
 
@@ -198,8 +208,19 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.dose must be in (0, 1], got {config.data.dose}")
     if config.data.dose_max is not None and not config.data.dose <= config.data.dose_max <= 1:
         raise ConfigError(f"data.dose_max must be in [data.dose, 1], got {config.data.dose_max}")
-    if config.data.patch_size % 16 or config.data.patch_size < 128:
-        raise ConfigError(f"data.patch_size must be a multiple of 16 and at least 128, got {config.data.patch_size}")
+    if config.data.patch_size % 16 or config.data.patch_size < 64:
+        raise ConfigError(f"data.patch_size must be a multiple of 16 and at least 64, got {config.data.patch_size}")
+    if config.data.patches_per_slice < 1:
+        raise ConfigError(f"data.patches_per_slice must be at least 1, got {config.data.patches_per_slice}")
+    if not config.data.validation_doses or not all(0 < d <= 1 for d in config.data.validation_doses):
+        raise ConfigError(f"data.validation_doses must list doses in (0, 1], got {config.data.validation_doses}")
+    if not 0 <= config.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 turns the average off), got {config.optim.ema_decay}")
+    from ..models.seed import DECODER_PRESETS
+
+    if config.seed.decoder_preset not in DECODER_PRESETS:
+        raise ConfigError(f"seed.decoder_preset: expected one of {', '.join(DECODER_PRESETS)}, "
+                          f"got {config.seed.decoder_preset!r}")
     for name in ("steps", "batch_size"):
         if getattr(config.optim, name) < 1:
             raise ConfigError(f"optim.{name} must be at least 1")

@@ -1,21 +1,33 @@
-"""Training data on the training device: slices, (simulated) low-dose partners, patches, validation set."""
+"""Training data on the training device: slices, fresh simulated low dose for every batch, patches, validation.
+
+Every batch is new: ``batch_size / patches_per_slice`` whole normal-dose slices are drawn, simulated at a dose
+drawn uniformly from ``[dose, dose_max]`` (one draw per group of slices that share spacing and shape) on the
+training device, and ``patches_per_slice`` body patches are cut from each and given one of the 8 dihedral
+flips/rotations. The denoisers are blind to the dose (none of them takes it as an input): the noise level is
+in the image, so one model serves every dose of the range.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from ..data import CTSlice, PatchSampler, builtin_training_slices, load_mayo_dicom_pairs, load_npy_pairs
 from ..data import slices_from_volume, split_by_patient
+from ..data.patches import augment
 from ..errors import ConfigError
 from ..normalization import hu_to_model
-from ..simulate import simulate_slice
+from ..simulate import simulate_batch, simulate_slice
 from .config import DataConfig
 
 logger = logging.getLogger(__name__)
+
+TEST_PATIENTS = ("lung2",)
+"""Held out for the final evaluation: never trained, validated or tuned on."""
 
 
 def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
@@ -72,7 +84,7 @@ def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None =
     """The fixed patient-level split of :mod:`langmamba.data.cases` carried by prepared slices: training and
     validation slices by their role (test slices are never used). ``validation_patients`` may narrow validation to
     some of its patients, never move a training patient into it."""
-    train = [s for s in slices if s.role == "training"]
+    train = [s for s in slices if s.role in ("train", "training")]
     validation = [s for s in slices if s.role == "validation"]
     if validation_patients is not None:
         known = {s.patient for s in validation}
@@ -84,71 +96,160 @@ def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None =
     return train, validation
 
 
-def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str) -> list[np.ndarray]:
-    """Low-dose partner of every slice: the real one when present, else simulated (dose drawn per slice)."""
+def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[list[CTSlice], list[CTSlice]]:
+    """Training and validation slices, by split role when the slices carry one, else by patient; the test
+    patients are dropped either way (and an explicit request to use them is refused)."""
+    named = set(config.validation_patients or [])
+    if named & set(TEST_PATIENTS):
+        raise ConfigError(f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
+                          "it is held out for the final evaluation")
+    slices = [s for s in slices if s.patient not in TEST_PATIENTS and getattr(s, "role", None) != "test"]
+    roles = {getattr(s, "role", None) for s in slices}
+    if "validation" in roles:
+        train, validation = split_by_role(slices, config.validation_patients)
+        if not train:
+            raise ConfigError("the prepared set has validation slices but no slice with the training role")
+        return train, validation
+    return split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
+
+
+def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str,
+                      dose: float | None = None) -> list[np.ndarray]:
+    """Low-dose partner of every slice: the real one when present, else simulated (at ``dose``, or a dose
+    drawn per slice from the config's range)."""
     rng = np.random.default_rng(seed)
     lows = []
     for index, s in enumerate(slices):
         if s.low is not None:
             lows.append(s.low)
             continue
-        dose = config.dose if config.dose_max is None else float(rng.uniform(config.dose, config.dose_max))
-        lows.append(simulate_slice(s.full, s.spacing_mm, dose=dose, seed=seed * 100_003 + index, device=device))
+        d = dose if dose is not None else draw_dose(config, rng)
+        lows.append(simulate_slice(s.full, s.spacing_mm, dose=d, seed=seed * 100_003 + index, device=device))
     return lows
+
+
+def draw_dose(config: DataConfig, rng: np.random.Generator) -> float:
+    """A training dose: uniform in ``[dose, dose_max]``, or ``dose`` when no range is set."""
+    if config.dose_max is None or config.dose_max == config.dose:
+        return float(config.dose)
+    return float(rng.uniform(config.dose, config.dose_max))
+
+
+def simulate_on_device(full_hu: torch.Tensor, spacing_mm: tuple[float, float], dose: float, seed: int
+                       ) -> torch.Tensor:
+    """Low-dose realisation of ``full_hu (N, H, W)`` HU on its own device, returned there, ``(N, H, W)`` HU.
+
+    The one place training calls the simulator: swap in a device-resident batch API here when there is one.
+    """
+    low = simulate_batch(full_hu, spacing_mm, dose, seed=seed, device=full_hu.device)
+    return torch.as_tensor(low).to(full_hu.device, non_blocking=True)
 
 
 @dataclass
 class TrainingData:
-    """Patches for training and whole slices for validation, in the model intensity range, on ``device``."""
+    """Patches with fresh noise for training and whole slices for validation, on ``device``.
+
+    Attributes:
+        train: the training slices (``which`` of :meth:`batch` indexes them).
+        validation: the validation slices, each once per validation dose.
+        validation_low: their low-dose partners (HU), fixed for the whole run.
+        validation_dose: the dose of each validation entry.
+    """
 
     train: list[CTSlice]
     validation: list[CTSlice]
     validation_low: list[np.ndarray]
+    validation_dose: list[float]
     sampler: PatchSampler
     language: dict | None
     config: DataConfig
     device: torch.device
     seed: int
-    refreshes: int = 0
+    rng: np.random.Generator = field(default=None)
+    batches: int = 0
 
     @classmethod
     def build(cls, config: DataConfig, device: torch.device, seed: int, rank: int = 0,
               validation_slices: int = 8) -> "TrainingData":
         slices, language = load_slices(config)
-        if slices and all(s.role is not None for s in slices):
-            train, validation = split_by_role(slices, config.validation_patients)
-        else:
-            train, validation = split_by_patient(slices, config.validation_patients, config.validation_fraction,
-                                                 seed)
+        train, validation = split_slices(slices, config, seed)
         step = max(1, len(validation) // max(1, validation_slices))
         validation = validation[::step][:validation_slices]
-        logger.info("training on %d slices of %s; validating on %d slices of %s", len(train),
-                    sorted({s.patient for s in train}), len(validation), sorted({s.patient for s in validation}))
+        logger.info("training on %d slices of %d patients; validating on %d slices of %d patients", len(train),
+                    len({s.patient for s in train}), len(validation), len({s.patient for s in validation}))
         simulation_device = "cuda" if device.type == "cuda" else "cpu"
-        # Validation noise is drawn once with a fixed seed so scores are comparable across steps.
-        validation_low = simulate_low_dose(validation, config, seed=10_000 + seed, device=simulation_device)
-        data = cls(train=train, validation=validation, validation_low=validation_low, sampler=None, language=language,
-                   config=config,
-                   device=device, seed=seed * 1000 + rank)
-        data.refresh_noise()
-        return data
-
-    def refresh_noise(self) -> None:
-        """Draw a fresh low-dose realisation of every training slice (each rank its own)."""
-        simulation_device = "cuda" if self.device.type == "cuda" else "cpu"
-        lows = simulate_low_dose(self.train, self.config, seed=self.seed + 7919 * self.refreshes,
-                                 device=simulation_device)
-        images = [torch.stack([torch.as_tensor(hu_to_model(low)), torch.as_tensor(hu_to_model(s.full))]).float()
-                  .to(self.device) for low, s in zip(lows, self.train)]
-        self.sampler = PatchSampler(images, [s.full for s in self.train], self.config.patch_size,
-                                    seed=self.seed + self.refreshes)
-        self.refreshes += 1
+        # Validation noise is drawn once per dose with a fixed seed so scores are comparable across steps.
+        val_slices, val_low, val_dose = [], [], []
+        for k, dose in enumerate(config.validation_doses):
+            val_low += simulate_low_dose(validation, config, seed=10_000 + 17 * k + seed, device=simulation_device,
+                                         dose=dose)
+            val_slices += validation
+            val_dose += [dose] * len(validation)
+        # The sampler holds the normal-dose slices (HU, padded to at least one patch) and body patch centres.
+        images = [torch.as_tensor(s.full, dtype=torch.float32)[None].to(device) for s in train]
+        sampler = PatchSampler(images, [s.full for s in train], config.patch_size, seed=seed * 1000 + rank)
+        rng = np.random.default_rng([seed, rank, 7919])
+        return cls(train=train, validation=val_slices, validation_low=val_low, validation_dose=val_dose,
+                   sampler=sampler, language=language, config=config, device=device, seed=seed * 1000 + rank,
+                   rng=rng)
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """``(low, full, slice_indices)``: patches (B, 1, P, P) in model range and the training slice of each."""
-        patches, which = self.sampler.sample(batch_size, return_index=True)
-        return patches[:, :1], patches[:, 1:], which
+        """``(low, full, slice_indices)``: patches (B, 1, P, P) in model range with noise never used before, and
+        the training slice of each patch."""
+        per_slice = self.config.patches_per_slice
+        count = math.ceil(batch_size / per_slice)
+        chosen = torch.randint(0, len(self.train), (count,), generator=self.sampler.generator).tolist()
+        lows = self._low_dose(chosen)
+        half, size = self.config.patch_size // 2, self.config.patch_size
+        patches, which = [], []
+        for index, low in zip(chosen, lows):
+            full = self.sampler.images[index]
+            centres = self.sampler.centres[index]
+            picks = torch.randint(0, len(centres), (per_slice,), generator=self.sampler.generator)
+            for row, col in centres[picks].tolist():
+                window = (slice(row - half, row - half + size), slice(col - half, col - half + size))
+                patches.append(torch.stack([low[window], full[0][window]]))
+                which.append(index)
+        batch = augment(torch.stack(patches[:batch_size]), self.sampler.generator)
+        batch = hu_to_model(batch)
+        self.batches += 1
+        return batch[:, :1].contiguous(), batch[:, 1:].contiguous(), which[:batch_size]
 
-    @property
-    def simulated(self) -> bool:
-        return any(s.low is None for s in self.train)
+    def _low_dose(self, chosen: list[int]) -> list[torch.Tensor]:
+        """Fresh low-dose HU ``(H, W)`` per chosen slice: simulated together per spacing and shape, each group at
+        its own dose; real low-dose partners where the data has them."""
+        lows: list[torch.Tensor | None] = [None] * len(chosen)
+        groups: dict[tuple, list[int]] = {}
+        for k, index in enumerate(chosen):
+            s = self.train[index]
+            if s.low is not None:
+                lows[k] = self._real_low(index)
+            else:
+                groups.setdefault((tuple(s.spacing_mm), tuple(self.sampler.images[index].shape)), []).append(k)
+        for (spacing, _), members in groups.items():
+            stack = torch.stack([self.sampler.images[chosen[k]][0] for k in members])
+            dose = draw_dose(self.config, self.rng)
+            seed = int(self.rng.integers(0, 2**62))
+            simulated = simulate_on_device(stack, spacing, dose, seed)
+            for k, image in zip(members, simulated):
+                lows[k] = image
+        return lows
+
+    def _real_low(self, index: int) -> torch.Tensor:
+        full = self.sampler.images[index][0]
+        low = torch.as_tensor(self.train[index].low, dtype=torch.float32, device=full.device)
+        pad_h, pad_w = full.shape[0] - low.shape[0], full.shape[1] - low.shape[1]
+        if pad_h or pad_w:
+            low = torch.nn.functional.pad(low[None, None], (0, pad_w, 0, pad_h), mode="reflect")[0, 0]
+        return low
+
+    def state(self) -> dict:
+        """What resuming needs to continue the same stream of patches and noise."""
+        return {"sampler_rng": self.sampler.generator.get_state(), "noise_rng": self.rng.bit_generator.state,
+                "batches": self.batches}
+
+    def restore(self, state: dict) -> None:
+        self.sampler.generator.set_state(state["sampler_rng"])
+        if "noise_rng" in state:
+            self.rng.bit_generator.state = state["noise_rng"]
+        self.batches = int(state.get("batches", 0))

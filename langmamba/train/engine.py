@@ -8,6 +8,7 @@ rank 0 validates, logs and writes checkpoints.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -26,12 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..checkpoint import _read_weights, save_checkpoint
+from ..checkpoint import _read_weights, load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..normalization import hu_to_model, model_to_hu
 from ..visualize import save_figure
 from .config import TrainConfig
 from .data import TrainingData
+from .ema import ModelEMA
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +126,9 @@ class CheckpointStore:
         return final
 
 
-def validate(task: Task, data: TrainingData, device: torch.device) -> dict[str, float]:
-    """PSNR/SSIM ([-160, 240] HU window) of the task's output on the whole validation slices."""
-    model = task.model
+def validate(task: Task, model: nn.Module, data: TrainingData, device: torch.device) -> dict[str, float]:
+    """PSNR/SSIM ([-160, 240] HU window) of ``model`` (through the task) on the whole validation slices, averaged
+    over slices and validation doses."""
     was_training = model.training
     model.eval()
     outputs, references = [], []
@@ -145,8 +147,12 @@ def validate(task: Task, data: TrainingData, device: torch.device) -> dict[str, 
 
 
 def plot_log(log_path: Path, figure_path: Path) -> None:
-    """Loss (and validation PSNR) against step, from the CSV log."""
-    import matplotlib
+    """Loss (and validation PSNR) against step, from the CSV log (skipped, with a warning, without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no loss plot %s", figure_path)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,7 +176,12 @@ def plot_log(log_path: Path, figure_path: Path) -> None:
 
 def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, TrainingData, torch.device], Task],
                  progress: bool = True, resume: bool = True) -> Path:
-    """Train the task's model; returns the folder of the final checkpoint (``<output>/model``)."""
+    """Train the task's model; returns the folder of the exported model (``<output>/model``).
+
+    The exponential moving average of the weights (``optim.ema_decay``) is what is validated; the best average
+    by validation PSNR is kept in ``<output>/best`` and exported as ``<output>/model`` (the last average when
+    the run has no validation slices). ``<output>/status.json`` says how far the run is.
+    """
     dist, device = init_distributed(config.run.device)
     output = Path(config.run.output)
     seed_everything(config.run.seed)  # identical initial weights on every rank
@@ -184,13 +195,15 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
                                                      else None)
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                   betas=(0.9, 0.99))
+    ema = ModelEMA(model, config.optim.ema_decay)
     store = CheckpointStore(output)
+    best = {"val_psnr": -math.inf, "step": 0}
     start = 0
     latest = store.latest() if resume else None
     log_path = output / "log.csv"
     fields = ["step", "loss", "lr", "seconds", "val_psnr", "val_ssim"]
     if latest is not None:
-        start = _restore(latest, model, optimizer, data, device)
+        start, best = _restore(latest, model, optimizer, ema, data, device)
         logger.info("resumed from %s at step %d", latest, start)
         if dist.is_main:
             _truncate_csv(log_path, fields, start)
@@ -205,9 +218,6 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
                disable=not (progress and dist.is_main), dynamic_ncols=True)
     started, last_parts, done = time.time(), {}, start
     for step in bar:
-        if step > start and config.data.fresh_noise_every and step % config.data.fresh_noise_every == 0 \
-                and data.simulated:
-            data.refresh_noise()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         low, full, which = data.batch(config.optim.batch_size)
@@ -218,6 +228,7 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
         if config.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
         optimizer.step()
+        ema.update(model)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower optim.lr")
         done = step + 1
@@ -230,14 +241,19 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
             row = {"step": done, "loss": loss.item(), "lr": learning_rate(step, config),
                    "seconds": round(time.time() - started, 1)}
         if dist.is_main and (done % config.run.validate_every == 0 or last):
-            scores = validate(task, data, device)
+            scores = validate(task, ema.model, data, device)
             row = (row or {"step": done}) | scores
             if scores:
-                bar.write(f"step {done}: validation PSNR {scores['val_psnr']:.2f} dB, SSIM {scores['val_ssim']:.4f}")
+                bar.write(f"step {done}: validation PSNR {scores['val_psnr']:.2f} dB, SSIM {scores['val_ssim']:.4f}"
+                          f" (moving average of the weights)")
+                if scores["val_psnr"] > best["val_psnr"]:
+                    best = {"val_psnr": scores["val_psnr"], "val_ssim": scores["val_ssim"], "step": done}
+                    _save_model(ema.model, output / "best", {"step": done, "validation": scores})
         if dist.is_main and row is not None:
             _append_csv(log_path, fields, row)
         if dist.is_main and (done % config.run.checkpoint_every == 0 or last):
-            store.save(model, _state(optimizer, data, done), done)
+            store.save(model, _state(optimizer, ema, data, done, best), done)
+            _write_status(output, config, done, best, finished=done >= config.optim.steps)
         if stop:
             bar.write(f"stopping after {done} steps: run.max_minutes={config.run.max_minutes} reached")
             break
@@ -246,15 +262,41 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
     bar.close()
     final = output / "model"
     if dist.is_main:
-        staging = output / f".model-{uuid.uuid4().hex[:8]}"
-        save_checkpoint(model, staging, extra={"steps": done, "train_config": config.to_dict(),
-                                               "final_losses": last_parts})
-        _publish(staging, final)
+        extra = {"steps": done, "train_config": config.to_dict(), "final_losses": last_parts,
+                 "ema_decay": config.optim.ema_decay}
+        if (output / "best").is_dir() and best["step"]:
+            chosen = load_checkpoint(output / "best")
+            extra |= {"best_step": best["step"], "validation": {k: v for k, v in best.items() if k != "step"}}
+        else:
+            chosen = ema.model
+        _save_model(chosen, final, extra)
+        _write_status(output, config, done, best, finished=done >= config.optim.steps)
         if log_path.exists():
             plot_log(log_path, output / "loss.png")
     if dist.active:
         torch.distributed.barrier()
     return final
+
+
+def _save_model(model: nn.Module, folder: Path, extra: dict) -> None:
+    """Write a whole checkpoint folder next to ``folder`` and swap it in."""
+    staging = folder.with_name(f".{folder.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        save_checkpoint(model, staging, extra=extra)
+        _publish(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_status(output: Path, config: TrainConfig, step: int, best: dict, finished: bool) -> None:
+    """``status.json``: steps done of the planned total and the best validation so far (read by scripts)."""
+    status = {"model": config.model, "step": step, "steps": config.optim.steps, "finished": finished,
+              "best_step": best.get("step") or None,
+              "best_val_psnr": best["val_psnr"] if math.isfinite(best["val_psnr"]) else None,
+              "best_val_ssim": best.get("val_ssim")}
+    tmp = output / ".status.json.tmp"
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, output / "status.json")
 
 
 def _out_of_time(started: float, minutes: float, dist: Distributed, device: torch.device) -> bool:
@@ -287,13 +329,13 @@ def _truncate_csv(path: Path, fields: list[str], last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _state(optimizer: torch.optim.Optimizer, data: TrainingData, step: int) -> dict:
-    return {"step": step, "optimizer": optimizer.state_dict(), "noise_refreshes": data.refreshes,
-            "sampler_rng": data.sampler.generator.get_state(), "torch_rng": torch.get_rng_state()}
+def _state(optimizer: torch.optim.Optimizer, ema: ModelEMA, data: TrainingData, step: int, best: dict) -> dict:
+    return {"step": step, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "best": best,
+            "data": data.state(), "torch_rng": torch.get_rng_state()}
 
 
-def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData,
-             device: torch.device) -> int:
+def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA, data: TrainingData,
+             device: torch.device) -> tuple[int, dict]:
     state_dict = _read_weights(folder / "model")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if not k.endswith("codebook")]:
@@ -301,8 +343,12 @@ def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     state = torch.load(folder / "training_state.pt", map_location=device, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
-    data.refreshes = max(0, state["noise_refreshes"] - 1)
-    data.refresh_noise()
-    data.sampler.generator.set_state(state["sampler_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    if "ema" in state:
+        ema.load_state_dict(state["ema"])
+    else:  # a checkpoint from before the moving average: start it from the weights
+        ema.model.load_state_dict(model.state_dict())
+    if "data" in state:
+        data.restore(state["data"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    best = state.get("best", {"val_psnr": -math.inf, "step": 0})
+    return int(state["step"]), best

@@ -11,9 +11,10 @@ from ..errors import CheckpointError
 
 
 def export_checkpoint(source: str | Path, destination: str | Path, *, half: bool = False,
-                      inference_only: bool = False) -> Path:
+                      inference_only: bool = False, max_shard_mb: float | None = None) -> Path:
     """Load ``source`` and save it to ``destination`` (fp16 weights with ``half``; a LangMamba without its
-    LangAE image decoder with ``inference_only``), keeping the training record under ``extra``."""
+    LangAE image decoder with ``inference_only``; weight files of at most ``max_shard_mb`` MiB), keeping the
+    training record under ``extra``."""
     model = load_checkpoint(source)
     extra = dict(model.checkpoint_config.get("extra", {}))
     if inference_only:
@@ -23,4 +24,4 @@ def export_checkpoint(source: str | Path, destination: str | Path, *, half: bool
     if half:
         model = model.to(torch.float16)
         extra["stored_dtype"] = "float16"
-    return save_checkpoint(model, destination, extra=extra)
+    return save_checkpoint(model, destination, extra=extra, max_shard_mb=max_shard_mb)

@@ -72,19 +72,23 @@ class LangAETask:
 
 
 class SeedTask:
-    """Stage 2: denoise low-dose patches with SEED on the frozen LangAE; pixel MSE + LangDA."""
+    """Stage 2: denoise low-dose patches with SEED on the frozen LangAE; pixel MSE + ``seed.langda_weight`` × LangDA.
+
+    The decoder is ``seed.decoder_preset`` (see :data:`langmamba.models.seed.DECODER_PRESETS`) with the keys of
+    ``seed.decoder`` overriding it. The model is blind to the dose: it sees only the low-dose patch.
+    """
 
     metric_name = "denoising"
 
     def __init__(self, config: TrainConfig, data: TrainingData, device: torch.device) -> None:
-        from ..models.seed import LangMamba
+        from ..models.seed import DECODER_PRESETS, LangMamba
 
         langae = load_checkpoint(config.seed.langae)
         if not isinstance(langae, LangAE):
             raise ConfigError(f"seed.langae must be a LangAE checkpoint, {config.seed.langae} holds "
                               f"{type(langae).__name__}")
-        self.model = LangMamba.from_langae(langae, global_residual=config.seed.global_residual,
-                                          **config.seed.decoder)
+        decoder = dict(DECODER_PRESETS[config.seed.decoder_preset]) | config.seed.decoder
+        self.model = LangMamba.from_langae(langae, global_residual=config.seed.global_residual, **decoder)
         self.langda_weight = config.seed.langda_weight
 
     def loss(self, module, low, full, which, step):

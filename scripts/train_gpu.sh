@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Train every shipped model in resumable phases on a host with 1 or 2 GPUs (numpy + torch + triton and the
+# carried wheels suffice), each call within a minutes budget; call a phase again until its table says done.
+#
+#   phase A:      LangAE (langmamba/configs/langae.yaml) on GPU 0  |  RED-CNN (redcnn.yaml) on GPU 1
+#   phase B:      SEED with LangDA (seed.yaml) on GPU 0  |  SEED without LangDA (seed_no_langda.yaml) on GPU 1,
+#                 both on phase A's finished LangAE
+#   phase export: half-precision weights laid out like weights/ in $RUNS/weights (langae, langmamba,
+#                 langmamba_no_langda, redcnn), every file at most 16 MiB
+#   phase status: the table only
+#
+# Usage: scripts/train_gpu.sh PHASE... [--smoke]   (PHASE: A, B, export or status; e.g. `A export`)
+#   --smoke: a few CPU steps on out/prep/builtin.npz (tiny models, 128² crops) into runs/gpu_smoke, to check
+#            the script end to end on a machine without a GPU.
+# Settings (environment): RUNS (runs/gpu; not $OUT, which the device tool sets), RESULTS (when set, after
+# every phase the logs, status files, loss plots and exported weights are copied there), DATA (out/prep/training.npz), MINUTES (7, training minutes per run
+# and call; loading, validation and saving come on top), LANGAE_STEPS / REDCNN_STEPS / SEED_STEPS (the
+# configs' optim.steps when empty), PRESET (seed.decoder_preset, from seed.yaml when empty), LANGDA
+# (seed.langda_weight of the LangDA run, from seed.yaml when empty), BATCH (optim.batch_size of every run
+# when set), PYTHON (python3), LANGAE (phase B's LangAE checkpoint, default $RUNS/langae/model: e.g. an
+# exported weights/langae brought back on a fresh machine), ALLOW_UNFINISHED_LANGAE=1 (phase B on a LangAE that has not done its steps).
+# Each run resumes from the latest checkpoint in $RUNS/<run>/checkpoints; its log is appended to
+# $RUNS/logs/<run>.log; $RUNS/<run>/status.json says how far it is; $RUNS/<run>/model is its best validated
+# moving average.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+phases=()
+smoke=0
+for arg in "$@"; do
+  case "$arg" in
+    A|B|export|status) phases+=("$arg") ;;
+    --smoke) smoke=1 ;;
+    *) echo "usage: $0 A|B|export|status... [--smoke]" >&2; exit 2 ;;
+  esac
+done
+[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|export|status... [--smoke]" >&2; exit 2; }
+
+PYTHON=${PYTHON:-python3}
+RUNS=${RUNS:-runs/gpu}
+DATA=${DATA:-out/prep/training.npz}
+MINUTES=${MINUTES:-7}
+common=()
+langae_set=()
+if [[ $smoke == 1 ]]; then
+  RUNS=${RUNS/%runs\/gpu/runs/gpu_smoke}
+  DATA=out/prep/builtin.npz
+  MINUTES=2
+  LANGAE_STEPS=${LANGAE_STEPS:-4} REDCNN_STEPS=${REDCNN_STEPS:-4} SEED_STEPS=${SEED_STEPS:-4}
+  PRESET=${PRESET:-fast}
+  common=(--set run.device=cpu --set data.crop=128 --set data.patch_size=64 --set optim.batch_size=2
+          --set run.validation_slices=1 --set run.validate_every=2 --set run.checkpoint_every=2
+          --set "data.validation_patients=['pydicom:explicit_VR-UN']" --set data.max_slices_per_patient=4)
+  langae_set=(--set langae.base_channels=8)
+fi
+[[ -n "${BATCH:-}" ]] && common+=(--set optim.batch_size="$BATCH")
+[[ -f "$DATA" ]] || { echo "error: the prepared training set $DATA does not exist (langmamba select-words $DATA)" >&2; exit 1; }
+mkdir -p "$RUNS/logs"
+
+gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+[[ $smoke == 1 ]] && gpus=0
+
+finished() {  # finished RUN -> exit 0 when status.json says all its steps are done
+  "$PYTHON" - "$RUNS/$1/status.json" <<'EOF'
+import json, sys
+try:
+    sys.exit(0 if json.load(open(sys.argv[1]))["finished"] else 1)
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+EOF
+}
+
+pids=() names=()
+launch() {  # launch RUN GPU MODEL CONFIG [--set ...]: one resumable training call in the background
+  local name=$1 gpu=$2 model=$3 config=$4
+  shift 4
+  if finished "$name"; then
+    echo "$name: already finished"
+    return
+  fi
+  local log="$RUNS/logs/$name.log"
+  echo "=== $(date -u +%FT%TZ) call on GPU $gpu (of $gpus) ===" >> "$log"
+  local visible=$gpu
+  [[ $gpus -le 1 ]] && visible=0
+  echo "$name: training on GPU $visible for up to $MINUTES min (log $log)"
+  CUDA_VISIBLE_DEVICES=$visible "$PYTHON" -m langmamba train "$model" --config "langmamba/configs/$config.yaml" \
+    --set data.root="$DATA" --set run.output="$RUNS/$name" --set run.max_minutes="$MINUTES" \
+    "${common[@]}" "$@" >> "$log" 2>&1 &
+  pids+=($!) names+=("$name")
+}
+
+wait_all() {
+  local status=0
+  for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then
+      echo "${names[$i]}: call ended"
+    else
+      echo "${names[$i]}: FAILED (tail of $RUNS/logs/${names[$i]}.log):" >&2
+      tail -n 20 "$RUNS/logs/${names[$i]}.log" >&2
+      status=1
+    fi
+  done
+  pids=() names=()
+  return $status
+}
+
+steps() {  # steps VALUE -> an optim.steps override when VALUE is set
+  [[ -n "$1" ]] && echo "--set optim.steps=$1" || true
+}
+
+table() {
+  "$PYTHON" - "$RUNS" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print(f"{'run':<22}{'step':>8}{'of':>8}  {'done':<6}{'best step':>10}{'val PSNR':>10}{'val SSIM':>10}")
+for name in ("langae", "redcnn", "seed", "seed_no_langda"):
+    try:
+        s = json.loads((out / name / "status.json").read_text())
+    except (OSError, ValueError):
+        print(f"{name:<22}{'-':>8}")
+        continue
+    psnr = f"{s['best_val_psnr']:.2f}" if s.get("best_val_psnr") is not None else "-"
+    ssim = f"{s['best_val_ssim']:.4f}" if s.get("best_val_ssim") is not None else "-"
+    print(f"{name:<22}{s['step']:>8}{s['steps']:>8}  {'yes' if s['finished'] else 'no':<6}"
+          f"{s.get('best_step') or '-':>10}{psnr:>10}{ssim:>10}")
+for path in sorted((out / "weights").rglob("*")) if (out / "weights").is_dir() else []:
+    if path.is_file():
+        print(f"exported {path} {path.stat().st_size / 2**20:.2f} MiB")
+EOF
+}
+
+collect() {  # copy what is worth keeping into $RESULTS (small files only: no checkpoints)
+  [[ -n "${RESULTS:-}" ]] || return 0
+  mkdir -p "$RESULTS"
+  for name in langae redcnn seed seed_no_langda; do
+    [[ -d "$RUNS/$name" ]] || continue
+    mkdir -p "$RESULTS/$name"
+    for f in status.json log.csv loss.png config.yaml; do
+      [[ -f "$RUNS/$name/$f" ]] && cp "$RUNS/$name/$f" "$RESULTS/$name/"
+    done
+  done
+  cp -r "$RUNS/logs" "$RESULTS/"
+  [[ -d "$RUNS/weights" ]] && cp -r "$RUNS/weights" "$RESULTS/"
+  return 0
+}
+
+status=0
+for phase in "${phases[@]}"; do
+case "$phase" in
+  A)
+    # shellcheck disable=SC2046
+    launch langae 0 langae langae $(steps "${LANGAE_STEPS:-}") "${langae_set[@]}"
+    # shellcheck disable=SC2046
+    launch redcnn 1 redcnn redcnn $(steps "${REDCNN_STEPS:-}")
+    wait_all || status=1
+    ;;
+  B)
+    if [[ -z "${LANGAE:-}" ]] && ! finished langae && [[ "${ALLOW_UNFINISHED_LANGAE:-0}" != 1 ]]; then
+      echo "error: phase A's LangAE ($RUNS/langae) has not finished its steps; run phase A again first" >&2
+      status=1
+      continue
+    fi
+    seed_set=(--set seed.langae="${LANGAE:-$RUNS/langae/model}")
+    [[ -n "${PRESET:-}" ]] && seed_set+=(--set seed.decoder_preset="$PRESET")
+    langda=()
+    [[ -n "${LANGDA:-}" ]] && langda=(--set seed.langda_weight="$LANGDA")
+    # shellcheck disable=SC2046
+    launch seed 0 seed seed $(steps "${SEED_STEPS:-}") "${seed_set[@]}" "${langda[@]}"
+    # shellcheck disable=SC2046
+    launch seed_no_langda 1 seed seed_no_langda $(steps "${SEED_STEPS:-}") "${seed_set[@]}"
+    wait_all || status=1
+    ;;
+  export)
+    "$PYTHON" - "$RUNS" <<'EOF'
+import sys
+from pathlib import Path
+from langmamba.train.export import export_checkpoint
+out = Path(sys.argv[1])
+limit_mib = 16
+for run, shipped, inference_only in (("langae", "langae", False), ("seed", "langmamba", True),
+                                     ("seed_no_langda", "langmamba_no_langda", True), ("redcnn", "redcnn", False)):
+    source = out / run / "model"
+    if not (source / "config.json").is_file():
+        print(f"{run}: no model yet, not exported")
+        continue
+    folder = export_checkpoint(source, out / "weights" / shipped, half=True, inference_only=inference_only,
+                               max_shard_mb=limit_mib - 0.5)
+    too_big = [p for p in folder.iterdir() if p.stat().st_size > limit_mib * 2**20]
+    if too_big:
+        sys.exit(f"error: {too_big} exceed {limit_mib} MiB")
+    print(f"{run}: exported to {folder}")
+EOF
+    ;;
+  status) ;;
+esac
+collect
+done
+table
+exit $status
