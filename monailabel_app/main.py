@@ -11,7 +11,9 @@ for the sample study). ``--conf`` keys (all optional):
 - ``max_queue``: requests admitted at once, queued or running (default 16; more get 429);
 - ``max_per_client``: requests one client (user, or address without auth) may have admitted (default 4);
 - ``audit_log``: a file the audit records are appended to (JSON lines; default: the server log only);
-- ``insecure``: ``true`` to serve beyond loopback without authentication (refused otherwise).
+- ``insecure``: ``true`` to serve beyond loopback without authentication (refused otherwise);
+- ``cors_origins``: comma-separated origins (``https://viewer.example``) whose pages may call the server
+  (default: none, CORS off).
 
 Results of requests by image id are saved: on a local datastore as a new *image* ``<id>_langmamba`` (NRRD, float32
 HU) with ``<id>_langmamba.explanations.json`` beside it; on DICOMweb as a new derived CT series in the same study
@@ -52,9 +54,9 @@ from lib.admission import Admission
 from lib.audit import AuditLog
 from lib.confine import (ImageNotFoundError, check_image_id, check_servable, not_found, remove_stale_temporaries,
                          result_path)
-from lib.endpoint import MODEL, ROUTE_NAME, install_route
+from lib.endpoint import MODEL, install_route
 from lib.exposure import check_exposure
-from lib.routes import configure_cors, restrict_routes
+from lib.routes import parse_origins, secure_app
 from lib.task import DenoiseParams, DenoiseResult, LangMambaDenoise
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class LangMambaApp(MONAILabelApp):
         self.save_results = bool(strtobool(str(conf.get("save", "true"))))
         self.admission = Admission(int(conf.get("max_queue", 16)), int(conf.get("max_per_client", 4)))
         self.audit = AuditLog(conf.get("audit_log") or None)
+        self.cors_origins = parse_origins(conf.get("cors_origins", ""))
         check_exposure(bool(strtobool(str(conf.get("insecure", "false")))))
         self._fetch_lock = threading.Lock()
         if not studies.startswith(("http://", "https://")):
@@ -93,8 +96,7 @@ class LangMambaApp(MONAILabelApp):
         server = sys.modules.get("monailabel.app")
         if server is not None and hasattr(server, "app"):
             install_route(server.app, lambda: self)
-            restrict_routes(server.app, {ROUTE_NAME})
-            configure_cors(server.app)
+            secure_app(server.app, self.cors_origins)
 
     def _warn_unservable(self) -> None:
         """Log the local datastore's entries that will be refused (empty or unreadable files)."""

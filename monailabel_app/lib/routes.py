@@ -3,91 +3,125 @@
 MONAI Label 0.8.5 serves ~50 routes, among them writes and deletes of datastore images and labels (with ids that
 may be paths), model upload, training, batch inference (inline, freezing the server), sessions, its log file,
 a DICOMweb proxy that forwards the server's own PACS credentials, and ``/reload``, several open to the lowest
-role. This app keeps (GET unless named):
+role. :class:`RouteGate` (an ASGI middleware in front of every route) answers 404 to all but (GET and HEAD unless
+named):
 
 - ``/info/``, ``POST /infer/langmamba_denoise`` (the app's own route) and ``/datastore/`` (the image list);
 - ``/auth/...`` (token login through the realm) when authentication is on;
-- ``/``, ``/docs``, ``/openapi.json`` (API docs; with authentication on they need a valid token of the user
-  role), ``/favicon.ico`` and ``/static`` (MONAI Label's packaged files).
+- ``/``, ``/docs``, ``/openapi.json`` (API docs, listing only these routes; with authentication on they need a
+  valid bearer token), ``/favicon.ico`` and ``/static/...`` (MONAI Label's packaged files).
 
 MONAI Label adds a CORS middleware that allows every origin with credentials when ``MONAI_LABEL_CORS_ORIGINS``
-is empty; this app removes it then, so browsers refuse cross-origin calls. With an allow-list, only those
-origins are allowed.
+is empty (and 0.8.5 fails to start when it is set: it cannot print the parsed URLs). :func:`secure_app` removes
+it; with the app's own allow-list (``--conf cors_origins https://viewer.example,https://other.example``) only
+those origins are allowed, else none, so browsers refuse cross-origin calls.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from monailabel.config import settings
-from monailabel.endpoints.user.auth import RBAC
-from starlette.routing import Mount
+from starlette.middleware import Middleware
+
+from langmamba.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 DOC_PATHS = ("/", "/docs", "/openapi.json")
+READ = frozenset({"GET", "HEAD"})
 
 
-def _kept(route: object, own: set[str]) -> bool:
+def allowed(method: str, path: str) -> bool:
+    """Whether ``method path`` is one of the routes this app serves."""
     api = settings.MONAI_LABEL_API_STR
-    if isinstance(route, Mount):
-        return route.path == "/static"
-    name = getattr(route, "name", None)
-    path = getattr(route, "path", "")
-    methods = getattr(route, "methods", None) or set()
-    if name in own:
+    if method == "POST" and path == f"{api}/infer/langmamba_denoise":
         return True
-    if path in (f"{api}/info/", f"{api}/datastore/", "/favicon.ico") and methods <= {"GET", "HEAD"}:
+    if settings.MONAI_LABEL_AUTH_ENABLE and path.startswith(f"{api}/auth/") and method in READ | {"POST"}:
         return True
-    return settings.MONAI_LABEL_AUTH_ENABLE and path.startswith(f"{api}/auth/")
+    if method not in READ:
+        return False
+    return path in (f"{api}/info/", f"{api}/datastore/", "/favicon.ico", *DOC_PATHS) or path.startswith("/static/")
 
 
-def _docs_routes(app: FastAPI) -> list[APIRoute]:
-    """``/``, ``/docs`` and ``/openapi.json``, behind the user role when authentication is on."""
-    dependencies = [Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))] if settings.MONAI_LABEL_AUTH_ENABLE else []
+class RouteGate:
+    """ASGI middleware: 404 for every route :func:`allowed` refuses; a valid token for the docs when auth is on."""
 
-    async def swagger():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - APIs")
+    def __init__(self, app) -> None:
+        self.app = app
 
-    async def redoc():
-        return get_redoc_html(openapi_url="/openapi.json", title=app.title)
-
-    async def openapi():
-        return JSONResponse(app.openapi())
-
-    return [APIRoute(path, endpoint, methods=["GET"], name=f"langmamba_docs_{index}", include_in_schema=False,
-                     dependencies=dependencies)
-            for index, (path, endpoint) in enumerate(zip(DOC_PATHS, (swagger, redoc, openapi)))]
-
-
-def restrict_routes(app: FastAPI, own: set[str]) -> list[str]:
-    """Drop every route the product does not need (``own``: names of this app's routes, kept); returns the
-    paths removed."""
-    app.openapi_url = None  # FastAPI's own /openapi.json (unauthenticated) is replaced by the one below
-    app.docs_url = app.redoc_url = None
-    routes = app.router.routes
-    removed = [getattr(r, "path", "?") for r in routes if not _kept(r, own)]
-    docs = _docs_routes(app)
-    routes[:] = docs + [r for r in routes if _kept(r, own) and getattr(r, "path", None) not in DOC_PATHS]
-    app.openapi_schema = None
-    logger.info("routes off: %d stock MONAI Label routes not served", len(removed))
-    return removed
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        if not allowed(method, path):
+            return await _json(send, 404, {"error": "NotFound", "detail": "no such route on this server"})
+        if path in DOC_PATHS and settings.MONAI_LABEL_AUTH_ENABLE and not _valid_bearer(scope):
+            return await _json(send, 401, {"error": "Unauthorized", "detail": "the API docs need a valid token"},
+                               {"www-authenticate": "Bearer"})
+        return await self.app(scope, receive, send)
 
 
-def configure_cors(app: FastAPI) -> None:
-    """Keep MONAI Label's CORS middleware only with an explicit origin allow-list (``MONAI_LABEL_CORS_ORIGINS``)."""
-    origins = [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS or []]
-    kept = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+def _valid_bearer(scope) -> bool:
+    from monailabel.endpoints.user import auth
+
+    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    if not header.lower().startswith("bearer "):
+        return False
+    try:
+        auth.from_token(header[7:].strip())
+    except Exception:  # any invalid token (PyJWT's errors, an unreachable key) means no access
+        return False
+    return True
+
+
+async def _json(send, status: int, body: dict, headers: dict | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _filtered_openapi(app: FastAPI, original):
+    def openapi() -> dict:
+        schema = original()
+        schema["paths"] = {path: {m: op for m, op in ops.items() if allowed(m.upper(), path)}
+                           for path, ops in schema.get("paths", {}).items()}
+        schema["paths"] = {path: ops for path, ops in schema["paths"].items() if ops}
+        return schema
+
+    return openapi
+
+
+def parse_origins(text: str) -> list[str]:
+    """The comma-separated origin allow-list (``scheme://host[:port]`` each; no wildcard, no path)."""
+    origins = []
+    for origin in filter(None, (o.strip().rstrip("/") for o in (text or "").split(","))):
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or "*" in origin or parts.path or parts.query:
+            raise ConfigError(f"cors_origins: {origin!r} is not an origin like https://viewer.example:8443")
+        origins.append(origin)
+    return origins
+
+
+def secure_app(app: FastAPI, origins: list[str]) -> None:
+    """Put :class:`RouteGate` in front of every route, allow CORS for ``origins`` only (none: CORS off), and list
+    only the served routes in the API docs."""
+    kept = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, RouteGate)]
     if origins:
-        from starlette.middleware import Middleware
-
         kept.append(Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=True,
                                allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+    kept.append(Middleware(RouteGate))
     app.user_middleware[:] = kept
     app.middleware_stack = app.build_middleware_stack()
-    logger.info("CORS: %s", f"allowed for {len(origins)} origin(s)" if origins else "off (no origin allow-list)")
+    if not getattr(app.openapi, "langmamba_filtered", False):
+        app.openapi = _filtered_openapi(app, app.openapi)
+        app.openapi.langmamba_filtered = True
+    app.openapi_schema = None
+    logger.info("CORS: %s; stock MONAI Label routes other than info, datastore list and docs are off",
+                f"allowed for {len(origins)} origin(s)" if origins else "off (no origin allow-list)")
