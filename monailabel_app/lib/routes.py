@@ -9,7 +9,7 @@ named):
 - ``/info/``, ``POST /infer/langmamba_denoise`` (the app's own route) and ``/datastore/`` (the image list);
 - ``/auth/...`` (token login through the realm) when authentication is on;
 - ``/``, ``/docs``, ``/openapi.json`` (API docs, listing only these routes; with authentication on they need a
-  valid bearer token), ``/favicon.ico`` and ``/static/...`` (MONAI Label's packaged files).
+  bearer token of the user role), ``/favicon.ico`` and ``/static/...`` (MONAI Label's packaged files).
 
 MONAI Label adds a CORS middleware that allows every origin with credentials when ``MONAI_LABEL_CORS_ORIGINS``
 is empty (and 0.8.5 fails to start when it is set: it cannot print the parsed URLs). :func:`secure_app` removes
@@ -49,7 +49,8 @@ def allowed(method: str, path: str) -> bool:
 
 
 class RouteGate:
-    """ASGI middleware: 404 for every route :func:`allowed` refuses; a valid token for the docs when auth is on."""
+    """ASGI middleware: 404 for every route :func:`allowed` refuses; for the docs, with auth on, a valid token of the
+    user role."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -73,10 +74,10 @@ def _valid_bearer(scope) -> bool:
     if not header.lower().startswith("bearer "):
         return False
     try:
-        auth.from_token(header[7:].strip())
+        user = auth.from_token(header[7:].strip())
     except Exception:  # any invalid token (PyJWT's errors, an unreachable key) means no access
         return False
-    return True
+    return settings.MONAI_LABEL_AUTH_ROLE_USER in user.roles
 
 
 async def _json(send, status: int, body: dict, headers: dict | None = None) -> None:
