@@ -34,7 +34,7 @@ class AuditLog:
             "time": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="milliseconds"),
             "user": user,
             "client": client,
-            "image": image if image is not None else "upload",
+            "image": image[:200] if image is not None else "upload",
             "status": status,
             "outcome": outcome,
             "duration_s": round(time.time() - started, 3),

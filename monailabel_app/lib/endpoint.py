@@ -64,6 +64,7 @@ OUTPUTS = ("image", "json", "all")
 TIMINGS_HEADER = "X-LangMamba-Timings"  # the result's timings_s (seconds) with output=image, which has no params
 _DRAIN_FACTOR = 4  # bodies up to this many times the limit are read and dropped so the client sees the 413
 MAX_PARAMS_CHARS = 4096  # the params JSON: a handful of scalars
+_BUSY_DRAIN_BYTES = 1 << 18  # a 429 reads at most _DRAIN_FACTOR times this much of the body first
 
 
 class _BodyTooLarge(Exception):
@@ -227,7 +228,7 @@ def make_endpoint(app_getter):
             with instance.admission.place(who if settings.MONAI_LABEL_AUTH_ENABLE else peer):
                 response = await _serve(instance, request, outcome)
         except TooBusyError as err:
-            await _drain(request, instance.max_upload_bytes)
+            await _drain(request, _BUSY_DRAIN_BYTES)  # small bodies only: a refused upload costs no bandwidth
             outcome.update(status=429, kind="TooBusyError")
             response = error_response(429, "TooBusyError", str(err))
             response.headers["Retry-After"] = "10"
