@@ -59,6 +59,9 @@ class RouteGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):  # behind a proxy prefix (--root_path), routes are matched without it
+            path = path[len(root):] or "/"
         if not allowed(method, path):
             return await _json(send, 404, {"error": "NotFound", "detail": "no such route on this server"})
         if path in DOC_PATHS and settings.MONAI_LABEL_AUTH_ENABLE and not _valid_bearer(scope):
