@@ -239,6 +239,8 @@ class LangMambaApp(MONAILabelApp):
         except OverwriteError as err:  # another request saved the same result meanwhile
             raise OverwriteError(f"the datastore already holds {new_id!r} (saved by another request meanwhile)") \
                 from err
+        if result.explanations is None:  # an earlier result's document would no longer match the image
+            target.with_name(f"{new_id}.explanations.json").unlink(missing_ok=True)
         info.update({"ts": int(time.time()), "name": target.name})
         with FileLock(datastore._lock_file):
             datastore._datastore.objects[new_id] = ImageLabelModel(image=DataModel(info=info, ext=".nrrd"))

@@ -8,10 +8,14 @@ its own servers (one is killed with SIGKILL while it saves).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import http.client
 import json
 import os
+import select
 import signal
+import struct
 import threading
 import time
 import uuid
@@ -276,26 +280,49 @@ def test_queue_limits_and_cancellation_on_disconnect(server):
 
 # --- crash safety -----------------------------------------------------------------------------------------------
 
-def _staging(studies: Path) -> list[Path]:
-    return [p for p in studies.iterdir() if p.name.startswith(".crash_langmamba") and ".tmp-" in p.name]
+IN_CREATE = 0x100
+IMAGE_STAGING = ".crash_langmamba.nrrd.tmp-"  # langmamba.io.atomic's temporary folder of the result image
 
 
-def _image_untouched(studies: Path) -> bool:
-    """With the server frozen mid-save: the result image has not been replaced yet (its temporary folder still
-    holds it, or only the explanations JSON, written first, is in progress)."""
-    stagings = _staging(studies)
-    images = [s for s in stagings if s.name.startswith(".crash_langmamba.nrrd.tmp-")]
-    if images:
-        return any(any(s.iterdir()) for s in images)
-    return bool(stagings)
+class CreationWatch:
+    """inotify on a folder: :meth:`wait` returns the name of the next entry created there (or None on timeout),
+    within microseconds of the ``mkdir``, without polling."""
+
+    def __init__(self, folder: Path) -> None:
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = self._libc.inotify_init()
+        assert self.fd >= 0 and self._libc.inotify_add_watch(self.fd, str(folder).encode(), IN_CREATE) >= 0
+        self._pending: list[str] = []
+
+    def wait(self, timeout: float) -> str | None:
+        if not self._pending:
+            if not select.select([self.fd], [], [], timeout)[0]:
+                return None
+            data = os.read(self.fd, 65536)
+            while data:
+                _, _, _, length = struct.unpack_from("iIII", data)
+                self._pending.append(data[16:16 + length].rstrip(b"\0").decode())
+                data = data[16 + length:]
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def _overwrite_quietly(server) -> None:
+def _overwrite_quietly(server, blend: float) -> None:
     try:
         server.infer(image="crash", output="json", timeout=300,
-                     params={"level": 2, "top_k": 5, "blend": 0.5, "overwrite": True})
+                     params={"explain": False, "blend": blend, "overwrite": True})
     except requests.RequestException:
         pass  # the server was killed under it
+
+
+def _kill(process) -> None:
+    children = psutil.Process(process.pid).children(recursive=True)
+    os.kill(process.pid, signal.SIGKILL)
+    for child in children:
+        child.kill()
+    process.wait()
 
 
 def test_kill_9_during_save_leaves_the_previous_result_and_restart_cleans_up(tmp_path, lung2):
@@ -305,40 +332,42 @@ def test_kill_9_during_save_leaves_the_previous_result_and_restart_cleans_up(tmp
     (studies / "hollow.nrrd").write_bytes(b"")
     env = {"LANGMAMBA_WORKERS": "0"}
     first = MonaiLabelServer(studies, tmp_path / "first", env=env)
-    image, explanations = studies / "crash_langmamba.nrrd", studies / "crash_langmamba.explanations.json"
-    caught = False
+    image = studies / "crash_langmamba.nrrd"
+    caught = None
+    watch = CreationWatch(studies)
     try:
-        response = first.infer(image="crash", output="json", params={"level": 2, "top_k": 5})
+        response = first.infer(image="crash", output="json", params={"explain": False})
         assert response.status_code == 200, response.text
-        previous = image.read_bytes()
-        for _ in range(10):
-            thread = threading.Thread(target=_overwrite_quietly, args=(first,), daemon=True)
+        for attempt in range(20):
+            previous = image.read_bytes()  # each attempt's blend differs, so a finished save changes the bytes
+            thread = threading.Thread(target=_overwrite_quietly, args=(first, 0.5 + 0.02 * attempt), daemon=True)
             thread.start()
-            while thread.is_alive() and not _staging(studies):
-                time.sleep(0.0005)
-            if _staging(studies):
-                os.kill(first.process.pid, signal.SIGSTOP)  # frozen where it is, then checked
-                if _image_untouched(studies):
-                    caught = True
-                    children = psutil.Process(first.process.pid).children(recursive=True)
-                    os.kill(first.process.pid, signal.SIGKILL)
-                    for child in children:
-                        child.kill()
-                    first.process.wait()
+            while thread.is_alive() or watch._pending:
+                name = watch.wait(0.5)
+                if name is None or not name.startswith(IMAGE_STAGING):
+                    continue
+                os.kill(first.process.pid, signal.SIGSTOP)  # frozen mid-save; checked, then killed
+                staging = studies / name
+                if staging.is_dir() and image.read_bytes() == previous:
+                    caught = sorted(p.name for p in staging.iterdir())
+                    _kill(first.process)
                     break
-                os.kill(first.process.pid, signal.SIGCONT)
+                os.kill(first.process.pid, signal.SIGCONT)  # too late: the rename was done
+            if caught is not None:
+                break
             thread.join()
-        assert caught, "no save was caught in progress in 10 tries"
-        assert _staging(studies)  # the interrupted write's temporaries are there ...
+        assert caught is not None, "no save of the image was caught in progress in 20 tries"
+        assert (studies / name).is_dir()  # the killed write's temporary folder is left ...
         assert image.read_bytes() == previous  # ... and the previous result is whole
-        json.loads(explanations.read_text())  # the JSON beside it is complete (the old or the new one)
     finally:
+        watch.close()
         first.stop()
 
     second = MonaiLabelServer(studies, tmp_path / "second", env=env,
                               conf={"cors_origins": "http://viewer.example, https://other.example:8443"})
     try:
-        assert not _staging(studies)  # start-up removed the interrupted write's temporaries
+        assert not (studies / name).exists()  # start-up removed the interrupted write's temporaries
+        assert not [p for p in studies.iterdir() if ".tmp-" in p.name]
         assert image.read_bytes() == previous
         assert read_volume(image).shape == (8, 256, 256)
         listed = requests.get(f"{second.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
