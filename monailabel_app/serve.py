@@ -57,7 +57,8 @@ Connect from 3D Slicer:
   3. Pick the input volume and press Denoise: the denoised CT appears as '<input> (LangMamba)' beside the input,
      and the explanation browser lists the words of every region. (MONAI Label's stock Slicer plugin lists only
      segmentation tasks.)
-  Requests by datastore image id also save the result as a new image '<image>_langmamba'.
+  Requests by datastore image id also save the result as a new image '<image>_langmamba' (an existing one
+  is replaced only when params say "overwrite": true).
 From a shell:
   curl -X POST '{url}/infer/langmamba_denoise?image=lung2&output=image' -F 'params={{"explain": false}}' -o denoised.nrrd
 Stop the server with Ctrl+C.
