@@ -2,7 +2,8 @@
 
 One server (module scope) serves a local datastore with: ``chest`` (3 slices of 128²), ``long`` (120 slices of
 128², about 10 s of CPU), ``empty`` (a 0-byte file), ``victim`` whose result name ``victim_langmamba.nrrd`` is a
-symlink to a file outside the studies folder, and a stale temporary of an interrupted write. The crash test runs
+symlink to a file outside the studies folder, ``own`` beside a user's own image ``own_langmamba``, and a stale
+temporary of an interrupted write. The crash test runs
 its own servers (one is killed with SIGKILL while it saves).
 """
 
@@ -60,6 +61,8 @@ def server(tmp_path_factory, lung2):
     write_volume(chest, studies / "chest.nrrd")
     write_volume(_tiled(crop(lung2, slice(0, 61), slice(160, 288), slice(128, 256)), 120), studies / "long.nrrd")
     write_volume(chest, studies / "victim.nrrd")
+    write_volume(chest, studies / "own.nrrd")
+    (studies / "own_langmamba.nrrd").write_bytes((studies / "own.nrrd").read_bytes())  # a user's own image
     (studies / "empty.nrrd").write_bytes(b"")
     (outside / "secret.nrrd").write_bytes(SECRET)
     (outside / "target.nrrd").write_bytes(SECRET)
@@ -117,6 +120,16 @@ def test_result_is_never_written_through_a_symlink(server):
         assert "symbolic link" in response.json()["detail"]
     assert (server.outside / "target.nrrd").read_bytes() == SECRET
     assert (server.studies / "victim_langmamba.nrrd").is_symlink()
+
+
+def test_a_users_own_image_at_the_result_name_is_never_replaced(server):
+    mine = (server.studies / "own_langmamba.nrrd").read_bytes()
+    for params in ({"explain": False}, {"explain": False, "overwrite": True}):
+        response = server.infer(image="own", output="json", params=params)
+        assert response.status_code == 409, response.text
+    assert "not an earlier LangMamba result" in response.json()["detail"]
+    assert (server.studies / "own_langmamba.nrrd").read_bytes() == mine
+    assert not (server.studies / "own_langmamba.explanations.json").exists()
 
 
 def test_results_never_overwrite_unless_asked_and_never_chain(server):
