@@ -37,11 +37,13 @@ prepare: data
 	$(BIN)/langmamba prepare out/prep/training.npz
 
 # The MONAI Label server on the sample study (HOST, PORT, STUDIES = folder or DICOMweb URL override it).
+# A HOST beyond loopback needs authentication (SECURITY.md) or INSECURE=1, which serves without it.
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STUDIES ?=
+INSECURE ?=
 run: setup
-	$(BIN)/python monailabel_app/serve.py --host $(HOST) --port $(PORT) $(if $(STUDIES),--studies $(STUDIES))
+	$(BIN)/python monailabel_app/serve.py --host $(HOST) --port $(PORT) $(if $(STUDIES),--studies $(STUDIES)) $(if $(filter 1 true yes,$(INSECURE)),--insecure)
 
 # A self-contained MONAI Bundle of the shipped model (weights inside) in out/bundle/.
 bundle: setup

@@ -59,15 +59,17 @@ def default_weights() -> Path:
 
 
 def denoise_volume(model, volume: CTVolume, *, blend: float = 1.0, batch_size: int = 4, device: str = "auto",
-                   progress: bool = False, out: np.ndarray | None = None) -> CTVolume:
+                   progress: bool = False, out: np.ndarray | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> CTVolume:
     """The denoised volume (same geometry and DICOM header); ``blend`` mixes output (1) and input (0).
 
     ``out``: an optional float32 ``(Z, Y, X)`` array to denoise into (see :func:`langmamba.infer.denoise_slices`).
+    ``should_stop``: checked between batches; :class:`langmamba.errors.CancelledError` when it returns True.
     """
     from .infer import denoise_slices
 
     output = denoise_slices(model, volume.hu, batch_size=batch_size, device=device, progress=progress, blend=blend,
-                            out=out)
+                            out=out, should_stop=should_stop)
     return volume.with_hu(output)
 
 

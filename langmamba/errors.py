@@ -56,6 +56,10 @@ class OverwriteError(LangMambaError):
     """Writing would replace the input, or an existing output without ``overwrite=True``."""
 
 
+class CancelledError(LangMambaError):
+    """The caller asked to stop (e.g. the client of a server request disconnected) before the work finished."""
+
+
 class ConfigError(LangMambaError, ValueError):
     """A configuration (YAML, JSON or arguments) is invalid; the message names the key."""
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import CancelledError, ConfigError
 from .normalization import HU_MAX, HU_MIN, hu_to_model, model_to_hu
 from .simulate._tensor import resolve_device
 
@@ -19,7 +21,8 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, device: str | torch.device = "auto",
-                   progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+                   progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Denoise ``hu`` (Z, H, W) slice by slice in batches; returns float32 HU of the same shape.
 
     The model sees the paper's normalisation ([-1000, 2000] HU -> [0, 1]); voxels outside that range (metal,
@@ -35,6 +38,7 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
         progress: show a tqdm bar over the slices.
         blend: ``blend * denoised + (1 - blend) * hu``; 1 = denoised only.
         out: float32 ``(Z, H, W)`` array to fill (it may be ``hu`` itself); a new one when ``None``.
+        should_stop: called before every batch; when it returns True, :class:`CancelledError` is raised.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
@@ -50,6 +54,8 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
     target = torch.from_numpy(out)
     with tqdm(total=hu.shape[0], desc="denoise", unit="slice", disable=not progress) as bar:
         for start in range(0, hu.shape[0], batch_size):
+            if should_stop is not None and should_stop():
+                raise CancelledError(f"denoising stopped on request after {start} of {hu.shape[0]} slices")
             # The HU arithmetic runs where the model does: on a GPU the host only copies voxels in and out.
             chunk = torch.from_numpy(np.ascontiguousarray(hu[start:start + batch_size])).to(device).float()
             with autocast:

@@ -3,6 +3,9 @@
 Defaults: the shipped weights (``weights/langmamba``), the held-out sample study ``lung2`` copied from the data
 cache into ``out/studies`` (the cache's files are only read), ``127.0.0.1:8000``, CUDA when present else CPU.
 ``--studies`` takes another folder or a DICOMweb URL (e.g. Orthanc's ``http://host:8042/dicom-web``).
+
+Binding beyond loopback (``--host 0.0.0.0`` or an interface address) is refused unless authentication is on
+(``MONAI_LABEL_AUTH_ENABLE=true``) or ``--insecure`` is given, which prints a warning. See ``SECURITY.md``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+from lib.exposure import is_loopback
 
 APP_DIR = Path(__file__).resolve().parent
 REPO = APP_DIR.parent
@@ -31,6 +36,11 @@ def prepare_sample_studies(folder: Path) -> Path:
     return folder
 
 
+def auth_enabled() -> bool:
+    """MONAI Label's ``MONAI_LABEL_AUTH_ENABLE`` as the server will read it."""
+    return os.environ.get("MONAI_LABEL_AUTH_ENABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def banner(url: str, studies: str, device: str) -> str:
     from langmamba.denoise import default_weights
 
@@ -47,7 +57,8 @@ Connect from 3D Slicer:
   3. Pick the input volume and press Denoise: the denoised CT appears as '<input> (LangMamba)' beside the input,
      and the explanation browser lists the words of every region. (MONAI Label's stock Slicer plugin lists only
      segmentation tasks.)
-  Requests by datastore image id also save the result as a new image '<image>_langmamba'.
+  Requests by datastore image id also save the result as a new image '<image>_langmamba' (an existing one
+  is replaced only when params say "overwrite": true).
 From a shell:
   curl -X POST '{url}/infer/langmamba_denoise?image=lung2&output=image' -F 'params={{"explain": false}}' -o denoised.nrrd
 Stop the server with Ctrl+C.
@@ -59,7 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--studies", default="", help="studies folder or DICOMweb URL (default: the sample study)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve beyond loopback without authentication (anyone who reaches it reads every study)")
     args = parser.parse_args(argv)
+    if not is_loopback(args.host) and not auth_enabled():
+        if not args.insecure:
+            parser.error(f"refusing to serve on {args.host} without authentication: anyone who can reach it could "
+                         "read every study. Turn authentication on (MONAI_LABEL_AUTH_ENABLE=true, see SECURITY.md), "
+                         "keep --host 127.0.0.1 behind a TLS reverse proxy, or pass --insecure")
+        print(f"WARNING: --insecure: serving on {args.host} WITHOUT authentication; every client that reaches this "
+              "address can read every study and run the model.", file=sys.stderr, flush=True)
 
     import torch
 
@@ -71,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies,
                "--host", args.host, "--port", str(args.port)]
+    if args.insecure:
+        command += ["--conf", "insecure", "true"]
     os.execv(sys.executable, command)
 
 

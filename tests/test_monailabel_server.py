@@ -42,7 +42,9 @@ def server(tmp_path_factory, lung2):
     studies.mkdir()
     write_volume(crop(lung2, slice(28, 31), slice(160, 288), slice(128, 256)), studies / "chest.nrrd")
     # Two langmamba.workers processes, forked inside the server, read and write the DICOM of the requests.
-    srv = MonaiLabelServer(studies, tmp, conf={"max_upload_mb": str(UPLOAD_LIMIT_MB), "max_voxels": "4000000"},
+    # max_per_client 8: the concurrency test sends 8 requests at once from this one client
+    srv = MonaiLabelServer(studies, tmp, conf={"max_upload_mb": str(UPLOAD_LIMIT_MB), "max_voxels": "4000000",
+                                               "max_per_client": "8"},
                            env={"LANGMAMBA_WORKERS": "2"})
     srv.studies = studies
     yield srv
@@ -150,7 +152,7 @@ def test_zipped_dicom_series_upload(server, lung2, tmp_path, dicom_series_writer
 
 
 def test_output_all_is_multipart_params_and_image(server, tmp_path):
-    response = server.infer(image="chest", output="all", params={"level": 0, "explain": True})
+    response = server.infer(image="chest", output="all", params={"level": 0, "explain": True, "save": False})
     assert response.status_code == 200, response.text
     parts = MultipartDecoder(response.content, response.headers["content-type"]).parts
     by_name = {p.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]: p for p in parts}

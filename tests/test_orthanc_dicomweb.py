@@ -47,6 +47,11 @@ def test_dicomweb_result_is_stored_back_as_a_derived_series(pacs, tmp_path):
         assert response.status_code == 200, response.text
         saved = response.json()["saved"]
         assert requests.get(f"{server.url}/datastore/", timeout=60).json()["total"] == 2
+        # ids name series of the PACS only: paths and unknown UIDs get the same answer
+        for bad in ("../../../etc/passwd", "/etc/passwd", "1.2.826.0.1.3680043.8.498.1"):
+            refused = server.infer(image=bad, output="json", params={"save": False})
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["detail"] == f"the datastore holds no usable image with id {bad!r}"
         assert server.temp_files() == server.startup_files
         log = server.log.read_text()
     finally:

@@ -9,17 +9,27 @@ this one model, ahead of the generic one, with the same URL, query (``image``, `
 
 - inference in a worker thread (the task's lock queues concurrent requests in order);
 - a 4xx JSON body ``{"error": <kind>, "detail": <message>}`` for every bad request (413 too large, 415
-  unsupported format, 422 bad parameters, 404 unknown image, 400 any other unusable input);
-- upload size limits enforced while the body streams in, and removal of every temporary file.
+  unsupported format, 422 bad or unknown parameters, 404 no such image, 409 the result would replace an
+  existing entry, 429 queue full, 400 any other unusable input);
+- upload size limits enforced while the body streams in, and removal of every temporary file;
+- admission (:mod:`.admission`): a bounded queue and per-client limit, and cancellation between batches when
+  the client disconnects;
+- an audit record per request (:mod:`.audit`);
+- a unique result name per request (``denoised-<hex>.nrrd``), so that clients saving under the response's file
+  name (the stock MONAI Label client) never overwrite each other's results.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import shutil
 import tempfile
+import threading
+import time
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,10 +47,14 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelException
 
-from langmamba.errors import ConfigError, EmptyInputError, InputError, UnsupportedFormatError
+from langmamba.errors import (CancelledError, ConfigError, EmptyInputError, InputError, OverwriteError,
+                              UnsupportedFormatError)
 from langmamba.io.formats import suffix_of
 
+from .admission import TooBusyError, watch_disconnect
+from .confine import ImageNotFoundError
 from .limits import VolumeTooLargeError
+from .task import DenoiseParams
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +63,8 @@ ROUTE_NAME = "langmamba_denoise_infer"
 OUTPUTS = ("image", "json", "all")
 TIMINGS_HEADER = "X-LangMamba-Timings"  # the result's timings_s (seconds) with output=image, which has no params
 _DRAIN_FACTOR = 4  # bodies up to this many times the limit are read and dropped so the client sees the 413
-
-
-class ImageNotFoundError(InputError):
-    """The request names an image id the datastore does not hold."""
+MAX_PARAMS_CHARS = 4096  # the params JSON: a handful of scalars
+_BUSY_DRAIN_BYTES = 1 << 18  # a 429 reads at most _DRAIN_FACTOR times this much of the body first
 
 
 class _BodyTooLarge(Exception):
@@ -73,7 +85,35 @@ def status_of(err: Exception) -> int:
         return 422
     if isinstance(err, ImageNotFoundError):
         return 404
+    if isinstance(err, OverwriteError):
+        return 409
     return 400
+
+
+def parse_params(text: object) -> dict:
+    """The request's params: a flat JSON object of known keys (:class:`ConfigError` otherwise, never a 500)."""
+    if text is None or text == "":
+        return {}
+    if not isinstance(text, str):
+        raise ConfigError("params must be a form field holding a JSON object, not a file")
+    if len(text) > MAX_PARAMS_CHARS:
+        raise ConfigError(f"params is longer than {MAX_PARAMS_CHARS} characters")
+    try:
+        params = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"params must be a JSON object ({type(err).__name__})") from err
+    if not isinstance(params, dict):
+        raise ConfigError("params must be a JSON object")
+    unknown = sorted(set(params) - set(DenoiseParams.KEYS))
+    if unknown:
+        raise ConfigError(f"unknown params key(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
+                          f"known: {', '.join(DenoiseParams.KEYS)}")
+    return params
+
+
+def result_name() -> str:
+    """A file name for one response's result, unique per request."""
+    return f"denoised-{uuid.uuid4().hex[:16]}.nrrd"
 
 
 def _upload_suffix(filename: str | None) -> str:
@@ -162,12 +202,12 @@ def _message(err: Exception, upload: Path | None, filename: str | None) -> str:
     return text
 
 
-def _multipart(params: dict, image: Path) -> Response:
-    """MONAI Label's ``output=all`` response: a ``params`` JSON part and an ``image`` file part."""
+def _multipart(params: dict, image: Path, name: str) -> Response:
+    """MONAI Label's ``output=all`` response: a ``params`` JSON part and an ``image`` file part called ``name``."""
     with open(image, "rb") as handle:
         fields = {
             "params": (None, json.dumps(params), "application/json"),
-            "image": ("denoised.nrrd", handle, "application/octet-stream"),
+            "image": (name, handle, "application/octet-stream"),
         }
         encoder = MultipartEncoder(fields=fields)
         body = encoder.to_string()
@@ -179,70 +219,101 @@ def make_endpoint(app_getter):
 
     async def infer_langmamba(request: Request, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
         instance = app_getter()
-        limit = instance.max_upload_bytes
-        output = request.query_params.get("output") or "all"
-        if output not in OUTPUTS:
-            return error_response(422, "ConfigError", f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        arrived = time.time()
+        peer = request.client.host if request.client else "unknown"
+        who = user.username if settings.MONAI_LABEL_AUTH_ENABLE else "anonymous"
+        image = request.query_params.get("image") or None
+        outcome = {"status": 500, "kind": "InternalError", "saved": None}
         try:
-            form = await _read_form(request, limit)
-        except _BodyTooLarge:
-            await _drain(request, limit)
-            return error_response(413, "VolumeTooLargeError",
-                                  f"the request body is larger than this server's upload limit of {limit:,} bytes")
-        except ClientDisconnect:
-            return error_response(400, "InputError", "the client disconnected before the upload finished")
-        except Exception as err:  # python-multipart raises several types for malformed bodies
-            return error_response(400, "InputError", f"the request body is not a valid multipart form ({err})")
-
-        work = Path(tempfile.mkdtemp(prefix="langmamba-request-"))
-        upload_path = None
-        upload = form.get("file")
-        filename = upload.filename if isinstance(upload, UploadFile) else None
-        try:
-            try:
-                params = json.loads(form.get("params") or "{}")
-            except (TypeError, json.JSONDecodeError) as err:
-                raise ConfigError(f"params must be a JSON object ({err})") from err
-            if not isinstance(params, dict):
-                raise ConfigError("params must be a JSON object")
-            image = request.query_params.get("image", "")
-            if isinstance(upload, UploadFile):
-                upload_path = await _save_upload(upload, work, limit)
-            elif upload:
-                raise InputError("the form field 'file' must be a file upload")
-            elif not image:
-                raise InputError("give an image id (?image=...) or upload a file in the form field 'file'")
-            infer_request = {**params, "model": MODEL, "image": image, "upload": str(upload_path or "")}
-            result = await run_in_threadpool(instance.infer, infer_request)
-        except (InputError, ConfigError) as err:
-            logger.info("denoise request refused: %s", type(err).__name__)
-            return error_response(status_of(err), type(err).__name__, _message(err, upload_path, filename))
-        except MONAILabelException as err:
-            return error_response(400, "MONAILabelException", str(err.msg))
-        except Exception:
-            logger.exception("denoise request failed")
-            return error_response(500, "InternalError", "the server failed to denoise this volume; see its log")
+            with instance.admission.place(who if settings.MONAI_LABEL_AUTH_ENABLE else peer):
+                response = await _serve(instance, request, outcome)
+        except TooBusyError as err:
+            await _drain(request, _BUSY_DRAIN_BYTES)  # small bodies only: a refused upload costs no bandwidth
+            outcome.update(status=429, kind="TooBusyError")
+            response = error_response(429, "TooBusyError", str(err))
+            response.headers["Retry-After"] = "10"
         finally:
-            form_close = getattr(form, "close", None)
-            if form_close is not None:
-                await form_close()
-            shutil.rmtree(work, ignore_errors=True)
-
-        result_file = Path(result["file"])
-        if output == "json":
-            result_file.unlink(missing_ok=True)
-            return JSONResponse(result["params"])
-        if output == "image":
-            timings = json.dumps(result["params"].get("timings_s", {}))
-            return FileResponse(result_file, media_type="application/octet-stream", filename="denoised.nrrd",
-                                headers={TIMINGS_HEADER: timings},
-                                background=BackgroundTask(result_file.unlink, missing_ok=True))
-        try:
-            return _multipart(result["params"], result_file)
-        finally:
-            result_file.unlink(missing_ok=True)
+            instance.audit.record(user=who, client=peer, image=image, status=outcome["status"],
+                                  outcome=outcome["kind"], started=arrived, saved=outcome["saved"])
+        return response
 
     return infer_langmamba
+
+
+async def _serve(instance, request: Request, outcome: dict) -> Response:
+    """The request's response; ``outcome`` receives its status, kind (``ok`` or the error) and saved id."""
+
+    def refuse(status: int, kind: str, detail: str) -> Response:
+        outcome.update(status=status, kind=kind)
+        return error_response(status, kind, detail)
+
+    limit = instance.max_upload_bytes
+    output = request.query_params.get("output") or "all"
+    if output not in OUTPUTS:
+        return refuse(422, "ConfigError", f"output must be one of {', '.join(OUTPUTS)}, got {output[:40]!r}")
+    try:
+        form = await _read_form(request, limit)
+    except _BodyTooLarge:
+        await _drain(request, limit)
+        return refuse(413, "VolumeTooLargeError",
+                      f"the request body is larger than this server's upload limit of {limit:,} bytes")
+    except ClientDisconnect:
+        return refuse(400, "InputError", "the client disconnected before the upload finished")
+    except Exception as err:  # python-multipart raises several types for malformed bodies
+        return refuse(400, "InputError", f"the request body is not a valid multipart form ({type(err).__name__})")
+
+    work = Path(tempfile.mkdtemp(prefix="langmamba-request-"))
+    upload_path = None
+    upload = form.get("file")
+    filename = upload.filename if isinstance(upload, UploadFile) else None
+    cancel = threading.Event()
+    watcher = asyncio.ensure_future(watch_disconnect(request, cancel))
+    try:
+        params = parse_params(form.get("params"))
+        image = request.query_params.get("image", "")
+        if isinstance(upload, UploadFile):
+            upload_path = await _save_upload(upload, work, limit)
+        elif upload:
+            raise InputError("the form field 'file' must be a file upload")
+        elif not image:
+            raise InputError("give an image id (?image=...) or upload a file in the form field 'file'")
+        infer_request = {**params, "model": MODEL, "image": image, "upload": str(upload_path or ""),
+                         "should_stop": cancel.is_set}
+        result = await run_in_threadpool(instance.infer, infer_request)
+    except CancelledError:
+        logger.info("denoise request cancelled: the client disconnected")
+        return refuse(499, "CancelledError", "the client disconnected; the request was cancelled")
+    except (InputError, ConfigError, OverwriteError) as err:
+        logger.info("denoise request refused: %s", type(err).__name__)
+        return refuse(status_of(err), type(err).__name__, _message(err, upload_path, filename))
+    except MONAILabelException as err:
+        return refuse(400, "MONAILabelException", str(err.msg))
+    except Exception:
+        logger.exception("denoise request failed")
+        return refuse(500, "InternalError", "the server failed to denoise this volume; see its log")
+    finally:
+        watcher.cancel()
+        form_close = getattr(form, "close", None)
+        if form_close is not None:
+            await form_close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    saved = result["params"].get("saved") or {}
+    outcome.update(status=200, kind="ok", saved=saved.get("image_id") or saved.get("series_uid"))
+    result_file = Path(result["file"])
+    name = result_name()
+    if output == "json":
+        result_file.unlink(missing_ok=True)
+        return JSONResponse(result["params"])
+    if output == "image":
+        timings = json.dumps(result["params"].get("timings_s", {}))
+        return FileResponse(result_file, media_type="application/octet-stream", filename=name,
+                            headers={TIMINGS_HEADER: timings},
+                            background=BackgroundTask(result_file.unlink, missing_ok=True))
+    try:
+        return _multipart(result["params"], result_file, name)
+    finally:
+        result_file.unlink(missing_ok=True)
 
 
 def install_route(fastapi_app: FastAPI, app_getter) -> None:

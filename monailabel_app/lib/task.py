@@ -14,9 +14,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from langmamba.checkpoint import load_checkpoint
 from langmamba.denoise import denoise_volume
-from langmamba.errors import ConfigError
+from langmamba.errors import CancelledError, ConfigError
 from langmamba.explain import explain_volume
 from langmamba.infer import resolve_device
 from langmamba.io import CTVolume, read_volume, write_volume
@@ -41,7 +42,7 @@ MAX_TOP_K = 5
 class DenoiseParams:
     """Request parameters: ``blend`` in [0, 1], explanation ``level`` (0 = coarsest), ``device``, ``explain``,
     ``top_k`` words per explained region, ``save`` the result of a datastore image (``None``: the server's
-    default)."""
+    default), ``overwrite`` an earlier saved result of the same image."""
 
     blend: float = 1.0
     level: int = 2
@@ -49,6 +50,11 @@ class DenoiseParams:
     explain: bool = True
     top_k: int = 1
     save: bool | None = None
+    overwrite: bool = False
+
+    # what a client may send in params: the fields above, and the stock MONAI Label client's client_id
+    KEYS: ClassVar[tuple[str, ...]] = ("blend", "level", "device", "explain", "top_k", "save", "overwrite",
+                                       "client_id")
 
     @classmethod
     def from_request(cls, request: dict[str, Any], levels: int) -> DenoiseParams:
@@ -73,7 +79,7 @@ class DenoiseParams:
             if device == "cuda" and not torch.cuda.is_available():
                 raise ConfigError("device 'cuda' was requested but this server has no CUDA GPU; use 'auto' or 'cpu'")
             params.device = device
-        for key in ("explain", "save"):
+        for key in ("explain", "save", "overwrite"):
             if key in request:
                 if not isinstance(request[key], bool):
                     raise ConfigError(f"{key} must be true or false, got {request[key]!r}")
@@ -151,20 +157,33 @@ class LangMambaDenoise(InferTask):
         check_voxel_count(Path(path), self.max_voxels)
         return read_volume(path)
 
-    def run(self, volume: CTVolume, params: DenoiseParams) -> DenoiseResult:
-        """Denoise ``volume`` (and explain ``params.level``) under the model lock."""
+    def _acquire(self, should_stop: Callable[[], bool] | None) -> None:
+        """Wait for the model lock; give up (:class:`CancelledError`) as soon as ``should_stop()`` is true."""
+        while not self._lock.acquire(timeout=0.25):
+            if should_stop is not None and should_stop():
+                raise CancelledError("the request was cancelled while it waited in the queue")
+
+    def run(self, volume: CTVolume, params: DenoiseParams,
+            should_stop: Callable[[], bool] | None = None) -> DenoiseResult:
+        """Denoise ``volume`` (and explain ``params.level``) under the model lock; ``should_stop`` is checked
+        while queued and between batches (:class:`CancelledError`)."""
         queued = time.perf_counter()
-        with self._lock:
+        self._acquire(should_stop)
+        try:
             started = time.perf_counter()
             device = str(resolve_device(params.device))
             denoised = denoise_volume(self.model, volume, blend=params.blend, batch_size=self.batch_size,
-                                      device=device)
+                                      device=device, should_stop=should_stop)
             denoise_s = time.perf_counter() - started
             document = None
+            if should_stop is not None and should_stop():
+                raise CancelledError("the request was cancelled after denoising")
             if params.explain:
                 document = explain_volume(self.model, volume.hu, denoised.hu, volume, levels=(params.level,),
                                           top_k=params.top_k, batch_size=self.batch_size, device=device)
             finished = time.perf_counter()
+        finally:
+            self._lock.release()
         summary = {
             "model": "langmamba_denoise",
             "blend": params.blend,
