@@ -183,7 +183,8 @@ class LangAE(nn.Module):
         region_sizes: residual quantizer only: latent cells per region side of each word level.
         detail_codebook, detail_projection: residual quantizer only: ``(N, d)`` token codes and ``(d, E)``
             projection (:mod:`langmamba.vlm.token_codes`); or ``detail_codebook_size`` and ``detail_dim``.
-        detail_stages: residual quantizer only: detail codes per latent cell.
+        detail_stages: residual quantizer only: detail stages per latent cell.
+        detail_groups: residual quantizer only: token codes per latent cell and stage (product quantization).
         logit_scale: residual quantizer only: initial word-reading temperature.
         word_classes: the tissue class of every vocabulary word (``langmamba.vlm.vocabulary.WORD_CLASSES``).
     """
@@ -214,6 +215,7 @@ class LangAE(nn.Module):
         detail_codebook_size: int | None = None,
         detail_dim: int | None = None,
         detail_stages: int = 8,
+        detail_groups: int = 1,
         logit_scale: float = 10.0,
         word_classes: Sequence[str] | None = None,
     ) -> None:
@@ -232,7 +234,8 @@ class LangAE(nn.Module):
             self.quantizer = ResidualLanguageQuantizer(
                 codebook, codebook_size=codebook_size, codebook_dim=codebook_dim, detail_codebook=detail_codebook,
                 detail_projection=detail_projection, detail_codebook_size=detail_codebook_size,
-                detail_dim=detail_dim, region_sizes=region_sizes, detail_stages=detail_stages, beta=beta,
+                detail_dim=detail_dim, region_sizes=region_sizes, detail_stages=detail_stages,
+                detail_groups=detail_groups, beta=beta,
                 logit_scale=logit_scale)
         self._config = {
             "in_channels": int(in_channels),
@@ -256,6 +259,7 @@ class LangAE(nn.Module):
                 "detail_codebook_size": int(self.quantizer.detail_codebook.shape[0]),
                 "detail_dim": int(self.quantizer.detail_codebook.shape[1]),
                 "detail_stages": self.quantizer.detail_stages,
+                "detail_groups": self.quantizer.detail_groups,
                 "logit_scale": float(logit_scale),
             })
         if word_classes is not None:

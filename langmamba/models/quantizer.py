@@ -60,7 +60,7 @@ class QuantizerOutput:
     - ``commitment_loss``: scalar, already multiplied by ``beta``.
     - ``semantic_loss``: scalar, 0 when no candidate words were given.
     - ``word_logits``: per level ``(B, g_h, g_w, V)`` detached word-reading logits (residual quantizer only).
-    - ``detail_ids``: per detail stage ``(B, h, w)`` token ids (residual quantizer only).
+    - ``detail_ids``: per detail stage ``(B, h, w, G)`` token ids (residual quantizer only).
     """
 
     quantized: torch.Tensor

@@ -9,8 +9,9 @@ For a continuous latent ``z`` ``(B, E, h, w)`` (``E`` = the language space's emb
   residual, ``argmin_v ||pool(ρ_l) - a_l C_v||²``, and subtracts it: ``ρ_{l+1} = ρ_l - up(a_l C_v)``.
 - *Detail stages* ``k = 1..K`` at the full latent resolution code what the words left with rows of the
   language model's token table, read in ``d`` whitened principal dimensions
-  (:mod:`langmamba.vlm.token_codes`): ``D`` ``(N, d)``, projection ``P`` ``(d, E)`` with orthonormal rows.
-  Stage ``k`` picks ``argmin_n ||P ρ - b_k D_n||²`` per latent cell and subtracts ``P^T b_k D_n``.
+  (:mod:`langmamba.vlm.token_codes`): ``D`` ``(N, d)``, projection ``P`` ``(G·d, E)`` with orthonormal rows,
+  split into ``G`` groups ``P_g`` of ``d`` rows. Stage ``k`` picks ``argmin_n ||P_g ρ - b_k D_n||²`` per latent
+  cell and group and subtracts ``Σ_g P_g^T b_k D_{n_g}`` (``G`` tokens per cell and stage).
 - *Sum.* ``ẑ = Σ_l up(a_l C_{v_l}) + Σ_k P^T b_k D_{n_k} = z - ρ_final``; the decoder sees
   ``quantized = z + sg(ẑ - z)`` (straight-through). Nothing is averaged, so no level is shrunk.
 - *Gains* ``a_l, b_k`` are scalars per level (codebook rows have a fixed norm while residuals shrink).
@@ -75,7 +76,8 @@ class ResidualLanguageQuantizer(nn.Module):
     Args:
         codebook: ``(V, E)`` region-vocabulary embeddings (frozen); or ``codebook_size``/``codebook_dim``.
         detail_codebook: ``(N, d)`` whitened token codes; or ``detail_codebook_size``/``detail_dim``.
-        detail_projection: ``(d, E)`` orthonormal rows; built empty from the sizes when not given.
+        detail_projection: ``(G * d, E)`` orthonormal rows; built empty from the sizes when not given.
+        detail_groups: G, coordinate groups of ``d`` quantized separately per latent cell.
         region_sizes: latent cells per region side of each word level, coarse to fine.
         detail_stages: K, residual detail codes per latent cell.
         beta: commitment-loss weight.
@@ -99,6 +101,7 @@ class ResidualLanguageQuantizer(nn.Module):
         detail_dim: int | None = None,
         region_sizes: Sequence[int] = (8, 4, 2),
         detail_stages: int = 8,
+        detail_groups: int = 1,
         beta: float = 0.25,
         logit_scale: float = 10.0,
         gain_momentum: float = 0.9,
@@ -111,7 +114,11 @@ class ResidualLanguageQuantizer(nn.Module):
         details = _frozen_buffer(detail_codebook, None if detail_codebook is not None else
                                  (int(detail_codebook_size or 0), int(detail_dim or 0)), "detail codebook")
         self.register_buffer("detail_codebook", details)
-        projection = _frozen_buffer(detail_projection, (details.shape[1], dim), "detail projection")
+        if detail_groups < 1:
+            raise InputError(f"detail_groups must be at least 1, got {detail_groups}")
+        self.detail_groups = int(detail_groups)
+        projection = _frozen_buffer(detail_projection, (details.shape[1] * self.detail_groups, dim),
+                                    "detail projection")
         self.register_buffer("detail_projection", projection)
         self.region_sizes = tuple(int(s) for s in region_sizes)
         if not self.region_sizes or min(self.region_sizes) < 1:
@@ -241,7 +248,7 @@ class ResidualLanguageQuantizer(nn.Module):
                 details = self.detail_codebook.float()
                 projection = self.detail_projection.float()
                 for stage in range(self.detail_stages):
-                    coords = torch.einsum("de,behw->bhwd", projection, residual).reshape(-1, projection.shape[0])
+                    coords = torch.einsum("de,behw->bhwd", projection, residual).reshape(-1, details.shape[1])
                     if update:
                         self._initial_gain(self.detail_gains, stage, coords, details)
                     gain = self.detail_gains[stage]
@@ -251,7 +258,7 @@ class ResidualLanguageQuantizer(nn.Module):
                         gain = self.detail_gains[stage]
                     code = (gain * details[ids]).reshape(batch, h, w, -1)
                     residual = residual - torch.einsum("de,bhwd->behw", projection, code)
-                    detail_ids.append(ids.reshape(batch, h, w))
+                    detail_ids.append(ids.reshape(batch, h, w, self.detail_groups))
             if update:
                 self.gains_set.fill_(1.0)
             reconstruction = zf.detach() - residual

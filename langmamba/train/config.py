@@ -85,6 +85,7 @@ class LangAEConfig:
     region_sizes: list[int] = field(default_factory=lambda: [8, 4, 2])
     detail_dim: int = 16
     detail_stages: int = 8
+    detail_groups: int = 1
     logit_scale: float = 10.0
     # Share of each batch that autoencodes low-dose patches (no word targets: their regions come from the
     # normal-dose crops, which carry the class maps and lesion masks).

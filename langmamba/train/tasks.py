@@ -77,13 +77,14 @@ class LangAETask:
 
 def _detail_codes(c, region) -> tuple[torch.Tensor, torch.Tensor]:
     """Token codes of the language model behind the region vocabulary (packaged for MiniLM)."""
-    from ..vlm.token_codes import MINILM_CODES_DIM, minilm_codes, principal_codes
+    from ..vlm.token_codes import MINILM_CODES_DIM, MINILM_DIRECTIONS, minilm_codes, principal_codes
 
-    if c.vlm_backend == "offline" and c.vlm_model is None and c.detail_dim <= MINILM_CODES_DIM:
-        return minilm_codes(c.detail_dim)
+    if (c.vlm_backend == "offline" and c.vlm_model is None and c.detail_dim <= MINILM_CODES_DIM
+            and c.detail_dim * c.detail_groups <= MINILM_DIRECTIONS):
+        return minilm_codes(c.detail_dim, c.detail_groups)
     if region.space is None:
         raise ConfigError(f"the {c.vlm_backend} language model is needed for its token table (detail codes)")
-    return principal_codes(region.space.token_table(), c.detail_dim)
+    return principal_codes(region.space.token_table(), c.detail_dim, c.detail_groups)
 
 
 def code_perplexity(ids: torch.Tensor, size: int) -> torch.Tensor:
@@ -114,7 +115,8 @@ class ResidualLangAETask(LangAETask):
                             base_channels=c.base_channels, channel_multipliers=c.channel_multipliers,
                             num_res_blocks=c.num_res_blocks, z_channels=c.z_channels, quantizer="residual",
                             normalize_latent=False, region_sizes=c.region_sizes, detail_codebook=detail_codes,
-                            detail_projection=projection, detail_stages=c.detail_stages, logit_scale=c.logit_scale)
+                            detail_projection=projection, detail_stages=c.detail_stages,
+                            detail_groups=c.detail_groups, logit_scale=c.logit_scale)
         self.per_class, self.lesion_words = class_word_masks(region.classes, device)
         self.classes = len(REGION_CLASSES)
         self.crops = RegionCrops(data.train, config.data.patch_size, device, seed=config.run.seed + 17)
