@@ -19,6 +19,9 @@ from langmamba.checkpoint import register_model
 from langmamba.errors import InputError
 from langmamba.models.blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, normalization
 from langmamba.models.quantizer import CandidateSpec, PyramidLanguageQuantizer, QuantizerOutput
+from langmamba.models.residual_quantizer import ResidualLanguageQuantizer
+
+QUANTIZERS = ("average", "residual")
 
 
 class _Level(nn.Module):
@@ -173,6 +176,17 @@ class LangAE(nn.Module):
         vocabulary: the V words of the codebook rows (kept for reports and checkpoints).
         vlm_backend: name of the language backend that made the codebook (recorded in checkpoints).
         vlm_id: model id of that backend.
+        quantizer: ``"average"`` (the first checkpoints: SPAE streaming average at ``quantizer_grids``) or
+            ``"residual"`` (:class:`~langmamba.models.residual_quantizer.ResidualLanguageQuantizer`: word
+            levels at ``region_sizes`` and detail stages that add up, calibrated word reading). Checkpoints
+            without the key are ``"average"``.
+        region_sizes: residual quantizer only: latent cells per region side of each word level.
+        detail_codebook, detail_projection: residual quantizer only: ``(N, d)`` token codes and ``(d, E)``
+            projection (:mod:`langmamba.vlm.token_codes`); or ``detail_codebook_size`` and ``detail_dim``.
+        detail_stages: residual quantizer only: detail stages per latent cell.
+        detail_groups: residual quantizer only: token codes per latent cell and stage (product quantization).
+        logit_scale: residual quantizer only: initial word-reading temperature.
+        word_classes: the tissue class of every vocabulary word (``langmamba.vlm.vocabulary.WORD_CLASSES``).
     """
 
     def __init__(
@@ -194,15 +208,35 @@ class LangAE(nn.Module):
         vocabulary: Sequence[str] | None = None,
         vlm_backend: str | None = None,
         vlm_id: str | None = None,
+        quantizer: str = "average",
+        region_sizes: Sequence[int] = (8, 4, 2),
+        detail_codebook: torch.Tensor | None = None,
+        detail_projection: torch.Tensor | None = None,
+        detail_codebook_size: int | None = None,
+        detail_dim: int | None = None,
+        detail_stages: int = 8,
+        detail_groups: int = 1,
+        logit_scale: float = 10.0,
+        word_classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not channel_multipliers:
             raise InputError("channel_multipliers must name at least one level")
         if num_res_blocks < 1 or base_channels < 1 or z_channels < 1:
             raise InputError("num_res_blocks, base_channels and z_channels must be positive")
-        self.quantizer = PyramidLanguageQuantizer(
-            codebook, codebook_size=codebook_size, codebook_dim=codebook_dim, grids=quantizer_grids, beta=beta
-        )
+        if quantizer not in QUANTIZERS:
+            raise InputError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
+        if quantizer == "average":
+            self.quantizer = PyramidLanguageQuantizer(
+                codebook, codebook_size=codebook_size, codebook_dim=codebook_dim, grids=quantizer_grids, beta=beta
+            )
+        else:
+            self.quantizer = ResidualLanguageQuantizer(
+                codebook, codebook_size=codebook_size, codebook_dim=codebook_dim, detail_codebook=detail_codebook,
+                detail_projection=detail_projection, detail_codebook_size=detail_codebook_size,
+                detail_dim=detail_dim, region_sizes=region_sizes, detail_stages=detail_stages,
+                detail_groups=detail_groups, beta=beta,
+                logit_scale=logit_scale)
         self._config = {
             "in_channels": int(in_channels),
             "base_channels": int(base_channels),
@@ -214,10 +248,26 @@ class LangAE(nn.Module):
             "dropout": float(dropout),
             "codebook_size": self.quantizer.codebook_size,
             "codebook_dim": self.quantizer.codebook_dim,
-            "quantizer_grids": [list(g) for g in self.quantizer.grids],
+            "quantizer_grids": [[int(v) for v in g] for g in quantizer_grids],
             "beta": float(beta),
             "normalize_latent": bool(normalize_latent),
         }
+        if quantizer == "residual":
+            self._config.update({
+                "quantizer": quantizer,
+                "region_sizes": list(self.quantizer.region_sizes),
+                "detail_codebook_size": int(self.quantizer.detail_codebook.shape[0]),
+                "detail_dim": int(self.quantizer.detail_codebook.shape[1]),
+                "detail_stages": self.quantizer.detail_stages,
+                "detail_groups": self.quantizer.detail_groups,
+                "logit_scale": float(logit_scale),
+            })
+        if word_classes is not None:
+            if len(word_classes) != self.quantizer.codebook_size:
+                raise InputError(f"{len(word_classes)} word classes for a vocabulary of "
+                                 f"{self.quantizer.codebook_size} words")
+            self._config["word_classes"] = [str(c) for c in word_classes]
+        self.word_classes: list[str] | None = None if word_classes is None else [str(c) for c in word_classes]
         if vocabulary is not None and len(vocabulary) != self.quantizer.codebook_size:
             raise InputError(
                 f"the vocabulary has {len(vocabulary)} words but the codebook has {self.quantizer.codebook_size} rows"

@@ -59,6 +59,8 @@ class QuantizerOutput:
     - ``grids``: per level, ``(g_h, g_w)``.
     - ``commitment_loss``: scalar, already multiplied by ``beta``.
     - ``semantic_loss``: scalar, 0 when no candidate words were given.
+    - ``word_logits``: per level ``(B, g_h, g_w, V)`` detached word-reading logits (residual quantizer only).
+    - ``detail_ids``: per detail stage ``(B, h, w, G)`` token ids (residual quantizer only).
     """
 
     quantized: torch.Tensor
@@ -68,6 +70,8 @@ class QuantizerOutput:
     grids: list[tuple[int, int]]
     commitment_loss: torch.Tensor
     semantic_loss: torch.Tensor
+    word_logits: list[torch.Tensor] | None = None
+    detail_ids: list[torch.Tensor] | None = None
 
 
 def cell_index(size: int, cells: int, device: torch.device | None = None) -> torch.Tensor:
@@ -207,6 +211,16 @@ class PyramidLanguageQuantizer(nn.Module):
         """
         h, w = int(latent_size[0]), int(latent_size[1])
         return [*((min(gh, h), min(gw, w)) for gh, gw in self.grids), (h, w)]
+
+    def word_probabilities(self, region_latents: torch.Tensor, level: int) -> torch.Tensor:
+        """Probabilities ``(..., V)`` of region latents ``(..., E)``: softmax of negative squared distances
+        (this quantizer's scores, the same at every level; the residual quantizer calibrates them)."""
+        if region_latents.shape[-1] != self.codebook_dim:
+            raise InputError(f"region latents have dimension {region_latents.shape[-1]} but the codebook rows have "
+                             f"{self.codebook_dim}")
+        lead = region_latents.shape[:-1]
+        dist = squared_distances(region_latents.reshape(-1, self.codebook_dim), self.codebook)
+        return torch.softmax(-dist, dim=-1).reshape(*lead, self.codebook_size)
 
     def candidate_mask(self, candidates: CandidateSpec | None, batch: int) -> torch.Tensor | None:
         """One level's candidates as a ``(B, V)`` float mask (``None`` when there are none)."""

@@ -95,6 +95,16 @@ class LangAEConfig:
     semantic_weight: float = 1.0
     adversarial_weight: float = 0.1
     adversarial_start_step: int | None = None
+    # The residual quantizer (langmamba.models.residual_quantizer); "average" trains the first checkpoints' kind.
+    quantizer: str = "average"
+    region_sizes: list[int] = field(default_factory=lambda: [8, 4, 2])
+    detail_dim: int = 16
+    detail_stages: int = 8
+    detail_groups: int = 1
+    logit_scale: float = 10.0
+    # Share of each batch that autoencodes low-dose patches (no word targets: their regions come from the
+    # normal-dose crops, which carry the class maps and lesion masks).
+    low_dose_fraction: float = 0.25
 
 
 @dataclass
@@ -228,6 +238,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
     if len(config.langae.word_thresholds) != 3:
         raise ConfigError("langae.word_thresholds needs one threshold per pyramid level (3)")
+    if config.langae.quantizer not in ("average", "residual"):
+        raise ConfigError(f"langae.quantizer: expected average or residual, got {config.langae.quantizer!r}")
+    if not config.langae.region_sizes or min(config.langae.region_sizes) < 1:
+        raise ConfigError("langae.region_sizes must list positive region sizes (latent cells), coarse to fine")
+    if not 0 <= config.langae.low_dose_fraction < 1:
+        raise ConfigError(f"langae.low_dose_fraction must be in [0, 1), got {config.langae.low_dose_fraction}")
     return config
 
 

@@ -24,7 +24,11 @@ def _crop16(x: torch.Tensor) -> torch.Tensor:
 
 
 class LangAETask:
-    """Stage 1: reconstruct normal-dose patches through the pyramid word quantizer."""
+    """Stage 1: reconstruct patches through the word quantizer.
+
+    ``langae.quantizer: average`` trains the first checkpoints' kind (normal-dose patches, per-slice candidate
+    words). ``residual`` (:class:`ResidualLangAETask`) is the language space that keeps the image.
+    """
 
     metric_name = "reconstruction"
 
@@ -68,6 +72,97 @@ class LangAETask:
 
     def predict(self, model, low, full):
         reconstruction, _ = model(_crop16(full))
+        return reconstruction
+
+
+def _detail_codes(c, region) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token codes of the language model behind the region vocabulary (packaged for MiniLM)."""
+    from ..vlm.token_codes import MINILM_CODES_DIM, MINILM_DIRECTIONS, minilm_codes, principal_codes
+
+    if (c.vlm_backend == "offline" and c.vlm_model is None and c.detail_dim <= MINILM_CODES_DIM
+            and c.detail_dim * c.detail_groups <= MINILM_DIRECTIONS):
+        return minilm_codes(c.detail_dim, c.detail_groups)
+    if region.space is None:
+        raise ConfigError(f"the {c.vlm_backend} language model is needed for its token table (detail codes)")
+    return principal_codes(region.space.token_table(), c.detail_dim, c.detail_groups)
+
+
+def code_perplexity(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """``exp(entropy)`` of the token histogram of ``ids``: how many codes are in effective use (scalar)."""
+    counts = torch.bincount(ids.reshape(-1), minlength=size).float()
+    p = counts / counts.sum().clamp_min(1)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+class ResidualLangAETask(LangAETask):
+    """Stage 1 with the residual quantizer: normal-dose crops with region word targets, plus low-dose patches.
+
+    Every batch holds ``optim.batch_size`` images: a ``langae.low_dose_fraction`` share of the loop's low-dose
+    patches (reconstruction only) and normal-dose crops from :class:`RegionCrops`, whose regions get the
+    candidate words of their own HU composition and lesion overlap (:mod:`langmamba.vlm.regions`).
+    """
+
+    def __init__(self, config: TrainConfig, data: TrainingData, device: torch.device) -> None:
+        from ..vlm.region_vocabulary import load_region_language
+        from ..vlm.regions import REGION_CLASSES, class_word_masks
+        from .region_crops import RegionCrops
+
+        c = config.langae
+        region = load_region_language(c.vocabulary, c.vlm_backend, c.vlm_model)
+        detail_codes, projection = _detail_codes(c, region)
+        self.model = LangAE(codebook=region.codebook, vocabulary=region.words, word_classes=region.classes,
+                            vlm_backend=region.describe.get("backend"), vlm_id=region.describe.get("model"),
+                            base_channels=c.base_channels, channel_multipliers=c.channel_multipliers,
+                            num_res_blocks=c.num_res_blocks, z_channels=c.z_channels, quantizer="residual",
+                            normalize_latent=False, region_sizes=c.region_sizes, detail_codebook=detail_codes,
+                            detail_projection=projection, detail_stages=c.detail_stages,
+                            detail_groups=c.detail_groups, logit_scale=c.logit_scale)
+        self.per_class, self.lesion_words = class_word_masks(region.classes, device)
+        self.classes = len(REGION_CLASSES)
+        self.crops = RegionCrops(data.train, config.data.patch_size, device, seed=config.run.seed + 17)
+        self.low_count = int(round(c.low_dose_fraction * config.optim.batch_size))
+        self.crop_count = config.optim.batch_size - self.low_count
+        self.weights = c
+        self.discriminator = None
+        logger.info("residual LangAE: %d region words, %d detail codes of dimension %d, %d training slices",
+                    len(region.words), detail_codes.shape[0], detail_codes.shape[1], len(self.crops))
+
+    def region_candidates(self, classes: torch.Tensor, lesion: torch.Tensor, has_label: torch.Tensor
+                          ) -> list[torch.Tensor]:
+        """Candidate masks ``(B, g_h, g_w, V)`` per word level of crops with class maps ``(B, P, P)``."""
+        from ..vlm.regions import candidate_words, region_fractions
+
+        factor = self.model.downsample_factor
+        out = []
+        for size in self.model.quantizer.region_sizes:
+            fractions = region_fractions(classes, size * factor, self.classes)
+            lesion_fraction = region_fractions(lesion, size * factor) * has_label[:, None, None]
+            out.append(candidate_words(fractions, lesion_fraction, self.per_class, self.lesion_words))
+        return out
+
+    def loss(self, module, low, full, which, step):
+        image, classes, lesion, has_label = self.crops.sample(self.crop_count)
+        candidates = self.region_candidates(classes, lesion, has_label)
+        inputs = image.to(full.dtype)
+        if self.low_count:
+            noisy = low[: self.low_count]
+            if noisy.shape[-2:] != image.shape[-2:]:
+                raise ConfigError(f"low-dose patches {tuple(noisy.shape[-2:])} and crops {tuple(image.shape[-2:])} "
+                                  "differ in size")
+            inputs = torch.cat([noisy, inputs])
+            candidates = [torch.cat([torch.zeros((self.low_count, *mask.shape[1:]), dtype=torch.bool,
+                                                 device=mask.device), mask]) for mask in candidates]
+        reconstruction, quantized = module(inputs, candidates)
+        c = self.weights
+        total, parts = stage1_loss(reconstruction, inputs, quantized, l1_weight=c.l1_weight,
+                                   perceptual_weight=c.perceptual_weight, commitment_weight=c.commitment_weight,
+                                   semantic_weight=c.semantic_weight)
+        parts["coarse_perplexity"] = code_perplexity(quantized.token_ids[0], self.model.quantizer.codebook_size)
+        return total, parts
+
+    def predict(self, model, low, full):
+        factor = model.downsample_factor
+        reconstruction, _ = model(full[..., : full.shape[-2] // factor * factor, : full.shape[-1] // factor * factor])
         return reconstruction
 
 
@@ -120,4 +215,6 @@ TASKS = {"langae": LangAETask, "seed": SeedTask, "redcnn": REDCNNTask}
 
 
 def build_task(config: TrainConfig, data: TrainingData, device: torch.device):
+    if config.model == "langae" and config.langae.quantizer == "residual":
+        return ResidualLangAETask(config, data, device)
     return TASKS[config.model](config, data, device)

@@ -127,6 +127,11 @@ class LanguageSpace(abc.ABC):
         """``E``, the width of a codebook row."""
         return int(self.codebook().shape[1])
 
+    def token_table(self) -> torch.Tensor:
+        """The language model's whole frozen token-embedding table ``(N, E')`` (the residual quantizer's
+        detail codes, :mod:`langmamba.vlm.token_codes`)."""
+        raise LanguageModelUnavailableError(f"the {self.backend or type(self).__name__} language space has no token table")
+
     @abc.abstractmethod
     def codebook(self) -> torch.Tensor:
         """The frozen embedding table: float32 CPU tensor ``(V, E)`` (a fresh copy on every call)."""

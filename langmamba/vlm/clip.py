@@ -181,6 +181,10 @@ class ClipLanguageSpace(LanguageSpace):
         """Token-embedding rows (mean over a word's tokens), float32 ``(V, text_hidden)``."""
         return self._codebook.clone()
 
+    def token_table(self) -> torch.Tensor:
+        """The text model's BPE token-embedding table ``(N, E)`` (the space of :meth:`codebook`)."""
+        return self.model.text_model.embeddings.token_embedding.weight.detach().float().cpu().clone()
+
     def describe(self) -> dict[str, Any]:
         config = self.model.config
         return {

@@ -123,6 +123,12 @@ class OfflineLanguageSpace(LanguageSpace):
         """Word embeddings, float32 ``(V, E)`` (E = 384 for all-MiniLM-L6-v2), unit-norm rows."""
         return self._codebook.clone()
 
+    def token_table(self) -> torch.Tensor:
+        """The packaged MiniLM's word-piece embedding table ``(30522, 384)``."""
+        from langmamba.vlm.token_codes import minilm_token_table
+
+        return minilm_token_table()
+
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.backend,

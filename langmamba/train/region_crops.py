@@ -1,0 +1,84 @@
+"""Normal-dose crops with per-pixel tissue classes and lesion masks, drawn on the training device.
+
+The residual LangAE learns its word reading from each region's own HU composition and lesion overlap
+(:mod:`langmamba.vlm.regions`). Classes are computed once per whole slice (so the body mask is exact:
+lungs are inside, air around the patient outside) and cropped together with the image and the lesion
+mask, flips and transposes applied to all three alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import CTSlice
+from ..normalization import hu_to_model
+from ..vlm.regions import classify_hu
+
+
+def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Reflect-pad ``(C, H, W)`` on the bottom/right up to ``size`` (twice over for tiny slices)."""
+    while x.shape[-2] < size or x.shape[-1] < size:
+        pad_h = min(size - x.shape[-2], x.shape[-2] - 1) if x.shape[-2] < size else 0
+        pad_w = min(size - x.shape[-1], x.shape[-1] - 1) if x.shape[-1] < size else 0
+        x = F.pad(x[None], (0, max(pad_w, 0), 0, max(pad_h, 0)), mode="reflect")[0]
+    return x
+
+
+class RegionCrops:
+    """Crops ``(image, classes, lesion)`` of ``patch_size`` from the training slices.
+
+    Args:
+        slices: training slices (``full`` HU, optional ``label`` lesion mask).
+        patch_size: crop side in pixels (slices smaller than this are reflect-padded).
+        device: where the slices, class maps and crops live.
+        seed: seeds the crop generator.
+    """
+
+    def __init__(self, slices: Sequence[CTSlice], patch_size: int, device: torch.device, seed: int = 0) -> None:
+        self.patch_size = int(patch_size)
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stacks, self.has_label, self.starts = [], [], []
+        for s in slices:
+            hu = torch.as_tensor(np.asarray(s.full, np.float32), device=device)
+            classes = classify_hu(hu[None])[0]
+            label = torch.zeros_like(hu) if s.label is None else torch.as_tensor(np.asarray(s.label) != 0,
+                                                                                  device=device).float()
+            stack = torch.stack([hu_to_model(hu), classes.float(), label])
+            stack = _pad_to(stack, self.patch_size)
+            self.stacks.append(stack)
+            self.has_label.append(s.label is not None)
+            # Crop corners whose centre lies in the body (any corner when none does).
+            half = self.patch_size // 2
+            body = stack[1, half:stack.shape[1] - self.patch_size + half + 1,
+                         half:stack.shape[2] - self.patch_size + half + 1] > 0
+            corners = torch.nonzero(body).cpu() if body.any() else torch.nonzero(torch.ones_like(body)).cpu()
+            self.starts.append(corners)
+
+    def __len__(self) -> int:
+        return len(self.stacks)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image (B, 1, P, P) model range, classes (B, P, P) long, lesion (B, P, P) float, has_label (B,) bool)``."""
+        p = self.patch_size
+        which = torch.randint(0, len(self.stacks), (batch_size,), generator=self.generator).tolist()
+        crops = []
+        for index in which:
+            corners = self.starts[index]
+            top, left = corners[torch.randint(0, len(corners), (1,), generator=self.generator)].tolist()[0]
+            crop = self.stacks[index][:, top:top + p, left:left + p]
+            flips = torch.randint(0, 2, (3,), generator=self.generator).tolist()
+            if flips[0]:
+                crop = crop.flip(-1)
+            if flips[1]:
+                crop = crop.flip(-2)
+            if flips[2]:
+                crop = crop.transpose(-1, -2)
+            crops.append(crop)
+        batch = torch.stack(crops)
+        has = torch.tensor([self.has_label[i] for i in which], device=self.device)
+        return batch[:, :1].contiguous(), batch[:, 1].round().long(), batch[:, 2].contiguous(), has
