@@ -18,13 +18,25 @@ Conventions of the document:
 - Patient coordinates. ``bbox_mm`` holds two opposite corners of the box's footprint on the slice plane:
   the outer voxel edges at continuous indices ``(x0 - 0.5, y0 - 0.5, z)`` and ``(x1 - 0.5, y1 - 0.5, z)``,
   mapped to LPS and RAS mm with the volume's geometry (identity geometry when none is given).
-- Scores. A word's score is the quantizer's softmax over the whole vocabulary of negative squared codebook
-  distances (:func:`langmamba.models.quantizer.word_scores`), so the top-k scores need not sum to 1.
-- Change. ``changed`` is true where the top-1 word of the output differs from the input's.
+- Scores. A word's score is its probability under the model's language space: the softmax over the whole
+  vocabulary of negative squared codebook distances (:func:`word_probabilities`; times the quantizer's
+  ``logit_scale`` when it has one), so the top-k scores need not sum to 1. ``scores`` in the header says which
+  calibration was used and ``confidence`` gives the uniform probability ``1 / V`` beside the bands
+  :func:`confidence_band` sorts a top-word probability into (a score near ``1 / V`` says nothing).
+- Language space. ``model.language_space`` names the space that produced the words (the offline MiniLM codebook
+  with tissue supervision, or a CLIP model by name), from the model's stored description
+  (:func:`language_space_record`); ``word_classes`` maps words to their tissue class when the vocabulary has one.
+- Change. ``changed`` is true where the top-1 word changed *confidently*: :class:`ChangeRule` (recorded under
+  ``change_rule``, applied by :func:`change_flags`) asks both images to be confident in their own top word and
+  to prefer it to the other's by a margin, so a 1e-4 reshuffle of near-uniform scores flags nothing.
   ``change_score`` is the total variation distance ``0.5 * sum_v |p_v - q_v|`` between the output's and
   the input's score distributions restricted to the union ``U`` of both top-k sets and renormalised
   over ``U``: 0 when both weigh their candidate words alike, 1 when they share no mass. The restriction
   keeps the long tail of the vocabulary, hundreds of words with similar small scores, from diluting it.
+
+Schema 2.0 added ``model.language_space``, ``scores``, ``confidence``, ``change_rule``, ``word_classes``, the
+confidence tallies of the summary and the confident-change meaning of ``changed`` (1.0 flagged any change of
+the top word).
 
 Numbers are rounded to 4 decimals. The model runs on batches of slices. The document grows with the
 number of regions (a 512² slice has 4 + 64 + 1024 regions at the default levels, about 0.5 MB of JSON),
@@ -39,8 +51,9 @@ import json
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, TextIO
@@ -72,12 +85,224 @@ from langmamba.normalization import hu_to_model
 logger = logging.getLogger(__name__)
 
 SCHEMA_NAME = "langmamba-explanations"
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "explanation.schema.json"
 CHANGE_SCORE_METHOD = "tvd_topk_union"
 """Name recorded in the document for the change score defined in the module docstring."""
+CONFIDENT_PROBABILITY = 0.5
+"""A top-word probability from which a region's reading counts as confident (band ``"confident"``)."""
+NEAR_UNIFORM_FACTOR = 3.0
+"""A top-word probability below ``NEAR_UNIFORM_FACTOR / V`` is within a few times the uniform ``1 / V``: the
+words carry next to no information (band ``"near uniform"``)."""
+BANDS = ("near uniform", "low", "confident")
+"""The confidence bands of :func:`confidence_band`, least confident first."""
+WORD_CLASS_KEYS = ("word_classes", "tissue_classes")
+"""Attributes (of the LangAE or the model) and checkpoint config keys that may hold each word's tissue class."""
 
 ColorTable = list[tuple[int, str, tuple[int, int, int]]]
+
+
+# --- change rule, probabilities and confidence -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChangeRule:
+    """When denoising counts as having changed what a region shows: the document's ``changed`` flag.
+
+    With ``p`` the output's and ``q`` the input's word probabilities over the whole vocabulary, ``a`` the
+    output's top word and ``b`` the input's, a region is flagged when all of
+
+    - ``a != b`` (the top word changed),
+    - ``p[a] >= min_probability`` and ``q[b] >= min_probability`` (each image reads its word with confidence),
+    - ``p[a] - p[b] >= min_margin`` and ``q[b] - q[a] >= min_margin`` (each image prefers its own word to the
+      other's by the margin)
+
+    hold. ``ChangeRule(0.0, 0.0)`` flags every change of the top word (schema 1.0's flag). With near-uniform
+    probabilities (0.3 % per word over 314 words) nothing is flagged: a 1e-4 reshuffle of near-equal scores is
+    noise, not a change of tissue.
+
+    Args:
+        min_probability: the least top-word probability of both images, in [0, 1].
+        min_margin: the least lead of each image's top word over the other image's, in [0, 1].
+    """
+
+    min_probability: float = 0.3
+    min_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("min_probability", "min_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"ChangeRule.{name} must be a probability in [0, 1], got {value!r}")
+
+    def record(self) -> dict:
+        """The rule as the document's ``change_rule`` entry."""
+        return {
+            "name": "confident_top_word_change",
+            "min_probability": float(self.min_probability),
+            "min_margin": float(self.min_margin),
+            "description": (
+                f"flagged when the top word differs, both top words have probability >= {self.min_probability:g} "
+                f"and each image prefers its own top word to the other's by >= {self.min_margin:g}"
+            ),
+        }
+
+
+DEFAULT_CHANGE_RULE = ChangeRule()
+
+
+def _flags(p: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rule: ChangeRule) -> torch.Tensor:
+    """:class:`ChangeRule` on probabilities ``(N, V)`` with top ids ``a`` (output) and ``b`` (input), ``(N, 1)``."""
+    pa, pb, qa, qb = p.gather(1, a), p.gather(1, b), q.gather(1, a), q.gather(1, b)
+    flags = ((a != b) & (pa >= rule.min_probability) & (qb >= rule.min_probability)
+             & (pa - pb >= rule.min_margin) & (qb - qa >= rule.min_margin))
+    return flags[:, 0]
+
+
+def change_flags(output_probabilities: np.ndarray | torch.Tensor, input_probabilities: np.ndarray | torch.Tensor,
+                 rule: ChangeRule = DEFAULT_CHANGE_RULE) -> np.ndarray | torch.Tensor:
+    """Which regions :class:`ChangeRule` flags as changed by denoising.
+
+    Args:
+        output_probabilities: ``(..., V)`` word probabilities of the regions in the denoised output.
+        input_probabilities: ``(..., V)`` the same regions' word probabilities in the input.
+        rule: the thresholds (default :data:`DEFAULT_CHANGE_RULE`).
+
+    Returns:
+        ``(...)`` booleans, a numpy array unless ``output_probabilities`` is a tensor.
+    """
+    as_tensor = isinstance(output_probabilities, torch.Tensor)
+    p = torch.as_tensor(output_probabilities).detach().float()
+    q = torch.as_tensor(input_probabilities).detach().float().to(p.device)
+    if p.shape != q.shape or p.ndim < 1 or p.shape[-1] < 1:
+        raise InputError(f"output and input probabilities must have the same (..., V) shape, got "
+                         f"{tuple(p.shape)} and {tuple(q.shape)}")
+    lead = p.shape[:-1]
+    p, q = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+    flags = _flags(p, q, p.argmax(dim=1, keepdim=True), q.argmax(dim=1, keepdim=True), rule).reshape(lead)
+    return flags if as_tensor else flags.cpu().numpy()
+
+
+def _logit_scale(quantizer: nn.Module) -> float | None:
+    scale = getattr(quantizer, "logit_scale", None)
+    if scale is None:
+        return None
+    return float(scale.detach().float().reshape(()).item()) if isinstance(scale, torch.Tensor) else float(scale)
+
+
+def word_probabilities(quantizer: nn.Module, vectors: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+    """Word probabilities of region latents ``vectors (N, E)`` -> ``(N, V)``, rows summing to 1.
+
+    The quantizer's own ``word_probabilities(vectors)`` when it has one; else the softmax of negative squared
+    codebook distances times the quantizer's ``logit_scale`` (1 when it has none), as the semantic loss scores.
+    """
+    own = getattr(quantizer, "word_probabilities", None)
+    if callable(own):
+        return own(vectors).float()
+    codebook = quantizer.codebook if codebook is None else codebook
+    scale = _logit_scale(quantizer)
+    return torch.softmax(-(1.0 if scale is None else scale) * squared_distances(vectors, codebook), dim=-1)
+
+
+def _score_record(quantizer: nn.Module) -> dict:
+    scale = _logit_scale(quantizer)
+    if callable(getattr(quantizer, "word_probabilities", None)):
+        calibration = "model"
+    else:
+        calibration = "none" if scale is None else "logit_scale"
+    return {"method": "softmax_negative_squared_distance", "calibration": calibration,
+            "logit_scale": None if scale is None else round(scale, 6)}
+
+
+def confidence_thresholds(vocabulary_size: int) -> dict:
+    """The document's ``confidence`` entry: the uniform probability ``1 / V`` and the bands' bounds."""
+    uniform = 1.0 / vocabulary_size
+    return {"uniform": round(uniform, 8),
+            "near_uniform_below": round(min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY), 8),
+            "confident_from": CONFIDENT_PROBABILITY}
+
+
+def confidence_band(probability: float, thresholds: Mapping[str, float]) -> str:
+    """``"near uniform"``, ``"low"`` or ``"confident"``: where a top-word ``probability`` lies among the
+    ``thresholds`` of :func:`confidence_thresholds`."""
+    if probability < thresholds["near_uniform_below"]:
+        return "near uniform"
+    return "confident" if probability >= thresholds["confident_from"] else "low"
+
+
+def format_percent(probability: float) -> str:
+    """A probability as a percentage that never hides a small one: ``"87.3 %"``, ``"0.43 %"``, ``"< 0.01 %"``
+    (the document keeps 4 decimals, so 0.01 % is its resolution)."""
+    percent = 100.0 * float(probability)
+    if percent <= 0.0:
+        return "< 0.01 %"
+    if percent < 1.0:
+        return f"{percent:.2f} %"
+    text = f"{percent:.1f}"
+    return "> 99.9 %" if text == "100.0" and percent < 100.0 else f"{text} %"
+
+
+def language_space_record(model: nn.Module) -> dict:
+    """Which language space produced a model's words: ``backend``, ``model``, ``name``, ``description`` (a
+    sentence for people), ``tissue_supervision`` and ``vocabulary_sha256``.
+
+    Read from the space's :meth:`langmamba.vlm.LanguageSpace.describe` record when the model keeps one (a
+    ``language_space`` attribute of the LangAE or the model, or ``language_space`` in the checkpoint config, its
+    ``model_config`` or ``extra``), else from the ``vlm_backend``/``vlm_id`` every checkpoint records.
+    """
+    langae = getattr(model, "langae", model)
+    config = getattr(model, "checkpoint_config", None)
+    config = config if isinstance(config, dict) else {}
+    described = None
+    for source in (langae, model):
+        if isinstance(getattr(source, "language_space", None), dict):
+            described = getattr(source, "language_space")
+            break
+    for scope in (config, config.get("model_config", {}), config.get("extra", {})):
+        if described is None and isinstance(scope, dict) and isinstance(scope.get("language_space"), dict):
+            described = scope["language_space"]
+    described = described or {}
+    backend = described.get("backend", config.get("vlm_backend", getattr(langae, "vlm_backend", None)))
+    model_id = described.get("model", config.get("vlm_id", getattr(langae, "vlm_id", None)))
+    backend = None if backend is None else str(backend)
+    model_id = None if model_id is None else str(model_id)
+    tissue = backend == "offline" or "tissue_classes" in described
+    if backend == "offline":
+        text = "MiniLM" if model_id is None or "minilm" in model_id.lower() else model_id
+        description = f"offline {text} text codebook ({model_id or 'all-MiniLM-L6-v2'}) with tissue-class supervision"
+    elif backend == "clip":
+        description = f"CLIP model {model_id}" if model_id else "a CLIP model (name not recorded)"
+    elif backend is None:
+        description = "not recorded by the model"
+    else:
+        description = f"{backend} ({model_id})" if model_id else backend
+    name = described.get("name") or (f"{backend}:{model_id}" if backend and model_id else backend)
+    sha = described.get("vocabulary_sha256")
+    return {"backend": backend, "model": model_id, "name": None if name is None else str(name),
+            "description": description, "tissue_supervision": bool(tissue),
+            "vocabulary_sha256": None if sha is None else str(sha)}
+
+
+def _word_classes(model: nn.Module, langae: nn.Module, vocabulary: list[str],
+                  given: Mapping[str, str] | Sequence[str] | None) -> dict[str, str] | None:
+    """Each word's tissue class: ``given``, else what the LangAE, the model or the checkpoint config holds under
+    :data:`WORD_CLASS_KEYS` (a word -> class mapping, or a list in vocabulary order); ``None`` when none does."""
+    candidates = [given]
+    config = getattr(model, "checkpoint_config", None)
+    scopes = [config, config.get("model_config", {}), config.get("extra", {})] if isinstance(config, dict) else []
+    for key in WORD_CLASS_KEYS:
+        candidates += [getattr(langae, key, None), getattr(model, key, None)]
+        candidates += [scope.get(key) for scope in scopes if isinstance(scope, dict)]
+    for classes in candidates:
+        if classes is None or isinstance(classes, (str, bytes)):
+            continue
+        if isinstance(classes, Mapping):
+            return {word: str(classes[word]) for word in vocabulary if classes.get(word) is not None}
+        classes = list(classes)
+        if len(classes) != len(vocabulary):
+            raise InputError(f"{len(classes)} word classes for a vocabulary of {len(vocabulary)} words")
+        return {word: str(c) for word, c in zip(vocabulary, classes) if c is not None}
+    return None
 
 
 # --- model access ---------------------------------------------------------------------------------
@@ -135,6 +360,7 @@ def _model_info(model: nn.Module, langae: nn.Module) -> dict:
         info["checkpoint_extra"] = _scalars(config.get("extra"))
     for key in ("vlm_backend", "vlm_id"):
         info[key] = None if info[key] is None else str(info[key])
+    info["language_space"] = language_space_record(model)
     return info
 
 
@@ -221,11 +447,12 @@ def _to_units(values: torch.Tensor) -> np.ndarray:
     return np.rint(values.double().cpu().numpy() * SCALE).astype(np.int32)
 
 
-def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, codebook: torch.Tensor,
-                  top_k: int) -> tuple[np.ndarray, ...]:
-    """Top-k ids and scores (units) of output and input region latents ``(N, E)`` and the change score ``(N,)``."""
-    p = torch.softmax(-squared_distances(region_out, codebook), dim=-1)
-    q = torch.softmax(-squared_distances(region_in, codebook), dim=-1)
+def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, quantizer: nn.Module, codebook: torch.Tensor,
+                  top_k: int, rule: ChangeRule) -> tuple[np.ndarray, ...]:
+    """Top-k ids and scores (units) of output and input region latents ``(N, E)``, the change score ``(N,)``
+    (units) and the :class:`ChangeRule` flags ``(N,)``."""
+    p = word_probabilities(quantizer, region_out, codebook)
+    q = word_probabilities(quantizer, region_in, codebook)
     p_top, p_ids = p.topk(top_k, dim=-1)
     q_top, q_ids = q.topk(top_k, dim=-1)
     union = torch.zeros_like(p, dtype=torch.bool)
@@ -236,8 +463,9 @@ def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, codebook: t
     p_u = p_u / p_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     q_u = q_u / q_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     tvd = 0.5 * (p_u - q_u).abs().sum(dim=-1)
+    flags = _flags(p, q, p_ids[:, :1], q_ids[:, :1], rule)
     return (p_ids.cpu().numpy(), _to_units(p_top), q_ids.cpu().numpy(), _to_units(q_top),
-            _to_units(tvd.clamp(0.0, 1.0)))
+            _to_units(tvd.clamp(0.0, 1.0)), flags.cpu().numpy())
 
 
 # --- explanation ----------------------------------------------------------------------------------
@@ -255,6 +483,8 @@ class _Explainer:
         top_k: int,
         batch_size: int,
         device: str | torch.device,
+        change_rule: ChangeRule | None = None,
+        word_classes: Mapping[str, str] | Sequence[str] | None = None,
     ) -> None:
         self.input_hu = _as_hu(input_hu, "input_hu")
         self.output_hu = _as_hu(output_hu, "output_hu")
@@ -267,6 +497,10 @@ class _Explainer:
             raise InputError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
         langae = _langae(model)
         self.vocabulary = _vocabulary(langae)
+        self.rule = DEFAULT_CHANGE_RULE if change_rule is None else change_rule
+        if not isinstance(self.rule, ChangeRule):
+            raise InputError(f"change_rule must be a langmamba.explain.ChangeRule, got {type(self.rule).__name__}")
+        classes = _word_classes(model, langae, self.vocabulary, word_classes)
         quantizer = langae.quantizer
         self.levels = _check_levels(levels, quantizer.num_levels)
         self.top_k = min(int(top_k), quantizer.codebook_size)
@@ -299,7 +533,11 @@ class _Explainer:
             "model": _model_info(model, langae),
             "vocabulary_size": len(self.vocabulary),
             "top_k": self.top_k,
+            "scores": _score_record(quantizer),
+            "confidence": confidence_thresholds(len(self.vocabulary)),
+            "change_rule": self.rule.record(),
             "change_score_method": CHANGE_SCORE_METHOD,
+            "word_classes": classes,
             "volume": _geometry(volume, shape),
             "levels": [
                 {"level": level, "grid": list(self.grids[level]), "latent": [int(s) for s in self.latent]}
@@ -309,7 +547,11 @@ class _Explainer:
         size = len(self.vocabulary)
         self.top1_counts = {level: {"output": np.zeros(size, np.int64), "input": np.zeros(size, np.int64)}
                             for level in self.levels}
-        self.counts = {level: {"regions": 0, "changed": 0, "score_units": 0} for level in self.levels}
+        self.counts = {level: {"regions": 0, "changed": 0, "differs": 0, "score_units": 0, "output_top_units": 0,
+                               "input_top_units": 0, "bands": np.zeros(len(BANDS), np.int64)} for level in self.levels}
+        thresholds = self.header["confidence"]
+        # the band of every top-word score in units, so a region's band is the one its rounded score gives
+        self.band_of_units = np.array([BANDS.index(confidence_band(k / SCALE, thresholds)) for k in range(SCALE + 1)])
         self.flagged: list[dict] = []
 
     # --- computing ---
@@ -347,9 +589,9 @@ class _Explainer:
             regions = quantized.region_latents[level]
             flat = regions.reshape(regions.shape[0], -1, regions.shape[-1])
             cells, dim = flat.shape[1:]
-            scores = _level_scores(flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.codebook,
-                                   self.top_k)
-            shapes = [(count, cells, self.top_k)] * 4 + [(count, cells)]
+            scores = _level_scores(flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.langae.quantizer,
+                                   self.codebook, self.top_k, self.rule)
+            shapes = [(count, cells, self.top_k)] * 4 + [(count, cells)] * 2
             levels.append(LevelWords(level, *(s.reshape(shape) for s, shape in zip(scores, shapes))))
         return ExplainedBatch(start, count, levels, self.grids, self.boxes, self.vocabulary)
 
@@ -359,7 +601,11 @@ class _Explainer:
             counts = self.counts[words.level]
             counts["regions"] += words.change.size
             counts["changed"] += int(words.changed.sum())
+            counts["differs"] += int(words.top_differs.sum())
             counts["score_units"] += int(words.change.sum(dtype=np.int64))
+            counts["output_top_units"] += int(words.output_scores[..., 0].sum(dtype=np.int64))
+            counts["input_top_units"] += int(words.input_scores[..., 0].sum(dtype=np.int64))
+            counts["bands"] += np.bincount(self.band_of_units[words.output_scores[..., 0].ravel()], minlength=len(BANDS))
             for which, ids in (("output", words.output_ids), ("input", words.input_ids)):
                 self.top1_counts[words.level][which] += np.bincount(ids[..., 0].ravel(), minlength=len(self.words))
         columns = self.grids
@@ -371,6 +617,8 @@ class _Explainer:
                         "z": batch.start + b, "level": words.level, "row": row, "col": col,
                         "output_word": self.vocabulary[words.output_ids[b, n, 0]],
                         "input_word": self.vocabulary[words.input_ids[b, n, 0]],
+                        "output_score": int(words.output_scores[b, n, 0]) / SCALE,
+                        "input_score": int(words.input_scores[b, n, 0]) / SCALE,
                         "change_score": int(words.change[b, n]) / SCALE,
                     })
 
@@ -413,12 +661,16 @@ class _Explainer:
         per_level = []
         for level in self.levels:
             c = self.counts[level]
+            mean = (lambda units: round(units / SCALE / c["regions"], DECIMALS) if c["regions"] else 0.0)  # noqa: E731
             per_level.append({
                 "level": level,
                 "regions": c["regions"],
                 "changed": c["changed"],
                 "changed_fraction": round(c["changed"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
-                "mean_change_score": round(c["score_units"] / SCALE / c["regions"], DECIMALS) if c["regions"] else 0.0,
+                "top_word_differs": c["differs"],
+                "mean_change_score": mean(c["score_units"]),
+                "mean_top_score": {"output": mean(c["output_top_units"]), "input": mean(c["input_top_units"])},
+                "output_confidence": {band: int(n) for band, n in zip(BANDS, c["bands"])},
                 "word_frequencies": {
                     which: self._frequencies(self.top1_counts[level][which]) for which in ("output", "input")
                 },
@@ -449,6 +701,8 @@ def explain_volume(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    change_rule: ChangeRule | None = None,
+    word_classes: Mapping[str, str] | Sequence[str] | None = None,
 ) -> dict:
     """Per-slice, per-level, per-region word explanations of ``output_hu`` against ``input_hu``.
 
@@ -467,19 +721,23 @@ def explain_volume(
         batch_size: slices per encoder batch (each batch encodes ``2 * batch_size`` images).
         device: torch device or ``"auto"``.
         progress: show a tqdm bar over the batches.
+        change_rule: when a region counts as changed (default :data:`DEFAULT_CHANGE_RULE`).
+        word_classes: each word's tissue class (word -> class, or a list in vocabulary order); default: what
+            the model holds (see :data:`WORD_CLASS_KEYS`), else none.
 
     Returns:
         A JSON-serialisable dict following ``explanation.schema.json`` (see the module docstring for the
-        region, coordinate and change-score conventions): ``schema``, ``version``, ``model``,
-        ``vocabulary_size``, ``top_k``, ``change_score_method``, ``volume``, ``levels``, ``slices`` and
-        ``summary``.
+        region, coordinate, score and change conventions): ``schema``, ``version``, ``model``,
+        ``vocabulary_size``, ``top_k``, ``scores``, ``confidence``, ``change_rule``, ``change_score_method``,
+        ``word_classes``, ``volume``, ``levels``, ``slices`` and ``summary``.
 
     Raises:
         InputError: shapes that differ or are not 3-D, a ``volume`` of another shape, unknown levels,
             ``top_k`` or ``batch_size`` below 1, or a model without a LangAE quantizer.
         NonFiniteVoxelsError: NaN or infinite HU values.
     """
-    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
+    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule,
+                           word_classes)
     slices = [entry for batch in explainer.batches(progress) for entry in explainer.entries(batch)]
     return {**explainer.header, "slices": slices, "summary": explainer.summary()}
 
@@ -497,6 +755,8 @@ def write_explanation(
     device: str | torch.device = "cpu",
     progress: bool = False,
     on_batch: Callable[[ExplainedBatch], None] | None = None,
+    change_rule: ChangeRule | None = None,
+    word_classes: Mapping[str, str] | Sequence[str] | None = None,
 ) -> dict:
     """Stream the document of :func:`explain_volume` as JSON to ``destination`` (a path or a text stream).
 
@@ -512,7 +772,8 @@ def write_explanation(
     Returns:
         The document without ``"slices"`` (header and summary), e.g. for a report.
     """
-    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
+    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule,
+                           word_classes)
     if isinstance(destination, (str, Path)):
         with open(destination, "w", encoding="utf-8") as stream:
             return _stream(explainer, stream, progress, on_batch)
