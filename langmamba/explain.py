@@ -91,9 +91,10 @@ CHANGE_SCORE_METHOD = "tvd_topk_union"
 """Name recorded in the document for the change score defined in the module docstring."""
 CONFIDENT_PROBABILITY = 0.5
 """A top-word probability from which a region's reading counts as confident (band ``"confident"``)."""
-NEAR_UNIFORM_FACTOR = 3.0
-"""A top-word probability below ``NEAR_UNIFORM_FACTOR / V`` is within a few times the uniform ``1 / V``: the
-words carry next to no information (band ``"near uniform"``)."""
+NEAR_UNIFORM_FACTOR = 10.0
+"""A top-word probability below ``NEAR_UNIFORM_FACTOR / V`` (3.2 % for 314 words; at most half of
+:data:`CONFIDENT_PROBABILITY`) is within ten times the uniform ``1 / V``: the words carry next to no information
+(band ``"near uniform"``)."""
 BANDS = ("near uniform", "low", "confident")
 """The confidence bands of :func:`confidence_band`, least confident first."""
 WORD_CLASS_KEYS = ("word_classes", "tissue_classes")
@@ -218,7 +219,7 @@ def confidence_thresholds(vocabulary_size: int) -> dict:
     """The document's ``confidence`` entry: the uniform probability ``1 / V`` and the bands' bounds."""
     uniform = 1.0 / vocabulary_size
     return {"uniform": round(uniform, 8),
-            "near_uniform_below": round(min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY), 8),
+            "near_uniform_below": round(min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2), 8),
             "confident_from": CONFIDENT_PROBABILITY}
 
 

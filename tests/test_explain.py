@@ -115,7 +115,7 @@ def test_document_validates_and_describes_the_run(model, geometry_case):
         "backend": "test-backend", "model": "test/vlm", "name": "test-backend:test/vlm",
         "description": "test-backend (test/vlm)", "tissue_supervision": False, "vocabulary_sha256": None}
     assert doc["scores"] == {"method": "softmax_negative_squared_distance", "calibration": "none", "logit_scale": None}
-    assert doc["confidence"] == {"uniform": 0.05, "near_uniform_below": 0.15, "confident_from": 0.5}
+    assert doc["confidence"] == {"uniform": 0.05, "near_uniform_below": 0.25, "confident_from": 0.5}
     assert doc["change_rule"] == DEFAULT_CHANGE_RULE.record() and doc["change_rule"]["min_probability"] == 0.3
     assert doc["word_classes"] is None
     grids = model.langae.quantizer.level_grids((4, 5))
@@ -477,10 +477,10 @@ def test_percentages_and_confidence_bands():
         "87.3 %", "0.43 %", "0.32 %", "0.01 %", "< 0.01 %", "100.0 %", "> 99.9 %", "5.0 %"]
     thresholds = confidence_thresholds(314)
     assert thresholds["uniform"] == pytest.approx(1 / 314, abs=1e-8)
-    assert thresholds["near_uniform_below"] == pytest.approx(3 / 314, abs=1e-8)  # 0.96 %
-    assert [confidence_band(p, thresholds) for p in (0.0043, 0.0095, 0.0096, 0.2, 0.5, 0.9)] == [
+    assert thresholds["near_uniform_below"] == pytest.approx(10 / 314, abs=1e-8)  # 3.2 %
+    assert [confidence_band(p, thresholds) for p in (0.0043, 0.0318, 0.0319, 0.2, 0.5, 0.9)] == [
         "near uniform", "near uniform", "low", "low", "confident", "confident"]
-    assert confidence_thresholds(2)["near_uniform_below"] == 0.5  # never above the confident bound
+    assert confidence_thresholds(4)["near_uniform_below"] == 0.25  # at most half the confident bound
 
 
 def test_scores_use_the_quantizers_calibration(model, padded_case):
