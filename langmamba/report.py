@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ def _overlay_figure(collector: ReportCollector, z: int, image: np.ndarray, windo
     boxes = collector.boxes[collector.level]
     columns = collector.grid[1]
     label_all = columns <= MAX_TEXT_COLUMNS
-    font = max(3.0, min(9.0, 110.0 / columns))
+    font = max(3.0, min(9.0, 56.0 / columns))
     for n, (x0, y0, x1, y1) in enumerate(boxes):
         word = collector.words[int(collector.output_ids[z, n])]
         colour = tuple(c / 255 for c in word_color(word))
@@ -158,7 +159,7 @@ def _overlay_figure(collector: ReportCollector, z: int, image: np.ndarray, windo
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red",
                                    linewidth=1.6))
         if label_all or flagged:
-            text = f"{word}\n{format_percent(collector.output_top[z, n])}" if label_all else word
+            text = f"{textwrap.fill(word, 14)}\n{format_percent(collector.output_top[z, n])}" if label_all else word
             ax.text((x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5, text, ha="center", va="center", fontsize=font,
                     color="white", clip_on=True)
     ax.set_axis_off()
@@ -182,7 +183,8 @@ def _table(header: list[str], rows: list[list[Any]], row_class: str | None = Non
     cls = f' class="{row_class}"' if row_class else ""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(f"<tr{cls}>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 _STYLE = """
