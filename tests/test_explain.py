@@ -538,7 +538,8 @@ def test_word_classes_come_from_the_model_or_the_caller(model, padded_case):
     doc = explain_volume(with_classes, input_hu[:1], output_hu[:1], levels=(0,))
     validate_explanation(doc)
     assert doc["word_classes"] == dict(zip(WORDS, classes))
-    doc = explain_volume(model, input_hu[:1], output_hu[:1], levels=(0,), word_classes={"lung": "lung", "x": "air"})
-    assert doc["word_classes"] == {"lung": "lung"}
+    doc = explain_volume(model, input_hu[:1], output_hu[:1], levels=(0,),
+                         word_classes={"lung": "lung", "x": "air", "bone": None, "fat": [-150, -50]})
+    assert doc["word_classes"] == {"lung": "lung"}  # words of the vocabulary with a class name only
     with pytest.raises(InputError, match="3 word classes for a vocabulary of 20"):
         explain_volume(model, input_hu[:1], output_hu[:1], levels=(0,), word_classes=["a", "b", "c"])
