@@ -136,7 +136,7 @@ def test_report_names_the_language_space_and_is_honest_about_uniform_words(model
     volume = CTVolume(input_hu, spacing=(0.7, 0.8, 2.0))
     collector = ReportCollector(level=1, depth=3)
     vocabulary = model.langae.vocabulary
-    classes = {vocabulary[0]: "fat", vocabulary[1]: "soft tissue"}
+    classes = {word: "fat" if i % 2 else "soft tissue" for i, word in enumerate(vocabulary[:-1])}  # all but one
     document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector,
                                  word_classes=classes)
     assert document["summary"]["flagged_count"] == 0
@@ -161,5 +161,8 @@ def test_report_names_the_language_space_and_is_honest_about_uniform_words(model
     assert shown == sorted(shown, reverse=True)
     assert shown[0] == pytest.approx(100 * collector.output_top.max(), abs=0.006)
     assert {row[6] for row in rows} == {"near uniform"} and not any(row[9] for row in rows)
-    named = [row[4] for row in rows if row[4].split(" [")[0] in classes]
-    assert all(row.endswith(f"[{classes[row.split(' [')[0]]}]") for row in named)
+    for row in rows:  # output and input words carry their class where the vocabulary has one
+        for cell in (row[4], row[7]):
+            word = cell.split(" [")[0]
+            assert cell == (f"{word} [{classes[word]}]" if word in classes else word)
+    assert f"<td>{vocabulary[-1]} [" not in text
