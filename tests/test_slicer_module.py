@@ -515,6 +515,19 @@ def test_panel_opens_saved_explanations_of_both_versions(shim, scene, lung2_crop
             Path(artifacts).mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, Path(artifacts) / shot.name)
 
+        # with tissue classes in the vocabulary, the Class column shows the top word's
+        vocabulary = model.langae.vocabulary
+        classes = {word: ("air", "lung", "fat")[i % 3] for i, word in enumerate(vocabulary)}
+        classed_path = tmp_path / "classed.json"
+        classed_path.write_text(json.dumps({**current, "word_classes": classes}), encoding="utf-8")
+        chosen["path"] = str(classed_path)
+        QTest.mouseClick(ui.openJsonButton, qt.Qt.LeftButton)
+        assert [table.item(i, 3).text() for i in range(table.rowCount())] == [
+            classes[r.output_words[0]] for r in widget.shownRegions]
+        _click_header(table, 3)
+        shown = [table.item(i, 3).text() for i in range(table.rowCount())]
+        assert shown == sorted(shown) and len(set(shown)) > 1
+
         logic.outputVolumeNode = None
         ui.inputSelector.setCurrentNode(small)
         chosen["path"] = str(old_path)
