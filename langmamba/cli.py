@@ -85,7 +85,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
         print(json.dumps({"noise_method": NOISE_METHOD, "cases": rows}, indent=2))
     else:
         print(text_table(rows, markdown=args.markdown))
-        roles = {role: sum(r["slices"] for r in rows if r["role"] == role) for role in ("training", "validation", "test")}
+        roles = {role: sum(r["slices"] for r in rows if r["role"] == role)
+                 for role in ("training", "validation", "test")}
         print(f"\nsplit by patient: {roles['training']} training, {roles['validation']} validation and "
               f"{roles['test']} test slices; noise σ: {NOISE_METHOD}")
     if args.montage:

@@ -89,6 +89,8 @@ def test_a_registry_failure_names_the_package_and_leaves_nothing(tmp_path, monke
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip's real client, with a package index that has nothing
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
+    stale = tmp_path / "data" / f".{DICOMPYLER}.killed"  # what a fetch killed mid-way leaves
+    stale.mkdir(parents=True)
     with pytest.raises(DataFetchError, match=r"dicompyler-core==0\.5\.6: download from the package index failed"):
         fetch_source(SOURCES[DICOMPYLER])
     assert not (tmp_path / "data" / DICOMPYLER).exists()
@@ -295,3 +297,21 @@ def test_prepared_set_holds_training_and_validation_cases_losslessly(cache, tmp_
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == str(len(slices)) and "test" not in result.stdout
+
+
+def test_prepared_sets_of_format_1_still_load(tmp_path):
+    """Sets written before format 2 (plain int16/bool arrays in a zlib .npz) load unchanged."""
+    from langmamba.train.prepare import load_prepared
+
+    full = np.arange(-1000, -1000 + 12 * 10, dtype=np.int16).reshape(12, 10)
+    label = full > -950
+    words = {f"words{level}_0": np.array([level, 7], np.int64) for level in range(3)}
+    np.savez_compressed(tmp_path / "old.npz", format=np.array(1), spacing_mm=np.array([[0.5, 0.6]]),
+                        patients=np.array(["lung1"]), codebook=np.eye(3, dtype=np.float32),
+                        vocabulary=np.array(["a", "b", "c"]), language_space=np.array('{"backend": "offline"}'),
+                        thresholds=np.array([0.9, 0.8, 0.7]), full_0=full, label_0=label, **words)
+    (s,), language = load_prepared(tmp_path / "old.npz")
+    np.testing.assert_array_equal(s.full, full.astype(np.float32))
+    np.testing.assert_array_equal(s.label, label)
+    assert s.patient == "lung1" and s.spacing_mm == (0.5, 0.6) and s.case is None and s.role is None
+    assert [w.tolist() for w in s.words] == [[0, 7], [1, 7], [2, 7]] and language["vocabulary"] == ["a", "b", "c"]

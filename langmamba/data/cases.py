@@ -21,10 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..io import CTVolume
+    from .slices import CTSlice
 
 TRAINING, VALIDATION, TEST = "training", "validation", "test"
 ROLES = (TRAINING, VALIDATION, TEST)
@@ -159,7 +164,7 @@ class LoadedCase:
     mask (Z, Y, X) bool when the source ships one."""
 
     case: Case
-    volume: "object"
+    volume: CTVolume
     lesion: np.ndarray | None
 
 
@@ -187,7 +192,7 @@ def load_case(case: Case | str, fix_fov: bool = True) -> LoadedCase:
 
 
 def case_slices(roles: tuple[str, ...] = (TRAINING, VALIDATION), slice_step: dict[str, int] | None = None,
-                margin_px: int = 16, min_size: int = 256) -> list["CTSlice"]:
+                margin_px: int = 16, min_size: int = 256) -> list[CTSlice]:
     """Body-cropped slices of every case of ``roles``, each with its patient, case, role, crop offset and lesion
     mask (cases that ship one; ``None`` otherwise).
 

@@ -194,6 +194,8 @@ def fetch_source(source: Source, force: bool = False) -> Path:
     if is_complete(source) and not force:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{source.folder}.*"):  # left by a fetch that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{source.folder}.") as tmp:
         logger.info("downloading %s", source.spec)
         archive_dir, staged = Path(tmp) / "archive", Path(tmp) / "files"

@@ -74,7 +74,8 @@ def _origin(extra: dict[str, np.ndarray], i: int) -> dict:
         return {}
     index = int(extra["indices"][i])
     return {"case": str(extra["cases"][i]) or None, "role": str(extra["roles"][i]) or None,
-            "offset": (int(extra["offsets"][i][0]), int(extra["offsets"][i][1])), "index": index if index >= 0 else None}
+            "offset": (int(extra["offsets"][i][0]), int(extra["offsets"][i][1])),
+            "index": index if index >= 0 else None}
 
 
 def _pack_hu(hu: np.ndarray) -> np.ndarray:
@@ -123,7 +124,8 @@ def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
     with archive:
         version = int(archive["format"]) if "format" in archive else None
         if version not in READABLE_FORMATS:
-            raise InputError(f"{path} is not a prepared training set of format {' or '.join(map(str, READABLE_FORMATS))}")
+            formats = " or ".join(map(str, READABLE_FORMATS))
+            raise InputError(f"{path} is not a prepared training set of format {formats}")
         count = len(archive["patients"])
         extra = {name: archive[name] for name in ("cases", "roles", "offsets", "indices", "shapes") if name in archive}
         names = set(archive.files)
