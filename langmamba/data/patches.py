@@ -28,12 +28,16 @@ class PatchSampler:
     Args:
         images: per slice a (C, H, W) tensor (e.g. low and normal dose stacked), all on one device.
         body_hu: per slice the (H, W) HU image the body mask is computed from (normal dose).
-        patch_size: side of the square patches in pixels (slices smaller than this are padded by reflection).
+        patch_size: side of the square patches in pixels (slices smaller than this, e.g. body crops, are padded
+            at the bottom and right with ``pad_value``).
         seed: seeds the sampler's own generator.
+        pad_value: what padding adds, in the images' units (default: air, -1000 HU).
+        min_size: slices are padded to at least this side too (equal shapes let a batch's slices be simulated in
+            one call).
     """
 
     def __init__(self, images: list[torch.Tensor], body_hu: list[np.ndarray], patch_size: int = 128,
-                 seed: int = 0) -> None:
+                 seed: int = 0, pad_value: float = -1000.0, min_size: int = 0) -> None:
         if not images or len(images) != len(body_hu):
             raise ConfigError("PatchSampler needs one body image per slice and at least one slice")
         self.patch_size = patch_size
@@ -41,10 +45,12 @@ class PatchSampler:
         self.images, self.centres = [], []
         half = patch_size // 2
         for image, hu in zip(images, body_hu):
-            pad_h, pad_w = max(0, patch_size - image.shape[-2]), max(0, patch_size - image.shape[-1])
+            side = max(patch_size, min_size)
+            pad_h, pad_w = max(0, side - image.shape[-2]), max(0, side - image.shape[-1])
             if pad_h or pad_w:
-                image = torch.nn.functional.pad(image[None], (0, pad_w, 0, pad_h), mode="reflect")[0]
-                hu = np.pad(hu, ((0, pad_h), (0, pad_w)), mode="reflect")
+                # Reflection cannot pad by more than the image's own size (body crops can be half a patch).
+                image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=pad_value)
+                hu = np.pad(hu, ((0, pad_h), (0, pad_w)), constant_values=-1000.0)
             mask = np.zeros(image.shape[-2:], dtype=bool)
             mask[half:image.shape[-2] - (patch_size - half) + 1, half:image.shape[-1] - (patch_size - half) + 1] = True
             inside = mask & body_mask(hu)

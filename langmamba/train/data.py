@@ -187,7 +187,9 @@ class TrainingData:
             val_dose += [dose] * len(validation)
         # The sampler holds the normal-dose slices (HU, padded to at least one patch) and body patch centres.
         images = [torch.as_tensor(s.full, dtype=torch.float32)[None].to(device) for s in train]
-        sampler = PatchSampler(images, [s.full for s in train], config.patch_size, seed=seed * 1000 + rank)
+        # Body crops padded with air to whole 512² slices, so slices of one spacing simulate in one batched call.
+        sampler = PatchSampler(images, [s.full for s in train], config.patch_size, seed=seed * 1000 + rank,
+                               min_size=512)
         rng = np.random.default_rng([seed, rank, 7919])
         return cls(train=train, validation=val_slices, validation_low=val_low, validation_dose=val_dose,
                    sampler=sampler, language=language, config=config, device=device, seed=seed * 1000 + rank,
@@ -240,7 +242,7 @@ class TrainingData:
         low = torch.as_tensor(self.train[index].low, dtype=torch.float32, device=full.device)
         pad_h, pad_w = full.shape[0] - low.shape[0], full.shape[1] - low.shape[1]
         if pad_h or pad_w:
-            low = torch.nn.functional.pad(low[None, None], (0, pad_w, 0, pad_h), mode="reflect")[0, 0]
+            low = torch.nn.functional.pad(low, (0, pad_w, 0, pad_h), value=-1000.0)
         return low
 
     def state(self) -> dict:

@@ -20,12 +20,13 @@ from ..vlm.regions import classify_hu
 
 
 def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Reflect-pad ``(C, H, W)`` on the bottom/right up to ``size`` (twice over for tiny slices)."""
-    while x.shape[-2] < size or x.shape[-1] < size:
-        pad_h = min(size - x.shape[-2], x.shape[-2] - 1) if x.shape[-2] < size else 0
-        pad_w = min(size - x.shape[-1], x.shape[-1] - 1) if x.shape[-1] < size else 0
-        x = F.pad(x[None], (0, max(pad_w, 0), 0, max(pad_h, 0)), mode="reflect")[0]
-    return x
+    """Pad ``(C, H, W)`` (model-range HU, class map, lesion mask) on the bottom/right up to ``size`` with air:
+    0 in the model range (-1000 HU), class 0 (air), no lesion. Reflection would mirror a body-cropped slice's
+    anatomy into the crop."""
+    pad_h, pad_w = max(0, size - x.shape[-2]), max(0, size - x.shape[-1])
+    if not (pad_h or pad_w):
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
 
 
 class RegionCrops:
@@ -33,7 +34,7 @@ class RegionCrops:
 
     Args:
         slices: training slices (``full`` HU, optional ``label`` lesion mask).
-        patch_size: crop side in pixels (slices smaller than this are reflect-padded).
+        patch_size: crop side in pixels (slices smaller than this are padded with air).
         device: where the slices, class maps and crops live.
         seed: seeds the crop generator.
     """
