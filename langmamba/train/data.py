@@ -251,7 +251,7 @@ class TrainingData:
                 "batches": self.batches}
 
     def restore(self, state: dict) -> None:
-        self.sampler.generator.set_state(state["sampler_rng"])
+        self.sampler.generator.set_state(torch.as_tensor(state["sampler_rng"]).cpu())
         if "noise_rng" in state:
             self.rng.bit_generator.state = state["noise_rng"]
         self.batches = int(state.get("batches", 0))
