@@ -45,6 +45,7 @@ from langmamba.errors import (
 )
 from langmamba.io.dicom_geometry import Frame, frames_of, series_geometry
 from langmamba.io.formats import has_dicom_magic, suffix_of
+from langmamba.io.limits import MAX_VOLUME_BYTES, check_dicom_bytes
 from langmamba.io.validate import check_finite, check_hu_range
 from langmamba.io.volume import CTVolume
 
@@ -256,12 +257,16 @@ def _read_voxels(items: list[tuple[Path, list[Frame]]], slots: list[list[int]], 
     return voxels
 
 
-def _volume(headers: dict[Path, Dataset], label: str, progress: bool) -> CTVolume:
-    """Build the volume from the header-only datasets of one series (one or more files)."""
+def _volume(
+    headers: dict[Path, Dataset], label: str, progress: bool, max_bytes: int | None = MAX_VOLUME_BYTES
+) -> CTVolume:
+    """Build the volume from the header-only datasets of one series (one or more files), refusing one larger
+    than ``max_bytes`` before its frames are listed."""
     modalities = {str(ds.get("Modality", "")) for ds in headers.values()}
     if modalities != {"CT"}:
         named = ", ".join(sorted(m or "missing" for m in modalities))
         raise NotCTError(f"{label}: DICOM Modality is {named}, not CT; langmamba denoises CT only")
+    check_dicom_bytes(headers.values(), label, max_bytes)
     frames_by_file = {path: frames_of(ds, path) for path, ds in headers.items()}
     frames = [f for fs in frames_by_file.values() for f in fs]
     geometry = series_geometry(frames, next(iter(headers.values())), label)
@@ -318,7 +323,7 @@ def _scan_headers(paths: list[Path]) -> list[tuple[bool, Dataset | None]]:
 
 
 def read_dicom_folder(
-    folder: Path, *, series_uid: str | None = None, progress: bool = False
+    folder: Path, *, series_uid: str | None = None, progress: bool = False, max_bytes: int | None = MAX_VOLUME_BYTES
 ) -> CTVolume:
     """Read the DICOM series stored directly in ``folder`` (subfolders are not searched).
 
@@ -329,6 +334,7 @@ def read_dicom_folder(
         folder: the series folder.
         series_uid: the SeriesInstanceUID to read when the folder holds several series.
         progress: show a tqdm progress bar.
+        max_bytes: the size limit checked from the headers before reading voxels (:mod:`langmamba.io.limits`).
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` in HU and the geometry of the series.
@@ -385,11 +391,12 @@ def read_dicom_folder(
         )
     else:
         chosen = next(iter(series.values()))
-    return _volume(chosen, str(folder), progress)
+    return _volume(chosen, str(folder), progress, max_bytes)
 
 
-def read_dicom_file(path: Path, *, progress: bool = False) -> CTVolume:
-    """Read one DICOM file: a CT slice (a volume of one slice) or a multi-frame Enhanced CT.
+def read_dicom_file(path: Path, *, progress: bool = False, max_bytes: int | None = MAX_VOLUME_BYTES) -> CTVolume:
+    """Read one DICOM file: a CT slice (a volume of one slice) or a multi-frame Enhanced CT, refusing one larger
+    than ``max_bytes`` (:mod:`langmamba.io.limits`) from its header.
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` in HU.
@@ -397,4 +404,4 @@ def read_dicom_file(path: Path, *, progress: bool = False) -> CTVolume:
     ds = _read_dataset(path, header_only=True, strict=True)
     if not _is_image(ds, path):
         raise NotAnImageError(f"{path}: a {_describe_object(ds)} object, which holds no image")
-    return _volume({path: ds}, str(path), progress)
+    return _volume({path: ds}, str(path), progress, max_bytes)

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from langmamba.errors import CorruptFileError, UnsupportedImageError
+from langmamba.io.limits import MAX_VOLUME_BYTES, check_volume_bytes
 from langmamba.io.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,12 @@ def _geometry_from_matrix(path: Path, matrix: np.ndarray) -> tuple[np.ndarray, n
     return spacing, direction
 
 
-def read_nifti(path: Path) -> CTVolume:
+def read_nifti(path: Path, *, max_bytes: int | None = MAX_VOLUME_BYTES) -> CTVolume:
     """Read a ``.nii``/``.nii.gz`` file (scaled by ``scl_slope``/``scl_inter``) into a CTVolume.
+
+    Args:
+        path: the file.
+        max_bytes: the size limit checked from the header before reading voxels (:mod:`langmamba.io.limits`).
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` (float32, not yet checked for HU).
@@ -76,6 +81,7 @@ def read_nifti(path: Path) -> CTVolume:
     _check_dimensions(path, shape, components)
     if dtype.kind == "c":
         raise UnsupportedImageError(f"{path}: complex-valued voxels; langmamba needs CT values in HU")
+    check_volume_bytes(str(path), shape, dtype.itemsize, max_bytes)
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as err:  # truncated or corrupt compressed data
@@ -94,19 +100,30 @@ def read_nifti(path: Path) -> CTVolume:
     )
 
 
-def read_sitk(path: Path, format_name: str) -> CTVolume:
+def read_sitk(
+    path: Path, format_name: str, *, max_bytes: int | None = MAX_VOLUME_BYTES, image_io: str | None = None
+) -> CTVolume:
     """Read an NRRD (``.nrrd``/``.nhdr``) or MetaImage (``.mha``/``.mhd``) file into a CTVolume.
+
+    Args:
+        path: the file (a header, for detached ``.nhdr``/``.mhd``).
+        format_name: the format named in error messages.
+        max_bytes: the size limit checked from the header before reading voxels (:mod:`langmamba.io.limits`).
+        image_io: the ITK ImageIO to read with (e.g. ``"NrrdImageIO"``); ``None``: ITK picks one by content.
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` (float32, not yet checked for HU).
     """
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    if image_io is not None:
+        reader.SetImageIO(image_io)
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
         raise CorruptFileError(f"{path}: cannot be read as {format_name} (damaged header)") from err
     _check_dimensions(path, tuple(reader.GetSize()), reader.GetNumberOfComponents())
+    check_volume_bytes(str(path), reader.GetSize(), _element_bytes(reader.GetPixelID()), max_bytes)
     try:
         image = reader.Execute()
     except RuntimeError as err:
@@ -126,6 +143,15 @@ def read_sitk(path: Path, format_name: str) -> CTVolume:
         direction=direction,
         source=str(path),
     )
+
+
+def _element_bytes(pixel_id: int) -> int:
+    """Bytes per voxel component of a SimpleITK pixel type (8, the largest real type, if SimpleITK cannot say)."""
+    try:
+        size = sitk.Image([1, 1, 1], pixel_id).GetSizeOfPixelComponent()
+    except RuntimeError:
+        size = 0
+    return size or 8
 
 
 def reject_picture(path: Path) -> None:
