@@ -128,7 +128,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if reporter is None:
         print("\n".join([title, *lines]), file=sys.stderr)
     else:
-        reporter.ensure_newline()
+        reporter.line("")
         reporter.write_sep("=", title, red=True)
         for line in lines:
             reporter.write_line(line, red=True)
