@@ -3,10 +3,12 @@ from the header before anything of that size is allocated."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -239,3 +241,33 @@ def test_the_size_limit_is_a_parameter(tmp_path, tiny_ct_volume, dicom_ct_series
         np.testing.assert_array_equal(read_volume(path, max_bytes=needed).hu, tiny_ct_volume.hu)
         np.testing.assert_array_equal(read_volume(path, max_bytes=None).hu, tiny_ct_volume.hu)
     assert issubclass(VolumeTooLargeError, InputError) and issubclass(UnsafeInputError, InputError)
+
+
+def _nifti_with_extension(folder: Path, name: str, vox_offset: int, extension_size: int, unpacked: int) -> Path:
+    """A gzipped NIfTI whose extension declares ``extension_size`` bytes and holds ``unpacked`` zero bytes (1 MB
+    gzipped per GB)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((4, 4, 4))
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = vox_offset
+    path = folder / "upload" / name
+    path.parent.mkdir(exist_ok=True)
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(header.binaryblock + bytes([1, 0, 0, 0]) + np.array([extension_size, 6], "<i4").tobytes())
+        for _ in range(unpacked // MiB):
+            out.write(bytes(MiB))
+    return path
+
+
+@pytest.mark.parametrize("vox_offset, extension_size, message", [
+    (368, 1 << 30, "damaged NIfTI header extension"),  # an extension larger than the room before the voxels
+    (0, 1 << 30, "inside the header"),  # nibabel would read extensions to the end of the file
+    (352 + (1 << 30), 1 << 30, "declares voxels at byte"),
+])
+def test_nifti_extensions_cannot_make_the_reader_load_gigabytes(tmp_path, vox_offset, extension_size, message):
+    path = _nifti_with_extension(tmp_path, "ext.nii.gz", vox_offset, extension_size, unpacked=1 << 30)
+    assert path.stat().st_size < 5 * MiB
+    start = time.process_time()
+    with pytest.raises(CorruptFileError, match=message):
+        read_volume(path, confined=True)
+    assert time.process_time() - start < 2.0

@@ -18,6 +18,8 @@ MAX_VOLUME_BYTES = 512 * 512 * 2000 * HU_BYTES
 """Default ``max_bytes`` of :func:`langmamba.io.read_volume`: a float32 volume of 2,000 slices of 512×512 (2.1 GB),
 the MONAI Label server's default ``max_voxels``."""
 
+MAX_NIFTI_HEADER_BYTES = 16 << 20
+"""Most bytes of a NIfTI header with its extensions (the voxel offset); extensions are read whole into memory."""
 MAX_SLICES = 100_000
 """Most frames of one DICOM series: each costs its header's bookkeeping whatever its size (1×1-pixel frames)."""
 
