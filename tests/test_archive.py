@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
-import os
 import stat
 import struct
-import subprocess
-import sys
 import time
 import zipfile
 import zlib
@@ -21,8 +17,8 @@ import pytest
 from langmamba.errors import EmptyInputError, InputError, VolumeTooLargeError
 from langmamba.io import read_volume
 from langmamba.io.archive import MAX_ZIP_MEMBERS, copy_at_most, count_members, extract_zip_series
+from tests.measure import measured
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -57,8 +53,9 @@ def zip_bytes(members: list[dict], entries_declared: int | None = None, zip64: b
         directory.write(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 0x031E, 20, flags, method, 0, 0x21, crc,
                                     len(data), size, len(name), 0, 0, 0, 0, attributes, offset) + name)
     count = len(members) if entries_declared is None else entries_declared
-    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, directory.tell(), body.tell(), 0)
-    if zip64:
+    if not zip64:
+        end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, directory.tell(), body.tell(), 0)
+    else:
         record = body.tell() + directory.tell()
         end = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, directory.tell(),
                           body.tell()) + struct.pack("<4sLQL", b"PK\x06\x07", 0, record, 1) + struct.pack(
@@ -101,28 +98,6 @@ def test_member_paths_are_never_used(tmp_path):
     }
 
 
-def _measured(code: str) -> dict:
-    """Run ``code`` (which sets ``call``, a function of no arguments) in a fresh interpreter and return the CPU
-    seconds and peak-memory growth of ``call()`` and the error it raised."""
-    script = code + """
-import json, resource, time
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-start = time.process_time()
-try:
-    call()
-    error = None
-except Exception as err:
-    error = [type(err).__name__, str(err)]
-print(json.dumps({"cpu_s": time.process_time() - start,
-                  "memory_growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak,
-                  "error": error}))
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.splitlines()[-1])
-
-
 @pytest.mark.parametrize("declared", ["honest", "lying"])
 def test_a_zip_bomb_is_refused_at_once(tmp_path, declared):
     """2 MB that inflate to 2 GiB of zeros, declared as such or as 1,000 bytes."""
@@ -131,11 +106,8 @@ def test_a_zip_bomb_is_refused_at_once(tmp_path, declared):
     archive = write(tmp_path / "bomb.zip", zip_bytes([{"name": "bomb.dcm", "data": bomb, "method": 8,
                                                        "size": size}]))
     assert archive.stat().st_size < 2.5e6
-    result = _measured(f"""
-from langmamba.io.archive import extract_zip_series
-def call():
-    extract_zip_series({str(archive)!r}, {str(tmp_path / "series")!r}, max_bytes={GiB})
-""")
+    result = measured("from langmamba.io.archive import extract_zip_series",
+                      f"extract_zip_series({str(archive)!r}, {str(tmp_path / 'series')!r}, max_bytes={GiB})")
     expected = ("VolumeTooLargeError", "unpacks to 2,147,483,648 bytes") if declared == "honest" else (
         "InputError", "cannot be read")
     assert result["error"][0] == expected[0] and expected[1] in result["error"][1]

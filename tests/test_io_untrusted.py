@@ -4,10 +4,6 @@ from the header before anything of that size is allocated."""
 from __future__ import annotations
 
 import gzip
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +19,8 @@ from langmamba.errors import CorruptFileError, InputError, UnsafeInputError, Vol
 from langmamba.io import read_volume, write_volume
 from langmamba.io.confine import MAX_HEADER_BYTES
 from langmamba.io.limits import MAX_SLICES, MAX_VOLUME_BYTES
+from tests.measure import measured
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 SECRET = np.arange(-1000, 1000, 125, dtype=np.int16).reshape(2, 2, 4)  # looks enough like HU to be read
 
@@ -208,24 +204,8 @@ def _dicom_frames_bomb(folder: Path) -> Path:
 def test_a_small_header_declaring_a_huge_volume_is_refused_before_allocating(tmp_path, make, message):
     path = make(tmp_path)
     assert path.stat().st_size < 20_000
-    script = f"""
-import json, resource, time
-from langmamba.io import read_volume
-from langmamba.io import itk_formats  # imported before measuring
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-start = time.process_time()
-try:
-    read_volume({str(path)!r}, confined=True)
-    error = None
-except Exception as err:
-    error = [type(err).__name__, str(err)]
-print(json.dumps({{"cpu_s": time.process_time() - start, "error": error,
-                  "memory_growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak}}))
-"""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "LANGMAMBA_WORKERS": "0"})
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.splitlines()[-1])
+    result = measured("from langmamba.io import itk_formats, read_volume",
+                      f"read_volume({str(path)!r}, confined=True)", LANGMAMBA_WORKERS="0")
     assert result["error"][0] == "VolumeTooLargeError" and message in result["error"][1], result["error"]
     assert result["cpu_s"] < 2.0
     assert result["memory_growth"] < 200 * MiB
