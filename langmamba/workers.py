@@ -113,28 +113,29 @@ def _set_parent_death_signal(signum: int) -> None:
         pass
 
 
-def _watch_parent(parent_pid: int, lifeline: int) -> None:
-    """Exit this process when the pipe ``lifeline`` reaches its end (every write end closed: the parent is gone)
-    or the parent pid changes (another process still holds the write end)."""
+def _watch_parent(parent_pid: int, read_end: int) -> None:
+    """Exit this process when the pipe whose ``read_end`` it holds reaches its end (every write end closed: the
+    parent is gone) or the parent pid changes (another process still holds a write end)."""
     poller = select.poll()
-    poller.register(lifeline, select.POLLIN | select.POLLHUP)
+    poller.register(read_end, select.POLLIN | select.POLLHUP)
     while not poller.poll(1000 * _PARENT_POLL_S) and os.getppid() == parent_pid:
         pass
     os._exit(1)
 
 
-def _start_worker(parent_pid: int, lifeline: int, parent_end: int, death_signal: bool) -> None:
+def _start_worker(parent_pid: int, read_end: int, write_end: int, death_signal: bool) -> None:
     """Initializer of every worker process: default SIGTERM/SIGINT, and exit when the parent is gone (see the
-    module docstring); ``death_signal``: the pool was made by the parent's main thread."""
+    module docstring): ``read_end`` and ``write_end`` of the parent's lifeline pipe, ``death_signal`` when the pool
+    was made by the parent's main thread."""
     for signum in _RESET_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _RESET_SIGNALS)
-    os.close(parent_end)
+    os.close(write_end)
     if death_signal:
         _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the death signal was set
         os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid, lifeline), name="langmamba-parent-watch",
+    threading.Thread(target=_watch_parent, args=(parent_pid, read_end), name="langmamba-parent-watch",
                      daemon=True).start()
 
 
@@ -145,11 +146,11 @@ def _executor() -> ProcessPoolExecutor | None:
     if worker_count() == 0:
         return None
     if _pool is None:
-        watched, lifeline = os.pipe()
+        read_end, write_end = os.pipe()
         # A fork pool starts every process at its first task, in this thread.
         pool = ProcessPoolExecutor(
             max_workers=worker_count(), mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
-            initargs=(os.getpid(), watched, lifeline, threading.current_thread() is threading.main_thread()),
+            initargs=(os.getpid(), read_end, write_end, threading.current_thread() is threading.main_thread()),
         )
         # Python warns about forking beside threads (torch's, tqdm's); the workers never use what those threads
         # hold (CUDA, torch's thread pools).
@@ -160,11 +161,11 @@ def _executor() -> ProcessPoolExecutor | None:
                 pool.submit(int).result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
-            os.close(lifeline)
+            os.close(write_end)
             raise
         finally:
-            os.close(watched)
-        _pool, _pool_pid, _lifeline = pool, os.getpid(), lifeline
+            os.close(read_end)
+        _pool, _pool_pid, _lifeline = pool, os.getpid(), write_end
         # Before multiprocessing joins a process's children at exit, in the main process and in a
         # multiprocessing child alike (where atexit handlers do not run), else the idle workers are waited for.
         multiprocessing.util.Finalize(None, shutdown, exitpriority=10)

@@ -28,7 +28,8 @@ _ZIP64_LOCATOR = struct.Struct("<4sLQL")
 _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL_ENTRY = struct.Struct("<4s6H3L5H2L")
 _EOCD_SEARCH = _EOCD.size + 0xFFFF  # the record, then a comment of at most 64 KiB
-_UNPACKED_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+# zipfile bounds what one read of a deflated member unpacks; bzip2 and LZMA members it unpacks whole per read.
+_BOUNDED_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 
 
 def _central_directory(handle: BinaryIO, size: int) -> tuple[int, int]:
@@ -44,7 +45,7 @@ def _central_directory(handle: BinaryIO, size: int) -> tuple[int, int]:
     locator = record - _ZIP64_LOCATOR.size
     if locator >= 0:
         handle.seek(locator)
-        signature, _, zip64_record, _ = _ZIP64_LOCATOR.unpack(handle.read(_ZIP64_LOCATOR.size))
+        signature = _ZIP64_LOCATOR.unpack(handle.read(_ZIP64_LOCATOR.size))[0]
         if signature == b"PK\x06\x07":
             record = locator - _ZIP64_EOCD.size
             handle.seek(record)
@@ -163,7 +164,7 @@ def _check_members(members: list[zipfile.ZipInfo], max_bytes: int) -> None:
             raise InputError("the uploaded zip archive holds a symbolic link; zip the files themselves")
         if member.flag_bits & 0x1:
             raise InputError("the uploaded zip archive is encrypted; upload it without a password")
-        if member.compress_type not in _UNPACKED_METHODS:
+        if member.compress_type not in _BOUNDED_METHODS:
             raise InputError(
                 f"the uploaded zip archive uses compression method {member.compress_type}; zip it stored or "
                 "deflated (the ordinary zip compression)"
