@@ -52,19 +52,29 @@ def upload(folder: Path, name: str, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, header", [
-    ("x.nhdr", lambda secret: nrrd_header(f"data file: {secret}\n\n")),
-    ("x.nrrd", lambda secret: nrrd_header(f"# a comment\nDataFile: {secret}\n\n")),
-    ("x.nrrd", lambda secret: nrrd_header(f"datafile: ../elsewhere/{secret.name}\n\n")),
-    ("x.nhdr", lambda secret: nrrd_header(f"data file: LIST\n{secret}\n")),
-    ("x.mhd", lambda secret: metaimage_header(str(secret))),
-    ("x.mha", lambda secret: metaimage_header(f"../elsewhere/{secret.name}")),
-    ("x.mhd", lambda secret: metaimage_header("LIST") + f"{secret}\n".encode()),
-])
-def test_a_header_naming_another_file_is_refused_when_confined(tmp_path, name, header):
+# (upload name, its header given the secret's path, whether an unconfined read hands back the secret's voxels)
+_NAMING_ANOTHER_FILE = [
+    ("x.nhdr", lambda secret: nrrd_header(f"data file: {secret}\n\n"), True),
+    ("x.nrrd", lambda secret: nrrd_header(f"# a comment\nDataFile: {secret}\n\n"), True),
+    ("x.nrrd", lambda secret: nrrd_header(f"datafile: ../elsewhere/{secret.name}\n\n"), True),
+    ("x.nhdr", lambda secret: nrrd_header(f"data file: LIST\n{secret}\n"), False),
+    ("x.nrrd", lambda secret: nrrd_header(f"# comment\rdata files: {secret}\r\n\r\n"), False),
+    ("x.mhd", lambda secret: metaimage_header(str(secret)), True),
+    ("x.mha", lambda secret: metaimage_header(f"../elsewhere/{secret.name}"), True),
+    ("x.mhd", lambda secret: metaimage_header("LIST") + f"{secret}\n".encode(), False),
+    ("x.mha", lambda secret: metaimage_header(str(secret)).replace(b"ElementDataFile = ", b"ElementDataFile: "), True),
+    ("x.mha", lambda secret: b"elementdatafile = LOCAL\n" + metaimage_header(str(secret)), True),
+    ("x.mha", lambda secret: b"Comment = x\rElementDataFile = LOCAL\n" + metaimage_header(str(secret)), True),
+    ("x.mha", lambda secret: metaimage_header("LoCaL"), False),  # a file named LoCaL beside the header
+    ("x.mha", lambda secret: metaimage_header("LOCAL\rjunk"), False),
+]
+
+
+@pytest.mark.parametrize("name, header, leaks", _NAMING_ANOTHER_FILE)
+def test_a_header_naming_another_file_is_refused_when_confined(tmp_path, name, header, leaks):
     secret = secret_file(tmp_path)
     path = upload(tmp_path, name, header(secret))
-    if "LIST" not in name and "LIST" not in header(secret).decode():  # what an unconfined read would hand back
+    if leaks:
         np.testing.assert_array_equal(read_volume(path, check_hu=False).hu, SECRET.reshape(2, 2, 4))
     with pytest.raises(UnsafeInputError, match="another file"):
         read_volume(path, confined=True)
