@@ -11,11 +11,18 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from langmamba.errors import CorruptFileError, InputError, UnsafeInputError, VolumeTooLargeError
+from langmamba.errors import (
+    CorruptFileError,
+    InputError,
+    UnsafeInputError,
+    UnsupportedImageError,
+    VolumeTooLargeError,
+)
 from langmamba.io import read_volume, write_volume
 from langmamba.io.confine import MAX_HEADER_BYTES
 from langmamba.io.limits import MAX_SLICES, MAX_VOLUME_BYTES
@@ -132,6 +139,16 @@ def test_confined_reads_use_the_reader_of_the_extension(tmp_path):
     path = upload(tmp_path, "y.mha", nrrd_header(f"data file: {secret}\n\n"))
     with pytest.raises(CorruptFileError, match="not a MetaImage file"):
         read_volume(path, confined=True)
+
+
+def test_a_picture_upload_is_refused_without_parsing_it(tmp_path):
+    """Pictures are refused by their name alone when confined: no image library parses an untrusted one."""
+    picture = tmp_path / "photo.png"
+    sitk.WriteImage(sitk.Image([32, 24], sitk.sitkUInt8), str(picture))
+    with pytest.raises(UnsupportedImageError, match="a 2-D grey-scale picture of 32x24 pixels"):
+        read_volume(picture)
+    with pytest.raises(UnsupportedImageError, match="photo.png: a picture file, without Hounsfield units"):
+        read_volume(picture, confined=True)
 
 
 def test_a_header_too_long_to_check_is_refused(tmp_path):

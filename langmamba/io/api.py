@@ -75,7 +75,7 @@ def read_volume(
     from langmamba.io import itk_formats  # SimpleITK and nibabel: only the non-DICOM formats need them
 
     if fmt is Format.PICTURE:
-        itk_formats.reject_picture(path)
+        itk_formats.reject_picture(path, inspect=not confined)
     if fmt is Format.NIFTI:
         volume = itk_formats.read_nifti(path, max_bytes=max_bytes)
     else:

@@ -202,11 +202,14 @@ def _element_bytes(pixel_id: int) -> int:
     return size or 8
 
 
-def reject_picture(path: Path) -> None:
-    """Raise :class:`UnsupportedImageError` describing a picture file (PNG, JPEG, TIFF ...)."""
+def reject_picture(path: Path, *, inspect: bool = True) -> None:
+    """Raise :class:`UnsupportedImageError` describing a picture file (PNG, JPEG, TIFF ...); its size and colours
+    only when ``inspect`` (ITK picks its reader by content, and a "picture" may be any file)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
+        if not inspect:
+            raise RuntimeError("not inspected")
         reader.ReadImageInformation()
         size = "x".join(str(n) for n in reader.GetSize())
         kind = "colour (RGB)" if reader.GetNumberOfComponents() > 1 else "grey-scale"
