@@ -98,8 +98,12 @@ def test_member_paths_are_never_used(tmp_path):
     }
 
 
-@pytest.mark.parametrize("declared", ["honest", "lying"])
-def test_a_zip_bomb_is_refused_at_once(tmp_path, declared):
+@pytest.mark.parametrize("declared, max_bytes, expected", [
+    ("honest", GiB, ("VolumeTooLargeError", "unpacks to 2,147,483,648 bytes, more than the limit")),
+    ("honest", 4 * GiB, ("VolumeTooLargeError", "more than 100 times its size")),  # the server's 4x 1 GiB uploads
+    ("lying", 4 * GiB, ("InputError", "cannot be read (Bad CRC-32")),
+])
+def test_a_zip_bomb_is_refused_at_once(tmp_path, declared, max_bytes, expected):
     """2 MB that inflate to 2 GiB of zeros, declared as such or as 1,000 bytes."""
     bomb = deflated_zeros(2 * GiB)
     size = 2 * GiB if declared == "honest" else 1000
@@ -107,10 +111,8 @@ def test_a_zip_bomb_is_refused_at_once(tmp_path, declared):
                                                        "size": size}]))
     assert archive.stat().st_size < 2.5e6
     result = measured("from langmamba.io.archive import extract_zip_series",
-                      f"extract_zip_series({str(archive)!r}, {str(tmp_path / 'series')!r}, max_bytes={GiB})")
-    expected = ("VolumeTooLargeError", "unpacks to 2,147,483,648 bytes") if declared == "honest" else (
-        "InputError", "cannot be read")
-    assert result["error"][0] == expected[0] and expected[1] in result["error"][1]
+                      f"extract_zip_series({str(archive)!r}, {str(tmp_path / 'series')!r}, max_bytes={max_bytes})")
+    assert result["error"][0] == expected[0] and expected[1] in result["error"][1], result["error"]
     assert result["cpu_s"] < 2.0
     assert result["memory_growth"] < 200 * MiB
     assert not (tmp_path / "series").exists()
@@ -126,6 +128,21 @@ def test_sizes_that_add_up_beyond_the_limit_are_refused_before_unpacking(tmp_pat
         extract_zip_series(archive, tmp_path / "series", max_bytes=GiB)
     assert time.process_time() - start < 1.0
     assert not (tmp_path / "series").exists()
+
+
+def test_archives_that_unpack_far_beyond_their_size_are_refused(tmp_path):
+    """A bomb within the size limit: 100 MiB of zeros in 100 kB; zeros below the floor of 64 MiB are accepted."""
+    bomb = write(tmp_path / "bomb.zip", zip_bytes([{"name": "a.dcm", "data": deflated_zeros(100 * MiB), "method": 8,
+                                                    "size": 100 * MiB, "crc": zlib.crc32(bytes(100 * MiB))}]))
+    with pytest.raises(VolumeTooLargeError, match=r"unpacks to 104,857,600 bytes, more than 100 times its size"):
+        extract_zip_series(bomb, tmp_path / "series", max_bytes=GiB)
+    assert not (tmp_path / "series").exists()
+    assert (extract_zip_series(bomb, tmp_path / "series", max_bytes=GiB, max_ratio=2000) / "000000.dcm").stat() \
+        .st_size == 100 * MiB
+    small = write(tmp_path / "small.zip", zip_bytes([{"name": "a.dcm", "data": deflated_zeros(10 * MiB), "method": 8,
+                                                      "size": 10 * MiB, "crc": zlib.crc32(bytes(10 * MiB))}]))
+    assert (extract_zip_series(small, tmp_path / "small", max_bytes=GiB) / "000000.dcm").read_bytes() == \
+        bytes(10 * MiB)
 
 
 def test_unpacked_bytes_are_counted_while_copying(tmp_path):

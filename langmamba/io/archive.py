@@ -22,6 +22,11 @@ from langmamba.errors import EmptyInputError, InputError, VolumeTooLargeError
 
 MAX_ZIP_MEMBERS = 10_000
 """Default most entries of an archive: a series of 2,000 slices with room for viewers and reports beside it."""
+MAX_ZIP_RATIO = 100.0
+"""Default most unpacked bytes per byte of archive. Deflate packs a CT series 2-10 times and zeros about 1,000
+times; files made of repeated bytes are what a bomb unpacks to, and parsing them as DICOM costs minutes of CPU."""
+RATIO_FLOOR_BYTES = 64 << 20
+"""Archives unpacking to at most this many bytes are never refused for their ratio."""
 _CHUNK = 1 << 20
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
 _ZIP64_LOCATOR = struct.Struct("<4sLQL")
@@ -108,15 +113,20 @@ def copy_at_most(source: BinaryIO, target: BinaryIO, budget: int) -> int:
 
 
 def extract_zip_series(
-    archive: str | os.PathLike, folder: str | os.PathLike, max_bytes: int, max_members: int = MAX_ZIP_MEMBERS
+    archive: str | os.PathLike,
+    folder: str | os.PathLike,
+    max_bytes: int,
+    max_members: int = MAX_ZIP_MEMBERS,
+    max_ratio: float = MAX_ZIP_RATIO,
 ) -> Path:
     """Unpack the files of a zipped DICOM series into the new ``folder``, flattened and renamed
     ``000000.dcm``, ``000001.dcm`` ... in archive order (no name or path from the archive is used).
 
     Folders and hidden files (a name starting with ``.``, e.g. macOS ``__MACOSX/._x``) are skipped. Nothing is
     unpacked unless the archive holds at most ``max_members`` entries (counted in its central directory) whose
-    declared sizes add up to at most ``max_bytes``, none of them a symbolic link, encrypted, or compressed other
-    than stored or deflated; while unpacking, the bytes actually written are counted against ``max_bytes`` too.
+    declared sizes add up to at most ``max_bytes`` and to at most ``max_ratio`` times the archive's size (above
+    :data:`RATIO_FLOOR_BYTES`), none of them a symbolic link, encrypted, or compressed other than stored or
+    deflated; while unpacking, the bytes actually written are counted against ``max_bytes`` too.
     On any error ``folder`` is removed again.
 
     Args:
@@ -124,12 +134,14 @@ def extract_zip_series(
         folder: the folder to create (its parent must exist; it must not).
         max_bytes: most bytes unpacked, all files together.
         max_members: most entries of the archive, folders and skipped files included.
+        max_ratio: most unpacked bytes per byte of the archive file.
 
     Returns:
         ``folder``.
 
     Raises:
-        VolumeTooLargeError: the files unpack (declared or actually) to more than ``max_bytes``.
+        VolumeTooLargeError: the files unpack (declared or actually) to more than ``max_bytes``, or to more
+            than ``max_ratio`` times the archive's size.
         EmptyInputError: the archive holds no files.
         InputError: more than ``max_members`` entries, a symbolic link, an encrypted or bzip2/LZMA member, or a
             damaged archive (a size or CRC that does not match the data included).
@@ -142,6 +154,7 @@ def extract_zip_series(
             if not members:
                 raise EmptyInputError("the uploaded zip archive holds no files")
             _check_members(members, max_bytes)
+            _check_ratio(sum(m.file_size for m in members), archive.stat().st_size, max_ratio)
             folder.mkdir()
             try:
                 written = 0
@@ -173,4 +186,12 @@ def _check_members(members: list[zipfile.ZipInfo], max_bytes: int) -> None:
     if declared > max_bytes:
         raise VolumeTooLargeError(
             f"the uploaded zip archive unpacks to {declared:,} bytes, more than the limit of {max_bytes:,} bytes"
+        )
+
+
+def _check_ratio(unpacked: int, packed: int, max_ratio: float) -> None:
+    if unpacked > RATIO_FLOOR_BYTES and unpacked > max_ratio * packed:
+        raise VolumeTooLargeError(
+            f"the uploaded zip archive of {packed:,} bytes unpacks to {unpacked:,} bytes, more than {max_ratio:g} "
+            "times its size (max_ratio); a CT series packs far less tightly (a zip bomb?)"
         )
