@@ -278,3 +278,15 @@ def test_nifti_extensions_cannot_make_the_reader_load_gigabytes(tmp_path, vox_of
     with pytest.raises(CorruptFileError, match=message):
         read_volume(path, confined=True)
     assert time.process_time() - start < 2.0
+
+
+def test_filler_beside_a_dicom_series_costs_no_parse(dicom_ct_series):
+    """Files without the DICOM marker are parsed only if their start names a SOP Class or Modality: 20 MB of
+    zeros (a zip bomb's usual content) took 8 s of CPU to parse as DICOM elements."""
+    folder, volume = dicom_ct_series
+    (folder / "filler.dcm").write_bytes(bytes(20 * MiB))
+    start = time.process_time()
+    np.testing.assert_array_equal(read_volume(folder, confined=True).hu, volume.hu)
+    assert time.process_time() - start < 2.0
+    with pytest.raises(CorruptFileError, match="filler.dcm: not a readable DICOM file"):
+        read_volume(folder / "filler.dcm")

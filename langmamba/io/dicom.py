@@ -62,6 +62,9 @@ PRIVATE_CREATOR = "LANGMAMBA 1"
 _SOURCE_UIDS = 0x01
 _SOURCE_FRAMES = 0x02
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# (0008,0016) SOP Class UID and (0008,0060) Modality, little and big endian
+_IDENTITY_TAGS = (b"\x08\x00\x16\x00", b"\x08\x00\x60\x00", b"\x00\x08\x00\x16", b"\x00\x08\x00\x60")
+_FORCED_PARSE_PREFIX = 1 << 16
 # Files in a series folder that are certainly not DICOM and are not worth a forced parse.
 _NOT_DICOM_SUFFIXES = frozenset(
     ".nii .nii.gz .nrrd .nhdr .mha .mhd .raw .zraw .gz .png .jpg .jpeg .bmp .gif .tif .tiff "
@@ -84,11 +87,19 @@ def _sop_class(ds: Dataset) -> UID | None:
     return UID(str(uid)) if uid else None
 
 
+def _may_be_dicom(path: Path) -> bool:
+    """Whether a file without the Part 10 marker holds the tag of a SOP Class UID or a Modality in its first
+    64 kB; a forced parse of anything else (such as a file of zeros, 0.4 s of CPU per MB) finds neither."""
+    with open(path, "rb") as handle:
+        head = handle.read(_FORCED_PARSE_PREFIX)
+    return any(tag in head for tag in _IDENTITY_TAGS)
+
+
 def _read_dataset(path: Path, *, header_only: bool, strict: bool) -> Dataset | None:
     """Read a DICOM file; ``None`` when it is not DICOM and ``strict`` is False.
 
-    Files without the Part 10 preamble are retried with ``force=True`` and accepted only if they
-    hold a SOP Class UID or a Modality.
+    Files without the Part 10 preamble are retried with ``force=True`` if their start holds the tag of a SOP Class
+    UID or a Modality, and accepted only if they hold one.
 
     Raises:
         CorruptFileError: a DICOM file (marker or ``strict``) that cannot be parsed.
@@ -98,7 +109,8 @@ def _read_dataset(path: Path, *, header_only: bool, strict: bool) -> Dataset | N
             try:
                 ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
             except InvalidDicomError:
-                ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True)
+                ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True) if _may_be_dicom(path) \
+                    else Dataset()
             # Parsing is lazy: touching every element surfaces damaged values now.
             for _ in ds.iterall():
                 pass
