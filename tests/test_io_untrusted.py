@@ -290,3 +290,31 @@ def test_filler_beside_a_dicom_series_costs_no_parse(dicom_ct_series):
     assert time.process_time() - start < 2.0
     with pytest.raises(CorruptFileError, match="filler.dcm: not a readable DICOM file"):
         read_volume(folder / "filler.dcm")
+
+
+def _header_then_filler(source: Path, target: Path, filler_bytes: int) -> Path:
+    """``source``'s DICOM header without its pixels, then ``filler_bytes`` of zeros: empty elements, 8 bytes each."""
+    ds = pydicom.dcmread(source)
+    del ds.PixelData
+    pydicom.dcmwrite(str(target), ds, write_like_original=False)
+    with open(target, "ab") as out:
+        out.write(bytes(filler_bytes))
+    return target
+
+
+def test_headers_of_filler_elements_are_refused_within_a_read_budget(dicom_ct_series, monkeypatch, in_process):
+    """A valid DICOM header followed by millions of empty elements: each costs pydicom about 3 µs."""
+    from langmamba.io import dicom
+
+    monkeypatch.setattr(dicom, "MAX_DICOM_HEADER_READS", 100_000)
+    folder, volume = dicom_ct_series
+    np.testing.assert_array_equal(read_volume(folder).hu, volume.hu)  # a few hundred reads
+    filler = _header_then_filler(sorted(folder.iterdir())[0], folder.parent / "filler.dcm", MiB)
+    start = time.process_time()
+    with pytest.raises(VolumeTooLargeError, match="filler.dcm: the DICOM headers hold more elements than langmamba "
+                                                  "parses \\(100,000 reads"):
+        read_volume(filler)
+    filler.rename(folder / "filler.dcm")
+    with pytest.raises(VolumeTooLargeError, match=f"{folder}: the DICOM headers hold more elements"):
+        read_volume(folder)
+    assert time.process_time() - start < 2.0

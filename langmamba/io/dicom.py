@@ -42,10 +42,11 @@ from langmamba.errors import (
     NotAnImageError,
     NotCTError,
     UnsupportedFormatError,
+    VolumeTooLargeError,
 )
 from langmamba.io.dicom_geometry import Frame, frames_of, series_geometry
 from langmamba.io.formats import has_dicom_magic, suffix_of
-from langmamba.io.limits import MAX_VOLUME_BYTES, check_dicom_bytes
+from langmamba.io.limits import MAX_DICOM_HEADER_READS, MAX_VOLUME_BYTES, ReadBudget, check_dicom_bytes
 from langmamba.io.validate import check_finite, check_hu_range
 from langmamba.io.volume import CTVolume
 
@@ -95,7 +96,9 @@ def _may_be_dicom(path: Path) -> bool:
     return any(tag in head for tag in _IDENTITY_TAGS)
 
 
-def _read_dataset(path: Path, *, header_only: bool, strict: bool) -> Dataset | None:
+def _read_dataset(
+    path: Path, *, header_only: bool, strict: bool, budget: ReadBudget | None = None
+) -> Dataset | None:
     """Read a DICOM file; ``None`` when it is not DICOM and ``strict`` is False.
 
     Files without the Part 10 preamble are retried with ``force=True`` if their start holds the tag of a SOP Class
@@ -103,17 +106,22 @@ def _read_dataset(path: Path, *, header_only: bool, strict: bool) -> Dataset | N
 
     Raises:
         CorruptFileError: a DICOM file (marker or ``strict``) that cannot be parsed.
+        VolumeTooLargeError: parsing it took more reads than ``budget`` had left.
     """
     try:
-        with _quiet_pydicom(path):
+        with _quiet_pydicom(path), open(path, "rb") as handle:
+            source = handle if budget is None else budget.wrap(handle)
             try:
-                ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
+                ds = pydicom.dcmread(source, stop_before_pixels=header_only)
             except InvalidDicomError:
-                ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True) if _may_be_dicom(path) \
+                handle.seek(0)
+                ds = pydicom.dcmread(source, stop_before_pixels=header_only, force=True) if _may_be_dicom(path) \
                     else Dataset()
             # Parsing is lazy: touching every element surfaces damaged values now.
             for _ in ds.iterall():
                 pass
+    except VolumeTooLargeError:
+        raise
     except PermissionError as err:
         raise InputError(f"{path}: cannot be opened (permission denied)") from err
     except Exception as err:  # pydicom raises many types for damaged files
@@ -322,15 +330,18 @@ def _series_listing(series: dict[str, dict[Path, Dataset]]) -> str:
     return "\n".join(lines)
 
 
-def _scan_headers(paths: list[Path]) -> list[tuple[bool, Dataset | None]]:
-    """``(empty, header or None when not DICOM)`` of each file; run by :mod:`langmamba.workers` processes."""
+def _scan_headers(paths: list[Path], reads: int, where: str) -> list[tuple[bool, Dataset | None]]:
+    """``(empty, header or None when not DICOM)`` of each file, parsed within ``reads`` reads in all (see
+    :class:`langmamba.io.limits.ReadBudget`); run by :mod:`langmamba.workers` processes."""
+    budget = ReadBudget(reads, where)
     scanned = []
     for path in paths:
         if path.stat().st_size == 0:
             scanned.append((True, None))
             continue
         maybe_dicom = suffix_of(path) not in _NOT_DICOM_SUFFIXES or has_dicom_magic(path)
-        scanned.append((False, _read_dataset(path, header_only=True, strict=False) if maybe_dicom else None))
+        scanned.append((False, _read_dataset(path, header_only=True, strict=False, budget=budget) if maybe_dicom
+                           else None))
     return scanned
 
 
@@ -362,7 +373,8 @@ def read_dicom_folder(
     headers: dict[Path, Dataset] = {}
     seen: set[str] = set()
     parts = workers.split(len(files))
-    scans = [workers.submit(_scan_headers, files[part.start:part.stop]) for part in parts]
+    scans = [workers.submit(_scan_headers, files[part.start:part.stop],
+                            -(-MAX_DICOM_HEADER_READS * len(part) // len(files)), str(folder)) for part in parts]
     scanned = (result for part in workers.results(scans) for result in part)
     for path, (empty, ds) in tqdm(zip(files, scanned), total=len(files), desc="Scanning DICOM", unit="file",
                                   disable=not progress):
@@ -413,7 +425,7 @@ def read_dicom_file(path: Path, *, progress: bool = False, max_bytes: int | None
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` in HU.
     """
-    ds = _read_dataset(path, header_only=True, strict=True)
+    ds = _read_dataset(path, header_only=True, strict=True, budget=ReadBudget(MAX_DICOM_HEADER_READS, str(path)))
     if not _is_image(ds, path):
         raise NotAnImageError(f"{path}: a {_describe_object(ds)} object, which holds no image")
     return _volume({path: ds}, str(path), progress, max_bytes)

@@ -8,7 +8,7 @@ calls :func:`check_volume_bytes` with the header's declared size before reading 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from langmamba.errors import CorruptFileError, VolumeTooLargeError
 
@@ -22,6 +22,10 @@ MAX_NIFTI_HEADER_BYTES = 16 << 20
 """Most bytes of a NIfTI header with its extensions (the voxel offset); extensions are read whole into memory."""
 MAX_SLICES = 100_000
 """Most frames of one DICOM series: each costs its header's bookkeeping whatever its size (1×1-pixel frames)."""
+MAX_DICOM_HEADER_READS = 4_000_000
+"""Most reads pydicom may make parsing the headers of one series (or file). A header element costs about 3 reads
+(3.4 µs each, so about 14 s in all): a CT slice's header takes a few hundred, 5,000 slices fit; a file of 8-byte
+filler elements (20 MB took 8 s) is refused when the reads run out."""
 
 
 def volume_bytes(shape: Sequence[int], element_bytes: int) -> int:
@@ -76,3 +80,38 @@ def check_dicom_bytes(headers: Iterable[Any], where: str, max_bytes: int | None)
     if frames > MAX_SLICES:
         raise VolumeTooLargeError(f"{where}: the headers declare {frames:,} frames; the limit is {MAX_SLICES:,}")
     check_volume_bytes(where, (frames, rows, cols), element_bytes, max_bytes)
+
+
+class ReadBudget:
+    """Reads left for parsing the DICOM headers of one task's files (a share of :data:`MAX_DICOM_HEADER_READS`);
+    :meth:`wrap` hands pydicom a file whose reads count against it."""
+
+    def __init__(self, reads: int, where: str) -> None:
+        self.total = self.left = int(reads)
+        self.where = where
+
+    def wrap(self, handle: BinaryIO) -> _CountedFile:
+        return _CountedFile(handle, self)
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise VolumeTooLargeError(
+                f"{self.where}: the DICOM headers hold more elements than langmamba parses ({self.total:,} reads; "
+                "a real header takes a few hundred)"
+            )
+
+
+class _CountedFile:
+    """A binary file whose ``read`` calls are counted against a :class:`ReadBudget`."""
+
+    def __init__(self, handle: BinaryIO, budget: ReadBudget) -> None:
+        self._handle, self._budget = handle, budget
+        self.name = getattr(handle, "name", None)
+
+    def read(self, size: int = -1) -> bytes:
+        self._budget.spend()
+        return self._handle.read(size)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, close ... as the file's own
+        return getattr(self._handle, name)
