@@ -333,7 +333,7 @@ def _series_listing(series: dict[str, dict[Path, Dataset]]) -> str:
 def _scan_headers(paths: list[Path], reads: int, where: str) -> list[tuple[bool, Dataset | None]]:
     """``(empty, header or None when not DICOM)`` of each file, parsed within ``reads`` reads in all (see
     :class:`langmamba.io.limits.ReadBudget`); run by :mod:`langmamba.workers` processes."""
-    budget = ReadBudget(reads, where)
+    budget = ReadBudget(reads, where, MAX_DICOM_HEADER_READS)
     scanned = []
     for path in paths:
         if path.stat().st_size == 0:
@@ -425,7 +425,8 @@ def read_dicom_file(path: Path, *, progress: bool = False, max_bytes: int | None
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` in HU.
     """
-    ds = _read_dataset(path, header_only=True, strict=True, budget=ReadBudget(MAX_DICOM_HEADER_READS, str(path)))
+    budget = ReadBudget(MAX_DICOM_HEADER_READS, str(path), MAX_DICOM_HEADER_READS)
+    ds = _read_dataset(path, header_only=True, strict=True, budget=budget)
     if not _is_image(ds, path):
         raise NotAnImageError(f"{path}: a {_describe_object(ds)} object, which holds no image")
     return _volume({path: ds}, str(path), progress, max_bytes)

@@ -83,12 +83,11 @@ def check_dicom_bytes(headers: Iterable[Any], where: str, max_bytes: int | None)
 
 
 class ReadBudget:
-    """Reads left for parsing the DICOM headers of one task's files (a share of :data:`MAX_DICOM_HEADER_READS`);
-    :meth:`wrap` hands pydicom a file whose reads count against it."""
+    """Reads left for parsing the DICOM headers of one task's files, ``reads`` of the ``limit`` for the whole series
+    (:data:`MAX_DICOM_HEADER_READS`) named in the error; :meth:`wrap` hands pydicom a file whose reads count."""
 
-    def __init__(self, reads: int, where: str) -> None:
-        self.total = self.left = int(reads)
-        self.where = where
+    def __init__(self, reads: int, where: str, limit: int) -> None:
+        self.left, self.where, self.limit = int(reads), where, limit
 
     def wrap(self, handle: BinaryIO) -> _CountedFile:
         return _CountedFile(handle, self)
@@ -97,8 +96,8 @@ class ReadBudget:
         self.left -= 1
         if self.left < 0:
             raise VolumeTooLargeError(
-                f"{self.where}: the DICOM headers hold more elements than langmamba parses ({self.total:,} reads; "
-                "a real header takes a few hundred)"
+                f"{self.where}: the DICOM headers hold more elements than langmamba parses (at most {self.limit:,} "
+                "reads for one series; a CT slice's header takes a few hundred)"
             )
 
 
