@@ -152,19 +152,25 @@ def _executor() -> ProcessPoolExecutor | None:
             max_workers=worker_count(), mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
             initargs=(os.getpid(), read_end, write_end, threading.current_thread() is threading.main_thread()),
         )
-        # Python warns about forking beside threads (torch's, tqdm's); the workers never use what those threads
-        # hold (CUDA, torch's thread pools).
+        # The workers start with SIGTERM/SIGINT blocked, so that a stop sent before they reset their handlers waits
+        # for the reset instead of meeting the handler inherited from here (a worker that ignored it would leave
+        # the pool spinning forever on a kill). Python warns about forking beside threads (torch's, tqdm's); the
+        # workers never use what those threads hold (CUDA, torch's thread pools).
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
-                                        category=DeprecationWarning)
-                pool.submit(int).result()
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _RESET_SIGNALS)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
+                                            category=DeprecationWarning)
+                    started = pool.submit(int)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                os.close(read_end)
+            started.result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             os.close(write_end)
             raise
-        finally:
-            os.close(read_end)
         _pool, _pool_pid, _lifeline = pool, os.getpid(), write_end
         # Before multiprocessing joins a process's children at exit, in the main process and in a
         # multiprocessing child alike (where atexit handlers do not run), else the idle workers are waited for.
@@ -182,7 +188,9 @@ def submit(function: Callable[..., Any], *args: Any) -> Future:
     if pool is not None:
         try:
             return pool.submit(function, *args)
-        except BrokenProcessPool:  # a worker was killed (by the OOM killer, an admin): the pool is replaced
+        except BrokenProcessPool:
+            # A worker was killed (OOM killer, an admin): tasks already given to the pool failed with it, this one
+            # and later ones run on a new pool.
             shutdown()
             return _executor().submit(function, *args)
     future: Future = Future()

@@ -56,16 +56,14 @@ def reap(pid: int) -> None:
 
 
 def is_running(pid: int) -> bool:
-    """Whether ``pid`` exists and has not finished (a zombie has finished; one of ours is reaped here)."""
+    """Whether ``pid`` exists and has not finished (a zombie has finished). Never reaps it: its parent (such as
+    multiprocessing, which polls its children) must see it end."""
     found = _stat(pid)
-    if found is not None and found[0] == "Z":
-        reap(pid)
-        return False
-    return found is not None
+    return found is not None and found[0] != "Z"
 
 
 def descendants(root: int) -> list[int]:
-    """Running processes below ``root`` (children, grandchildren ...); finished children of this process are reaped."""
+    """Running processes below ``root`` (children, grandchildren ...)."""
     parents: dict[int, list[int]] = {}
     for entry in _PROC.iterdir():
         if entry.name.isdigit():
@@ -96,6 +94,7 @@ def kill_leftovers(root: int, grace: float = _GRACE_S) -> dict[int, str]:
     return their command lines by pid."""
     deadline = time.monotonic() + grace
     while (left := leftovers(root)) and time.monotonic() < deadline:
+        _reap_children(root)
         time.sleep(0.1)
     named = {pid: command_line(pid) for pid in left}
     for pid in left:
@@ -106,7 +105,17 @@ def kill_leftovers(root: int, grace: float = _GRACE_S) -> dict[int, str]:
     deadline = time.monotonic() + grace
     while any(is_running(pid) for pid in left) and time.monotonic() < deadline:
         time.sleep(0.05)
+    _reap_children(root)
     return named
+
+
+def _reap_children(root: int) -> None:
+    """Collect the finished children of this process (orphans it adopted as subreaper) at the end of a session."""
+    if root == os.getpid():
+        for entry in _PROC.iterdir():
+            found = _stat(int(entry.name)) if entry.name.isdigit() else None
+            if found is not None and found == ("Z", root):
+                reap(int(entry.name))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

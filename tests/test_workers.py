@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,10 @@ def test_sigterm_ends_a_worker_whatever_its_parent_does_with_it(worker_processes
         victim = next(iter(workers._pool._processes))
         os.kill(victim, signal.SIGTERM)
         assert _wait_ended([victim], timeout=15) == []
+        try:
+            workers.map_ordered(pow, [(2, 3)] * 4)
+        except BrokenProcessPool:
+            pass  # tasks submitted before the pool saw its worker end fail with it
         assert workers.map_ordered(pow, [(2, 3)] * 4) == [8] * 4  # on a new pool: the broken one is replaced
         assert victim not in workers._pool._processes
     finally:
