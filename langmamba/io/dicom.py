@@ -63,9 +63,6 @@ PRIVATE_CREATOR = "LANGMAMBA 1"
 _SOURCE_UIDS = 0x01
 _SOURCE_FRAMES = 0x02
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-# (0008,0016) SOP Class UID and (0008,0060) Modality, little and big endian
-_IDENTITY_TAGS = (b"\x08\x00\x16\x00", b"\x08\x00\x60\x00", b"\x00\x08\x00\x16", b"\x00\x08\x00\x60")
-_FORCED_PARSE_PREFIX = 1 << 16
 # Files in a series folder that are certainly not DICOM and are not worth a forced parse.
 _NOT_DICOM_SUFFIXES = frozenset(
     ".nii .nii.gz .nrrd .nhdr .mha .mhd .raw .zraw .gz .png .jpg .jpeg .bmp .gif .tif .tiff "
@@ -86,6 +83,11 @@ def _quiet_pydicom(path: Path) -> Iterator[None]:
 def _sop_class(ds: Dataset) -> UID | None:
     uid = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
     return UID(str(uid)) if uid else None
+
+
+# (0008,0016) SOP Class UID and (0008,0060) Modality, little and big endian
+_IDENTITY_TAGS = (b"\x08\x00\x16\x00", b"\x08\x00\x60\x00", b"\x00\x08\x00\x16", b"\x00\x08\x00\x60")
+_FORCED_PARSE_PREFIX = 1 << 16
 
 
 def _may_be_dicom(path: Path) -> bool:
