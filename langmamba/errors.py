@@ -52,6 +52,15 @@ class NonFiniteVoxelsError(InputError):
     """The volume contains NaN or infinite voxel values."""
 
 
+class VolumeTooLargeError(InputError):
+    """The input, or the volume its header declares, is larger than the limit it is read under."""
+
+
+class UnsafeInputError(InputError):
+    """The input refers to data outside itself (a detached data file, a symbolic link), refused where only the
+    input itself may be read (uploads to a server)."""
+
+
 class OverwriteError(LangMambaError):
     """Writing would replace the input, or an existing output without ``overwrite=True``."""
 

@@ -11,6 +11,12 @@ GPU safe (as torch's own data loaders do). Forking, unlike spawning, does not re
 scripts without a ``__main__`` guard work too. The pool starts on first use and lives as long as the process, so a
 server or a folder run pays its start once.
 
+Workers die with the process that made them, whatever kills it: each resets the signal handlers it inherited
+(a server's SIGTERM handler would otherwise make it ignore SIGTERM), and exits when that process is gone: at once
+by the kernel's parent-death signal where the pool was made by the main thread (the signal follows the thread that
+forked), and within a second by a watcher thread otherwise, which sees the end of a pipe that only the parent
+holds open, or the parent's pid change.
+
 The number of processes comes from ``LANGMAMBA_WORKERS``; ``0`` keeps all work in the calling process. The default
 is one process per usable CPU core beyond two, at most 8: a 2-core machine works in-process, where extra processes
 would only compete with torch's own threads.
@@ -18,14 +24,20 @@ would only compete with torch's own threads.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import multiprocessing
 import multiprocessing.util
 import os
+import select
+import signal
+import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,9 +47,13 @@ from langmamba.errors import ConfigError
 
 MAX_DEFAULT_WORKERS = 8
 _SHARED_DIR = "/dev/shm"
+_PARENT_POLL_S = 1.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _pool: ProcessPoolExecutor | None = None
 _pool_pid: int | None = None
+_lifeline: int | None = None  # the write end of the pipe the workers watch, open in the pool's parent only
 _count: int | None = None
 
 
@@ -77,27 +93,85 @@ def configure(workers: int | None) -> None:
 
 def shutdown() -> None:
     """Stop the pool's processes (a later task starts a new pool)."""
-    global _pool
-    if _pool is not None and _pool_pid == os.getpid():
-        _pool.shutdown(wait=True, cancel_futures=True)
-    _pool = None
+    global _pool, _lifeline
+    if _pool_pid == os.getpid():
+        if _pool is not None:
+            _pool.shutdown(wait=True, cancel_futures=True)
+        if _lifeline is not None:
+            os.close(_lifeline)
+    _pool, _lifeline = None, None
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when the thread that forked it ends (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum), ctypes.c_ulong(0),
+                                                ctypes.c_ulong(0), ctypes.c_ulong(0))
+    except (OSError, AttributeError):  # no prctl in this libc: the watcher thread still covers it
+        pass
+
+
+def _watch_parent(parent_pid: int, read_end: int) -> None:
+    """Exit this process when the pipe whose ``read_end`` it holds reaches its end (every write end closed: the
+    parent is gone) or the parent pid changes (another process still holds a write end)."""
+    poller = select.poll()
+    poller.register(read_end, select.POLLIN | select.POLLHUP)
+    while not poller.poll(1000 * _PARENT_POLL_S) and os.getppid() == parent_pid:
+        pass
+    os._exit(1)
+
+
+def _start_worker(parent_pid: int, read_end: int, write_end: int, death_signal: bool) -> None:
+    """Initializer of every worker process: default SIGTERM/SIGINT, and exit when the parent is gone (see the
+    module docstring): ``read_end`` and ``write_end`` of the parent's lifeline pipe, ``death_signal`` when the pool
+    was made by the parent's main thread."""
+    for signum in _RESET_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _RESET_SIGNALS)
+    os.close(write_end)
+    if death_signal:
+        _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the death signal was set
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, read_end), name="langmamba-parent-watch",
+                     daemon=True).start()
 
 
 def _executor() -> ProcessPoolExecutor | None:
-    global _pool, _pool_pid
+    global _pool, _pool_pid, _lifeline
     if _pool is not None and _pool_pid != os.getpid():
         return None  # a forked worker: it works in-process and never uses its parent's pool
     if worker_count() == 0:
         return None
     if _pool is None:
-        pool = ProcessPoolExecutor(max_workers=worker_count(), mp_context=multiprocessing.get_context("fork"))
-        # A fork pool starts every process at its first task. Python warns about forking beside threads (torch's,
-        # tqdm's); the workers never use what those threads hold (CUDA, torch's thread pools).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
-                                    category=DeprecationWarning)
-            pool.submit(int).result()
-        _pool, _pool_pid = pool, os.getpid()
+        read_end, write_end = os.pipe()
+        # A fork pool starts every process at its first task, in this thread.
+        pool = ProcessPoolExecutor(
+            max_workers=worker_count(), mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+            initargs=(os.getpid(), read_end, write_end, threading.current_thread() is threading.main_thread()),
+        )
+        # The workers start with SIGTERM/SIGINT blocked, so that a stop sent before they reset their handlers waits
+        # for the reset instead of meeting the handler inherited from here (a worker that ignored it would leave
+        # the pool spinning forever on a kill). Python warns about forking beside threads (torch's, tqdm's); the
+        # workers never use what those threads hold (CUDA, torch's thread pools).
+        try:
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _RESET_SIGNALS)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
+                                            category=DeprecationWarning)
+                    started = pool.submit(int)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                os.close(read_end)
+            started.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            os.close(write_end)
+            raise
+        _pool, _pool_pid, _lifeline = pool, os.getpid(), write_end
         # Before multiprocessing joins a process's children at exit, in the main process and in a
         # multiprocessing child alike (where atexit handlers do not run), else the idle workers are waited for.
         multiprocessing.util.Finalize(None, shutdown, exitpriority=10)
@@ -112,7 +186,13 @@ def submit(function: Callable[..., Any], *args: Any) -> Future:
     """
     pool = _executor()
     if pool is not None:
-        return pool.submit(function, *args)
+        try:
+            return pool.submit(function, *args)
+        except BrokenProcessPool:
+            # A worker was killed (OOM killer, an admin): tasks already given to the pool failed with it, this one
+            # and later ones run on a new pool.
+            shutdown()
+            return _executor().submit(function, *args)
     future: Future = Future()
     try:
         future.set_result(function(*args))

@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic CT volumes and DICOM series (no files outside the test's tmp_path)."""
+"""Shared fixtures: small synthetic CT volumes and DICOM series (no files outside the test's tmp_path), and the
+session's check that no test leaves a process running (:mod:`tests.process_leaks`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from langmamba import workers
 from langmamba.io.volume import CTVolume
+from tests.process_leaks import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (session hooks)
 
 
 def _phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -13,6 +18,9 @@ import pytest
 from langmamba import workers
 from langmamba.errors import ConfigError, CorruptFileError
 from langmamba.io import read_volume, write_volume
+from tests import process_leaks
+
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def test_split_covers_every_index_once_in_order():
@@ -141,3 +149,89 @@ def test_a_damaged_file_read_by_a_worker_is_named(tmp_path, tiny_ct_volume, work
     victim.write_bytes(victim.read_bytes()[:-1000])  # pixel data cut short
     with pytest.raises(CorruptFileError, match=victim.name):
         read_volume(folder)
+
+
+def test_sigterm_ends_a_worker_whatever_its_parent_does_with_it(worker_processes):
+    """A server's SIGTERM/SIGINT handlers, inherited through fork, would make its workers ignore a stop."""
+    previous = {signum: signal.signal(signum, _ignore) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert workers.map_ordered(_handlers, [()] * 4) == [(signal.SIG_DFL, signal.SIG_DFL)] * 4
+        victim = next(iter(workers._pool._processes))
+        os.kill(victim, signal.SIGTERM)
+        assert _wait_ended([victim], timeout=15) == []
+        try:
+            workers.map_ordered(pow, [(2, 3)] * 4)
+        except BrokenProcessPool:
+            pass  # tasks submitted before the pool saw its worker end fail with it
+        assert workers.map_ordered(pow, [(2, 3)] * 4) == [8] * 4  # on a new pool: the broken one is replaced
+        assert victim not in workers._pool._processes
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+def _handlers() -> tuple:
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+
+# A process that makes a pool (from its main thread, or from a thread that then ends, as a server's request thread
+# does), prints its workers' pids and waits; its SIGTERM handler ignores the signal, as a server's would for a while.
+_POOL_OWNER = """
+import os, signal, sys, threading, time
+from langmamba import workers
+
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+workers.configure(2)
+if sys.argv[1] == "main":
+    workers.map_ordered(int, [()] * 4)
+else:
+    thread = threading.Thread(target=workers.map_ordered, args=(int, [()] * 4))
+    thread.start()
+    thread.join()
+if sys.argv[2] == "held":  # another child of this process keeps the workers' pipe open
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+print(" ".join(str(p) for p in workers._pool._processes), flush=True)
+time.sleep(120)
+"""
+
+
+def _start_pool_owner(how: str, pipe: str = "free") -> tuple[subprocess.Popen, list[int]]:
+    owner = subprocess.Popen([sys.executable, "-c", _POOL_OWNER, how, pipe], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": REPO})
+    pids = [int(p) for p in owner.stdout.readline().split()]
+    assert len(pids) == 2, "the pool owner did not start its workers"
+    return owner, pids
+
+
+def _wait_ended(pids: list[int], timeout: float) -> list[int]:
+    """The pids still running after ``timeout`` seconds (a zombie has ended)."""
+    deadline = time.monotonic() + timeout
+    while (running := [p for p in pids if process_leaks.is_running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return running
+
+
+@pytest.mark.parametrize("how, pipe", [("main", "free"), ("thread", "free"), ("thread", "held")])
+def test_workers_end_when_their_parent_is_killed(how, pipe):
+    owner, pids = _start_pool_owner(how, pipe)
+    others = []
+    try:
+        others = [p for p in process_leaks.descendants(owner.pid) if p not in pids]
+        time.sleep(1.5)  # the thread that made the pool has ended; its workers must not end with it
+        assert all(process_leaks.is_running(p) for p in pids)
+        owner.kill()
+        owner.wait()
+        assert _wait_ended(pids, timeout=15) == []
+    finally:
+        owner.kill()
+        owner.wait()
+        for pid in pids + others:
+            if process_leaks.is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        _wait_ended(pids + others, timeout=5)

@@ -2,8 +2,9 @@
 
 :func:`read_volume` returns a :class:`CTVolume` in HU with ITK/LPS geometry whatever the format,
 :func:`write_volume` writes one atomically without ever replacing the input, and
-:func:`describe_volume` summarises one for ``langmamba info``. Every problem with the input raises
-a subclass of :class:`langmamba.errors.InputError` that names the file and the problem.
+:func:`describe_volume` summarises one for ``langmamba info``. Untrusted input (an upload to a server) is read
+with ``read_volume(path, confined=True)``, a zipped series unpacked with :func:`extract_zip_series`. Every problem
+with the input raises a subclass of :class:`langmamba.errors.InputError` that names the file and the problem.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ _EXPORTS = {
     "atomic_output": "langmamba.io.atomic",
     "check_not_input": "langmamba.io.atomic",
     "describe_volume": "langmamba.io.describe",
+    "extract_zip_series": "langmamba.io.archive",
     "read_volume": "langmamba.io.api",
     "write_labels": "langmamba.io.api",
     "write_volume": "langmamba.io.api",
 }
 
-__all__ = ["AIR_HU", "CTVolume", "Format", "describe_volume", "read_volume", "write_labels", "write_volume"]
+__all__ = [
+    "AIR_HU", "CTVolume", "Format", "describe_volume", "extract_zip_series", "read_volume", "write_labels",
+    "write_volume",
+]
 
 
 def __getattr__(name: str):

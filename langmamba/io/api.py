@@ -9,9 +9,11 @@ import numpy as np
 
 from langmamba.errors import EmptyInputError, InputError
 from langmamba.io.atomic import atomic_output, check_not_input
+from langmamba.io.confine import check_confined, check_not_link, itk_io_name
 from langmamba.io.dicom import read_dicom_file, read_dicom_folder
 from langmamba.io.dicom_write import write_dicom_series
 from langmamba.io.formats import Format, format_for_reading, format_for_writing
+from langmamba.io.limits import MAX_VOLUME_BYTES
 from langmamba.io.validate import check_finite, check_hu_range
 from langmamba.io.volume import CTVolume
 
@@ -24,6 +26,8 @@ def read_volume(
     series_uid: str | None = None,
     check_hu: bool = True,
     progress: bool = False,
+    confined: bool = False,
+    max_bytes: int | None = MAX_VOLUME_BYTES,
 ) -> CTVolume:
     """Read a CT volume in HU from a DICOM series folder, a DICOM file, NIfTI, NRRD or MetaImage.
 
@@ -35,6 +39,12 @@ def read_volume(
         check_hu: for formats without a modality (NIfTI, NRRD, MetaImage), reject value ranges
             that cannot be HU (see :mod:`langmamba.io.validate`).
         progress: show tqdm progress bars while reading DICOM files.
+        confined: read nothing but ``path`` itself, for untrusted input such as an upload to a server: refuse a
+            symbolic link (the path itself or an entry of the folder), an NRRD header with a ``data file`` field
+            and a MetaImage header whose ``ElementDataFile`` is not ``LOCAL`` (see :mod:`langmamba.io.confine`).
+            Off, a user's own detached ``.nhdr``/``.mhd`` headers are read with their data files.
+        max_bytes: refuse, from the header and before allocating, a volume whose voxels as stored or as float32
+            HU need more than this many bytes (see :mod:`langmamba.io.limits`); ``None``: no limit.
 
     Returns:
         CTVolume with ``hu`` float32 of shape ``(Z, Y, X)`` in HU, spacing/origin in mm (LPS),
@@ -44,23 +54,33 @@ def read_volume(
         InputError: the path does not exist or cannot be opened; and its subclasses
             EmptyInputError, CorruptFileError, UnsupportedFormatError, UnsupportedImageError,
             NotAnImageError, NotCTError, MixedSeriesError, IrregularSpacingError,
-            NonFiniteVoxelsError for the problems their names say.
+            NonFiniteVoxelsError, VolumeTooLargeError, UnsafeInputError for the problems their names say.
     """
     path = Path(path).expanduser()
+    if confined and os.path.lexists(path):
+        check_not_link(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        return read_dicom_folder(path, series_uid=series_uid, progress=progress)
+        if confined:
+            check_confined(path, None)
+        return read_dicom_folder(path, series_uid=series_uid, progress=progress, max_bytes=max_bytes)
     if path.stat().st_size == 0:
         raise EmptyInputError(f"{path}: the file is empty (0 bytes)")
     fmt = format_for_reading(path)
+    if confined:
+        check_confined(path, fmt)
     if fmt is Format.DICOM:
-        return read_dicom_file(path, progress=progress)
+        return read_dicom_file(path, progress=progress, max_bytes=max_bytes)
     from langmamba.io import itk_formats  # SimpleITK and nibabel: only the non-DICOM formats need them
 
     if fmt is Format.PICTURE:
-        itk_formats.reject_picture(path)
-    volume = itk_formats.read_nifti(path) if fmt is Format.NIFTI else itk_formats.read_sitk(path, fmt.value)
+        itk_formats.reject_picture(path, inspect=not confined)
+    if fmt is Format.NIFTI:
+        volume = itk_formats.read_nifti(path, max_bytes=max_bytes)
+    else:
+        volume = itk_formats.read_sitk(path, fmt.value, max_bytes=max_bytes,
+                                       image_io=itk_io_name(fmt) if confined else None)
     check_finite(volume.hu, str(path))
     if check_hu:
         check_hu_range(volume.hu, str(path))

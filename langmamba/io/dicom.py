@@ -42,9 +42,11 @@ from langmamba.errors import (
     NotAnImageError,
     NotCTError,
     UnsupportedFormatError,
+    VolumeTooLargeError,
 )
 from langmamba.io.dicom_geometry import Frame, frames_of, series_geometry
 from langmamba.io.formats import has_dicom_magic, suffix_of
+from langmamba.io.limits import MAX_DICOM_HEADER_READS, MAX_VOLUME_BYTES, ReadBudget, check_dicom_bytes
 from langmamba.io.validate import check_finite, check_hu_range
 from langmamba.io.volume import CTVolume
 
@@ -91,24 +93,45 @@ def _sop_class(ds: Dataset) -> UID | None:
     return UID(str(uid)) if uid else None
 
 
-def _read_dataset(path: Path, *, header_only: bool, strict: bool) -> Dataset | None:
+# (0008,0016) SOP Class UID and (0008,0060) Modality, little and big endian
+_IDENTITY_TAGS = (b"\x08\x00\x16\x00", b"\x08\x00\x60\x00", b"\x00\x08\x00\x16", b"\x00\x08\x00\x60")
+_FORCED_PARSE_PREFIX = 1 << 16
+
+
+def _may_be_dicom(path: Path) -> bool:
+    """Whether a file without the Part 10 marker holds the tag of a SOP Class UID or a Modality in its first
+    64 kB; a forced parse of anything else (such as a file of zeros, 0.4 s of CPU per MB) finds neither."""
+    with open(path, "rb") as handle:
+        head = handle.read(_FORCED_PARSE_PREFIX)
+    return any(tag in head for tag in _IDENTITY_TAGS)
+
+
+def _read_dataset(
+    path: Path, *, header_only: bool, strict: bool, budget: ReadBudget | None = None
+) -> Dataset | None:
     """Read a DICOM file; ``None`` when it is not DICOM and ``strict`` is False.
 
-    Files without the Part 10 preamble are retried with ``force=True`` and accepted only if they
-    hold a SOP Class UID or a Modality.
+    Files without the Part 10 preamble are retried with ``force=True`` if their start holds the tag of a SOP Class
+    UID or a Modality, and accepted only if they hold one.
 
     Raises:
         CorruptFileError: a DICOM file (marker or ``strict``) that cannot be parsed.
+        VolumeTooLargeError: parsing it took more reads than ``budget`` had left.
     """
     try:
-        with _quiet_pydicom(path):
+        with _quiet_pydicom(path), open(path, "rb") as handle:
+            source = handle if budget is None else budget.wrap(handle)
             try:
-                ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
+                ds = pydicom.dcmread(source, stop_before_pixels=header_only)
             except InvalidDicomError:
-                ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True)
+                handle.seek(0)
+                ds = pydicom.dcmread(source, stop_before_pixels=header_only, force=True) if _may_be_dicom(path) \
+                    else Dataset()
             # Parsing is lazy: touching every element surfaces damaged values now.
             for _ in ds.iterall():
                 pass
+    except VolumeTooLargeError:
+        raise
     except PermissionError as err:
         raise InputError(f"{path}: cannot be opened (permission denied)") from err
     except Exception as err:  # pydicom raises many types for damaged files
@@ -269,12 +292,16 @@ def _read_voxels(items: list[tuple[Path, list[Frame]]], slots: list[list[int]], 
     return voxels
 
 
-def _volume(headers: dict[Path, Dataset], label: str, progress: bool) -> CTVolume:
-    """Build the volume from the header-only datasets of one series (one or more files)."""
+def _volume(
+    headers: dict[Path, Dataset], label: str, progress: bool, max_bytes: int | None = MAX_VOLUME_BYTES
+) -> CTVolume:
+    """Build the volume from the header-only datasets of one series (one or more files), refusing one larger
+    than ``max_bytes`` before its frames are listed."""
     modalities = {str(ds.get("Modality", "")) for ds in headers.values()}
     if modalities != {"CT"}:
         named = ", ".join(sorted(m or "missing" for m in modalities))
         raise NotCTError(f"{label}: DICOM Modality is {named}, not CT; langmamba denoises CT only")
+    check_dicom_bytes(headers.values(), label, max_bytes)
     frames_by_file = {path: frames_of(ds, path) for path, ds in headers.items()}
     frames = [f for fs in frames_by_file.values() for f in fs]
     geometry = series_geometry(frames, next(iter(headers.values())), label)
@@ -318,20 +345,23 @@ def _series_listing(series: dict[str, dict[Path, Dataset]]) -> str:
     return "\n".join(lines)
 
 
-def _scan_headers(paths: list[Path]) -> list[tuple[bool, Dataset | None]]:
-    """``(empty, header or None when not DICOM)`` of each file; run by :mod:`langmamba.workers` processes."""
+def _scan_headers(paths: list[Path], reads: int, where: str) -> list[tuple[bool, Dataset | None]]:
+    """``(empty, header or None when not DICOM)`` of each file, parsed within ``reads`` reads in all (see
+    :class:`langmamba.io.limits.ReadBudget`); run by :mod:`langmamba.workers` processes."""
+    budget = ReadBudget(reads, where, MAX_DICOM_HEADER_READS)
     scanned = []
     for path in paths:
         if path.stat().st_size == 0:
             scanned.append((True, None))
             continue
         maybe_dicom = suffix_of(path) not in _NOT_DICOM_SUFFIXES or has_dicom_magic(path)
-        scanned.append((False, _read_dataset(path, header_only=True, strict=False) if maybe_dicom else None))
+        scanned.append((False, _read_dataset(path, header_only=True, strict=False, budget=budget) if maybe_dicom
+                           else None))
     return scanned
 
 
 def read_dicom_folder(
-    folder: Path, *, series_uid: str | None = None, progress: bool = False
+    folder: Path, *, series_uid: str | None = None, progress: bool = False, max_bytes: int | None = MAX_VOLUME_BYTES
 ) -> CTVolume:
     """Read the DICOM series stored directly in ``folder`` (subfolders are not searched).
 
@@ -343,6 +373,7 @@ def read_dicom_folder(
         folder: the series folder.
         series_uid: the SeriesInstanceUID to read when the folder holds several series.
         progress: show a tqdm progress bar.
+        max_bytes: the size limit checked from the headers before reading voxels (:mod:`langmamba.io.limits`).
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` in HU and the geometry of the series.
@@ -358,7 +389,8 @@ def read_dicom_folder(
     headers: dict[Path, Dataset] = {}
     seen: set[str] = set()
     parts = workers.split(len(files))
-    scans = [workers.submit(_scan_headers, files[part.start:part.stop]) for part in parts]
+    scans = [workers.submit(_scan_headers, files[part.start:part.stop],
+                            -(-MAX_DICOM_HEADER_READS * len(part) // len(files)), str(folder)) for part in parts]
     scanned = (result for part in workers.results(scans) for result in part)
     for path, (empty, ds) in tqdm(zip(files, scanned), total=len(files), desc="Scanning DICOM", unit="file",
                                   disable=not progress):
@@ -399,16 +431,18 @@ def read_dicom_folder(
         )
     else:
         chosen = next(iter(series.values()))
-    return _volume(chosen, str(folder), progress)
+    return _volume(chosen, str(folder), progress, max_bytes)
 
 
-def read_dicom_file(path: Path, *, progress: bool = False) -> CTVolume:
-    """Read one DICOM file: a CT slice (a volume of one slice) or a multi-frame Enhanced CT.
+def read_dicom_file(path: Path, *, progress: bool = False, max_bytes: int | None = MAX_VOLUME_BYTES) -> CTVolume:
+    """Read one DICOM file: a CT slice (a volume of one slice) or a multi-frame Enhanced CT, refusing one larger
+    than ``max_bytes`` (:mod:`langmamba.io.limits`) from its header.
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` in HU.
     """
-    ds = _read_dataset(path, header_only=True, strict=True)
+    budget = ReadBudget(MAX_DICOM_HEADER_READS, str(path), MAX_DICOM_HEADER_READS)
+    ds = _read_dataset(path, header_only=True, strict=True, budget=budget)
     if not _is_image(ds, path):
         raise NotAnImageError(f"{path}: a {_describe_object(ds)} object, which holds no image")
-    return _volume({path: ds}, str(path), progress)
+    return _volume({path: ds}, str(path), progress, max_bytes)

@@ -9,7 +9,9 @@ the qform/sform codes and space fields that 3D Slicer and ITK expect.
 
 from __future__ import annotations
 
+import gzip
 import logging
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from langmamba.errors import CorruptFileError, UnsupportedImageError
+from langmamba.io.limits import MAX_NIFTI_HEADER_BYTES, MAX_VOLUME_BYTES, check_volume_bytes
 from langmamba.io.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,9 @@ logger = logging.getLogger(__name__)
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 _ORTHONORMAL_TOLERANCE = 1e-3
 _INT16 = np.iinfo(np.int16)
+# sizeof_hdr -> byte offset and struct format of vox_offset, for NIfTI-1 and NIfTI-2
+_NIFTI_VOX_OFFSET = {348: (108, "f"), 540: (168, "q")}
+_EXTENSION_STEP = 1 << 20
 
 
 def _check_dimensions(path: Path, shape: tuple[int, ...], components: int) -> None:
@@ -60,12 +66,59 @@ def _geometry_from_matrix(path: Path, matrix: np.ndarray) -> tuple[np.ndarray, n
     return spacing, direction
 
 
-def read_nifti(path: Path) -> CTVolume:
+def _check_nifti_extensions(path: Path) -> None:
+    """Refuse a NIfTI file whose header extensions would make nibabel read more than
+    :data:`MAX_NIFTI_HEADER_BYTES` before any check: nibabel reads each extension whole at the size it declares
+    (up to 2 GB), even past the voxel offset. Files this cannot parse are left to nibabel to report."""
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            head = handle.read(540 + 4)
+            if len(head) < 348:
+                return
+            for order in "<>":
+                sizeof_hdr = struct.unpack_from(order + "i", head)[0]
+                if sizeof_hdr in _NIFTI_VOX_OFFSET:
+                    break
+            else:
+                return
+            at, kind = _NIFTI_VOX_OFFSET[sizeof_hdr]
+            vox_offset = struct.unpack_from(order + kind, head, at)[0]
+            if not 0 <= vox_offset <= MAX_NIFTI_HEADER_BYTES:
+                raise CorruptFileError(f"{path}: the NIfTI header declares voxels at byte {vox_offset:g}; langmamba "
+                                       f"reads headers and extensions of at most {MAX_NIFTI_HEADER_BYTES:,} bytes")
+            if len(head) < sizeof_hdr + 4 or head[sizeof_hdr:sizeof_hdr + 1] == b"\0":
+                return  # no extensions
+            left = int(vox_offset) - sizeof_hdr - 4
+            if left < 0:  # nibabel would read extensions to the end of the file
+                raise CorruptFileError(f"{path}: the NIfTI header has extensions but declares voxels at byte "
+                                       f"{vox_offset:g}, inside the header")
+            handle.seek(sizeof_hdr + 4)
+            while left >= 16:
+                step = handle.read(8)
+                size = struct.unpack_from(order + "i", step)[0] if len(step) == 8 else -1
+                if not 8 <= size <= left:
+                    raise CorruptFileError(f"{path}: damaged NIfTI header extension (size {size} where "
+                                           f"{left} bytes are left before the voxels)")
+                skip = size - 8
+                while skip > 0 and (chunk := handle.read(min(_EXTENSION_STEP, skip))):
+                    skip -= len(chunk)
+                left -= size
+    except (OSError, EOFError):  # not gzip, unreadable: nibabel says why
+        return
+
+
+def read_nifti(path: Path, *, max_bytes: int | None = MAX_VOLUME_BYTES) -> CTVolume:
     """Read a ``.nii``/``.nii.gz`` file (scaled by ``scl_slope``/``scl_inter``) into a CTVolume.
+
+    Args:
+        path: the file.
+        max_bytes: the size limit checked from the header before reading voxels (:mod:`langmamba.io.limits`).
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` (float32, not yet checked for HU).
     """
+    _check_nifti_extensions(path)
     try:
         image = nib.load(str(path))
         dtype = image.get_data_dtype()
@@ -76,6 +129,7 @@ def read_nifti(path: Path) -> CTVolume:
     _check_dimensions(path, shape, components)
     if dtype.kind == "c":
         raise UnsupportedImageError(f"{path}: complex-valued voxels; langmamba needs CT values in HU")
+    check_volume_bytes(str(path), shape, dtype.itemsize, max_bytes)
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as err:  # truncated or corrupt compressed data
@@ -94,19 +148,30 @@ def read_nifti(path: Path) -> CTVolume:
     )
 
 
-def read_sitk(path: Path, format_name: str) -> CTVolume:
+def read_sitk(
+    path: Path, format_name: str, *, max_bytes: int | None = MAX_VOLUME_BYTES, image_io: str | None = None
+) -> CTVolume:
     """Read an NRRD (``.nrrd``/``.nhdr``) or MetaImage (``.mha``/``.mhd``) file into a CTVolume.
+
+    Args:
+        path: the file (a header, for detached ``.nhdr``/``.mhd``).
+        format_name: the format named in error messages.
+        max_bytes: the size limit checked from the header before reading voxels (:mod:`langmamba.io.limits`).
+        image_io: the ITK ImageIO to read with (e.g. ``"NrrdImageIO"``); ``None``: ITK picks one by content.
 
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` (float32, not yet checked for HU).
     """
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    if image_io is not None:
+        reader.SetImageIO(image_io)
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
         raise CorruptFileError(f"{path}: cannot be read as {format_name} (damaged header)") from err
     _check_dimensions(path, tuple(reader.GetSize()), reader.GetNumberOfComponents())
+    check_volume_bytes(str(path), reader.GetSize(), _element_bytes(reader.GetPixelID()), max_bytes)
     try:
         image = reader.Execute()
     except RuntimeError as err:
@@ -128,11 +193,23 @@ def read_sitk(path: Path, format_name: str) -> CTVolume:
     )
 
 
-def reject_picture(path: Path) -> None:
-    """Raise :class:`UnsupportedImageError` describing a picture file (PNG, JPEG, TIFF ...)."""
+def _element_bytes(pixel_id: int) -> int:
+    """Bytes per voxel component of a SimpleITK pixel type (8, the largest real type, if SimpleITK cannot say)."""
+    try:
+        size = sitk.Image([1, 1, 1], pixel_id).GetSizeOfPixelComponent()
+    except RuntimeError:
+        size = 0
+    return size or 8
+
+
+def reject_picture(path: Path, *, inspect: bool = True) -> None:
+    """Raise :class:`UnsupportedImageError` describing a picture file (PNG, JPEG, TIFF ...); its size and colours
+    only when ``inspect`` (ITK picks its reader by content, and a "picture" may be any file)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
+        if not inspect:
+            raise RuntimeError("not inspected")
         reader.ReadImageInformation()
         size = "x".join(str(n) for n in reader.GetSize())
         kind = "colour (RGB)" if reader.GetNumberOfComponents() > 1 else "grey-scale"
