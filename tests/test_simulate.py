@@ -10,6 +10,7 @@ import torch
 
 from langmamba.errors import ConfigError
 from langmamba.io.volume import CTVolume
+from langmamba.simulate.nps import compare_nps, noise_power_spectrum, roi_corners
 from langmamba.simulate import (
     BowtieFilter,
     FanBeamGeometry,
@@ -400,6 +401,47 @@ def test_calibrate_volume_spreads_photons_along_z():
         calibrate_volume(volume, 0.25, input_is_noise_free=True)
 
 
+# ---------------------------------------------------------------- noise power spectrum
+
+
+def test_nps_of_white_noise_is_flat_at_sigma_squared_times_pixel_area():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0.0, 10.0, (4, 128, 128))
+    nps = noise_power_spectrum(noise, 0.8, roi_px=32, detrend_order=0)
+    assert nps.n_rois == 4 * 16
+    assert nps.variance == pytest.approx(100.0, rel=0.03)
+    assert nps.frequency[-1] == pytest.approx(0.5 / 0.8, rel=0.05)
+    ring = nps.nps[2:]  # the lowest rings hold a few bins only
+    assert np.all(np.abs(ring / (100.0 * 0.8 * 0.8) - 1.0) < 0.15), ring / 64.0
+
+
+def test_nps_roi_corners_stay_inside_the_mask():
+    mask = np.zeros((100, 100), dtype=bool)
+    mask[10:60, 20:90] = True
+    corners = roi_corners(mask, 16)
+    assert corners and all(mask[r : r + 16, c : c + 16].all() for r, c in corners)
+    assert (8, 16) not in corners
+
+
+def test_added_noise_nps_has_the_shape_of_native_noise():
+    clean = _water_cylinder(128, 2.0, radius=110.0)
+    native = simulate_slice(clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True,
+                            incident_photons=3e5)  # quantum noise dominates: added variance = 3x native
+    low = simulate_slice(native, PIXEL_MM, 0.25, geometry=SMALL, seed=9, incident_photons=3e5)
+    tissue = estimate_noise(native, PIXEL_MM).mask[0].numpy()
+    corners = [roi_corners(tissue, 16)]
+    added = noise_power_spectrum(low - native, PIXEL_MM, corners, roi_px=16)
+    own = noise_power_spectrum(native, PIXEL_MM, corners, roi_px=16)
+    report = compare_nps(added, own)
+    assert report["shape_correlation"] > 0.9 and report["shape_overlap"] > 0.85, report
+    assert report["added"]["peak_frequency"] == pytest.approx(report["native"]["peak_frequency"], abs=0.04)
+    assert report["variance_ratio"] == pytest.approx(3.0, rel=0.3)
+    white = noise_power_spectrum(np.random.default_rng(0).normal(0, 10, native.shape), PIXEL_MM, corners, roi_px=16)
+    assert compare_nps(white, own)["shape_overlap"] < report["shape_overlap"] - 0.1
+    with pytest.raises(ConfigError, match="rings"):
+        compare_nps(noise_power_spectrum(native, 1.0, corners, roi_px=16), own)
+
+
 # ---------------------------------------------------------------- batched tensor API (the training's GPU path)
 
 
@@ -476,3 +518,26 @@ def test_benchmark_run_reports_seconds_per_mode():
     assert result["device"] == "cpu" and result["size"] == 64
     assert set(result["seconds_per_slice"]) == {"noise_insertion", "full"}
     assert all(s > 0 for s in result["seconds_per_slice"].values())
+
+
+def test_cli_simulate_reports_native_calibration_or_takes_explicit_photons(tmp_path, capsys):
+    from langmamba.cli import main
+    from langmamba.io import read_volume, write_volume
+
+    rng = np.random.default_rng(5)
+    clean = np.stack([_water_cylinder(96, 2.5, radius=100.0) + 40.0] * 2)
+    hu = clean + (clean > -900) * rng.normal(0.0, 8.0, clean.shape).astype(np.float32)
+    source = write_volume(CTVolume(hu=hu, spacing=(2.5, 2.5, 5.0), origin=(0.0, 0.0, 0.0), source="memory"),
+                          tmp_path / "normal.nrrd")
+    out = tmp_path / "low.nrrd"
+    assert main(["simulate", str(source), str(out), "--dose", "0.25", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "native noise" in printed and "variance ratio" in printed and "target 4.00" in printed
+    low = read_volume(out).hu
+    native_sd = estimate_noise(hu, 2.5)
+    low_sd = estimate_noise(low, 2.5, mask=native_sd.mask)
+    assert float(((low_sd.sigma_hu / native_sd.sigma_hu) ** 2).mean()) == pytest.approx(4.0, rel=0.2)
+    assert main(["simulate", str(source), str(tmp_path / "b.nrrd"), "--incident-photons", "1e5",
+                 "--device", "cpu"]) == 0
+    assert main(["simulate", str(source), str(tmp_path / "c.nrrd"), "--incident-photons", "many"]) == 2
+    assert "--incident-photons" in capsys.readouterr().err
