@@ -40,26 +40,29 @@ def run(
 
     volume = read_volume(volume_path or sample_path("lung1", "image"))
     spacing = (volume.spacing[1], volume.spacing[0])
-    calibration = calibrate_volume(volume, nps_dose, seed=seed, device=device)
-    photons = calibration.incident_photons
+    all_doses = sorted(set(doses) | {nps_dose})
+    calibrations = {dose: calibrate_volume(volume, dose, seed=seed, device=device) for dose in all_doses}
     seeds = derive_slice_seeds(seed, volume.hu.shape[0])
+    calibrated = calibrations[nps_dose].slices
     roi_slices = sorted({z for z, _, _ in ROIS.values()}) if volume_path is None else []
-    slices = sorted(set(calibration.slices) | set(roi_slices))
+    slices = sorted(set(calibrated) | set(roi_slices))
     native = np.asarray(volume.hu[slices], dtype=np.float32)
     simulated = {
-        dose: simulate_batch(native, spacing, dose, incident_photons=photons[slices], device=device,
-                             seed=[seeds[z] for z in slices])
-        for dose in sorted(set(doses) | {nps_dose})
+        dose: simulate_batch(native, spacing, dose, incident_photons=calibrations[dose].incident_photons[slices],
+                             device=device, seed=[seeds[z] for z in slices])
+        for dose in all_doses
     }
-    result: dict = {"volume": volume_path or "lung1", "seed": seed, "calibration": calibration.line()}
+    result: dict = {"volume": volume_path or "lung1", "seed": seed,
+                    "calibration": {str(dose): c.line() for dose, c in calibrations.items()}}
 
-    if calibration.slices:
-        at = [slices.index(z) for z in calibration.slices]
+    if calibrated:
+        at = [slices.index(z) for z in calibrated]
         reference = estimate_noise(native[at], spacing)
+        result["native_sigma_hu"] = {str(z): round(float(s), 2) for z, s in zip(calibrated, reference.sigma_hu)}
         result["variance_ratio_in_soft_tissue"] = {
-            str(dose): {"target": round(1.0 / dose, 3), "median": round(float(np.median(_ratios(
+            str(dose): {"target": round(1.0 / dose, 3), "per_slice": [round(float(r), 3) for r in _ratios(
                 estimate_noise(out[at], spacing, mask=reference.mask).sigma_hu.numpy(),
-                reference.sigma_hu.numpy()))), 3)}
+                reference.sigma_hu.numpy())]}
             for dose, out in simulated.items()
         }
         result["nps"] = _nps_report(native[at], simulated[nps_dose][at], spacing, reference.mask.numpy(),

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from langmamba.errors import ConfigError
 from langmamba.simulate._tensor import spacing_pair
 
-# Soft tissue, judged on the 3x3 local mean: muscle, organs, blood, brain; fat and bone are left out
-# because windows mixing them with muscle measure anatomy, not noise.
-SOFT_TISSUE_HU = (-50.0, 150.0)
+# Soft tissue, judged on the 3x3 local mean: water, muscle, organs, blood, brain (Christianson et al. use
+# 0-100 HU); fat, contrast-filled vessels and bone are left out because windows mixing them with muscle
+# measure anatomy, not noise (with -50-150 HU, chest-wall windows outnumbered the flat ones on lung1).
+SOFT_TISSUE_HU = (-20.0, 120.0)
 # Local standard deviations are taken over windows about this wide (mm), at least 5 pixels.
 WINDOW_MM = 7.0
 # Fewer usable window centres than this and a slice's noise is not measured (NaN).
@@ -57,15 +58,17 @@ def local_std(images: torch.Tensor, window_px: int) -> torch.Tensor:
     return ((mean_sq - mean * mean).clamp_min(0.0) * (n / (n - 1))).sqrt().float()[:, 0]
 
 
-def kernel_mode(values: torch.Tensor, bandwidth: float = 0.1, steps: int = 50) -> float:
-    """Mode of a positive 1-D sample by mean shift with a Gaussian kernel ``bandwidth`` × the median wide.
+def kernel_mode(values: torch.Tensor, bandwidth: float = 0.1, steps: int = 100, start_quantile: float = 0.25) -> float:
+    """Lowest main mode of a positive 1-D sample, by mean shift with a Gaussian kernel.
 
-    Starting at the median, the estimate moves to the kernel-weighted mean until it settles. Unlike the
-    peak of a histogram it varies smoothly with the data and scales with them (mode(c·x) = c·mode(x)),
-    which the photon search of :func:`native_incident_photons` relies on.
+    Starting at the ``start_quantile`` quantile, the estimate moves to the kernel-weighted mean (kernel
+    ``bandwidth`` × the start wide) until it settles. Local standard deviations of a scan are bimodal
+    where windows straddle structure; starting low finds the noise mode, not the structure one. Unlike
+    the peak of a histogram it varies smoothly with the data and scales with them
+    (mode(c·x) = c·mode(x)), which the photon search of :func:`native_incident_photons` relies on.
     """
     values = values.double().flatten()
-    mode = float(values.median())
+    mode = float(torch.quantile(values, start_quantile)) if values.numel() < 16_000_000 else float(values.median())
     width = bandwidth * mode
     if not width > 0:
         return mode
@@ -254,8 +257,10 @@ class VolumeCalibration:
     """Photons of every slice of a volume, solved from its native noise.
 
     Attributes:
-        incident_photons: ``(Z,)`` I0 of each slice: ``reference_photons`` × the z modulation.
-        reference_photons: I0 at the volume's mean tube current (NaN: not measurable, default used).
+        incident_photons: ``(Z,)`` I0 of each slice: the z modulation times the photons solved on the
+            calibrated slices (divided by their z modulation), interpolated along ``z``.
+        reference_photons: median solved I0 at the volume's mean tube current (NaN: not measurable,
+            default used).
         slices: the slices calibrated on.
         native_sigma_hu: native noise of those slices (HU).
         variance_ratio: (native² + added²) / native² on those slices at their own solved photons.
@@ -291,9 +296,11 @@ def calibrate_volume(
     """Photons for every slice of ``volume`` so that ``dose`` multiplies its native noise variance by ``1 / dose``.
 
     The native noise is measured on up to 40 slices spread along ``z``; ``n_slices`` of those with
-    measurable soft tissue, spread evenly, are calibrated with :func:`native_incident_photons`. The
-    median of their photons divided by their z modulation is the volume's reference ``I0``, which the
-    z modulation (:class:`~langmamba.simulate.exposure.TubeCurrentModulation`) shares out along ``z``.
+    measurable soft tissue, spread evenly, are calibrated with :func:`native_incident_photons`. Each
+    slice gets the z modulation (:class:`~langmamba.simulate.exposure.TubeCurrentModulation`, from its
+    water-equivalent diameter) times the calibrated photons / z modulation interpolated along ``z``
+    (constant beyond the first and last calibrated slice), so the real scanner's own z modulation is
+    followed where the attenuation rule misses it.
     Without measurable soft tissue anywhere, ``FULL_DOSE_PHOTONS`` is used (and a warning logged).
 
     Args:
@@ -332,11 +339,16 @@ def calibrate_volume(
     calibration = native_incident_photons(
         np.asarray(volume.hu[chosen], dtype=np.float32), spacing, dose, seed=seed, **kwargs
     )
+    # What the attenuation rule misses of the real scanner's z modulation, measured on the calibrated
+    # slices and interpolated (log-linearly) between them.
     solved = calibration.incident_photons.numpy() / factors[chosen]
-    reference = float(np.nanmedian(solved))
+    ok = np.isfinite(solved)
+    if not ok.any():
+        return VolumeCalibration(FULL_DOSE_PHOTONS * factors, math.nan, [], np.zeros(0), np.zeros(0), float(dose))
+    correction = np.exp(np.interp(np.arange(total), chosen[ok], np.log(solved[ok])))
     return VolumeCalibration(
-        incident_photons=reference * factors,
-        reference_photons=reference,
+        incident_photons=correction * factors,
+        reference_photons=float(np.exp(np.median(np.log(solved[ok])))),
         slices=[int(z) for z in chosen],
         native_sigma_hu=calibration.native_sigma_hu.numpy(),
         variance_ratio=calibration.variance_ratio.numpy(),
