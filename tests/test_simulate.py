@@ -10,6 +10,7 @@ import torch
 
 from langmamba.errors import ConfigError
 from langmamba.io.volume import CTVolume
+from langmamba.simulate.calibration import flat_soft_tissue, window_pixels
 from langmamba.simulate.nps import compare_nps, noise_power_spectrum, roi_corners
 from langmamba.simulate import (
     BowtieFilter,
@@ -432,7 +433,7 @@ def test_added_noise_nps_has_the_shape_of_native_noise():
     native = simulate_slice(clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True,
                             incident_photons=3e5)  # quantum noise dominates: added variance = 3x native
     low = simulate_slice(native, PIXEL_MM, 0.25, geometry=SMALL, seed=9, incident_photons=3e5)
-    tissue = estimate_noise(native, PIXEL_MM).mask[0].numpy()
+    tissue = flat_soft_tissue(torch.from_numpy(native)[None], window_pixels(PIXEL_MM))[0].numpy()
     corners = [roi_corners(tissue, 16)]
     added = noise_power_spectrum(low - native, PIXEL_MM, corners, roi_px=16)
     own = noise_power_spectrum(native, PIXEL_MM, corners, roi_px=16)

@@ -36,7 +36,10 @@ def run(
     """The noise report of ``volume_path`` (default: the lung1 sample) as a JSON-ready dict."""
     from langmamba.io import read_volume
     from langmamba.sample_data import sample_path
+    import torch
+
     from langmamba.simulate import calibrate_volume, derive_slice_seeds, estimate_noise, simulate_batch
+    from langmamba.simulate.calibration import flat_soft_tissue, window_pixels
 
     volume = read_volume(volume_path or sample_path("lung1", "image"))
     spacing = (volume.spacing[1], volume.spacing[0])
@@ -65,8 +68,8 @@ def run(
                 reference.sigma_hu.numpy())]}
             for dose, out in simulated.items()
         }
-        result["nps"] = _nps_report(native[at], simulated[nps_dose][at], spacing, reference.mask.numpy(),
-                                    nps_dose, nps_figure)
+        tissue = flat_soft_tissue(torch.from_numpy(native[at]), window_pixels(spacing)).numpy()
+        result["nps"] = _nps_report(native[at], simulated[nps_dose][at], spacing, tissue, nps_dose, nps_figure)
     if roi_slices:
         result["roi_radius_px"] = RADIUS_PX
         result["table"] = _roi_table(native, simulated, slices, doses)
@@ -102,7 +105,7 @@ def _nps_report(
     """NPS of the added noise (simulated - native) against the native noise, in the same soft-tissue ROIs."""
     from langmamba.simulate.nps import compare_nps, noise_power_spectrum, roi_corners
 
-    # ROIs wholly inside the window centres of the noise estimator: flat soft tissue only.
+    # ROIs wholly inside soft tissue (-20..120 HU, eroded by the noise window), on every calibrated slice.
     corners = [roi_corners(m, NPS_ROI_PX) for m in tissue]
     if not any(corners):
         return {"error": f"no {NPS_ROI_PX}x{NPS_ROI_PX}-pixel ROI lies wholly in flat soft tissue"}

@@ -5,9 +5,10 @@ the scan already has, whatever the patient's size and whatever tube current the 
 The scanner's incident photons are unknown, so they are solved for: the noise the simulation adds,
 measured in the same flat soft tissue as the native noise, must be ``σ_native² · (1 / d - 1)``.
 
-Noise is measured as the global noise level of Christianson et al. ("Automated technique to measure
+Noise is measured after the global noise level of Christianson et al. ("Automated technique to measure
 noise in clinical CT examinations", AJR 204(6), 2015): the mode of the distribution of local standard
-deviations over soft tissue, which ignores edges and structure without any hand-placed ROI.
+deviations over soft tissue picks out the flat, noise-only windows without any hand-placed ROI, and
+both the native and the added noise are measured over those same windows.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ SOFT_TISSUE_HU = (-20.0, 120.0)
 WINDOW_MM = 7.0
 # Fewer usable window centres than this and a slice's noise is not measured (NaN).
 MIN_PIXELS = 300
+# Windows whose local SD lies within this factor range of the mode are taken as noise only (flat).
+FLAT_BAND = (0.7, 1.4)
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,9 @@ class NoiseEstimate:
     """Noise of each slice of a stack.
 
     Attributes:
-        sigma_hu: ``(N,)`` global noise level (HU); NaN where the slice has too little flat soft tissue.
-        mask: ``(N, H, W)`` bool, the window centres it was measured over.
+        sigma_hu: ``(N,)`` noise level (HU): root mean local variance over ``mask``; NaN where the slice has
+            too little flat soft tissue.
+        mask: ``(N, H, W)`` bool, the window centres it was measured over (the noise-dominated windows).
         window_px: the local window side, pixels.
     """
 
@@ -104,13 +108,20 @@ def estimate_noise(
     window_mm: float = WINDOW_MM,
     soft_tissue_hu: tuple[float, float] = SOFT_TISSUE_HU,
 ) -> NoiseEstimate:
-    """Global noise level of each slice: mode of the local standard deviation over flat soft tissue.
+    """Noise level of each slice, measured where the image holds noise only.
+
+    Without ``mask``: the mode of the local standard deviation over soft tissue (Christianson et al.)
+    locates the noise level; the windows whose local SD lies within ``FLAT_BAND`` of it are the flat,
+    noise-only windows, and the noise is the root mean local variance over them. With ``mask`` (for
+    instance the flat windows of the native image, to measure added noise or a simulated image in the
+    same place): the root mean local variance over exactly those windows. Unlike a mode, this average is
+    additive (native + independent added noise) and varies smoothly with the noise level, which the
+    photon search of :func:`native_incident_photons` needs.
 
     Args:
         hu: ``(H, W)`` or ``(N, H, W)`` HU.
         pixel_spacing_mm: a number or ``(row, column)`` in mm.
-        mask: ``(N, H, W)`` bool window centres to use (e.g. those of another image, so that two images
-            are measured in the same place); by default the flat soft tissue of ``hu`` itself.
+        mask: ``(N, H, W)`` bool window centres to measure over; by default found on ``hu`` itself.
         window_mm: local window width, mm.
         soft_tissue_hu: HU range counted as soft tissue.
 
@@ -123,16 +134,23 @@ def estimate_noise(
     if images.ndim != 3:
         raise ConfigError(f"hu must be (H, W) or (N, H, W), got shape {tuple(images.shape)}")
     side = window_pixels(pixel_spacing_mm, window_mm)
+    sd = local_std(images, side)
     if mask is None:
-        mask = flat_soft_tissue(images, side, soft_tissue_hu)
+        tissue = flat_soft_tissue(images, side, soft_tissue_hu)
+        mask = torch.zeros_like(tissue)
+        for i in range(images.shape[0]):
+            values = sd[i][tissue[i]]
+            if values.numel() >= MIN_PIXELS:
+                mode = kernel_mode(values)
+                mask[i] = tissue[i] & (sd[i] >= FLAT_BAND[0] * mode) & (sd[i] <= FLAT_BAND[1] * mode)
     elif tuple(mask.shape) != tuple(images.shape):
         raise ConfigError(f"mask must have the image's shape {tuple(images.shape)}, got {tuple(mask.shape)}")
-    sd = local_std(images, side)
+    mask = mask.to(sd.device)
     sigma = torch.full((images.shape[0],), math.nan, dtype=torch.float64)
     for i in range(images.shape[0]):
         values = sd[i][mask[i]]
         if values.numel() >= MIN_PIXELS:
-            sigma[i] = kernel_mode(values)
+            sigma[i] = float(values.double().pow(2).mean().sqrt())
     return NoiseEstimate(sigma_hu=sigma, mask=mask, window_px=side)
 
 
@@ -162,6 +180,7 @@ def native_incident_photons(
     *,
     iterations: int = 6,
     tolerance: float = 0.03,
+    draws: int = 2,
     start_photons: float | None = None,
     seed: int = 0,
     window_mm: float = WINDOW_MM,
@@ -173,7 +192,8 @@ def native_incident_photons(
     correction bend that, so the photons are searched by the secant method on log variance against
     log photons (first step: slope -1) until the measured added variance is within ``tolerance`` of
     ``σ_native² (1 / d - 1)`` (or ``iterations`` runs).
-    Each iteration is one noise simulation with a fixed ``seed``.
+    Each iteration simulates ``draws`` noise realisations per slice with fixed seeds (one draw varies by
+    several per cent in variance: the noise of a slice comes from a few hundred views).
 
     Args:
         hu: ``(N, H, W)`` (or ``(H, W)``) full-dose HU.
@@ -181,6 +201,7 @@ def native_incident_photons(
         dose: fraction(s) in (0, 1) to calibrate for.
         iterations: most noise simulations.
         tolerance: relative error on the added variance that ends the search.
+        draws: noise realisations averaged per measurement.
         start_photons: first guess (default ``FULL_DOSE_PHOTONS``).
         seed: seed of the noise draws used for measuring.
         window_mm: local window of the noise estimator.
@@ -190,13 +211,21 @@ def native_incident_photons(
     Returns:
         :class:`Calibration` (CPU tensors). Slices without measurable soft tissue get NaN photons.
     """
-    from langmamba.simulate.simulator import FULL_DOSE_PHOTONS, _per_slice, _spacings, simulate_batch
+    from langmamba.simulate.simulator import (
+        FULL_DOSE_PHOTONS,
+        _per_slice,
+        _spacings,
+        derive_slice_seeds,
+        simulate_batch,
+    )
 
     for key in ("incident_photons", "seed", "input_is_noise_free", "reconstruction"):
         if key in simulate_kwargs:
             raise ConfigError(f"native_incident_photons sets {key} itself; do not pass it")
     if not (isinstance(iterations, int) and iterations >= 1):
         raise ConfigError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if not (isinstance(draws, int) and draws >= 1):
+        raise ConfigError(f"draws must be an integer >= 1, got {draws!r}")
     images = torch.as_tensor(np.asarray(hu, dtype=np.float32)) if not isinstance(hu, torch.Tensor) else hu.float()
     if images.ndim == 2:
         images = images[None]
@@ -212,19 +241,27 @@ def native_incident_photons(
     added = torch.zeros(n, dtype=torch.float64)
     active = torch.isfinite(sigma_native) & (wanted > 0)
     previous: list[tuple[float, float] | None] = [None] * n
+    draw_seeds = derive_slice_seeds(seed, n * draws)
     spacing_arg = pixel_spacing_mm if isinstance(pixel_spacing_mm, torch.Tensor) else spacings[0]
     for iteration in range(iterations):
         todo = torch.nonzero(active).flatten()
         if todo.numel() == 0:
             break
         index = todo.tolist()
-        group_spacing = spacing_arg[todo] if isinstance(spacing_arg, torch.Tensor) else spacing_arg
+        group = todo.repeat(draws)  # every slice `draws` times, each draw with its own fixed seed
+        group_spacing = spacing_arg[group] if isinstance(spacing_arg, torch.Tensor) else spacing_arg
         noise = simulate_batch(
-            images[todo], group_spacing, doses[todo], incident_photons=photons[todo], seed=seed, **simulate_kwargs
-        ) - images[todo].to(_device_of(simulate_kwargs, images))
+            images[group], group_spacing, doses[group], incident_photons=photons[group],
+            seed=[draw_seeds[d * n + i] for d in range(draws) for i in index], **simulate_kwargs
+        ) - images[group].to(_device_of(simulate_kwargs, images))
         for k, i in enumerate(index):
-            measured = estimate_noise(noise[k : k + 1], spacings[i], mask=native[i].mask.to(noise.device),
-                                      window_mm=window_mm).sigma_hu[0]
+            mask = native[i].mask.to(noise.device)
+            variances = [
+                estimate_noise(noise[d * len(index) + k][None], spacings[i], mask=mask, window_mm=window_mm).sigma_hu[0]
+                ** 2
+                for d in range(draws)
+            ]
+            measured = math.sqrt(sum(variances) / draws)
             added[i] = measured
             ratio = float(measured**2 / wanted[i])
             if abs(ratio - 1.0) <= tolerance or not math.isfinite(ratio) or ratio <= 0:
