@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from langmamba.bench.noise import phantom_run, wide_body_phantom
 from langmamba.errors import ConfigError
 from langmamba.io.volume import CTVolume
 from langmamba.simulate.calibration import flat_soft_tissue, window_pixels
@@ -278,15 +279,8 @@ WIDE_MM = 500.0 / 128  # 128 pixels across the 50 cm field of view
 
 
 def _wide_body(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """An abdomen 35 x 25 cm with a spine and both arms at the sides (49 cm across), HU; and its soft interior."""
-    y, x = _grid(size, 500.0 / size)
-    hu = np.full(x.shape, -1000.0, dtype=np.float32)
-    hu[(x / 175.0) ** 2 + (y / 125.0) ** 2 <= 1.0] = 40.0
-    hu[np.hypot(x, y + 70.0) <= 18.0] = 800.0
-    for side in (-1.0, 1.0):
-        hu[((x - side * 212.0) / 35.0) ** 2 + (y / 45.0) ** 2 <= 1.0] = 40.0
-        hu[np.hypot(x - side * 212.0, y) <= 12.0] = 900.0
-    interior = ((x / 150.0) ** 2 + (y / 100.0) ** 2 <= 1.0) & (np.hypot(x, y + 70.0) > 30.0)
+    """The issue-15 phantom: a 49 cm abdomen with spine and arms (HU), and its soft interior."""
+    hu, interior, _ = wide_body_phantom(size)
     return hu, interior
 
 
@@ -360,6 +354,15 @@ def test_wide_body_quarter_dose_adds_the_noise_the_dose_implies():
     raw = simulate_slice(native, WIDE_MM, 0.25, geometry=SMALL, seed=5, bowtie=None, modulation=None,
                          low_signal=None)
     assert (raw - native)[interior].std() > 3.0 * implied
+
+
+def test_phantom_bench_reports_native_aware_noise_within_the_dose_bound():
+    result = phantom_run(0.25, size=96, device="cpu")
+    runs = result["runs"]
+    native_aware = next(v for k, v in runs.items() if k.startswith("native-aware photons"))
+    assert result["implied_added_sigma_hu"] / 1.5 < native_aware["added_sigma_hu"] < 1.5 * result["implied_added_sigma_hu"]
+    assert native_aware["variance_ratio"] == pytest.approx(4.0, rel=0.25)
+    assert runs["native-aware, no bowtie/modulation/low-signal"]["added_sigma_hu"] > native_aware["added_sigma_hu"]
 
 
 @pytest.mark.parametrize("dose", [0.5, 0.1])
