@@ -92,7 +92,9 @@ def window_pixels(pixel_spacing_mm: float | Sequence[float], window_mm: float = 
     return side if side % 2 else side + 1
 
 
-def flat_soft_tissue(hu: torch.Tensor, window_px: int, soft_tissue_hu: tuple[float, float] = SOFT_TISSUE_HU) -> torch.Tensor:
+def flat_soft_tissue(
+    hu: torch.Tensor, window_px: int, soft_tissue_hu: tuple[float, float] = SOFT_TISSUE_HU
+) -> torch.Tensor:
     """Pixels whose whole local window is soft tissue, ``(N, H, W)`` HU → bool ``(N, H, W)``."""
     local_mean = F.avg_pool2d(hu.float()[:, None], 3, stride=1, padding=1, count_include_pad=False)
     soft = ((local_mean >= soft_tissue_hu[0]) & (local_mean <= soft_tissue_hu[1])).float()

@@ -58,7 +58,7 @@ class NoisePowerSpectrum:
 
 
 def roi_corners(mask: np.ndarray, roi_px: int, stride: int | None = None) -> list[tuple[int, int]]:
-    """Top-left corners ``(row, col)`` of ``roi_px``² squares on a grid of ``stride`` that lie wholly in ``mask`` (H, W)."""
+    """Top-left corners ``(row, col)`` of ``roi_px``² squares on a ``stride`` grid wholly inside ``mask`` (H, W)."""
     stride = stride or max(1, roi_px // 2)
     height, width = mask.shape
     inside = np.cumsum(np.cumsum(np.pad(mask.astype(np.int64), ((1, 0), (1, 0))), 0), 1)

@@ -470,8 +470,9 @@ def simulate_volume(
         batch_size: slices simulated together (memory grows linearly with it).
         incident_photons: ``"native"`` (default): solved from the volume's own noise so that ``dose``
             multiplies its noise variance by ``1 / dose``
-            (:func:`~langmamba.simulate.calibration.calibrate_volume`); a number: ``I0`` at the volume's mean tube current, shared out along
-            ``z`` by ``modulation``; ``Z`` numbers: ``I0`` of each slice, used as given.
+            (:func:`~langmamba.simulate.calibration.calibrate_volume`); a number: ``I0`` at the volume's
+            mean tube current, shared out along ``z`` by ``modulation``; ``Z`` numbers: ``I0`` of each
+            slice, used as given.
         modulation: tube-current modulation (angular and along ``z``); ``None``: constant current.
         **kwargs: any other keyword of :func:`simulate_slice` (geometry, bowtie, low_signal,
             reconstruction, device, ...).
@@ -518,7 +519,9 @@ def slice_photons(
     n_slices = volume.hu.shape[0]
     if isinstance(incident_photons, str):
         if incident_photons != "native":
-            raise ConfigError(f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}")
+            raise ConfigError(
+                f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}"
+            )
         from langmamba.simulate.calibration import calibrate_volume
 
         calibration = calibrate_volume(volume, dose, modulation=modulation, seed=seed, **kwargs)
