@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from langmamba.bench.noise import phantom_run, wide_body_phantom
 from langmamba.errors import ConfigError
 from langmamba.io.volume import CTVolume
+from langmamba.simulate.calibration import flat_soft_tissue, window_pixels
+from langmamba.simulate.nps import compare_nps, noise_power_spectrum, roi_corners
 from langmamba.simulate import (
     BowtieFilter,
     FanBeamGeometry,
@@ -276,15 +279,8 @@ WIDE_MM = 500.0 / 128  # 128 pixels across the 50 cm field of view
 
 
 def _wide_body(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """An abdomen 35 x 25 cm with a spine and both arms at the sides (49 cm across), HU; and its soft interior."""
-    y, x = _grid(size, 500.0 / size)
-    hu = np.full(x.shape, -1000.0, dtype=np.float32)
-    hu[(x / 175.0) ** 2 + (y / 125.0) ** 2 <= 1.0] = 40.0
-    hu[np.hypot(x, y + 70.0) <= 18.0] = 800.0
-    for side in (-1.0, 1.0):
-        hu[((x - side * 212.0) / 35.0) ** 2 + (y / 45.0) ** 2 <= 1.0] = 40.0
-        hu[np.hypot(x - side * 212.0, y) <= 12.0] = 900.0
-    interior = ((x / 150.0) ** 2 + (y / 100.0) ** 2 <= 1.0) & (np.hypot(x, y + 70.0) > 30.0)
+    """The issue-15 phantom: a 49 cm abdomen with spine and arms (HU), and its soft interior."""
+    hu, interior, _ = wide_body_phantom(size)
     return hu, interior
 
 
@@ -360,6 +356,16 @@ def test_wide_body_quarter_dose_adds_the_noise_the_dose_implies():
     assert (raw - native)[interior].std() > 3.0 * implied
 
 
+def test_phantom_bench_reports_native_aware_noise_within_the_dose_bound():
+    result = phantom_run(0.25, size=96, device="cpu")
+    runs = result["runs"]
+    native_aware = next(v for k, v in runs.items() if k.startswith("native-aware photons"))
+    implied = result["implied_added_sigma_hu"]
+    assert implied / 1.5 < native_aware["added_sigma_hu"] < 1.5 * implied
+    assert native_aware["variance_ratio"] == pytest.approx(4.0, rel=0.25)
+    assert runs["native-aware, no bowtie/modulation/low-signal"]["added_sigma_hu"] > native_aware["added_sigma_hu"]
+
+
 @pytest.mark.parametrize("dose", [0.5, 0.1])
 def test_native_noise_aware_dose_gives_variance_over_dose(dose):
     """Dose d multiplies the scan's own noise variance by 1 / d over the soft tissue it was measured in."""
@@ -392,12 +398,57 @@ def test_calibrate_volume_spreads_photons_along_z():
     noisy = clean + (clean > -900) * rng.normal(0, 10.0, clean.shape).astype(np.float32)
     volume = CTVolume(hu=noisy, spacing=(2.5, 2.5, 3.0), origin=(0.0, 0.0, 0.0), source="memory")
     calibration = calibrate_volume(volume, 0.25, n_slices=2, geometry=SMALL)
-    assert len(calibration.slices) == 2 and np.isfinite(calibration.reference_photons)
+    assert calibration.slices == [0, 2] and np.isfinite(calibration.reference_photons)
     factors = z_modulation(volume, TubeCurrentModulation())
-    np.testing.assert_allclose(calibration.incident_photons, calibration.reference_photons * factors)
+    assert factors[0] < factors[1] < factors[2]  # the wider slices get more current
+    # Between calibrated slices, the measured photons / z modulation are interpolated log-linearly.
+    correction = np.log(calibration.incident_photons / factors)
+    assert correction[1] == pytest.approx(0.5 * (correction[0] + correction[2]), abs=1e-9)
+    assert np.median(calibration.variance_ratio) == pytest.approx(4.0, rel=0.1)
     assert "variance ratio" in calibration.line()
     with pytest.raises(ConfigError, match="noise-free"):
         calibrate_volume(volume, 0.25, input_is_noise_free=True)
+
+
+# ---------------------------------------------------------------- noise power spectrum
+
+
+def test_nps_of_white_noise_is_flat_at_sigma_squared_times_pixel_area():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0.0, 10.0, (4, 128, 128))
+    nps = noise_power_spectrum(noise, 0.8, roi_px=32, detrend_order=0)
+    assert nps.n_rois == 4 * 16
+    assert nps.variance == pytest.approx(100.0, rel=0.03)
+    assert nps.frequency[-1] == pytest.approx(0.5 / 0.8, rel=0.05)
+    ring = nps.nps[2:]  # the lowest rings hold a few bins only
+    assert np.all(np.abs(ring / (100.0 * 0.8 * 0.8) - 1.0) < 0.15), ring / 64.0
+
+
+def test_nps_roi_corners_stay_inside_the_mask():
+    mask = np.zeros((100, 100), dtype=bool)
+    mask[10:60, 20:90] = True
+    corners = roi_corners(mask, 16)
+    assert corners and all(mask[r : r + 16, c : c + 16].all() for r, c in corners)
+    assert (8, 16) not in corners
+
+
+def test_added_noise_nps_has_the_shape_of_native_noise():
+    clean = _water_cylinder(128, 2.0, radius=110.0)
+    native = simulate_slice(clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True,
+                            incident_photons=3e5)  # quantum noise dominates: added variance = 3x native
+    low = simulate_slice(native, PIXEL_MM, 0.25, geometry=SMALL, seed=9, incident_photons=3e5)
+    tissue = flat_soft_tissue(torch.from_numpy(native)[None], window_pixels(PIXEL_MM))[0].numpy()
+    corners = [roi_corners(tissue, 16)]
+    added = noise_power_spectrum(low - native, PIXEL_MM, corners, roi_px=16)
+    own = noise_power_spectrum(native, PIXEL_MM, corners, roi_px=16)
+    report = compare_nps(added, own)
+    assert report["shape_correlation"] > 0.9 and report["shape_overlap"] > 0.85, report
+    assert report["added"]["peak_frequency"] == pytest.approx(report["native"]["peak_frequency"], abs=0.04)
+    assert report["variance_ratio"] == pytest.approx(3.0, rel=0.3)
+    white = noise_power_spectrum(np.random.default_rng(0).normal(0, 10, native.shape), PIXEL_MM, corners, roi_px=16)
+    assert compare_nps(white, own)["shape_overlap"] < report["shape_overlap"] - 0.1
+    with pytest.raises(ConfigError, match="rings"):
+        compare_nps(noise_power_spectrum(native, 1.0, corners, roi_px=16), own)
 
 
 # ---------------------------------------------------------------- batched tensor API (the training's GPU path)
@@ -476,3 +527,26 @@ def test_benchmark_run_reports_seconds_per_mode():
     assert result["device"] == "cpu" and result["size"] == 64
     assert set(result["seconds_per_slice"]) == {"noise_insertion", "full"}
     assert all(s > 0 for s in result["seconds_per_slice"].values())
+
+
+def test_cli_simulate_reports_native_calibration_or_takes_explicit_photons(tmp_path, capsys):
+    from langmamba.cli import main
+    from langmamba.io import read_volume, write_volume
+
+    rng = np.random.default_rng(5)
+    clean = np.stack([_water_cylinder(96, 2.5, radius=100.0) + 40.0] * 2)
+    hu = clean + (clean > -900) * rng.normal(0.0, 8.0, clean.shape).astype(np.float32)
+    source = write_volume(CTVolume(hu=hu, spacing=(2.5, 2.5, 5.0), origin=(0.0, 0.0, 0.0), source="memory"),
+                          tmp_path / "normal.nrrd")
+    out = tmp_path / "low.nrrd"
+    assert main(["simulate", str(source), str(out), "--dose", "0.25", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "native noise" in printed and "variance ratio" in printed and "target 4.00" in printed
+    low = read_volume(out).hu
+    native_sd = estimate_noise(hu, 2.5)
+    low_sd = estimate_noise(low, 2.5, mask=native_sd.mask)
+    assert float(((low_sd.sigma_hu / native_sd.sigma_hu) ** 2).mean()) == pytest.approx(4.0, rel=0.2)
+    assert main(["simulate", str(source), str(tmp_path / "b.nrrd"), "--incident-photons", "1e5",
+                 "--device", "cpu"]) == 0
+    assert main(["simulate", str(source), str(tmp_path / "c.nrrd"), "--incident-photons", "many"]) == 2
+    assert "--incident-photons" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, wat
 from langmamba.simulate.fbp import WINDOWS, fbp_parallel, ramp_filter
 from langmamba.simulate.geometry import FanBeamGeometry
 from langmamba.simulate.noise import LowSignalFilter, added_count_variance, low_dose_counts, projection_noise
+from langmamba.simulate.nps import NoisePowerSpectrum, compare_nps, noise_power_spectrum
 from langmamba.simulate.projector import fan_beam_project
 from langmamba.simulate.rebin import rebin_fan_to_parallel
 from langmamba.simulate.simulator import (
@@ -52,11 +53,14 @@ __all__ = [
     "Calibration",
     "LowSignalFilter",
     "NoiseEstimate",
+    "NoisePowerSpectrum",
     "TubeCurrentModulation",
     "VolumeCalibration",
     "calibrate_volume",
+    "compare_nps",
     "estimate_noise",
     "native_incident_photons",
+    "noise_power_spectrum",
     "slice_photons",
     "water_equivalent_diameter",
     "z_modulation",

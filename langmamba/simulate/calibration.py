@@ -5,9 +5,10 @@ the scan already has, whatever the patient's size and whatever tube current the 
 The scanner's incident photons are unknown, so they are solved for: the noise the simulation adds,
 measured in the same flat soft tissue as the native noise, must be ``σ_native² · (1 / d - 1)``.
 
-Noise is measured as the global noise level of Christianson et al. ("Automated technique to measure
+Noise is measured after the global noise level of Christianson et al. ("Automated technique to measure
 noise in clinical CT examinations", AJR 204(6), 2015): the mode of the distribution of local standard
-deviations over soft tissue, which ignores edges and structure without any hand-placed ROI.
+deviations over soft tissue picks out the flat, noise-only windows without any hand-placed ROI, and
+both the native and the added noise are measured over those same windows.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import torch.nn.functional as F
 from langmamba.errors import ConfigError
 from langmamba.simulate._tensor import spacing_pair
 
-# Soft tissue, judged on the 3x3 local mean: muscle, organs, blood, brain; fat and bone are left out
-# because windows mixing them with muscle measure anatomy, not noise.
-SOFT_TISSUE_HU = (-50.0, 150.0)
+# Soft tissue, judged on the 3x3 local mean: water, muscle, organs, blood, brain (Christianson et al. use
+# 0-100 HU); fat, contrast-filled vessels and bone are left out because windows mixing them with muscle
+# measure anatomy, not noise (with -50-150 HU, chest-wall windows outnumbered the flat ones on lung1).
+SOFT_TISSUE_HU = (-20.0, 120.0)
 # Local standard deviations are taken over windows about this wide (mm), at least 5 pixels.
 WINDOW_MM = 7.0
 # Fewer usable window centres than this and a slice's noise is not measured (NaN).
 MIN_PIXELS = 300
+# Windows whose local SD lies within this factor range of the mode are taken as noise only (flat).
+FLAT_BAND = (0.7, 1.4)
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,9 @@ class NoiseEstimate:
     """Noise of each slice of a stack.
 
     Attributes:
-        sigma_hu: ``(N,)`` global noise level (HU); NaN where the slice has too little flat soft tissue.
-        mask: ``(N, H, W)`` bool, the window centres it was measured over.
+        sigma_hu: ``(N,)`` noise level (HU): root mean local variance over ``mask``; NaN where the slice has
+            too little flat soft tissue.
+        mask: ``(N, H, W)`` bool, the window centres it was measured over (the noise-dominated windows).
         window_px: the local window side, pixels.
     """
 
@@ -57,15 +62,17 @@ def local_std(images: torch.Tensor, window_px: int) -> torch.Tensor:
     return ((mean_sq - mean * mean).clamp_min(0.0) * (n / (n - 1))).sqrt().float()[:, 0]
 
 
-def kernel_mode(values: torch.Tensor, bandwidth: float = 0.1, steps: int = 50) -> float:
-    """Mode of a positive 1-D sample by mean shift with a Gaussian kernel ``bandwidth`` × the median wide.
+def kernel_mode(values: torch.Tensor, bandwidth: float = 0.1, steps: int = 100, start_quantile: float = 0.25) -> float:
+    """Lowest main mode of a positive 1-D sample, by mean shift with a Gaussian kernel.
 
-    Starting at the median, the estimate moves to the kernel-weighted mean until it settles. Unlike the
-    peak of a histogram it varies smoothly with the data and scales with them (mode(c·x) = c·mode(x)),
-    which the photon search of :func:`native_incident_photons` relies on.
+    Starting at the ``start_quantile`` quantile, the estimate moves to the kernel-weighted mean (kernel
+    ``bandwidth`` × the start wide) until it settles. Local standard deviations of a scan are bimodal
+    where windows straddle structure; starting low finds the noise mode, not the structure one. Unlike
+    the peak of a histogram it varies smoothly with the data and scales with them
+    (mode(c·x) = c·mode(x)), which the photon search of :func:`native_incident_photons` relies on.
     """
     values = values.double().flatten()
-    mode = float(values.median())
+    mode = float(torch.quantile(values, start_quantile)) if values.numel() < 16_000_000 else float(values.median())
     width = bandwidth * mode
     if not width > 0:
         return mode
@@ -85,7 +92,9 @@ def window_pixels(pixel_spacing_mm: float | Sequence[float], window_mm: float = 
     return side if side % 2 else side + 1
 
 
-def flat_soft_tissue(hu: torch.Tensor, window_px: int, soft_tissue_hu: tuple[float, float] = SOFT_TISSUE_HU) -> torch.Tensor:
+def flat_soft_tissue(
+    hu: torch.Tensor, window_px: int, soft_tissue_hu: tuple[float, float] = SOFT_TISSUE_HU
+) -> torch.Tensor:
     """Pixels whose whole local window is soft tissue, ``(N, H, W)`` HU → bool ``(N, H, W)``."""
     local_mean = F.avg_pool2d(hu.float()[:, None], 3, stride=1, padding=1, count_include_pad=False)
     soft = ((local_mean >= soft_tissue_hu[0]) & (local_mean <= soft_tissue_hu[1])).float()
@@ -101,13 +110,20 @@ def estimate_noise(
     window_mm: float = WINDOW_MM,
     soft_tissue_hu: tuple[float, float] = SOFT_TISSUE_HU,
 ) -> NoiseEstimate:
-    """Global noise level of each slice: mode of the local standard deviation over flat soft tissue.
+    """Noise level of each slice, measured where the image holds noise only.
+
+    Without ``mask``: the mode of the local standard deviation over soft tissue (Christianson et al.)
+    locates the noise level; the windows whose local SD lies within ``FLAT_BAND`` of it are the flat,
+    noise-only windows, and the noise is the root mean local variance over them. With ``mask`` (for
+    instance the flat windows of the native image, to measure added noise or a simulated image in the
+    same place): the root mean local variance over exactly those windows. Unlike a mode, this average is
+    additive (native + independent added noise) and varies smoothly with the noise level, which the
+    photon search of :func:`native_incident_photons` needs.
 
     Args:
         hu: ``(H, W)`` or ``(N, H, W)`` HU.
         pixel_spacing_mm: a number or ``(row, column)`` in mm.
-        mask: ``(N, H, W)`` bool window centres to use (e.g. those of another image, so that two images
-            are measured in the same place); by default the flat soft tissue of ``hu`` itself.
+        mask: ``(N, H, W)`` bool window centres to measure over; by default found on ``hu`` itself.
         window_mm: local window width, mm.
         soft_tissue_hu: HU range counted as soft tissue.
 
@@ -120,16 +136,23 @@ def estimate_noise(
     if images.ndim != 3:
         raise ConfigError(f"hu must be (H, W) or (N, H, W), got shape {tuple(images.shape)}")
     side = window_pixels(pixel_spacing_mm, window_mm)
+    sd = local_std(images, side)
     if mask is None:
-        mask = flat_soft_tissue(images, side, soft_tissue_hu)
+        tissue = flat_soft_tissue(images, side, soft_tissue_hu)
+        mask = torch.zeros_like(tissue)
+        for i in range(images.shape[0]):
+            values = sd[i][tissue[i]]
+            if values.numel() >= MIN_PIXELS:
+                mode = kernel_mode(values)
+                mask[i] = tissue[i] & (sd[i] >= FLAT_BAND[0] * mode) & (sd[i] <= FLAT_BAND[1] * mode)
     elif tuple(mask.shape) != tuple(images.shape):
         raise ConfigError(f"mask must have the image's shape {tuple(images.shape)}, got {tuple(mask.shape)}")
-    sd = local_std(images, side)
+    mask = mask.to(sd.device)
     sigma = torch.full((images.shape[0],), math.nan, dtype=torch.float64)
     for i in range(images.shape[0]):
         values = sd[i][mask[i]]
         if values.numel() >= MIN_PIXELS:
-            sigma[i] = kernel_mode(values)
+            sigma[i] = float(values.double().pow(2).mean().sqrt())
     return NoiseEstimate(sigma_hu=sigma, mask=mask, window_px=side)
 
 
@@ -159,6 +182,7 @@ def native_incident_photons(
     *,
     iterations: int = 6,
     tolerance: float = 0.03,
+    draws: int = 2,
     start_photons: float | None = None,
     seed: int = 0,
     window_mm: float = WINDOW_MM,
@@ -170,7 +194,8 @@ def native_incident_photons(
     correction bend that, so the photons are searched by the secant method on log variance against
     log photons (first step: slope -1) until the measured added variance is within ``tolerance`` of
     ``σ_native² (1 / d - 1)`` (or ``iterations`` runs).
-    Each iteration is one noise simulation with a fixed ``seed``.
+    Each iteration simulates ``draws`` noise realisations per slice with fixed seeds (one draw varies by
+    several per cent in variance: the noise of a slice comes from a few hundred views).
 
     Args:
         hu: ``(N, H, W)`` (or ``(H, W)``) full-dose HU.
@@ -178,6 +203,7 @@ def native_incident_photons(
         dose: fraction(s) in (0, 1) to calibrate for.
         iterations: most noise simulations.
         tolerance: relative error on the added variance that ends the search.
+        draws: noise realisations averaged per measurement.
         start_photons: first guess (default ``FULL_DOSE_PHOTONS``).
         seed: seed of the noise draws used for measuring.
         window_mm: local window of the noise estimator.
@@ -187,13 +213,21 @@ def native_incident_photons(
     Returns:
         :class:`Calibration` (CPU tensors). Slices without measurable soft tissue get NaN photons.
     """
-    from langmamba.simulate.simulator import FULL_DOSE_PHOTONS, _per_slice, _spacings, simulate_batch
+    from langmamba.simulate.simulator import (
+        FULL_DOSE_PHOTONS,
+        _per_slice,
+        _spacings,
+        derive_slice_seeds,
+        simulate_batch,
+    )
 
     for key in ("incident_photons", "seed", "input_is_noise_free", "reconstruction"):
         if key in simulate_kwargs:
             raise ConfigError(f"native_incident_photons sets {key} itself; do not pass it")
     if not (isinstance(iterations, int) and iterations >= 1):
         raise ConfigError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if not (isinstance(draws, int) and draws >= 1):
+        raise ConfigError(f"draws must be an integer >= 1, got {draws!r}")
     images = torch.as_tensor(np.asarray(hu, dtype=np.float32)) if not isinstance(hu, torch.Tensor) else hu.float()
     if images.ndim == 2:
         images = images[None]
@@ -209,19 +243,27 @@ def native_incident_photons(
     added = torch.zeros(n, dtype=torch.float64)
     active = torch.isfinite(sigma_native) & (wanted > 0)
     previous: list[tuple[float, float] | None] = [None] * n
+    draw_seeds = derive_slice_seeds(seed, n * draws)
     spacing_arg = pixel_spacing_mm if isinstance(pixel_spacing_mm, torch.Tensor) else spacings[0]
     for iteration in range(iterations):
         todo = torch.nonzero(active).flatten()
         if todo.numel() == 0:
             break
         index = todo.tolist()
-        group_spacing = spacing_arg[todo] if isinstance(spacing_arg, torch.Tensor) else spacing_arg
+        group = todo.repeat(draws)  # every slice `draws` times, each draw with its own fixed seed
+        group_spacing = spacing_arg[group] if isinstance(spacing_arg, torch.Tensor) else spacing_arg
         noise = simulate_batch(
-            images[todo], group_spacing, doses[todo], incident_photons=photons[todo], seed=seed, **simulate_kwargs
-        ) - images[todo].to(_device_of(simulate_kwargs, images))
+            images[group], group_spacing, doses[group], incident_photons=photons[group],
+            seed=[draw_seeds[d * n + i] for d in range(draws) for i in index], **simulate_kwargs
+        ) - images[group].to(_device_of(simulate_kwargs, images))
         for k, i in enumerate(index):
-            measured = estimate_noise(noise[k : k + 1], spacings[i], mask=native[i].mask.to(noise.device),
-                                      window_mm=window_mm).sigma_hu[0]
+            mask = native[i].mask.to(noise.device)
+            variances = [
+                estimate_noise(noise[d * len(index) + k][None], spacings[i], mask=mask, window_mm=window_mm).sigma_hu[0]
+                ** 2
+                for d in range(draws)
+            ]
+            measured = math.sqrt(sum(variances) / draws)
             added[i] = measured
             ratio = float(measured**2 / wanted[i])
             if abs(ratio - 1.0) <= tolerance or not math.isfinite(ratio) or ratio <= 0:
@@ -254,8 +296,10 @@ class VolumeCalibration:
     """Photons of every slice of a volume, solved from its native noise.
 
     Attributes:
-        incident_photons: ``(Z,)`` I0 of each slice: ``reference_photons`` × the z modulation.
-        reference_photons: I0 at the volume's mean tube current (NaN: not measurable, default used).
+        incident_photons: ``(Z,)`` I0 of each slice: the z modulation times the photons solved on the
+            calibrated slices (divided by their z modulation), interpolated along ``z``.
+        reference_photons: median solved I0 at the volume's mean tube current (NaN: not measurable,
+            default used).
         slices: the slices calibrated on.
         native_sigma_hu: native noise of those slices (HU).
         variance_ratio: (native² + added²) / native² on those slices at their own solved photons.
@@ -291,9 +335,11 @@ def calibrate_volume(
     """Photons for every slice of ``volume`` so that ``dose`` multiplies its native noise variance by ``1 / dose``.
 
     The native noise is measured on up to 40 slices spread along ``z``; ``n_slices`` of those with
-    measurable soft tissue, spread evenly, are calibrated with :func:`native_incident_photons`. The
-    median of their photons divided by their z modulation is the volume's reference ``I0``, which the
-    z modulation (:class:`~langmamba.simulate.exposure.TubeCurrentModulation`) shares out along ``z``.
+    measurable soft tissue, spread evenly, are calibrated with :func:`native_incident_photons`. Each
+    slice gets the z modulation (:class:`~langmamba.simulate.exposure.TubeCurrentModulation`, from its
+    water-equivalent diameter) times the calibrated photons / z modulation interpolated along ``z``
+    (constant beyond the first and last calibrated slice), so the real scanner's own z modulation is
+    followed where the attenuation rule misses it.
     Without measurable soft tissue anywhere, ``FULL_DOSE_PHOTONS`` is used (and a warning logged).
 
     Args:
@@ -332,11 +378,16 @@ def calibrate_volume(
     calibration = native_incident_photons(
         np.asarray(volume.hu[chosen], dtype=np.float32), spacing, dose, seed=seed, **kwargs
     )
+    # What the attenuation rule misses of the real scanner's z modulation, measured on the calibrated
+    # slices and interpolated (log-linearly) between them.
     solved = calibration.incident_photons.numpy() / factors[chosen]
-    reference = float(np.nanmedian(solved))
+    ok = np.isfinite(solved)
+    if not ok.any():
+        return VolumeCalibration(FULL_DOSE_PHOTONS * factors, math.nan, [], np.zeros(0), np.zeros(0), float(dose))
+    correction = np.exp(np.interp(np.arange(total), chosen[ok], np.log(solved[ok])))
     return VolumeCalibration(
-        incident_photons=reference * factors,
-        reference_photons=reference,
+        incident_photons=correction * factors,
+        reference_photons=float(np.exp(np.median(np.log(solved[ok])))),
         slices=[int(z) for z in chosen],
         native_sigma_hu=calibration.native_sigma_hu.numpy(),
         variance_ratio=calibration.variance_ratio.numpy(),

@@ -123,6 +123,22 @@ def _coarse_projection(
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
+@dataclass(frozen=True)
+class _Scanner:
+    """Every setting of a simulation that is not per slice (checked once in :func:`_make_scanner`)."""
+
+    geometry: FanBeamGeometry
+    electronic_noise: float
+    input_is_noise_free: bool
+    reconstruction: str
+    window: str
+    cutoff: float
+    mu_water_per_mm: float
+    bowtie: BowtieFilter | None
+    modulation: TubeCurrentModulation | None
+    low_signal: LowSignalFilter | None
+
+
 def _simulate(
     hu: torch.Tensor,
     spacing: tuple[float, float],
@@ -186,22 +202,6 @@ def ray_flux(clean: torch.Tensor, incident_photons: torch.Tensor, scanner: _Scan
     if scanner.bowtie is not None:
         flux = flux * scanner.bowtie.transmission(scanner.geometry, scanner.mu_water_per_mm, clean.device)
     return flux
-
-
-@dataclass(frozen=True)
-class _Scanner:
-    """Every setting of a simulation that is not per slice (checked once in :func:`_make_scanner`)."""
-
-    geometry: FanBeamGeometry
-    electronic_noise: float
-    input_is_noise_free: bool
-    reconstruction: str
-    window: str
-    cutoff: float
-    mu_water_per_mm: float
-    bowtie: BowtieFilter | None
-    modulation: TubeCurrentModulation | None
-    low_signal: LowSignalFilter | None
 
 
 def _make_scanner(
@@ -469,9 +469,10 @@ def simulate_volume(
         progress: show a tqdm progress bar over slices.
         batch_size: slices simulated together (memory grows linearly with it).
         incident_photons: ``"native"`` (default): solved from the volume's own noise so that ``dose``
-            multiplies its noise variance by ``1 / dose`` (:func:`~langmamba.simulate.calibration.
-            calibrate_volume`); a number: ``I0`` at the volume's mean tube current, shared out along
-            ``z`` by ``modulation``; ``Z`` numbers: ``I0`` of each slice, used as given.
+            multiplies its noise variance by ``1 / dose``
+            (:func:`~langmamba.simulate.calibration.calibrate_volume`); a number: ``I0`` at the volume's
+            mean tube current, shared out along ``z`` by ``modulation``; ``Z`` numbers: ``I0`` of each
+            slice, used as given.
         modulation: tube-current modulation (angular and along ``z``); ``None``: constant current.
         **kwargs: any other keyword of :func:`simulate_slice` (geometry, bowtie, low_signal,
             reconstruction, device, ...).
@@ -518,7 +519,9 @@ def slice_photons(
     n_slices = volume.hu.shape[0]
     if isinstance(incident_photons, str):
         if incident_photons != "native":
-            raise ConfigError(f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}")
+            raise ConfigError(
+                f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}"
+            )
         from langmamba.simulate.calibration import calibrate_volume
 
         calibration = calibrate_volume(volume, dose, modulation=modulation, seed=seed, **kwargs)
