@@ -139,9 +139,11 @@ def simulate_on_device(full_hu: torch.Tensor, spacing_mm: tuple[float, float], d
                        ) -> torch.Tensor:
     """Low-dose realisation of ``full_hu (N, H, W)`` HU on its own device, returned there, ``(N, H, W)`` HU.
 
-    The one place training calls the simulator: swap in a device-resident batch API here when there is one.
+    The one place training calls the simulator. One generator on the slices' own device draws the whole batch:
+    an integer seed would make the simulator draw per-slice noise on the CPU and copy it over (slow on a GPU).
     """
-    low = simulate_batch(full_hu, spacing_mm, dose, seed=seed, device=full_hu.device)
+    generator = torch.Generator(device=full_hu.device).manual_seed(seed)
+    low = simulate_batch(full_hu, spacing_mm, dose, seed=generator, device=full_hu.device)
     return torch.as_tensor(low).to(full_hu.device, non_blocking=True)
 
 
@@ -187,9 +189,13 @@ class TrainingData:
             val_dose += [dose] * len(validation)
         # The sampler holds the normal-dose slices (HU, padded to at least one patch) and body patch centres.
         images = [torch.as_tensor(s.full, dtype=torch.float32)[None].to(device) for s in train]
-        # Body crops padded with air to whole 512² slices, so slices of one spacing simulate in one batched call.
+        # Body crops of one spacing padded with air to their largest shape, so they simulate in one batched call.
+        largest: dict[tuple, tuple[int, int]] = {}
+        for s in train:
+            rows, cols = largest.get(tuple(s.spacing_mm), (0, 0))
+            largest[tuple(s.spacing_mm)] = (max(rows, s.full.shape[0]), max(cols, s.full.shape[1]))
         sampler = PatchSampler(images, [s.full for s in train], config.patch_size, seed=seed * 1000 + rank,
-                               min_size=512)
+                               min_shapes=[largest[tuple(s.spacing_mm)] for s in train])
         rng = np.random.default_rng([seed, rank, 7919])
         return cls(train=train, validation=val_slices, validation_low=val_low, validation_dose=val_dose,
                    sampler=sampler, language=language, config=config, device=device, seed=seed * 1000 + rank,
