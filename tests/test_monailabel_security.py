@@ -394,3 +394,51 @@ def test_kill_9_during_save_leaves_the_previous_result_and_restart_cleans_up(tmp
         assert "access-control-allow-origin" not in evil.headers
     finally:
         second.stop()
+
+
+# --- uploads: zip bombs, detached data files, declared sizes ----------------------------------------------------
+
+def _peak_rss(server) -> int:
+    process = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+
+
+def test_zip_bomb_upload_is_refused_quickly_without_unpacking(server, tmp_path):
+    import zipfile
+
+    bomb = tmp_path / "series.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        for index in range(4):  # 4 × 512 MiB of zeros: about 2 MB compressed, 2 GiB unpacked
+            with archive.open(f"{index}.dcm", "w", force_zip64=True) as member:
+                block = bytes(1 << 20)
+                for _ in range(512):
+                    member.write(block)
+    assert bomb.stat().st_size < 4 << 20
+    before_rss, before_cpu = _peak_rss(server), psutil.Process(server.process.pid).cpu_times()
+    started = time.monotonic()
+    response = server.infer(upload=bomb, params={"explain": False})
+    elapsed = time.monotonic() - started
+    after_cpu = psutil.Process(server.process.pid).cpu_times()
+    assert response.status_code == 413, response.text
+    assert elapsed < 10 and (after_cpu.user + after_cpu.system) - (before_cpu.user + before_cpu.system) < 10
+    assert _peak_rss(server) - before_rss < 1 << 30
+    assert not [p for p in server.tmpdir.rglob("*.dcm")], "nothing of the archive may stay on disk"
+
+
+def test_detached_header_upload_cannot_read_another_file(server, tmp_path):
+    header = tmp_path / "scan.nhdr"
+    header.write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 1\nencoding: raw\n"
+                      f"data file: {server.outside / 'secret.nrrd'}\n\n")
+    response = server.infer(upload=header, params={"explain": False, "blend": 0.0}, output="image")
+    assert response.status_code == 400, response.text
+    assert SECRET not in response.content and b"secret" not in response.content
+
+
+def test_a_tiny_header_declaring_gigabytes_is_refused_before_allocating(server, tmp_path):
+    header = tmp_path / "huge.nrrd"
+    header.write_bytes(b"NRRD0004\ntype: double\ndimension: 3\nsizes: 512 512 1900\nencoding: raw\nendian: little\n\n" + bytes(64))
+    before = _peak_rss(server)
+    response = server.infer(upload=header, params={"explain": False})
+    assert response.status_code == 413, response.text
+    assert _peak_rss(server) - before < 1 << 30
+    assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200

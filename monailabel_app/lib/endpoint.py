@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +47,12 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelException
 
 from langmamba.errors import (CancelledError, ConfigError, EmptyInputError, InputError, OverwriteError,
-                              UnsupportedFormatError)
+                              UnsupportedFormatError, VolumeTooLargeError)
+from langmamba.io.archive import extract_zip_series
 from langmamba.io.formats import suffix_of
 
 from .admission import TooBusyError, watch_disconnect
 from .confine import ImageNotFoundError
-from .limits import VolumeTooLargeError
 from .task import DenoiseParams
 
 logger = logging.getLogger(__name__)
@@ -170,27 +169,8 @@ async def _save_upload(upload: UploadFile, folder: Path, limit: int) -> Path:
     if size == 0:
         raise EmptyInputError("the uploaded file is empty (0 bytes)")
     if path.suffix == ".zip":
-        return _unzip_series(path, folder / "series", 4 * limit)
+        return extract_zip_series(path, folder / "series", max_bytes=4 * limit)
     return path
-
-
-def _unzip_series(archive: Path, folder: Path, limit: int) -> Path:
-    """The files of a zipped DICOM series, flattened into ``folder`` (no member paths are used; at most
-    ``limit`` bytes unpacked)."""
-    try:
-        with zipfile.ZipFile(archive) as zipped:
-            members = [m for m in zipped.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")]
-            if not members:
-                raise EmptyInputError("the uploaded zip archive holds no files")
-            if sum(m.file_size for m in members) > limit:
-                raise VolumeTooLargeError(f"the uploaded zip archive unpacks to more than {limit:,} bytes")
-            folder.mkdir()
-            for index, member in enumerate(members):
-                with zipped.open(member) as source, open(folder / f"{index:06d}.dcm", "wb") as target:
-                    shutil.copyfileobj(source, target)
-    except zipfile.BadZipFile as err:
-        raise InputError(f"the uploaded zip archive cannot be read ({err})") from err
-    return folder
 
 
 def _message(err: Exception, upload: Path | None, filename: str | None) -> str:

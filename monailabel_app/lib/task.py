@@ -30,7 +30,6 @@ from langmamba.explain import explain_volume
 from langmamba.infer import resolve_device
 from langmamba.io import CTVolume, read_volume, write_volume
 
-from .limits import check_voxel_count
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +152,9 @@ class LangMambaDenoise(InferTask):
         return info
 
     def read(self, path: str | Path) -> CTVolume:
-        """The CT volume at ``path`` (file or DICOM folder), refusing declared sizes above ``max_voxels``."""
-        check_voxel_count(Path(path), self.max_voxels)
-        return read_volume(path)
+        """The CT volume at ``path`` (file or DICOM folder), read from that file or folder alone (no detached data
+        files, no links), refusing declared sizes above ``max_voxels`` float32 voxels before allocating them."""
+        return read_volume(path, confined=True, max_bytes=4 * self.max_voxels)
 
     def _acquire(self, should_stop: Callable[[], bool] | None) -> None:
         """Wait for the model lock; give up (:class:`CancelledError`) as soon as ``should_stop()`` is true."""
