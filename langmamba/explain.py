@@ -260,11 +260,11 @@ def _to_units(values: torch.Tensor) -> np.ndarray:
 
 
 def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, quantizer: nn.Module, codebook: torch.Tensor,
-                  top_k: int, rule: ChangeRule) -> tuple[np.ndarray, ...]:
+                  top_k: int, rule: ChangeRule, level: int) -> tuple[np.ndarray, ...]:
     """Top-k ids and scores (units) of output and input region latents ``(N, E)``, the change score ``(N,)``
     (units) and the :class:`ChangeRule` flags ``(N,)``."""
-    p = word_probabilities(quantizer, region_out, codebook)
-    q = word_probabilities(quantizer, region_in, codebook)
+    p = word_probabilities(quantizer, region_out, codebook, level)
+    q = word_probabilities(quantizer, region_in, codebook, level)
     p_top, p_ids = p.topk(top_k, dim=-1)
     q_top, q_ids = q.topk(top_k, dim=-1)
     union = torch.zeros_like(p, dtype=torch.bool)
@@ -402,7 +402,7 @@ class _Explainer:
             flat = regions.reshape(regions.shape[0], -1, regions.shape[-1])
             cells, dim = flat.shape[1:]
             scores = _level_scores(flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.langae.quantizer,
-                                   self.codebook, self.top_k, self.rule)
+                                   self.codebook, self.top_k, self.rule, level)
             shapes = [(count, cells, self.top_k)] * 4 + [(count, cells)] * 2
             levels.append(LevelWords(level, *(s.reshape(shape) for s, shape in zip(scores, shapes))))
         return ExplainedBatch(start, count, levels, self.grids, self.boxes, self.vocabulary)

@@ -127,15 +127,18 @@ def _logit_scale(quantizer: nn.Module) -> float | None:
     return float(scale.detach().float().reshape(()).item()) if isinstance(scale, torch.Tensor) else float(scale)
 
 
-def word_probabilities(quantizer: nn.Module, vectors: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
-    """Word probabilities of region latents ``vectors (N, E)`` -> ``(N, V)``, rows summing to 1.
+def word_probabilities(quantizer: nn.Module, vectors: torch.Tensor, codebook: torch.Tensor | None = None,
+                       level: int = 0) -> torch.Tensor:
+    """Word probabilities of pyramid level ``level``'s region latents ``vectors (N, E)`` -> ``(N, V)``, rows
+    summing to 1.
 
-    The quantizer's own ``word_probabilities(vectors)`` when it has one; else the softmax of negative squared
-    codebook distances times the quantizer's ``logit_scale`` (1 when it has none), as the semantic loss scores.
+    The quantizer's own ``word_probabilities(vectors, level)`` when it is ``calibrated`` (the temperature may
+    differ per level); else the softmax of negative squared codebook distances times the quantizer's ``logit_scale`` (1 when
+    it has none), as the semantic loss scores.
     """
     own = getattr(quantizer, "word_probabilities", None)
-    if callable(own):
-        return own(vectors).float()
+    if getattr(quantizer, "calibrated", False) and callable(own):
+        return own(vectors, level).float()
     codebook = quantizer.codebook if codebook is None else codebook
     scale = _logit_scale(quantizer)
     return torch.softmax(-(1.0 if scale is None else scale) * squared_distances(vectors, codebook), dim=-1)
@@ -144,7 +147,7 @@ def word_probabilities(quantizer: nn.Module, vectors: torch.Tensor, codebook: to
 def score_record(quantizer: nn.Module) -> dict:
     """The document's ``scores`` entry: the method and which calibration :func:`word_probabilities` applies."""
     scale = _logit_scale(quantizer)
-    if callable(getattr(quantizer, "word_probabilities", None)):
+    if getattr(quantizer, "calibrated", False):  # the quantizer's own word_probabilities are calibrated
         calibration = "model"
     else:
         calibration = "none" if scale is None else "logit_scale"

@@ -498,7 +498,8 @@ def test_scores_use_the_quantizers_calibration(model, padded_case):
     np.testing.assert_allclose(region["output"]["scores"], expected.values.numpy(), atol=5e-5)
 
     own = copy.deepcopy(model)
-    own.langae.quantizer.word_probabilities = lambda vectors: torch.full((vectors.shape[0], len(WORDS)), 1 / len(WORDS))
+    own.langae.quantizer.word_probabilities = lambda vectors, level: torch.full((vectors.shape[0], len(WORDS)), 1 / len(WORDS))
+    own.langae.quantizer.calibrated = True
     doc = explain_volume(own, input_hu[:1], output_hu[:1], levels=(2,), top_k=2)
     assert doc["scores"]["calibration"] == "model"
     level = doc["summary"]["levels"][0]

@@ -220,7 +220,8 @@ def test_logic_reports_server_errors(shim, scene, server, lung2_crop):
     with pytest.raises(lmclient.ServerResponseError, match="422.*level") as caught:
         logic.denoise(node, level=7)
     assert caught.value.status == 422
-    result = logic.requestDenoiseById("chest", logic.requestParameters(level=0, device="cpu"))
+    logic.requestDenoiseById("chest", logic.requestParameters(level=0, device="cpu", blend=0.5))
+    result = logic.requestDenoiseById("chest", logic.requestParameters(level=0, device="cpu"))  # a second run
     output_node = logic.applyResult(node, result)
     assert [entry["level"] for entry in logic.explanation["levels"]] == [0]
     assert slicer.util.arrayFromVolume(output_node).shape == lung2_crop.hu.shape

@@ -89,6 +89,9 @@ class ResidualLanguageQuantizer(nn.Module):
     detail_codebook: torch.Tensor
     detail_projection: torch.Tensor
 
+    calibrated = True
+    """:meth:`word_probabilities` applies a learned (or validation-fitted) temperature per level."""
+
     def __init__(
         self,
         codebook: torch.Tensor | None = None,

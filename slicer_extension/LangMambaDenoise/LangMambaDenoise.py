@@ -192,8 +192,9 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
                                  output="all", progress=progress, cancel=cancel)
 
     def requestDenoiseById(self, imageId: str, parameters: dict, progress=None, cancel=None):
-        """Run the model on an image of the server's datastore (no upload)."""
-        return self.client.infer(MODEL_NAME, parameters, image_id=imageId, output="all",
+        """Run the model on an image of the server's datastore (no upload). The server keeps the result as
+        ``<imageId>_langmamba``; running again replaces that earlier result (``overwrite``), never another image."""
+        return self.client.infer(MODEL_NAME, {**parameters, "overwrite": True}, image_id=imageId, output="all",
                                  progress=progress, cancel=cancel)
 
     def applyResult(self, inputVolumeNode, result, name: str | None = None):
