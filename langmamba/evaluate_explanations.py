@@ -194,6 +194,92 @@ def explainer_flags(model: torch.nn.Module, input_hu: np.ndarray, output_hu: np.
     return flags
 
 
+# --- calibration -----------------------------------------------------------------------------------
+
+def fit_temperature(logits: torch.Tensor, candidates: torch.Tensor, low: float = 0.05, high: float = 20.0,
+                    iterations: int = 60) -> float:
+    """The factor ``T`` minimising ``mean(-log Σ_{v∈S} softmax(T * logits)_v)`` over regions ``(N, V)`` with
+    candidate masks ``(N, V)`` (golden-section search on ``log T``); rows without candidates are ignored."""
+    keep = candidates.any(dim=-1)
+    logits, candidates = logits[keep].double(), candidates[keep]
+    if logits.shape[0] == 0:
+        raise InputError("no region has a candidate word to fit the temperature on")
+
+    def nll(log_t: float) -> float:
+        scaled = logits * math.exp(log_t)
+        picked = torch.logsumexp(scaled.masked_fill(~candidates, float("-inf")), dim=-1)
+        return float((torch.logsumexp(scaled, dim=-1) - picked).mean())
+
+    a, b = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(iterations):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    return math.exp((a + b) / 2)
+
+
+@torch.no_grad()
+def fit_calibration(model: torch.nn.Module, normal_hu: np.ndarray | Sequence[np.ndarray],
+                    lesion: np.ndarray | Sequence[np.ndarray | None] | None = None, *,
+                    batch_size: int = 4, device: str = "cpu") -> dict:
+    """Fit the residual quantizer's per-level ``calibration`` on validation slices (a ``(Z, H, W)`` HU volume
+    or a list of ``(H, W)`` slices, with lesion masks or ``None``; never the test volume): a temperature on the learned logits so the region targets' likelihood is highest. Sets it
+    in place and returns ``{"temperature": [...], "nll_before": [...], "nll_after": [...], "regions": [...]}``."""
+    from langmamba.vlm.regions import candidate_words, class_word_masks
+
+    langae = _langae(model).to(device=device, dtype=torch.float32).eval()
+    quantizer = langae.quantizer
+    if not hasattr(quantizer, "calibration"):
+        raise InputError("only the residual quantizer has a word calibration to fit")
+    factor = langae.downsample_factor
+    per_class, lesion_words = class_word_masks(word_classes(langae), device)
+    quantizer.calibration.fill_(1.0)
+    logits = [[] for _ in range(quantizer.num_levels)]
+    targets = [[] for _ in range(quantizer.num_levels)]
+    same_shape = isinstance(normal_hu, np.ndarray) and np.ndim(normal_hu) == 3
+    step = batch_size if same_shape else 1
+    for start in range(0, len(normal_hu), step):
+        chunk = np.stack([np.asarray(a, np.float32) for a in normal_hu[start:start + step]])
+        hu = _pad(torch.as_tensor(chunk, device=device), factor)
+        les = None
+        if lesion is not None:
+            masks = [np.zeros(a.shape, bool) if m is None else np.asarray(m) != 0
+                     for a, m in zip(chunk, lesion[start:start + step])]
+            les = _pad(torch.as_tensor(np.stack(masks), device=device).float(), factor)
+        out = langae.quantize(langae.encode(hu_to_model(hu)[:, None]))
+        grids = quantizer.level_grids(out.quantized.shape[-2:])
+        for level, grid in enumerate(grids):
+            truth = region_truth(hu, les, factor, grid)
+            mask = candidate_words(truth["fractions"], truth.get("lesion_fraction"), per_class, lesion_words)
+            logits[level].append(quantizer.word_logits(out.region_latents[level], level).reshape(-1, mask.shape[-1]))
+            targets[level].append(mask.reshape(-1, mask.shape[-1]))
+    report = {"temperature": [], "nll_before": [], "nll_after": [], "regions": []}
+    for level in range(quantizer.num_levels):
+        lg, tg = torch.cat(logits[level]), torch.cat(targets[level])
+        t = fit_temperature(lg, tg)
+
+        def nll(scale: float) -> float:
+            scaled = lg.double() * scale
+            keep = tg.any(-1)
+            picked = torch.logsumexp(scaled.masked_fill(~tg, float("-inf")), dim=-1)
+            return float((torch.logsumexp(scaled, dim=-1) - picked)[keep].mean())
+
+        quantizer.calibration[level] = t
+        report["temperature"].append(t)
+        report["nll_before"].append(nll(1.0))
+        report["nll_after"].append(nll(t))
+        report["regions"].append(int(tg.any(-1).sum()))
+    return report
+
+
 # --- the evaluation -------------------------------------------------------------------------------
 
 def evaluate_explanations(model: torch.nn.Module, normal_hu: np.ndarray, low_hu: np.ndarray | None = None,
@@ -348,7 +434,8 @@ def evaluate_explanations(model: torch.nn.Module, normal_hu: np.ndarray, low_hu:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m langmamba.evaluate_explanations CASE.npz --model DIR``: arrays ``normal`` (required),
-    ``low``, ``denoised``, ``label`` (Z, H, W) in the .npz; prints and optionally writes the JSON."""
+    ``low``, ``denoised``, ``label`` (Z, H, W) in the .npz; prints and optionally writes the JSON. With
+    ``--calibrate OUT``: fits the word calibration on validation slices and saves the model to OUT."""
     from langmamba.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m langmamba.evaluate_explanations", description=main.__doc__)
@@ -358,7 +445,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-flags", action="store_true", help="skip the explainer's change flags")
     parser.add_argument("--output", help="write the JSON here")
+    parser.add_argument("--calibrate", metavar="OUT",
+                        help="instead of evaluating: fit the word calibration on CASE (validation slices, never "
+                             "lung2: a case .npz or a prepared training set with --patients) and save the "
+                             "calibrated model to the new checkpoint folder OUT")
+    parser.add_argument("--patients", nargs="*", help="with --calibrate on a prepared set: the patients to use")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        from langmamba.checkpoint import save_checkpoint
+
+        model = load_checkpoint(args.model)
+        with np.load(args.case) as case:
+            prepared = "normal" not in case
+            if not prepared:
+                normal, label = case["normal"], case["label"] if "label" in case else None
+        if prepared:
+            from langmamba.train.prepare import load_prepared
+
+            chosen = [s for s in load_prepared(args.case)[0] if not args.patients or s.patient in args.patients]
+            if not chosen:
+                raise InputError(f"{args.case} has no slices of the patients {args.patients}")
+            normal, label = [s.full for s in chosen], [s.label for s in chosen]
+        report = fit_calibration(model, normal, label, device=args.device)
+        extra = dict(model.checkpoint_config.get("extra", {}), word_calibration=report)
+        save_checkpoint(model, args.calibrate, extra=extra)
+        print(json.dumps(report, indent=1))
+        return 0
     with np.load(args.case) as case:
         arrays = {k: case[k] if k in case else None for k in ("normal", "low", "denoised", "label")}
     if arrays["normal"] is None:
