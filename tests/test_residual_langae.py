@@ -117,20 +117,24 @@ def test_word_probabilities_are_a_calibrated_softmax_of_scaled_cosines():
     assert q.word_probabilities(r, 1).max(-1).values.min() > probs.max(-1).values.min()
 
 
-def test_semantic_loss_is_marginal_over_candidates_and_trains_the_scale():
+def test_semantic_loss_gathers_mass_on_one_candidate_and_trains_the_scale():
     q = _quantizer(words=6)
-    region = q.codebook[2] * 2.0
+    region = q.codebook[2] * 2.0 + q.codebook[4] * 1.5 + q.codebook[0]
     z = region.view(1, 24, 1, 1).expand(1, 24, 8, 8).clone()
     mask = torch.zeros(1, 6, dtype=torch.bool)
     mask[0, [2, 4]] = True
     out = q(z, [mask, mask, mask])
     logits = 10.0 * (F.normalize(region, dim=0) @ F.normalize(q.codebook, dim=1).T)
-    expected = float(torch.logsumexp(logits, 0) - torch.logsumexp(logits[[2, 4]], 0))
-    assert out.semantic_loss.detach().item() == pytest.approx(expected, rel=1e-4)
+    log_p = torch.log_softmax(logits, 0)
+    expected = float(-0.5 * (torch.logsumexp(log_p[[2, 4]], 0) + log_p[[2, 4]].max()))
+    assert out.semantic_loss.detach().item() == pytest.approx(expected, rel=1e-3)
     out.semantic_loss.backward()
     assert q.log_logit_scale.grad is not None and torch.all(q.log_logit_scale.grad < 0)
-    everything = torch.ones(1, 6, dtype=torch.bool)
-    assert float(q(z, [everything] * 3).semantic_loss) == pytest.approx(0.0, abs=1e-5)
+    # A region that reads its only candidate with certainty costs nothing.
+    q.calibration.fill_(100.0)
+    only = torch.zeros(1, 6, dtype=torch.bool)
+    only[0, int(logits.argmax())] = True
+    assert q(z, [only] * 3).semantic_loss.detach().item() == pytest.approx(0.0, abs=1e-4)
 
 
 def test_region_candidates_of_a_synthetic_slice():
@@ -257,6 +261,7 @@ def _slices(count: int = 3, size: int = 64) -> list[CTSlice]:
 def _task(overrides: list[str]) -> ResidualLangAETask:
     config = load_config(ROOT / "langmamba/configs/langae.yaml", [
         "data.patch_size=128", "optim.batch_size=4", "langae.base_channels=8", "langae.detail_stages=2",
+        "langae.low_dose_fraction=0.25",
         *overrides])
     config.data.patch_size = 64  # below the config minimum of 128 to keep the test fast
     return build_task(config, SimpleNamespace(train=_slices()), torch.device("cpu"))
@@ -277,6 +282,9 @@ def test_residual_task_trains_words_and_reconstruction():
     assert [tuple(c.shape[1:3]) for c in candidates] == [(1, 1), (2, 2), (4, 4)]
     assert candidates[-1].any(-1).all()  # every region has a target
     assert image.shape == (8, 1, 64, 64) and (lesion[~has] == 0).all()
+    task.crops.lesion_share = 1.0  # slices 1 and 2 carry a lesion mask with a lesion
+    _, _, lesion, has = task.crops.sample(16)
+    assert has.all() and (lesion.flatten(1).amax(1) == 1).all()
 
 
 def test_clip_backend_trains_the_residual_langae(tiny_clip_dir, tmp_path, monkeypatch):
