@@ -151,11 +151,12 @@ def read_regions(langae: torch.nn.Module, hu: torch.Tensor, level: int, reconstr
     ``(B, H, W)`` HU."""
     x = hu_to_model(hu.float())[:, None]
     z = langae.encode(x)
-    out = langae.quantize(z)
+    reconstruct = reconstruct and getattr(langae, "decoder", None) is not None
+    out = langae.quantize(z, details=reconstruct)
     probs = langae.quantizer.word_probabilities(out.region_latents[level], level)
     top_prob, top_id = probs.max(dim=-1)
     read = {"top_id": top_id, "top_prob": top_prob, "coarse_ids": out.token_ids[0]}
-    if getattr(langae, "decoder", None) is not None and reconstruct:
+    if reconstruct:
         read["quantized"] = model_to_hu(langae.decode(out.quantized)[:, 0].float())
         read["continuous"] = model_to_hu(langae.decode(z)[:, 0].float())
     return read
@@ -254,7 +255,7 @@ def fit_calibration(model: torch.nn.Module, normal_hu: np.ndarray | Sequence[np.
             masks = [np.zeros(a.shape, bool) if m is None else np.asarray(m) != 0
                      for a, m in zip(chunk, lesion[start:start + step])]
             les = _pad(torch.as_tensor(np.stack(masks), device=device).float(), factor)
-        out = langae.quantize(langae.encode(hu_to_model(hu)[:, None]))
+        out = langae.quantize(langae.encode(hu_to_model(hu)[:, None]), details=False)
         grids = quantizer.level_grids(out.quantized.shape[-2:])
         for level, grid in enumerate(grids):
             truth = region_truth(hu, les, factor, grid)

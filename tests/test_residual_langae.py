@@ -80,6 +80,14 @@ def test_more_detail_stages_leave_a_smaller_residual_and_gains_follow_it():
     assert errors[0] > errors[1] > errors[2]
 
 
+def test_words_only_quantization_reads_the_same_regions():
+    q = _quantizer().eval()
+    z = torch.randn(2, 24, 8, 8)
+    full, words = q(z), q(z, details=False)
+    assert words.detail_ids == [] and all(torch.equal(a, b) for a, b in zip(full.token_ids, words.token_ids))
+    assert all(torch.equal(a, b) for a, b in zip(full.region_latents, words.region_latents))
+
+
 def test_gains_change_only_in_training_with_gradients():
     q = _quantizer()
     before = q.word_gains.clone()

@@ -206,8 +206,11 @@ class ResidualLanguageQuantizer(nn.Module):
         momentum = self.gain_momentum if bool(self.gains_set) else 0.0
         gains[index] = momentum * gains[index] + (1.0 - momentum) * best
 
-    def forward(self, z: torch.Tensor, candidates: Sequence | None = None) -> QuantizerOutput:
-        """Quantize ``z (B, E, h, w)``; ``candidates`` holds one candidate mask (or None) per word level."""
+    def forward(self, z: torch.Tensor, candidates: Sequence | None = None, details: bool = True) -> QuantizerOutput:
+        """Quantize ``z (B, E, h, w)``; ``candidates`` holds one candidate mask (or None) per word level.
+
+        ``details=False`` stops after the word levels (all an explanation reads; ``quantized`` then holds
+        only the words' sum, and no gains are updated)."""
         if z.ndim != 4 or z.shape[1] != self.codebook_dim:
             raise InputError(f"the quantizer expects latents (B, {self.codebook_dim}, h, w), got shape "
                              f"{tuple(z.shape)}")
@@ -215,7 +218,7 @@ class ResidualLanguageQuantizer(nn.Module):
         grids = self.level_grids((h, w))
         if candidates is not None and len(candidates) != len(grids):
             raise InputError(f"candidates must list one entry per level ({len(grids)}), got {len(candidates)}")
-        update = self.training and torch.is_grad_enabled()
+        update = self.training and torch.is_grad_enabled() and details
         with torch.autocast(z.device.type, enabled=False):
             zf = z.float()
             residual = zf.detach().clone()
@@ -249,7 +252,7 @@ class ResidualLanguageQuantizer(nn.Module):
                 region_latents.append(region)
                 logits_out.append(logits.detach())
             detail_ids = []
-            if self.detail_stages:
+            if self.detail_stages and details:
                 details = self.detail_codebook.float()
                 projection = self.detail_projection.float()
                 for stage in range(self.detail_stages):

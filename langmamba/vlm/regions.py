@@ -57,6 +57,12 @@ def body_mask(hu: torch.Tensor, smoothing_px: float = 1.0, check_every: int = 32
     """Inside-body pixels of slices ``(B, H, W)`` in HU -> bool ``(B, H, W)`` (see the module docstring)."""
     if hu.ndim != 3:
         raise InputError(f"body_mask expects slices (B, H, W), got shape {tuple(hu.shape)}")
+    # HU thresholds need float32 even inside a bf16 training step.
+    with torch.autocast(hu.device.type, enabled=False):
+        return _body_mask(hu, smoothing_px, check_every)
+
+
+def _body_mask(hu: torch.Tensor, smoothing_px: float, check_every: int) -> torch.Tensor:
     air = _smooth(hu.float(), smoothing_px) < BODY_THRESHOLD_HU
     border = torch.zeros_like(air)
     border[:, 0, :] = border[:, -1, :] = True
@@ -78,9 +84,10 @@ def classify_hu(hu: torch.Tensor, body: torch.Tensor | None = None, smoothing_px
     """Class index (row of :data:`REGION_CLASSES`) of every pixel of ``(B, H, W)`` HU -> long ``(B, H, W)``."""
     if body is None:
         body = body_mask(hu, smoothing_px)
-    smooth = _smooth(hu.float(), smoothing_px)
-    edges = torch.tensor(_INSIDE_EDGES, device=hu.device, dtype=smooth.dtype)
-    classes = torch.bucketize(smooth, edges, right=True) + 1
+    with torch.autocast(hu.device.type, enabled=False):
+        smooth = _smooth(hu.float(), smoothing_px)
+        edges = torch.tensor(_INSIDE_EDGES, device=hu.device, dtype=smooth.dtype)
+        classes = torch.bucketize(smooth, edges, right=True) + 1
     return torch.where(body, classes, torch.zeros_like(classes))
 
 
