@@ -305,3 +305,17 @@ def test_clip_backend_trains_the_residual_langae(tiny_clip_dir, tmp_path, monkey
     loss, parts = task.loss(task.model, low, low, [0, 1, 2, 0], 0)
     loss.backward()
     assert torch.isfinite(loss) and parts["semantic"] > 0
+
+
+def test_region_truth_needs_only_numpy_and_torch():
+    import subprocess
+    import sys
+
+    from langmamba.vlm import regions, tissue
+
+    assert regions.BODY_THRESHOLD_HU == tissue.BODY_THRESHOLD_HU
+    code = ("import sys\n"
+            "for name in ('scipy', 'pydicom', 'SimpleITK', 'nibabel', 'transformers'): sys.modules[name] = None\n"
+            "import langmamba.evaluate_explanations, langmamba.vlm.regions, langmamba.vlm.token_codes\n"
+            "import langmamba.vlm.region_vocabulary\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})

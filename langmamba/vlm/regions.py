@@ -6,7 +6,7 @@ is needed, so both run on a GPU host without scipy.
 
 Per pixel (``hu`` ``(B, H, W)`` in HU):
 
-- *Body.* Pixels that are not air (smoothed HU < -500, :data:`langmamba.vlm.tissue.BODY_THRESHOLD_HU`)
+- *Body.* Pixels that are not air (smoothed HU < -500, as :data:`langmamba.vlm.tissue.BODY_THRESHOLD_HU`)
   connected to the image border: a flood fill from the border through air (4-connected), so the lungs
   and airways, enclosed by the body, are inside. On a patch cut from a slice, air connected to the patch
   border counts as outside: exact on whole slices, an approximation on patches.
@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.errors import InputError
-from langmamba.vlm.tissue import BODY_THRESHOLD_HU
+
+BODY_THRESHOLD_HU = -500.0
+"""Air below this (smoothed) HU; the value of :mod:`langmamba.vlm.tissue`, which needs scipy."""
 
 REGION_CLASSES = ("air", "lung", "fat", "fluid", "soft tissue", "enhanced vessel", "bone", "metal")
 """HU classes of a region, in :func:`classify_hu`'s index order."""
