@@ -87,7 +87,7 @@ def score_methods(outputs: dict[str, np.ndarray], reference: np.ndarray, *, labe
 
 @torch.no_grad()
 def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu") -> np.ndarray:
-    """Token id of every finest-level region, (Z, h, w), from the LangMamba's frozen LangAE."""
+    """Top word id of every finest-level region, (Z, g_h, g_w), from the LangMamba's frozen LangAE."""
     langae = model.langae.to(device=device, dtype=torch.float32).eval()
     factor = langae.downsample_factor
     ids = []
@@ -95,7 +95,10 @@ def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu"
         x = torch.from_numpy(hu_to_model(np.asarray(hu[start:start + batch_size], np.float32)))[:, None].to(device)
         pad_h, pad_w = -x.shape[-2] % factor, -x.shape[-1] % factor
         x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
-        ids.append(langae.quantize(langae.encode(x)).token_ids[-1].cpu().numpy())
+        out = langae.quantize(langae.encode(x), details=False)
+        # The top word each finest region reads (for the averaging quantizer, its token).
+        level = len(out.region_latents) - 1
+        ids.append(langae.quantizer.word_probabilities(out.region_latents[level], level).argmax(-1).cpu().numpy())
     return np.concatenate(ids)
 
 

@@ -137,3 +137,16 @@ def test_fit_calibration_lowers_the_target_nll_and_is_saved(tmp_path):
     assert main([str(tmp_path / "case.npz"), "--model", str(tmp_path / "calibrated"), "--device", "cpu",
                  "--no-flags", "--output", str(tmp_path / "out.json")]) == 0
     assert json.loads((tmp_path / "out.json").read_text())["slices"] == 2
+
+
+def test_finest_words_of_the_shipped_model_are_its_finest_tokens():
+    from langmamba.evaluate import finest_words
+    from langmamba.normalization import hu_to_model
+
+    model = load_checkpoint(ROOT / "weights" / "langmamba")
+    hu, _ = _phantom(1)
+    words = finest_words(model, hu)
+    with torch.no_grad():
+        langae = model.langae.float()
+        tokens = langae.quantize(langae.encode(torch.as_tensor(hu_to_model(hu))[:, None])).token_ids[-1]
+    assert np.array_equal(words, tokens.numpy())
