@@ -150,3 +150,16 @@ def test_finest_words_of_the_shipped_model_are_its_finest_tokens():
         langae = model.langae.float()
         tokens = langae.quantize(langae.encode(torch.as_tensor(hu_to_model(hu))[:, None])).token_ids[-1]
     assert np.array_equal(words, tokens.numpy())
+
+
+def test_evaluate_hook_adds_the_langae_reconstruction(tmp_path):
+    from langmamba.evaluate import explanation_metrics
+
+    hu, lesion = _phantom()
+    model = _tiny_langae()
+    save_checkpoint(model, tmp_path / "langae")
+    result = explanation_metrics(tmp_path, model, hu, hu, hu, lesion, device="cpu", max_slices=2)
+    assert result["command"] == f"langmamba evaluate --weights {tmp_path} --slices 2"
+    assert result["reconstruction"]["checkpoint"] == "langae"
+    assert result["reconstruction"]["rmse_body_hu_quantized"]["value"] > 0
+    assert result["stability"]["gain"]["value"] == 0.0
