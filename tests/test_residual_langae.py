@@ -319,3 +319,14 @@ def test_region_truth_needs_only_numpy_and_torch():
             "import langmamba.evaluate_explanations, langmamba.vlm.regions, langmamba.vlm.token_codes\n"
             "import langmamba.vlm.region_vocabulary\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+
+def test_torch_classes_match_the_scipy_tissue_classes(tiny_ct_volume):
+    from langmamba.vlm import tissue
+
+    hu = np.asarray(tiny_ct_volume.hu, np.float32)
+    ours = classify_hu(torch.as_tensor(hu)).numpy()
+    # tissue's classes, trabecular and cortical bone merged into one bone class.
+    mapping = np.array([0, 1, 2, 3, 4, 5, 6, 6, 7])
+    reference = np.stack([mapping[tissue.classify(s)] for s in hu])
+    assert (ours == reference).mean() > 0.999

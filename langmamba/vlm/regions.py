@@ -46,7 +46,7 @@ def _smooth(hu: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur (replicate padding) of ``(B, H, W)``."""
     if sigma <= 0:
         return hu
-    radius = max(1, int(round(3 * sigma)))
+    radius = max(1, int(4 * sigma + 0.5))  # scipy.ndimage.gaussian_filter's truncation
     x = torch.arange(-radius, radius + 1, device=hu.device, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).to(hu.dtype)
