@@ -35,7 +35,7 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +72,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(total)
 
 
-def bootstrap_interval(per_slice: Sequence[tuple[float, float]], statistic: Callable[[np.ndarray], float] | None = None,
-                       samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float]:
+def bootstrap_interval(per_slice: Sequence[tuple[float, float]], samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = 0) -> list[float]:
     """95 % interval of a ratio ``Σ numerators / Σ denominators`` from per-slice ``(numerator, denominator)``
     pairs, resampling slices with replacement; ``[nan, nan]`` without data."""
     pairs = np.asarray(per_slice, np.float64).reshape(-1, 2)
@@ -232,8 +232,9 @@ def fit_calibration(model: torch.nn.Module, normal_hu: np.ndarray | Sequence[np.
                     lesion: np.ndarray | Sequence[np.ndarray | None] | None = None, *,
                     batch_size: int = 4, device: str = "cpu") -> dict:
     """Fit the residual quantizer's per-level ``calibration`` on validation slices (a ``(Z, H, W)`` HU volume
-    or a list of ``(H, W)`` slices, with lesion masks or ``None``; never the test volume): a temperature on the learned logits so the region targets' likelihood is highest. Sets it
-    in place and returns ``{"temperature": [...], "nll_before": [...], "nll_after": [...], "regions": [...]}``."""
+    or a list of ``(H, W)`` slices, with lesion masks or ``None``; never the test volume): a temperature on
+    the learned logits that maximises the region targets' likelihood. Sets it in place and returns
+    ``{"temperature": [...], "nll_before": [...], "nll_after": [...], "regions": [...]}``."""
     from langmamba.vlm.regions import candidate_words, class_word_masks
 
     langae = _langae(model).to(device=device, dtype=torch.float32).eval()
