@@ -87,7 +87,7 @@ def score_methods(outputs: dict[str, np.ndarray], reference: np.ndarray, *, labe
 
 @torch.no_grad()
 def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu") -> np.ndarray:
-    """Token id of every finest-level region, (Z, h, w), from the LangMamba's frozen LangAE."""
+    """Top word id of every finest-level region, (Z, g_h, g_w), from the LangMamba's frozen LangAE."""
     langae = model.langae.to(device=device, dtype=torch.float32).eval()
     factor = langae.downsample_factor
     ids = []
@@ -95,7 +95,10 @@ def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu"
         x = torch.from_numpy(hu_to_model(np.asarray(hu[start:start + batch_size], np.float32)))[:, None].to(device)
         pad_h, pad_w = -x.shape[-2] % factor, -x.shape[-1] % factor
         x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
-        ids.append(langae.quantize(langae.encode(x)).token_ids[-1].cpu().numpy())
+        out = langae.quantize(langae.encode(x), details=False)
+        # The top word each finest region reads (for the averaging quantizer, its token).
+        level = len(out.region_latents) - 1
+        ids.append(langae.quantizer.word_probabilities(out.region_latents[level], level).argmax(-1).cpu().numpy())
     return np.concatenate(ids)
 
 
@@ -167,6 +170,22 @@ EVALUATION_SEED = 20250707
 TUNING_SLICES = (16, 24, 32)  # lung1 slices BM3D's σ is tuned on (training data; lung2 is never tuned on)
 
 
+def explanation_metrics(weights: Path, model, normal: np.ndarray, low: np.ndarray, denoised: np.ndarray,
+                        label: np.ndarray, *, device: str, max_slices: int | None) -> dict:
+    """:func:`langmamba.evaluate_explanations.evaluate_explanations` of the LangMamba's words on lung2, with the
+    reconstruction of the LangAE checkpoint ``weights/langae`` (the shipped LangMamba has no LangAE decoder)."""
+    from .checkpoint import load_checkpoint
+    from .evaluate_explanations import evaluate_explanations
+
+    command = f"langmamba evaluate --weights {weights}" + (f" --slices {max_slices}" if max_slices else "")
+    result = evaluate_explanations(model, normal, low, denoised, label, device=device, command=command)
+    if (Path(weights) / "langae").is_dir():
+        langae = evaluate_explanations(load_checkpoint(Path(weights) / "langae"), normal, low, device=device,
+                                       flags=False)
+        result["reconstruction"] = {"checkpoint": "langae", **langae["reconstruction"]}
+    return result
+
+
 def run_evaluation(weights: Path, output_json: Path, figure: Path, *, dose: float = 0.25,
                    seed: int = EVALUATION_SEED, bm3d_sigma_hu: float | None = None, device: str = "auto",
                    max_slices: int | None = None, progress: bool = True) -> dict:
@@ -219,6 +238,8 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, dose: floa
         "protocol": "PSNR/SSIM per slice in the window scaled to [0, 1] (data range 1), averaged; RMSE in HU after "
                     "window clipping; quarter dose simulated by langmamba.simulate (noise insertion) on lung2",
     }
+    result["explanations"] = explanation_metrics(weights, models["langmamba"], normal.hu, low, outputs["langmamba"],
+                                                 label, device=device, max_slices=max_slices)
     write_json(result, output_json)
     lesion_slices = np.nonzero(label.any(axis=(1, 2)))[0]
     shown = int(lesion_slices[len(lesion_slices) // 2]) if len(lesion_slices) else normal.shape[0] // 2

@@ -335,9 +335,14 @@ class LangAE(nn.Module):
         return z
 
     def quantize(
-        self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None
+        self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None, details: bool = True
     ) -> QuantizerOutput:
-        """Pyramid word quantization of ``z (B, E, h, w)``; ``candidates`` per level feed the semantic loss."""
+        """Pyramid word quantization of ``z (B, E, h, w)``; ``candidates`` per level feed the semantic loss.
+
+        ``details=False`` skips the residual quantizer's detail stages (words only, for explanations; the
+        averaging quantizer has none and ignores it)."""
+        if isinstance(self.quantizer, ResidualLanguageQuantizer):
+            return self.quantizer(z, candidates, details=details)
         return self.quantizer(z, candidates)
 
     def decode(self, zq: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,10 @@ For a continuous latent ``z`` ``(B, E, h, w)`` (``E`` = the language space's emb
   semantic loss; ``calibration`` (1 by default) is a temperature fitted afterwards on validation regions
   (:func:`langmamba.evaluate_explanations.fit_temperature`). Level 1's word is the top word of its reading.
 - *Semantic loss.* Where a region has candidate words ``S`` (a ``(B, g_h, g_w, V)`` mask per level, or a
-  ``(B, V)`` mask per image applied to all its regions), ``-log Σ_{v∈S} p_v``: any candidate may take the
-  mass, so synonyms do not split it. Averaged over the regions that have candidates, then over levels.
+  ``(B, V)`` mask per image applied to all its regions), ``-(log Σ_{v∈S} p_v + log max_{v∈S} p_v) / 2``: any
+  candidate may take the mass (the first term), and the second gathers it on one of them rather than
+  spreading it over synonyms, so the top word's probability is the class's. Averaged over the regions that
+  have candidates, then over levels.
 """
 
 from __future__ import annotations
@@ -207,8 +209,11 @@ class ResidualLanguageQuantizer(nn.Module):
         momentum = self.gain_momentum if bool(self.gains_set) else 0.0
         gains[index] = momentum * gains[index] + (1.0 - momentum) * best
 
-    def forward(self, z: torch.Tensor, candidates: Sequence | None = None) -> QuantizerOutput:
-        """Quantize ``z (B, E, h, w)``; ``candidates`` holds one candidate mask (or None) per word level."""
+    def forward(self, z: torch.Tensor, candidates: Sequence | None = None, details: bool = True) -> QuantizerOutput:
+        """Quantize ``z (B, E, h, w)``; ``candidates`` holds one candidate mask (or None) per word level.
+
+        ``details=False`` stops after the word levels (all an explanation reads; ``quantized`` then holds
+        only the words' sum, and no gains are updated)."""
         if z.ndim != 4 or z.shape[1] != self.codebook_dim:
             raise InputError(f"the quantizer expects latents (B, {self.codebook_dim}, h, w), got shape "
                              f"{tuple(z.shape)}")
@@ -216,7 +221,7 @@ class ResidualLanguageQuantizer(nn.Module):
         grids = self.level_grids((h, w))
         if candidates is not None and len(candidates) != len(grids):
             raise InputError(f"candidates must list one entry per level ({len(grids)}), got {len(candidates)}")
-        update = self.training and torch.is_grad_enabled()
+        update = self.training and torch.is_grad_enabled() and details
         with torch.autocast(z.device.type, enabled=False):
             zf = z.float()
             residual = zf.detach().clone()
@@ -229,8 +234,11 @@ class ResidualLanguageQuantizer(nn.Module):
                 mask = None if candidates is None else self._candidates(candidates[level], batch, grid)
                 if mask is not None:
                     has = mask.any(dim=-1)
-                    picked = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
-                    loss = torch.logsumexp(logits, dim=-1) - picked
+                    log_p = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+                    masked = log_p.masked_fill(~mask, float("-inf"))
+                    # Half marginal (any candidate may take the mass), half the best candidate alone (so the
+                    # mass gathers on one word instead of spreading over synonyms).
+                    loss = -0.5 * (torch.logsumexp(masked, dim=-1) + masked.max(dim=-1).values)
                     semantic = semantic + loss[has].mean()
                     semantic_levels += 1
                 target = pool_to_grid(residual, grid).permute(0, 2, 3, 1).reshape(-1, dim)
@@ -247,7 +255,7 @@ class ResidualLanguageQuantizer(nn.Module):
                 region_latents.append(region)
                 logits_out.append(logits.detach())
             detail_ids = []
-            if self.detail_stages:
+            if self.detail_stages and details:
                 details = self.detail_codebook.float()
                 projection = self.detail_projection.float()
                 for stage in range(self.detail_stages):

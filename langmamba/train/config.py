@@ -102,8 +102,8 @@ class LangAEConfig:
     detail_stages: int = 8
     detail_groups: int = 1
     logit_scale: float = 10.0
-    # Share of each batch that autoencodes low-dose patches (no word targets: their regions come from the
-    # normal-dose crops, which carry the class maps and lesion masks).
+    # Share of each batch that autoencodes low-dose patches (their regions read their normal-dose partner's
+    # tissue); the rest are normal-dose crops with tissue and lesion word targets.
     low_dose_fraction: float = 0.25
 
 

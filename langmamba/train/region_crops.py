@@ -37,10 +37,14 @@ class RegionCrops:
         patch_size: crop side in pixels (slices smaller than this are padded with air).
         device: where the slices, class maps and crops live.
         seed: seeds the crop generator.
+        lesion_share: share of crops drawn from the slices whose lesion mask marks a lesion (when there are
+            any): lesions are rare, and their words are learnt only there.
     """
 
-    def __init__(self, slices: Sequence[CTSlice], patch_size: int, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, slices: Sequence[CTSlice], patch_size: int, device: torch.device, seed: int = 0,
+                 lesion_share: float = 0.25) -> None:
         self.patch_size = int(patch_size)
+        self.lesion_share = float(lesion_share)
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
         self.stacks, self.has_label, self.starts = [], [], []
@@ -59,6 +63,7 @@ class RegionCrops:
                          half:stack.shape[2] - self.patch_size + half + 1] > 0
             corners = torch.nonzero(body).cpu() if body.any() else torch.nonzero(torch.ones_like(body)).cpu()
             self.starts.append(corners)
+        self.with_lesion = [i for i, s in enumerate(slices) if s.label is not None and np.asarray(s.label).any()]
 
     def __len__(self) -> int:
         return len(self.stacks)
@@ -67,6 +72,10 @@ class RegionCrops:
         """``(image (B, 1, P, P) model range, classes (B, P, P) long, lesion (B, P, P) float, has_label (B,) bool)``."""
         p = self.patch_size
         which = torch.randint(0, len(self.stacks), (batch_size,), generator=self.generator).tolist()
+        if self.with_lesion and self.lesion_share > 0:
+            lesion_pick = torch.rand(batch_size, generator=self.generator) < self.lesion_share
+            chosen = torch.randint(0, len(self.with_lesion), (batch_size,), generator=self.generator).tolist()
+            which = [self.with_lesion[c] if pick else w for w, c, pick in zip(which, chosen, lesion_pick.tolist())]
         crops = []
         for index in which:
             corners = self.starts[index]

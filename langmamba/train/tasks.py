@@ -13,6 +13,8 @@ from ..checkpoint import load_checkpoint
 from ..errors import ConfigError
 from ..losses import seed_loss, stage1_loss
 from ..models.langae import LangAE
+from ..normalization import model_to_hu
+from ..vlm.regions import classify_hu
 from .config import TrainConfig
 from .data import TrainingData
 
@@ -98,8 +100,9 @@ class ResidualLangAETask(LangAETask):
     """Stage 1 with the residual quantizer: normal-dose crops with region word targets, plus low-dose patches.
 
     Every batch holds ``optim.batch_size`` images: a ``langae.low_dose_fraction`` share of the loop's low-dose
-    patches (reconstruction only) and normal-dose crops from :class:`RegionCrops`, whose regions get the
-    candidate words of their own HU composition and lesion overlap (:mod:`langmamba.vlm.regions`).
+    patches, whose regions get the tissue words of their normal-dose partner, and normal-dose crops from
+    :class:`RegionCrops`, whose regions get the candidate words of their own HU composition and lesion
+    overlap (:mod:`langmamba.vlm.regions`). Each image reconstructs itself.
     """
 
     def __init__(self, config: TrainConfig, data: TrainingData, device: torch.device) -> None:
@@ -149,9 +152,14 @@ class ResidualLangAETask(LangAETask):
             if noisy.shape[-2:] != image.shape[-2:]:
                 raise ConfigError(f"low-dose patches {tuple(noisy.shape[-2:])} and crops {tuple(image.shape[-2:])} "
                                   "differ in size")
+            # The low-dose patches read the tissue of their normal-dose partner (same place): words that do not
+            # follow the noise. Their body mask comes from the patch (exact for whole slices); no lesion words.
+            partner = classify_hu(model_to_hu(full[: self.low_count, 0].float()))
+            no_lesion = torch.zeros(self.low_count, device=full.device, dtype=torch.bool)
+            low_candidates = self.region_candidates(partner, torch.zeros_like(partner, dtype=torch.float32),
+                                                    no_lesion)
             inputs = torch.cat([noisy, inputs])
-            candidates = [torch.cat([torch.zeros((self.low_count, *mask.shape[1:]), dtype=torch.bool,
-                                                 device=mask.device), mask]) for mask in candidates]
+            candidates = [torch.cat([a, b]) for a, b in zip(low_candidates, candidates)]
         reconstruction, quantized = module(inputs, candidates)
         c = self.weights
         total, parts = stage1_loss(reconstruction, inputs, quantized, l1_weight=c.l1_weight,

@@ -13,14 +13,28 @@ training slice (:func:`select_words`). Backends:
 Build one with :func:`load_language_space`.
 """
 
-from langmamba.vlm.base import LanguageModelUnavailableError, LanguageSpace, minmax_normalise
-from langmamba.vlm.cache import default_cache_dir
-from langmamba.vlm.clip import DEFAULT_CLIP_MODEL, PROMPT_TEMPLATE, ClipLanguageSpace
-from langmamba.vlm.factory import BACKENDS, load_language_space
-from langmamba.vlm.offline import OfflineLanguageSpace
-from langmamba.vlm.selection import DEFAULT_THRESHOLDS, candidates_from_scores, select_words
-from langmamba.vlm.text_encoder import DEFAULT_TEXT_MODEL, SentenceEncoder
-from langmamba.vlm.vocabulary import DEFAULT_VOCABULARY_PATH, load_vocabulary, resolve_vocabulary, vocabulary_sha256
+import importlib
+
+# Names are imported on first use (PEP 562), so that ``langmamba.vlm.regions`` and the token codes load on a
+# training or evaluation host that has only numpy and torch.
+_WHERE = {
+    "LanguageModelUnavailableError": "base", "LanguageSpace": "base", "minmax_normalise": "base",
+    "default_cache_dir": "cache",
+    "DEFAULT_CLIP_MODEL": "clip", "PROMPT_TEMPLATE": "clip", "ClipLanguageSpace": "clip",
+    "BACKENDS": "factory", "load_language_space": "factory",
+    "OfflineLanguageSpace": "offline",
+    "DEFAULT_THRESHOLDS": "selection", "candidates_from_scores": "selection", "select_words": "selection",
+    "DEFAULT_TEXT_MODEL": "text_encoder", "SentenceEncoder": "text_encoder",
+    "DEFAULT_VOCABULARY_PATH": "vocabulary", "load_vocabulary": "vocabulary", "resolve_vocabulary": "vocabulary",
+    "vocabulary_sha256": "vocabulary",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"langmamba.vlm.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'langmamba.vlm' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",

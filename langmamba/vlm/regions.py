@@ -6,7 +6,7 @@ is needed, so both run on a GPU host without scipy.
 
 Per pixel (``hu`` ``(B, H, W)`` in HU):
 
-- *Body.* Pixels that are not air (smoothed HU < -500, :data:`langmamba.vlm.tissue.BODY_THRESHOLD_HU`)
+- *Body.* Pixels that are not air (smoothed HU < -500, as :data:`langmamba.vlm.tissue.BODY_THRESHOLD_HU`)
   connected to the image border: a flood fill from the border through air (4-connected), so the lungs
   and airways, enclosed by the body, are inside. On a patch cut from a slice, air connected to the patch
   border counts as outside: exact on whole slices, an approximation on patches.
@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.errors import InputError
-from langmamba.vlm.tissue import BODY_THRESHOLD_HU
+
+BODY_THRESHOLD_HU = -500.0
+"""Air below this (smoothed) HU; the value of :mod:`langmamba.vlm.tissue`, which needs scipy."""
 
 REGION_CLASSES = ("air", "lung", "fat", "fluid", "soft tissue", "enhanced vessel", "bone", "metal")
 """HU classes of a region, in :func:`classify_hu`'s index order."""
@@ -44,7 +46,7 @@ def _smooth(hu: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur (replicate padding) of ``(B, H, W)``."""
     if sigma <= 0:
         return hu
-    radius = max(1, int(round(3 * sigma)))
+    radius = max(1, int(4 * sigma + 0.5))  # scipy.ndimage.gaussian_filter's truncation
     x = torch.arange(-radius, radius + 1, device=hu.device, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).to(hu.dtype)
@@ -57,6 +59,12 @@ def body_mask(hu: torch.Tensor, smoothing_px: float = 1.0, check_every: int = 32
     """Inside-body pixels of slices ``(B, H, W)`` in HU -> bool ``(B, H, W)`` (see the module docstring)."""
     if hu.ndim != 3:
         raise InputError(f"body_mask expects slices (B, H, W), got shape {tuple(hu.shape)}")
+    # HU thresholds need float32 even inside a bf16 training step.
+    with torch.autocast(hu.device.type, enabled=False):
+        return _body_mask(hu, smoothing_px, check_every)
+
+
+def _body_mask(hu: torch.Tensor, smoothing_px: float, check_every: int) -> torch.Tensor:
     air = _smooth(hu.float(), smoothing_px) < BODY_THRESHOLD_HU
     border = torch.zeros_like(air)
     border[:, 0, :] = border[:, -1, :] = True
@@ -78,9 +86,10 @@ def classify_hu(hu: torch.Tensor, body: torch.Tensor | None = None, smoothing_px
     """Class index (row of :data:`REGION_CLASSES`) of every pixel of ``(B, H, W)`` HU -> long ``(B, H, W)``."""
     if body is None:
         body = body_mask(hu, smoothing_px)
-    smooth = _smooth(hu.float(), smoothing_px)
-    edges = torch.tensor(_INSIDE_EDGES, device=hu.device, dtype=smooth.dtype)
-    classes = torch.bucketize(smooth, edges, right=True) + 1
+    with torch.autocast(hu.device.type, enabled=False):
+        smooth = _smooth(hu.float(), smoothing_px)
+        edges = torch.tensor(_INSIDE_EDGES, device=hu.device, dtype=smooth.dtype)
+        classes = torch.bucketize(smooth, edges, right=True) + 1
     return torch.where(body, classes, torch.zeros_like(classes))
 
 
