@@ -89,7 +89,7 @@ def _cmd_select_words(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import eval_cases
-    from .evaluate import difference_table, draw_figure, markdown_table, run_evaluation
+    from .evaluate import EvaluationIncomplete, difference_table, draw_figure, markdown_table, run_evaluation
 
     if args.draw_figure:
         print(f"wrote {draw_figure(args.draw_figure, args.figure or Path(args.weights) / 'comparison.png')}")
@@ -115,10 +115,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         doses, draws, resamples, slices, candidates = doses[:1] if args.dose else [0.25], 2, 200, slices or 2, (15, 30)
     weights = Path(args.weights)
     kwargs = {"bm3d_candidates_hu": candidates} if candidates else {}
-    result = run_evaluation(weights, Path(args.output or weights / "metrics.json"),
-                            Path(args.figure or weights / "comparison.png"), cases=cases, doses=doses, draws=draws,
-                            seed=args.seed, bm3d_sigma_hu=args.bm3d_sigma, device=args.device, max_slices=slices,
-                            workers=args.workers, tta=args.tta, resamples=resamples, **kwargs)
+    try:
+        result = run_evaluation(weights, Path(args.output or weights / "metrics.json"),
+                                Path(args.figure or weights / "comparison.png"), cases=cases, doses=doses,
+                                draws=draws, seed=args.seed, bm3d_sigma_hu=args.bm3d_sigma, device=args.device,
+                                max_slices=slices, workers=args.workers, tta=args.tta, resamples=resamples,
+                                cache=Path(args.cache) if args.cache else None, max_minutes=args.max_minutes,
+                                **kwargs)
+    except EvaluationIncomplete as stopped:
+        print(f"evaluation incomplete ({stopped}); run the same command again to continue from {args.cache}")
+        return 3
     if "window_-160_240" in result:
         print(f"held-out lung2, {result['slices']} slices, dose {result['dose']}, seed {result['seed']}, draw 0")
         print(markdown_table(result))
@@ -261,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "check of the pipeline, not a result")
     evaluate.add_argument("--draw-figure", metavar="NPZ", help="draw the comparison figure from the *_figure.npz "
                                                                "an evaluation wrote (where matplotlib is) and stop")
+    evaluate.add_argument("--cache", help="folder keeping finished (case, dose, draw) parts, so a stopped run "
+                                          "continues where it stopped")
+    evaluate.add_argument("--max-minutes", type=float, default=None, help="stop between parts after N minutes "
+                                                                          "(exit code 3; needs --cache to continue)")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_cmd_evaluate)
 

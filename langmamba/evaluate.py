@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ import torch
 from scipy import ndimage
 
 from . import metrics
+from .errors import InputError
 from .eval_cases import TEST_CASE, EvalCase
 from .normalization import hu_to_model, model_to_hu
 
@@ -48,10 +51,10 @@ DRAWS = 3
 HEADLINE_DOSE = 0.25
 NOISE_ROI_PX = 11
 NOISE_ROIS_PER_SLICE = 4
-BM3D_SIGMAS_HU = (5, 10, 15, 20, 25, 30, 40, 50, 65, 80)
+BM3D_SIGMAS_HU = (10, 15, 20, 25, 30, 40, 50, 65)
 EVALUATION_SEED = 20250707
 TUNING_SLICES = (16, 24, 32)  # lung1 (training) slices for BM3D's σ when no validation case is given
-TUNING_SLICES_PER_CASE = 4
+TUNING_SLICES_PER_CASE = 2
 
 
 def noise_roi(normal: np.ndarray, body: np.ndarray, size: int = NOISE_ROI_PX,
@@ -177,18 +180,24 @@ def _bm3d_slice(args: tuple[np.ndarray, float]) -> np.ndarray:
     return model_to_hu(bm3d.bm3d(hu_to_model(image.astype(np.float64)), sigma).astype(np.float32))
 
 
-def bm3d_denoise(hu: np.ndarray, sigma_hu: float, progress: bool = False, workers: int = 1) -> np.ndarray:
-    """BM3D (package ``bm3d``) slice by slice in the model's intensity range, noise σ given in HU; ``workers``
-    processes share the slices."""
+def bm3d_denoise(hu: np.ndarray, sigma_hu: float, progress: bool = False, workers: int = 1,
+                 pool: Executor | None = None) -> np.ndarray:
+    """BM3D (package ``bm3d``) slice by slice in the model's intensity range, noise σ given in HU; the slices
+    are shared by ``pool`` (or by ``workers`` new processes)."""
     from tqdm.auto import tqdm
 
     jobs = [(hu[z], float(sigma_hu)) for z in range(hu.shape[0])]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-            slices = list(tqdm(pool.map(_bm3d_slice, jobs), total=len(jobs), desc="BM3D", disable=not progress))
-    else:
-        slices = [_bm3d_slice(job) for job in tqdm(jobs, desc="BM3D", disable=not progress)]
+    if pool is None and workers > 1 and len(jobs) > 1:
+        with bm3d_pool(min(workers, len(jobs))) as own:
+            return bm3d_denoise(hu, sigma_hu, progress, pool=own)
+    mapper = pool.map if pool is not None else map
+    slices = list(tqdm(mapper(_bm3d_slice, jobs), total=len(jobs), desc="BM3D", disable=not progress))
     return np.stack(slices).astype(np.float32)
+
+
+def bm3d_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for BM3D, started fresh (``spawn``): forking a process that holds CUDA is unsafe."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def tune_bm3d_sigma(low: np.ndarray, normal: np.ndarray, candidates_hu=BM3D_SIGMAS_HU, workers: int = 1
@@ -344,34 +353,109 @@ def _tuning_set(cases: list[EvalCase]) -> tuple[list[EvalCase], str]:
             "lung1 training slices (no validation case given)")
 
 
-def tune_bm3d_per_dose(cases: list[EvalCase], doses, seed: int, device: str, workers: int,
+def tune_bm3d_per_dose(cases: list[EvalCase], doses, seed: int, device: str, pool: Executor | None = None,
                        candidates_hu=BM3D_SIGMAS_HU) -> tuple[dict, str]:
     """BM3D σ per dose, tuned on the validation cases only (never on lung2); returns ``({dose: {"sigma_hu",
     "psnr_tried"}}, source)``."""
     tuning, source = _tuning_set(cases)
     tuned = {}
+    mapper = pool.map if pool is not None else map
     for dose in doses:
         lows = [simulate_case(c, dose, case_seed(seed + 1, c.name, dose, 0), device) for c in tuning]
-        scores = {}
-        for sigma in candidates_hu:
-            scores[float(sigma)] = _mean([metrics.psnr(bm3d_denoise(low, sigma, workers=workers), c.hu)
-                                          for low, c in zip(lows, tuning)])
-        best = max(scores, key=scores.get)
-        tuned[dose] = {"sigma_hu": best, "psnr_tried": {str(k): v for k, v in scores.items()}}
+        jobs = [(low[z], float(sigma), k, z) for sigma in candidates_hu for k, low in enumerate(lows)
+                for z in range(low.shape[0])]
+        outputs = list(mapper(_bm3d_slice, [job[:2] for job in jobs]))
+        scores: dict[float, list] = {}
+        for (_, sigma, k, z), out in zip(jobs, outputs):
+            scores.setdefault(sigma, []).append(metrics.psnr(out, tuning[k].hu[z]))
+        mean_scores = {sigma: _mean(v) for sigma, v in scores.items()}
+        best = max(mean_scores, key=mean_scores.get)
+        tuned[dose] = {"sigma_hu": best, "psnr_tried": {str(k): v for k, v in mean_scores.items()}}
         logger.info("BM3D σ at dose %s tuned on %s: %.1f HU", dose, source, best)
     return tuned, source
+
+
+class EvaluationIncomplete(Exception):
+    """The time budget ran out; the finished parts are in the cache folder: run again with the same cache."""
+
+
+class UnitCache:
+    """Finished (case, dose, draw) units of an evaluation on disk, so a run can stop and continue later.
+
+    Without a folder nothing is kept. Files: ``unit-<key>.npz`` (per-slice scores and noise σ), ``headline.json``,
+    ``bm3d.json``, and ``settings.json`` (a cache made with other settings is refused).
+    """
+
+    def __init__(self, folder: Path | None, settings: dict) -> None:
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stored = self.folder / "settings.json"
+        text = json.dumps(settings, sort_keys=True)
+        if stored.exists() and stored.read_text() != text:
+            raise InputError(f"the evaluation cache {self.folder} was made with other settings; use a new folder")
+        stored.write_text(text)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / name
+
+    def load_json(self, name: str):
+        if self.folder is None or not self._path(name).exists():
+            return None
+        return json.loads(self._path(name).read_text())
+
+    def save_json(self, name: str, value) -> None:
+        if self.folder is not None:
+            tmp = self._path(f".{name}.tmp")
+            tmp.write_text(json.dumps(value))
+            os.replace(tmp, self._path(name))
+
+    @staticmethod
+    def key(case: str, dose: float, draw: int) -> str:
+        return f"{zlib.crc32(case.encode()):08x}-{round(1000 * dose):04d}-{draw}"
+
+    def load_unit(self, key: str) -> tuple[dict, dict] | None:
+        if self.folder is None or not self._path(f"unit-{key}.npz").exists():
+            return None
+        scores: dict = {}
+        sigmas: dict = {}
+        with np.load(self._path(f"unit-{key}.npz"), allow_pickle=False) as archive:
+            for name in archive.files:
+                kind, method, *rest = name.split("/")
+                if kind == "sigma":
+                    sigmas[method] = float(archive[name])
+                else:
+                    scores.setdefault(method, {}).setdefault(rest[0], {})[rest[1]] = archive[name]
+        return scores, sigmas
+
+    def save_unit(self, key: str, scores: dict, sigmas: dict) -> None:
+        if self.folder is None:
+            return
+        arrays = {f"score/{m}/{w}/{k}": v for m, ws in scores.items() for w, ks in ws.items() for k, v in ks.items()}
+        arrays |= {f"sigma/{m}": np.array(v) for m, v in sigmas.items()}
+        tmp = self._path(f".unit-{key}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self._path(f"unit-{key}.npz"))
 
 
 def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: list[EvalCase] | None = None,
                    doses=DOSES, draws: int = DRAWS, seed: int = EVALUATION_SEED,
                    bm3d_sigma_hu: float | None = None, device: str = "auto", max_slices: int | None = None,
                    progress: bool = True, workers: int | None = None, tta: bool = False, resamples: int = 2000,
-                   bm3d_candidates_hu=BM3D_SIGMAS_HU) -> dict:
+                   bm3d_candidates_hu=BM3D_SIGMAS_HU, cache: Path | None = None,
+                   max_minutes: float | None = None) -> dict:
     """Evaluate every method on every case, dose and draw; write ``output_json``, ``figure`` and the figure's
-    data (``<output_json stem>_figure.npz``, to draw elsewhere when matplotlib is missing)."""
+    data (``<output_json stem>_figure.npz``, to draw elsewhere when matplotlib is missing).
+
+    With ``cache``, finished (case, dose, draw) units are kept in that folder and skipped by a later call with
+    the same settings; with ``max_minutes`` the call stops between units once the budget is spent and raises
+    :class:`EvaluationIncomplete` (call again to continue).
+    """
     from .checkpoint import load_checkpoint
     from .infer import denoise_slices, resolve_device
 
+    started = time.time()
     device = str(resolve_device(device))
     workers = workers or max(1, len(os.sched_getaffinity(0)))
     if cases is None:
@@ -385,50 +469,75 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
         logger.warning("no %s among the cases: no headline numbers", TEST_CASE)
     doses = [float(d) for d in doses]
     headline = HEADLINE_DOSE if HEADLINE_DOSE in doses else doses[0]
-    if bm3d_sigma_hu is None:
-        bm3d_tuned, tuning_source = tune_bm3d_per_dose(cases, doses, seed, device, workers, bm3d_candidates_hu)
-    else:
-        bm3d_tuned = {d: {"sigma_hu": float(bm3d_sigma_hu), "psnr_tried": {}} for d in doses}
-        tuning_source = "given on the command line"
-    models = {name: load_checkpoint(Path(weights) / name) for name in MODEL_METHODS}
+    store = UnitCache(cache, {"weights": str(Path(weights).resolve()), "cases": [[c.name, list(c.hu.shape)]
+                                                                                for c in cases],
+                              "doses": doses, "draws": draws, "seed": seed, "tta": tta, "bm3d_sigma": bm3d_sigma_hu,
+                              "candidates": list(bm3d_candidates_hu)})
+    figure_data = (store.folder or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
+    pool = bm3d_pool(workers) if workers > 1 else None
+    try:
+        bm3d_tuned = store.load_json("bm3d.json")
+        if bm3d_tuned is not None:
+            bm3d_tuned, tuning_source = {float(d): v for d, v in bm3d_tuned["tuned"].items()}, bm3d_tuned["source"]
+        elif bm3d_sigma_hu is None:
+            bm3d_tuned, tuning_source = tune_bm3d_per_dose(cases, doses, seed, device, pool, bm3d_candidates_hu)
+        else:
+            bm3d_tuned = {d: {"sigma_hu": float(bm3d_sigma_hu), "psnr_tried": {}} for d in doses}
+            tuning_source = "given on the command line"
+        store.save_json("bm3d.json", {"tuned": {str(d): v for d, v in bm3d_tuned.items()}, "source": tuning_source})
+        models = {name: load_checkpoint(Path(weights) / name) for name in MODEL_METHODS}
+        headline_result = store.load_json("headline.json") or {}
+        units: dict[tuple, tuple[dict, dict]] = {}
+        for case in cases:
+            roi = noise_roi(case.hu, metrics.body_mask(case.hu))
+            for dose in doses:
+                for draw in range(draws):
+                    key = store.key(case.name, dose, draw)
+                    is_headline = case.name == TEST_CASE and dose == headline and draw == 0
+                    done = store.load_unit(key)
+                    if done is not None and (headline_result or not is_headline):
+                        units[case.name, dose, draw] = done
+                        continue
+                    if max_minutes is not None and time.time() - started > 60 * max_minutes:
+                        raise EvaluationIncomplete(f"stopped after {max_minutes} min with {len(units)} units done")
+                    low = simulate_case(case, dose, case_seed(seed, case.name, dose, draw), device)
+                    outputs = {"ldct": low, "bm3d": bm3d_denoise(low, bm3d_tuned[dose]["sigma_hu"], pool=pool)}
+                    for name, model in models.items():
+                        outputs[name] = denoise_slices(model, low, device=device, batch_size=8, tta=tta)
+                    scores = {name: per_slice_scores(out, case.hu) for name, out in outputs.items()}
+                    sigmas = {name: _roi_sigma(out, roi) for name, out in {"ndct": case.hu, **outputs}.items()
+                              } if roi.any() else {}
+                    if is_headline:
+                        headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
+                        context = headline_result.pop("_context")
+                        explanations = explanation_metrics(context)
+                        if explanations is not None:
+                            headline_result["explanations"] = explanations
+                        _save_figure_data({"ndct": case.hu, **outputs}, case, figure_data, dose)
+                        store.save_json("headline.json", headline_result)
+                    store.save_unit(key, scores, sigmas)
+                    units[case.name, dose, draw] = scores, sigmas
+                    logger.info("%s dose %s draw %d done", case.name, dose, draw)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
     per_case: dict = {}
-    blocks: dict[float, dict[str, list]] = {d: {"validation": []} for d in doses}
-    headline_result: dict = {}
-    figure_images = None
+    pooled_blocks: dict[float, list] = {d: [] for d in doses}
     for case in cases:
         per_case[case.name] = {"role": case.role, "slices": int(case.hu.shape[0]), "doses": {}}
         for dose in doses:
-            per_slice: dict = {m: {} for m in METHOD_ORDER}
-            sigmas: dict[str, list] = {m: [] for m in ("ndct", *METHOD_ORDER)}
-            roi = noise_roi(case.hu, metrics.body_mask(case.hu))
-            for draw in range(draws):
-                low = simulate_case(case, dose, case_seed(seed, case.name, dose, draw), device)
-                outputs = {"ldct": low, "bm3d": bm3d_denoise(low, bm3d_tuned[dose]["sigma_hu"], workers=workers)}
-                for name, model in models.items():
-                    outputs[name] = denoise_slices(model, low, device=device, batch_size=8, tta=tta)
-                for name, out in outputs.items():
-                    for window, values in per_slice_scores(out, case.hu).items():
-                        for metric, array in values.items():
-                            per_slice[name].setdefault(window, {}).setdefault(metric, []).append(array)
-                    if roi.any():
-                        sigmas[name].append(_roi_sigma(out, roi))
-                if roi.any():
-                    sigmas["ndct"].append(_roi_sigma(case.hu, roi))
-                if case.name == TEST_CASE and dose == headline and draw == 0:
-                    headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
-                    figure_images = {"ndct": case.hu, **outputs}
-                logger.info("%s dose %s draw %d done", case.name, dose, draw)
-            per_slice = {m: {w: {k: np.stack(v) for k, v in ws.items()} for w, ws in ms.items()}
-                         for m, ms in per_slice.items()}
+            draws_of = [units[case.name, dose, draw] for draw in range(draws)]
+            per_slice = {m: {w: {k: np.stack([d[0][m][w][k] for d in draws_of]) for k in ks}
+                             for w, ks in ws.items()} for m, ws in draws_of[0][0].items()}
             summary = summarise(per_slice, resamples=resamples, seed=seed)
-            summary["noise_sigma_hu"] = {m: _mean(v) for m, v in sigmas.items() if v}
+            summary["noise_sigma_hu"] = {m: _mean([d[1][m] for d in draws_of]) for m in draws_of[0][1]}
             summary["bm3d_sigma_hu"] = bm3d_tuned[dose]["sigma_hu"]
             per_case[case.name]["doses"][str(dose)] = summary
             if case.role == "validation":
-                blocks[dose]["validation"].append(per_slice)
-    pooled = {str(d): summarise(_pool(b["validation"]), resamples=resamples, seed=seed)
-              for d, b in blocks.items() if b["validation"]}
+                pooled_blocks[dose].append(per_slice)
+    pooled = {str(d): summarise(_pool(blocks), resamples=resamples, seed=seed)
+              for d, blocks in pooled_blocks.items() if blocks}
     result = {
         "test_volume": TEST_CASE,
         "dose": headline,
@@ -445,15 +554,21 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                     "langmamba.simulate (noise insertion) with seeds from evaluate.case_seed; differences and "
                     "gains: paired percentile bootstrap 95 % intervals over slices (scores averaged over draws "
                     "first); noise σ in uniform soft-tissue squares chosen on the smoothed normal dose; BM3D σ "
-                    "per dose tuned on the validation cases only",
+                    "per dose tuned on the validation cases only; the top-level tables: lung2, headline dose, "
+                    "draw 0",
     }
-    explanations = explanation_metrics(headline_result.pop("_context")) if "_context" in headline_result else None
-    result.pop("_context", None)
-    if explanations is not None:
-        result["explanations"] = explanations
+    if "explanations" in result:  # the language-space section goes last, after the denoising results
+        result["explanations"] = result.pop("explanations")
     write_json(result, output_json)
-    if figure_images is not None:
-        _write_figure(figure_images, cases, Path(output_json), Path(figure), headline)
+    if figure_data.exists():
+        beside = Path(output_json).with_name(figure_data.name)
+        if beside != figure_data:
+            beside.write_bytes(figure_data.read_bytes())
+        if importlib.util.find_spec("matplotlib") is None:
+            logger.warning("matplotlib is not installed: draw the figure elsewhere with "
+                           "`langmamba evaluate --draw-figure %s`", beside)
+        else:
+            draw_figure(beside, figure)
     return result
 
 
@@ -478,8 +593,8 @@ def _headline(case: EvalCase, outputs: dict, models: dict, device: str, bm3d: di
     }
 
 
-def _write_figure(images: dict, cases: list[EvalCase], output_json: Path, figure: Path, dose: float) -> None:
-    case = next(c for c in cases if c.name == TEST_CASE)
+def _save_figure_data(images: dict, case: EvalCase, path: Path, dose: float) -> None:
+    """The shown slice of every method (the tumour's middle slice) and the zoom box, for :func:`draw_figure`."""
     label = case.label if case.label is not None else np.zeros(case.hu.shape, bool)
     lesion_slices = np.nonzero(label.any(axis=(1, 2)))[0]
     shown = int(lesion_slices[len(lesion_slices) // 2]) if len(lesion_slices) else case.hu.shape[0] // 2
@@ -489,15 +604,10 @@ def _write_figure(images: dict, cases: list[EvalCase], output_json: Path, figure
             **{f"image/{n}": np.asarray(im[shown], np.float32) for n, im in images.items()}}
     if crop is not None:
         data["crop"] = np.array([[crop[0].start, crop[0].stop], [crop[1].start, crop[1].stop]])
-    figure_data = output_json.with_name(output_json.stem + "_figure.npz")
-    tmp = figure_data.with_name(f".{figure_data.stem}.tmp.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez_compressed(tmp, **data)
-    os.replace(tmp, figure_data)
-    if importlib.util.find_spec("matplotlib") is None:
-        logger.warning("matplotlib is not installed: draw the figure elsewhere with "
-                       "`langmamba evaluate --draw-figure %s`", figure_data)
-        return
-    draw_figure(figure_data, figure)
+    os.replace(tmp, path)
 
 
 def markdown_table(result: dict) -> str:
