@@ -103,10 +103,14 @@ def test_ema_follows_the_formula_with_its_warm_up():
 
 
 def test_split_uses_roles_and_never_the_test_case(monkeypatch):
-    roles = {"a": "train", "b": "validation", "lung2": "test"}
-    slices = _slices(("a", "b", "lung2"), roles=roles)
+    roles = {"a": "training", "b": "validation", "c": "validation", "lung2": "test"}
+    slices = _slices(("a", "b", "c", "lung2"), roles=roles)
     train, validation = train_data.split_slices(slices, DataConfig(validation_patients=None), seed=0)
-    assert {s.patient for s in train} == {"a"} and {s.patient for s in validation} == {"b"}
+    assert {s.patient for s in train} == {"a"} and {s.patient for s in validation} == {"b", "c"}
+    _, narrowed = train_data.split_slices(slices, DataConfig(validation_patients=["c"]), seed=0)
+    assert {s.patient for s in narrowed} == {"c"}
+    with pytest.raises(ConfigError, match="not validation patients"):
+        train_data.split_slices(slices, DataConfig(validation_patients=["a"]), seed=0)
     plain = _slices(("a", "b", "lung2"))
     train, validation = train_data.split_slices(plain, DataConfig(validation_patients=["b"]), seed=0)
     assert "lung2" not in {s.patient for s in train + validation}
@@ -169,3 +173,11 @@ def test_resume_continues_weights_average_and_noise_exactly(tmp_path, monkeypatc
     for name, tensor in a["ema"]["weights"].items():  # bit for bit: the same weights, average and noise stream
         assert torch.equal(tensor, b["ema"]["weights"][name]), name
     assert a["data"]["batches"] == b["data"]["batches"] == 6
+
+
+def test_validation_slices_are_shared_out_over_patients():
+    slices = _slices(("long",), per_patient=10) + _slices(("one", "two"), per_patient=1)
+    picked = train_data.pick_validation(slices, 5)
+    names = [s.patient for s in picked]
+    assert len(picked) == 5 and names.count("one") == names.count("two") == 1 and names.count("long") == 3
+    assert len(train_data.pick_validation(slices, 50)) == 12

@@ -9,6 +9,7 @@ in the image, so one model serves every dose of the range.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -69,29 +70,61 @@ def _centre_crop(s: CTSlice, size: int) -> CTSlice:
         top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
         return image[top:top + size, left:left + size]
 
-    cropped = CTSlice(full=crop(s.full), low=crop(s.low), label=crop(s.label), spacing_mm=s.spacing_mm,
-                      patient=s.patient, words=s.words)
-    if hasattr(s, "role"):
+    changes = {"full": crop(s.full), "low": crop(s.low), "label": crop(s.label)}
+    if hasattr(s, "offset"):  # where the crop sits in the uncropped slice
+        top, left = max(0, (s.full.shape[0] - size) // 2), max(0, (s.full.shape[1] - size) // 2)
+        changes["offset"] = (s.offset[0] + top, s.offset[1] + left)
+    cropped = dataclasses.replace(s, **changes)
+    if hasattr(s, "role") and not hasattr(cropped, "role"):
         cropped.role = s.role
     return cropped
 
 
 def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[list[CTSlice], list[CTSlice]]:
-    """Training and validation slices, by split role when the slices carry one, else by patient; the test
-    patients are dropped either way (and an explicit request to use them is refused)."""
+    """Training and validation slices: by their fixed split role when every slice carries one (the prepared set
+    of the data issue; ``data.validation_patients`` may then narrow validation to some of its patients, never
+    move a training patient into it), else by patient. The test patients are never used, and naming one as a
+    validation patient is refused."""
     named = set(config.validation_patients or [])
     if named & set(TEST_PATIENTS):
         raise ConfigError(f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
                           "it is held out for the final evaluation")
-    slices = [s for s in slices if s.patient not in TEST_PATIENTS and getattr(s, "role", None) != "test"]
-    roles = {getattr(s, "role", None) for s in slices}
-    if config.validation_patients is None and roles & {"validation"}:
-        train = [s for s in slices if s.role in ("train", "training")]
-        validation = [s for s in slices if s.role == "validation"]
+    if slices and all(getattr(s, "role", None) for s in slices):
+        train = [s for s in slices if s.role in ("training", "train") and s.patient not in TEST_PATIENTS]
+        validation = [s for s in slices if s.role == "validation" and s.patient not in TEST_PATIENTS]
+        if config.validation_patients is not None:
+            wrong = sorted(named - {s.patient for s in validation})
+            if wrong:
+                raise ConfigError(f"data.validation_patients {wrong} are not validation patients of the fixed "
+                                  f"split; validation patients: {sorted({s.patient for s in validation})} (or "
+                                  "leave the setting unset)")
+            validation = [s for s in validation if s.patient in named]
         if not train:
-            raise ConfigError("the prepared set has validation slices but no slice with the training role")
+            raise ConfigError("the data has split roles but no slice with the training role")
         return train, validation
+    slices = [s for s in slices if s.patient not in TEST_PATIENTS]
     return split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
+
+
+def pick_validation(validation: list[CTSlice], count: int) -> list[CTSlice]:
+    """At most ``count`` validation slices, shared out over the patients (each gets about the same number,
+    spread evenly over its slices), so a single-slice patient is validated as well as a long series."""
+    by_patient: dict[str, list[CTSlice]] = {}
+    for s in validation:
+        by_patient.setdefault(s.patient, []).append(s)
+    quota = {p: 0 for p in by_patient}
+    remaining = min(count, len(validation))
+    while remaining:
+        for p in sorted(by_patient, key=lambda p: (quota[p], p)):
+            if quota[p] < len(by_patient[p]):
+                quota[p] += 1
+                remaining -= 1
+                break
+    picked = []
+    for p, members in by_patient.items():
+        if quota[p]:
+            picked += [members[i] for i in np.unique(np.linspace(0, len(members) - 1, quota[p]).round().astype(int))]
+    return picked
 
 
 def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str,
@@ -154,8 +187,7 @@ class TrainingData:
               validation_slices: int = 8) -> "TrainingData":
         slices, language = load_slices(config)
         train, validation = split_slices(slices, config, seed)
-        step = max(1, len(validation) // max(1, validation_slices))
-        validation = validation[::step][:validation_slices]
+        validation = pick_validation(validation, validation_slices)
         logger.info("training on %d slices of %d patients; validating on %d slices of %d patients", len(train),
                     len({s.patient for s in train}), len(validation), len({s.patient for s in validation}))
         simulation_device = "cuda" if device.type == "cuda" else "cpu"
