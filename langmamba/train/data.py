@@ -155,7 +155,10 @@ def simulate_on_device(full_hu: torch.Tensor, spacing_mm: tuple[float, float], d
 
     The one place training calls the simulator: swap in a device-resident batch API here when there is one.
     """
-    low = simulate_batch(full_hu, spacing_mm, dose, seed=seed, device=full_hu.device)
+    # A generator on the training device draws the noise there (a CPU one would draw ~1M values per slice on the
+    # host every step); the seed still fixes the draws, so resumed runs repeat them.
+    generator = torch.Generator(device=full_hu.device).manual_seed(seed) if full_hu.device.type == "cuda" else seed
+    low = simulate_batch(full_hu, spacing_mm, dose, seed=generator, device=full_hu.device)
     return torch.as_tensor(low).to(full_hu.device, non_blocking=True)
 
 
