@@ -3,8 +3,9 @@
 ``langmamba evaluate --export-npz FILE`` writes it where the data lives (it reads DICOM/NRRD); the evaluation
 then runs from the file on a machine with only numpy, scipy, torch and bm3d (a GPU host without the imaging
 stack). Arrays per case ``c``: ``c/hu`` (Z, H, W) int16 HU (float32 where not integral), ``c/spacing_mm``
-(row, column), ``c/role`` (``test`` or ``validation``), optional ``c/label`` (Z, H, W) lesion mask. Slices of
-one case share their shape; a validation patient whose slices differ in shape becomes one case per shape.
+(row, column), ``c/role`` (``test`` or ``validation``), optional ``c/label`` (Z, H, W) lesion mask. Validation
+slices body-cropped by the prepared set are put back at their offset on an air (-1000 HU) canvas, so one patient
+is one case.
 """
 
 from __future__ import annotations
@@ -78,19 +79,31 @@ def validation_cases(prepared: str | Path, patients: list[str] | None = None,
         raise InputError(f"{TEST_CASE} is the test case; it cannot be a validation patient")
     groups: dict[tuple, list] = {}
     for s in chosen:
-        groups.setdefault((s.patient, s.full.shape, tuple(s.spacing_mm)), []).append(s)
+        groups.setdefault((s.patient, tuple(s.spacing_mm)), []).append(s)
     cases = []
-    shapes_per_patient: dict[str, int] = {}
-    for (patient, _, spacing), members in groups.items():
-        shapes_per_patient[patient] = shapes_per_patient.get(patient, 0) + 1
+    for (patient, spacing), members in groups.items():
         members = [members[i] for i in _spread(len(members), max_slices)]
-        name = patient if shapes_per_patient[patient] == 1 else f"{patient}#{shapes_per_patient[patient]}"
-        labels = [s.label for s in members]
-        label = np.stack([np.zeros(s.full.shape, bool) if lab is None else lab > 0 for s, lab in
-                          zip(members, labels)]) if any(lab is not None for lab in labels) else None
-        cases.append(EvalCase(name, np.stack([s.full for s in members]).astype(np.float32),
-                              (float(spacing[0]), float(spacing[1])), "validation", label))
+        hu, label = _place(members)
+        name = patient if sum(key[0] == patient for key in groups) == 1 else f"{patient}@{spacing[0]:.3f}mm"
+        cases.append(EvalCase(name, hu, (float(spacing[0]), float(spacing[1])), "validation", label))
     return cases
+
+
+def _place(members: list) -> tuple[np.ndarray, np.ndarray | None]:
+    """Slices of one patient on one canvas: body crops go back to their offset in the uncropped slice, the rest
+    of the canvas is air (-1000 HU), so slices cropped to different boxes stack into one (Z, H, W) case."""
+    offsets = [tuple(getattr(s, "offset", None) or (0, 0)) for s in members]
+    height = max(o[0] + s.full.shape[0] for o, s in zip(offsets, members))
+    width = max(o[1] + s.full.shape[1] for o, s in zip(offsets, members))
+    hu = np.full((len(members), height, width), -1000.0, np.float32)
+    has_label = any(s.label is not None for s in members)
+    label = np.zeros(hu.shape, bool) if has_label else None
+    for z, ((top, left), s) in enumerate(zip(offsets, members)):
+        rows, cols = s.full.shape
+        hu[z, top:top + rows, left:left + cols] = s.full
+        if s.label is not None:
+            label[z, top:top + rows, left:left + cols] = s.label > 0
+    return hu, label
 
 
 def _compact(hu: np.ndarray) -> np.ndarray:

@@ -117,3 +117,23 @@ def test_quick_evaluation_end_to_end(tmp_path):
     assert "0.25" in result["evaluation"]["validation_pooled"]
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "metrics_figure.npz").is_file()
+
+
+def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
+    from langmamba.data import CTSlice
+    from langmamba.eval_cases import validation_cases
+    from langmamba.train import prepare
+
+    a = CTSlice(full=np.full((20, 30), 50.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")
+    b = CTSlice(full=np.full((25, 20), 70.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")
+    train = CTSlice(full=np.zeros((20, 20), np.float32), spacing_mm=(0.8, 0.8), patient="t")
+    a.offset, b.offset = (5, 0), (0, 12)
+    for s, role in ((a, "validation"), (b, "validation"), (train, "training")):
+        s.role = role
+    monkeypatch.setattr(prepare, "load_prepared", lambda path: ([a, b, train], {}))
+    (case,) = validation_cases("set.npz")
+    assert case.name == "v" and case.hu.shape == (2, 25, 32) and case.role == "validation"
+    assert np.all(case.hu[0, 5:25, 0:30] == 50) and np.all(case.hu[1, 0:25, 12:32] == 70)
+    assert case.hu[0, 0, 0] == -1000 and case.hu[1, 0, 0] == -1000
+    with pytest.raises(InputError, match="not in"):
+        validation_cases("set.npz", patients=["nobody"])
