@@ -139,6 +139,10 @@ def per_slice_scores(output: np.ndarray, reference: np.ndarray) -> dict[str, dic
             for name, window in metrics.WINDOWS.items()}
 
 
+def _scores_job(args: tuple[np.ndarray, np.ndarray]) -> dict:
+    return per_slice_scores(*args)
+
+
 @torch.no_grad()
 def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu") -> np.ndarray:
     """Token id of every finest-level region, (Z, h, w), from the LangMamba's frozen LangAE."""
@@ -504,7 +508,8 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                     outputs = {"ldct": low, "bm3d": bm3d_denoise(low, bm3d_tuned[dose]["sigma_hu"], pool=pool)}
                     for name, model in models.items():
                         outputs[name] = denoise_slices(model, low, device=device, batch_size=8, tta=tta)
-                    scores = {name: per_slice_scores(out, case.hu) for name, out in outputs.items()}
+                    mapper = pool.map if pool is not None else map
+                    scores = dict(zip(outputs, mapper(_scores_job, [(out, case.hu) for out in outputs.values()])))
                     sigmas = {name: _roi_sigma(out, roi) for name, out in {"ndct": case.hu, **outputs}.items()
                               } if roi.any() else {}
                     if is_headline:
