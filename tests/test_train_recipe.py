@@ -181,3 +181,21 @@ def test_validation_slices_are_shared_out_over_patients():
     names = [s.patient for s in picked]
     assert len(picked) == 5 and names.count("one") == names.count("two") == 1 and names.count("long") == 3
     assert len(train_data.pick_validation(slices, 50)) == 12
+
+
+def test_slices_of_different_sizes_are_simulated_together_and_cut_back(monkeypatch):
+    small = CTSlice(full=_phantom(1, size=72), spacing_mm=(1.5, 1.5), patient="a")
+    big = CTSlice(full=_phantom(2, size=96), spacing_mm=(1.5, 1.5), patient="a")
+    calls = []
+
+    def record(full_hu, spacing_mm, dose, seed):
+        calls.append(full_hu.clone())
+        return full_hu + 5.0
+
+    data = _data(monkeypatch, slices=[small, big, *_slices(("c",))])
+    monkeypatch.setattr(train_data, "simulate_on_device", record)
+    lows = data._low_dose([0, 1])
+    assert len(calls) == 1 and calls[0].shape == (2, 96, 96)
+    assert calls[0][0, 0, 0] == -1000  # the air canvas around the smaller slice
+    for low, s in zip(lows, (small, big)):
+        assert low.shape == s.full.shape and torch.equal(low, torch.as_tensor(s.full) + 5.0)

@@ -1,7 +1,7 @@
 """Training data on the training device: slices, fresh simulated low dose for every batch, patches, validation.
 
 Every batch is new: ``batch_size / patches_per_slice`` whole normal-dose slices are drawn, simulated at a dose
-drawn uniformly from ``[dose, dose_max]`` (one draw per group of slices that share spacing and shape) on the
+drawn uniformly from ``[dose, dose_max]`` (one draw per group of slices that share their pixel spacing) on the
 training device, and ``patches_per_slice`` body patches are cut from each and given one of the 8 dihedral
 flips/rotations. The denoisers are blind to the dose (none of them takes it as an input): the noise level is
 in the image, so one model serves every dose of the range.
@@ -232,8 +232,12 @@ class TrainingData:
         return batch[:, :1].contiguous(), batch[:, 1:].contiguous(), which[:batch_size]
 
     def _low_dose(self, chosen: list[int]) -> list[torch.Tensor]:
-        """Fresh low-dose HU ``(H, W)`` per chosen slice: simulated together per spacing and shape, each group at
-        its own dose; real low-dose partners where the data has them."""
+        """Fresh low-dose HU ``(H, W)`` per chosen slice, simulated together per pixel spacing (each group at its
+        own dose); real low-dose partners where the data has them.
+
+        Slices of one spacing but different sizes (body crops) are centred on one air (-1000 HU) canvas for the
+        simulation and cut back out: air attenuates nothing, so the padding does not change the noise.
+        """
         lows: list[torch.Tensor | None] = [None] * len(chosen)
         groups: dict[tuple, list[int]] = {}
         for k, index in enumerate(chosen):
@@ -241,14 +245,21 @@ class TrainingData:
             if s.low is not None:
                 lows[k] = self._real_low(index)
             else:
-                groups.setdefault((tuple(s.spacing_mm), tuple(self.sampler.images[index].shape)), []).append(k)
-        for (spacing, _), members in groups.items():
-            stack = torch.stack([self.sampler.images[chosen[k]][0] for k in members])
+                groups.setdefault(tuple(s.spacing_mm), []).append(k)
+        for spacing, members in groups.items():
+            images = [self.sampler.images[chosen[k]][0] for k in members]
+            height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+            stack = images[0].new_full((len(images), height, width), -1000.0)
+            boxes = []
+            for n, image in enumerate(images):
+                top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
+                stack[n, top:top + image.shape[0], left:left + image.shape[1]] = image
+                boxes.append((slice(top, top + image.shape[0]), slice(left, left + image.shape[1])))
             dose = draw_dose(self.config, self.rng)
             seed = int(self.rng.integers(0, 2**62))
             simulated = simulate_on_device(stack, spacing, dose, seed)
-            for k, image in zip(members, simulated):
-                lows[k] = image
+            for k, image, box in zip(members, simulated, boxes):
+                lows[k] = image[box]
         return lows
 
     def _real_low(self, index: int) -> torch.Tensor:
