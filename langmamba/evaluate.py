@@ -419,25 +419,30 @@ class UnitCache:
     def key(case: str, dose: float, draw: int) -> str:
         return f"{zlib.crc32(case.encode()):08x}-{round(1000 * dose):04d}-{draw}"
 
-    def load_unit(self, key: str) -> tuple[dict, dict] | None:
+    def load_unit(self, key: str) -> tuple[dict, dict, dict] | None:
+        """``(scores, noise σ, seconds)`` of a finished unit, or ``None``."""
         if self.folder is None or not self._path(f"unit-{key}.npz").exists():
             return None
         scores: dict = {}
         sigmas: dict = {}
+        seconds: dict = {}
         with np.load(self._path(f"unit-{key}.npz"), allow_pickle=False) as archive:
             for name in archive.files:
                 kind, method, *rest = name.split("/")
                 if kind == "sigma":
                     sigmas[method] = float(archive[name])
+                elif kind == "seconds":
+                    seconds[method] = float(archive[name])
                 else:
                     scores.setdefault(method, {}).setdefault(rest[0], {})[rest[1]] = archive[name]
-        return scores, sigmas
+        return scores, sigmas, seconds
 
-    def save_unit(self, key: str, scores: dict, sigmas: dict) -> None:
+    def save_unit(self, key: str, scores: dict, sigmas: dict, seconds: dict) -> None:
         if self.folder is None:
             return
         arrays = {f"score/{m}/{w}/{k}": v for m, ws in scores.items() for w, ks in ws.items() for k, v in ks.items()}
         arrays |= {f"sigma/{m}": np.array(v) for m, v in sigmas.items()}
+        arrays |= {f"seconds/{m}": np.array(v) for m, v in seconds.items()}
         tmp = self._path(f".unit-{key}.tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, self._path(f"unit-{key}.npz"))
@@ -505,9 +510,15 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                     if max_minutes is not None and time.time() - started > 60 * max_minutes:
                         raise EvaluationIncomplete(f"stopped after {max_minutes} min with {len(units)} units done")
                     low = simulate_case(case, dose, case_seed(seed, case.name, dose, draw), device)
+                    clock = time.perf_counter()
                     outputs = {"ldct": low, "bm3d": bm3d_denoise(low, bm3d_tuned[dose]["sigma_hu"], pool=pool)}
+                    seconds = {"bm3d": time.perf_counter() - clock}
                     for name, model in models.items():
+                        clock = time.perf_counter()
                         outputs[name] = denoise_slices(model, low, device=device, batch_size=8, tta=tta)
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        seconds[name] = time.perf_counter() - clock
                     mapper = pool.map if pool is not None else map
                     scores = dict(zip(outputs, mapper(_scores_job, [(out, case.hu) for out in outputs.values()])))
                     sigmas = {name: _roi_sigma(out, roi) for name, out in {"ndct": case.hu, **outputs}.items()
@@ -520,8 +531,8 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                             headline_result["explanations"] = explanations
                         _save_figure_data({"ndct": case.hu, **outputs}, case, figure_data, dose)
                         store.save_json("headline.json", headline_result)
-                    store.save_unit(key, scores, sigmas)
-                    units[case.name, dose, draw] = scores, sigmas
+                    store.save_unit(key, scores, sigmas, seconds)
+                    units[case.name, dose, draw] = scores, sigmas, seconds
                     logger.info("%s dose %s draw %d done", case.name, dose, draw)
     finally:
         if pool is not None:
@@ -553,6 +564,10 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
             "reference_method": REFERENCE_METHOD,
             "bm3d": {str(d): v for d, v in bm3d_tuned.items()}, "bm3d_tuned_on": tuning_source,
             "per_case": per_case, "validation_pooled": pooled,
+            "seconds_per_slice": _seconds_per_slice(units, cases),
+            "timing_note": "wall time per slice of each method on this host (BM3D over all worker processes, "
+                           "models in batches of 8 incl. host-device copies; the first model call includes "
+                           "warm-up); with --tta the models run 8 times",
         },
         "protocol": "per slice PSNR/SSIM in the window scaled to [0, 1] (data range 1), averaged over slices and "
                     f"{draws} noise draws; RMSE in HU after window clipping; low dose simulated by "
@@ -575,6 +590,17 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
         else:
             draw_figure(beside, figure)
     return result
+
+
+def _seconds_per_slice(units: dict, cases: list[EvalCase]) -> dict[str, float]:
+    slices = {c.name: c.hu.shape[0] for c in cases}
+    total: dict[str, float] = {}
+    count = 0
+    for (name, _, _), (_, _, seconds) in units.items():
+        count += slices[name]
+        for method, value in seconds.items():
+            total[method] = total.get(method, 0.0) + value
+    return {method: value / count for method, value in total.items()} if count else {}
 
 
 def _headline(case: EvalCase, outputs: dict, models: dict, device: str, bm3d: dict, tuning_source: str) -> dict:

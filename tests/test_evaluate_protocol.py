@@ -115,6 +115,8 @@ def test_quick_evaluation_end_to_end(tmp_path):
     doses = result["evaluation"]["per_case"]["val"]["doses"]
     assert doses["0.1"]["noise_sigma_hu"]["ldct"] > doses["0.25"]["noise_sigma_hu"]["ldct"] > 0
     assert "0.25" in result["evaluation"]["validation_pooled"]
+    timing = saved["evaluation"]["seconds_per_slice"]
+    assert set(timing) == {"bm3d", "redcnn", "langmamba_no_langda", "langmamba"} and min(timing.values()) > 0
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "metrics_figure.npz").is_file()
 
