@@ -65,11 +65,13 @@ mkdir -p "$RUNS/logs"
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 [[ $smoke == 1 ]] && gpus=0
 
-finished() {  # finished RUN -> exit 0 when status.json says all its steps are done
-  "$PYTHON" - "$RUNS/$1/status.json" <<'EOF'
+finished() {  # finished RUN [STEPS] -> exit 0 when status.json says its steps (STEPS when given) are all done
+  "$PYTHON" - "$RUNS/$1/status.json" "${2:-}" <<'EOF'
 import json, sys
 try:
-    sys.exit(0 if json.load(open(sys.argv[1]))["finished"] else 1)
+    status = json.load(open(sys.argv[1]))
+    wanted = int(sys.argv[2]) if sys.argv[2] else status["steps"]
+    sys.exit(0 if status["step"] >= wanted else 1)
 except (OSError, ValueError, KeyError):
     sys.exit(1)
 EOF
@@ -79,7 +81,11 @@ pids=() names=()
 launch() {  # launch RUN GPU MODEL CONFIG [--set ...]: one resumable training call in the background
   local name=$1 gpu=$2 model=$3 config=$4
   shift 4
-  if finished "$name"; then
+  local wanted=""
+  for arg in "$@"; do
+    [[ "$arg" == optim.steps=* ]] && wanted=${arg#optim.steps=}
+  done
+  if finished "$name" "$wanted"; then
     echo "$name: already finished"
     return
   fi
