@@ -145,7 +145,8 @@ def _scores_job(args: tuple[np.ndarray, np.ndarray]) -> dict:
 
 @torch.no_grad()
 def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu") -> np.ndarray:
-    """Token id of every finest-level region, (Z, h, w), from the LangMamba's frozen LangAE."""
+    """Top word id of every finest-level region, (Z, g_h, g_w), from the LangMamba's frozen LangAE (for the
+    averaging quantizer of the first LangAE, its token)."""
     langae = model.langae.to(device=device, dtype=torch.float32).eval()
     factor = langae.downsample_factor
     ids = []
@@ -153,7 +154,12 @@ def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu"
         x = torch.from_numpy(hu_to_model(np.asarray(hu[start:start + batch_size], np.float32)))[:, None].to(device)
         pad_h, pad_w = -x.shape[-2] % factor, -x.shape[-1] % factor
         x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
-        ids.append(langae.quantize(langae.encode(x)).token_ids[-1].cpu().numpy())
+        if hasattr(langae.quantizer, "word_probabilities"):  # the residual LangAE of the language-space issue
+            out = langae.quantize(langae.encode(x), details=False)
+            level = len(out.region_latents) - 1
+            ids.append(langae.quantizer.word_probabilities(out.region_latents[level], level).argmax(-1).cpu().numpy())
+        else:
+            ids.append(langae.quantize(langae.encode(x)).token_ids[-1].cpu().numpy())
     return np.concatenate(ids)
 
 
@@ -162,18 +168,24 @@ def explanation_stability(model, denoised: np.ndarray, reference: np.ndarray, de
     return float(np.mean(finest_words(model, denoised, device=device) == finest_words(model, reference, device=device)))
 
 
-def explanation_metrics(context: dict) -> dict | None:
-    """The ``explanations`` section of metrics.json, from the language-space issue's evaluation when present.
-
-    Hook: a module ``langmamba.explanation_eval`` with ``evaluate_explanations(**context)``; ``context`` holds
-    ``model`` (the LangMamba), ``normal``, ``low`` and ``denoised`` (lung2, (Z, H, W) HU, headline dose, draw 0),
-    ``label`` (tumour mask), ``spacing_mm`` and ``device``. ``None`` when the module does not exist.
-    """
-    if importlib.util.find_spec("langmamba.explanation_eval") is None:
+def explanation_metrics(weights: Path, model, normal: np.ndarray, low: np.ndarray, denoised: np.ndarray,
+                        label: np.ndarray, *, device: str, max_slices: int | None) -> dict | None:
+    """The ``explanations`` section of metrics.json: :func:`langmamba.evaluate_explanations.evaluate_explanations`
+    of the LangMamba's words on lung2 (headline dose, draw 0), with the reconstruction of the LangAE checkpoint
+    ``weights/langae`` (the shipped LangMamba has no LangAE decoder). ``None`` where that module does not exist
+    (the language-space issue adds it)."""
+    if importlib.util.find_spec("langmamba.evaluate_explanations") is None:
         return None
-    from .explanation_eval import evaluate_explanations
+    from .checkpoint import load_checkpoint
+    from .evaluate_explanations import evaluate_explanations
 
-    return evaluate_explanations(**context)
+    command = f"langmamba evaluate --weights {weights}" + (f" --slices {max_slices}" if max_slices else "")
+    result = evaluate_explanations(model, normal, low, denoised, label, device=device, command=command)
+    if (Path(weights) / "langae").is_dir():
+        langae = evaluate_explanations(load_checkpoint(Path(weights) / "langae"), normal, low, device=device,
+                                       flags=False)
+        result["reconstruction"] = {"checkpoint": "langae", **langae["reconstruction"]}
+    return result
 
 
 def _bm3d_slice(args: tuple[np.ndarray, float]) -> np.ndarray:
@@ -526,7 +538,9 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                     if is_headline:
                         headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
                         context = headline_result.pop("_context")
-                        explanations = explanation_metrics(context)
+                        explanations = explanation_metrics(Path(weights), context["model"], context["normal"],
+                                                           context["low"], context["denoised"], context["label"],
+                                                           device=device, max_slices=max_slices)
                         if explanations is not None:
                             headline_result["explanations"] = explanations
                         _save_figure_data({"ndct": case.hu, **outputs}, case, figure_data, dose)
@@ -620,7 +634,7 @@ def _headline(case: EvalCase, outputs: dict, models: dict, device: str, bm3d: di
         "bm3d_sigma_tuning_psnr": bm3d["psnr_tried"],
         "bm3d_sigma_tuned_on": tuning_source,
         "_context": {"model": langmamba, "normal": case.hu, "low": outputs["ldct"], "denoised": outputs["langmamba"],
-                     "label": case.label, "spacing_mm": case.spacing_mm, "device": device},
+                     "label": case.label},
     }
 
 

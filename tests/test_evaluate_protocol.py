@@ -11,6 +11,7 @@ from langmamba.baselines import REDCNN
 from langmamba.checkpoint import save_checkpoint
 from langmamba.errors import InputError
 from langmamba.eval_cases import EvalCase, load_cases, save_cases
+from langmamba import evaluate
 from langmamba.evaluate import EvaluationIncomplete, lesion_crop, run_evaluation
 from langmamba.infer import dihedral_average
 from tests.test_seed import small_langmamba
@@ -77,7 +78,14 @@ def test_lesion_crop_is_a_square_around_the_lesion():
     assert lesion_crop(np.zeros((10, 10), bool)) is None
 
 
-def test_quick_evaluation_end_to_end(tmp_path):
+def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
+    hook_calls = []
+
+    def hook(weights, model, normal, low, denoised, label, *, device, max_slices):
+        hook_calls.append({"normal": normal, "label": label})
+        return {"words": "checked"}
+
+    monkeypatch.setattr(evaluate, "explanation_metrics", hook)
     weights = tmp_path / "weights"
     for name in ("langmamba", "langmamba_no_langda"):  # untrained: the global residual makes them the identity
         save_checkpoint(small_langmamba(), weights / name)
@@ -99,7 +107,10 @@ def test_quick_evaluation_end_to_end(tmp_path):
     assert saved["evaluation"]["draws"] == 2 and saved["dose"] == 0.25
     for key in ("window_-160_240", "window_-1000_1000", "noise_sigma_hu", "lesion_cnr", "bm3d_sigma_hu"):
         assert key in saved  # the keys the model card reads stay
-    assert "explanations" not in saved  # no explanation module in this checkout
+    # The explanations hook saw lung2 at the headline dose (first draw) and its answer is the last section.
+    assert list(saved)[-1] == "explanations" and saved["explanations"] == {"words": "checked"}
+    assert len(hook_calls) == 1 and hook_calls[0]["normal"].shape == hu.shape
+    assert np.array_equal(hook_calls[0]["label"], label)
     assert saved["evaluation"]["bm3d_tuned_on"].startswith("validation cases val")
     section = result["evaluation"]["per_case"]["lung2"]["doses"]["0.1"]["window_-160_240"]
     assert len(section["ldct"]["psnr_per_draw"]) == 2
