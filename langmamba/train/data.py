@@ -90,20 +90,28 @@ def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[
         raise ConfigError(f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
                           "it is held out for the final evaluation")
     if slices and all(getattr(s, "role", None) for s in slices):
-        train = [s for s in slices if s.role in ("training", "train") and s.patient not in TEST_PATIENTS]
-        validation = [s for s in slices if s.role == "validation" and s.patient not in TEST_PATIENTS]
-        if config.validation_patients is not None:
-            wrong = sorted(named - {s.patient for s in validation})
-            if wrong:
-                raise ConfigError(f"data.validation_patients {wrong} are not validation patients of the fixed "
-                                  f"split; validation patients: {sorted({s.patient for s in validation})} (or "
-                                  "leave the setting unset)")
-            validation = [s for s in validation if s.patient in named]
-        if not train:
-            raise ConfigError("the data has split roles but no slice with the training role")
-        return train, validation
+        return split_by_role(slices, config.validation_patients)
     slices = [s for s in slices if s.patient not in TEST_PATIENTS]
     return split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
+
+
+def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None = None
+                  ) -> tuple[list[CTSlice], list[CTSlice]]:
+    """The fixed patient-level split carried by prepared slices (``role``): training and validation slices by
+    their role; test slices and test patients are never used. ``validation_patients`` may narrow validation to
+    some of its patients, never move a training patient into it."""
+    train = [s for s in slices if s.role in ("training", "train") and s.patient not in TEST_PATIENTS]
+    validation = [s for s in slices if s.role == "validation" and s.patient not in TEST_PATIENTS]
+    if validation_patients is not None:
+        known = {s.patient for s in validation}
+        wrong = sorted(set(validation_patients) - known)
+        if wrong:
+            raise ConfigError(f"data.validation_patients {wrong} are not validation patients of the fixed split; "
+                              f"validation patients: {sorted(known)} (or leave the setting unset)")
+        validation = [s for s in validation if s.patient in set(validation_patients)]
+    if not train:
+        raise ConfigError("the data has split roles but no slice with the training role")
+    return train, validation
 
 
 def pick_validation(validation: list[CTSlice], count: int) -> list[CTSlice]:
