@@ -199,3 +199,19 @@ def test_slices_of_different_sizes_are_simulated_together_and_cut_back(monkeypat
     assert calls[0][0, 0, 0] == -1000  # the air canvas around the smaller slice
     for low, s in zip(lows, (small, big)):
         assert low.shape == s.full.shape and torch.equal(low, torch.as_tensor(s.full) + 5.0)
+
+
+def test_a_changed_validation_set_restarts_the_best_comparison(tmp_path, monkeypatch):
+    scores = iter([30.0, 31.0, 25.0, 20.0])
+    monkeypatch.setattr(engine, "validate", lambda task, model, data, device: {"val_psnr": next(scores),
+                                                                               "val_ssim": 0.5})
+    out = tmp_path / "run"
+    settings = QUICK + ["run.validate_every=2", "run.checkpoint_every=2", f"run.output={out}"]
+    train(load_config(overrides=settings + ["optim.steps=4"]), progress=False)
+    assert json.loads((out / "status.json").read_text())["best_step"] == 4
+    train(load_config(overrides=settings + ["optim.steps=5"]), progress=False)  # same set: 25 dB does not win
+    assert json.loads((out / "status.json").read_text())["best_step"] == 4
+    # Resumed with other validation noise: the 20 dB at step 6 is not compared with the 31 dB of another set.
+    train(load_config(overrides=settings + ["optim.steps=6", "data.validation_doses=[0.1]"]), progress=False)
+    status = json.loads((out / "status.json").read_text())
+    assert status["best_step"] == 6 and status["best_val_psnr"] == 20.0

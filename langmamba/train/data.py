@@ -10,6 +10,7 @@ in the image, so one model serves every dose of the range.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
         from .prepare import load_prepared
 
         slices, language = load_prepared(config.root)
+    elif config.source == "cases":
+        from ..data.cases import case_slices
+
+        slices = case_slices(slice_step=config.slice_step, margin_px=config.crop_margin_px,
+                             min_size=config.crop_min_px)
     elif config.source == "builtin":
         slices = builtin_training_slices(include_pydicom=config.include_pydicom)
     elif config.source == "npy":
@@ -161,11 +167,10 @@ def simulate_on_device(full_hu: torch.Tensor, spacing_mm: tuple[float, float], d
                        ) -> torch.Tensor:
     """Low-dose realisation of ``full_hu (N, H, W)`` HU on its own device, returned there, ``(N, H, W)`` HU.
 
-    The one place training calls the simulator: swap in a device-resident batch API here when there is one.
+    The one place training calls the simulator. One generator on the slices' own device draws the whole batch:
+    an integer seed would make the simulator draw per-slice noise on the CPU and copy it over (slow on a GPU).
     """
-    # A generator on the training device draws the noise there (a CPU one would draw ~1M values per slice on the
-    # host every step); the seed still fixes the draws, so resumed runs repeat them.
-    generator = torch.Generator(device=full_hu.device).manual_seed(seed) if full_hu.device.type == "cuda" else seed
+    generator = torch.Generator(device=full_hu.device).manual_seed(seed)
     low = simulate_batch(full_hu, spacing_mm, dose, seed=generator, device=full_hu.device)
     return torch.as_tensor(low).to(full_hu.device, non_blocking=True)
 
@@ -278,13 +283,22 @@ class TrainingData:
             low = torch.nn.functional.pad(low[None, None], (0, pad_w, 0, pad_h), mode="reflect")[0, 0]
         return low
 
+    def validation_fingerprint(self) -> str:
+        """Identifies the validation set (slices, doses, noise), so a resumed run knows whether its best score
+        so far is comparable."""
+        digest = hashlib.sha256()
+        for s, low, dose in zip(self.validation, self.validation_low, self.validation_dose):
+            digest.update(f"{s.patient}|{s.full.shape}|{dose}|".encode())
+            digest.update(np.ascontiguousarray(low[::16, ::16], np.float32).tobytes())
+        return digest.hexdigest()[:16]
+
     def state(self) -> dict:
         """What resuming needs to continue the same stream of patches and noise."""
         return {"sampler_rng": self.sampler.generator.get_state(), "noise_rng": self.rng.bit_generator.state,
-                "batches": self.batches}
+                "batches": self.batches, "validation": self.validation_fingerprint()}
 
     def restore(self, state: dict) -> None:
-        self.sampler.generator.set_state(state["sampler_rng"])
+        self.sampler.generator.set_state(torch.as_tensor(state["sampler_rng"]).cpu())
         if "noise_rng" in state:
             self.rng.bit_generator.state = state["noise_rng"]
         self.batches = int(state.get("batches", 0))
