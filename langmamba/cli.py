@@ -141,16 +141,47 @@ def _cmd_select_words(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import markdown_table, run_evaluation
+    from . import eval_cases
+    from .evaluate import EvaluationIncomplete, difference_table, draw_figure, markdown_table, run_evaluation
 
+    if args.draw_figure:
+        print(f"wrote {draw_figure(args.draw_figure, args.figure or Path(args.weights) / 'comparison.png')}")
+        return 0
+    validation_patients = args.validation_patients.split(",") if args.validation_patients else None
+    if args.export_npz:
+        cases = [eval_cases.held_out_case(args.slices)]
+        if args.validation_data:
+            cases += eval_cases.validation_cases(args.validation_data, validation_patients, args.validation_slices)
+        path = eval_cases.save_cases(cases, args.export_npz)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): "
+              + ", ".join(f"{c.name} ({c.role}, {c.hu.shape[0]} slices)" for c in cases))
+        return 0
+    if args.cases:
+        cases = eval_cases.load_cases(args.cases)
+    else:
+        cases = [eval_cases.held_out_case(args.slices)]
+        if args.validation_data:
+            cases += eval_cases.validation_cases(args.validation_data, validation_patients, args.validation_slices)
+    doses = [args.dose] if args.dose is not None else [float(d) for d in args.doses.split(",")]
+    draws, resamples, slices, candidates = args.draws, 2000, args.slices, None
+    if args.quick:  # a few slices, one dose, two draws: checks the pipeline on a CPU in minutes
+        doses, draws, resamples, slices, candidates = doses[:1] if args.dose else [0.25], 2, 200, slices or 2, (15, 30)
     weights = Path(args.weights)
-    result = run_evaluation(weights, Path(args.output or weights / "metrics.json"),
-                            Path(args.figure or weights / "comparison.png"), dose=args.dose, seed=args.seed,
-                            bm3d_sigma_hu=args.bm3d_sigma, device=args.device, max_slices=args.slices)
-    print(f"held-out lung2, {result['slices']} slices, dose {result['dose']}, seed {result['seed']}")
-    print(markdown_table(result))
-    print(f"explanation stability: {result['explanation_stability']:.3f} "
-          f"(without LangDA: {result['explanation_stability_no_langda']:.3f})")
+    kwargs = {"bm3d_candidates_hu": candidates} if candidates else {}
+    try:
+        result = run_evaluation(weights, Path(args.output or weights / "metrics.json"),
+                                Path(args.figure or weights / "comparison.png"), cases=cases, doses=doses,
+                                draws=draws, seed=args.seed, bm3d_sigma_hu=args.bm3d_sigma, device=args.device,
+                                max_slices=slices, workers=args.workers, tta=args.tta, resamples=resamples,
+                                cache=Path(args.cache) if args.cache else None, max_minutes=args.max_minutes,
+                                **kwargs)
+    except EvaluationIncomplete as stopped:
+        print(f"evaluation incomplete ({stopped}); run the same command again to continue from {args.cache}")
+        return 3
+    if "window_-160_240" in result:
+        print(f"held-out lung2, {result['slices']} slices, dose {result['dose']}, seed {result['seed']}, draw 0")
+        print(markdown_table(result))
+    print(difference_table(result))
     return 0
 
 
@@ -290,17 +321,41 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=_cmd_train if name == "train" else _cmd_select_words)
 
     evaluate = sub.add_parser(
-        "evaluate", help="score all methods on the held-out lung2 volume (the model card's table)",
-        description="Simulate a quarter-dose scan of the held-out lung2 volume with a fixed seed, denoise it with "
-                    "BM3D (sigma tuned on lung1), RED-CNN, LangMamba without LangDA and LangMamba, and write "
-                    "metrics.json and a comparison figure.")
+        "evaluate", help="score all methods on the held-out lung2 and the validation patients (the model card)",
+        description="Simulate low-dose scans of the held-out lung2 and of the validation patients at several doses "
+                    "and noise draws, denoise them with BM3D (sigma tuned per dose on the validation cases only), "
+                    "RED-CNN, LangMamba without LangDA and LangMamba, and write metrics.json (with paired bootstrap "
+                    "95%% intervals of every method's difference to LangMamba) and a comparison figure with a "
+                    "zoom on the tumour. --export-npz writes the cases to one file, so a GPU host with only numpy, "
+                    "scipy, torch and bm3d can evaluate from it (--cases).")
     evaluate.add_argument("--weights", default="weights", help="folder with redcnn/, langmamba_no_langda/, langmamba/")
     evaluate.add_argument("--output", help="metrics JSON (default: <weights>/metrics.json)")
     evaluate.add_argument("--figure", help="comparison PNG (default: <weights>/comparison.png)")
-    evaluate.add_argument("--dose", type=float, default=0.25)
+    evaluate.add_argument("--cases", help="evaluation cases .npz written by --export-npz (default: lung2 from the "
+                                          "sample cache plus --validation-data)")
+    evaluate.add_argument("--export-npz", metavar="FILE", help="write lung2 and the validation cases to FILE and stop")
+    evaluate.add_argument("--validation-data", help="prepared training set (.npz) whose validation patients are "
+                                                    "evaluated and tune BM3D")
+    evaluate.add_argument("--validation-patients", help="comma-separated validation patients (default: the set's "
+                                                        "validation role)")
+    evaluate.add_argument("--validation-slices", type=int, default=24, help="at most N slices per validation case")
+    evaluate.add_argument("--doses", default="0.5,0.25,0.1", help="comma-separated dose fractions")
+    evaluate.add_argument("--dose", type=float, default=None, help="a single dose (overrides --doses)")
+    evaluate.add_argument("--draws", type=int, default=3, help="noise draws per case and dose")
     evaluate.add_argument("--seed", type=int, default=20250707)
     evaluate.add_argument("--bm3d-sigma", type=float, default=None, help="BM3D noise sigma in HU (default: tune)")
-    evaluate.add_argument("--slices", type=int, default=None, help="only the central N slices")
+    evaluate.add_argument("--slices", type=int, default=None, help="only the central N slices of lung2 (and the "
+                                                                   "first N of each case read from --cases)")
+    evaluate.add_argument("--workers", type=int, default=None, help="BM3D processes (default: the usable cores)")
+    evaluate.add_argument("--tta", action="store_true", help="average the models over 8 flips/rotations")
+    evaluate.add_argument("--quick", action="store_true", help="2 slices, one dose, 2 draws, small bootstrap: a CPU "
+                                                               "check of the pipeline, not a result")
+    evaluate.add_argument("--draw-figure", metavar="NPZ", help="draw the comparison figure from the *_figure.npz "
+                                                               "an evaluation wrote (where matplotlib is) and stop")
+    evaluate.add_argument("--cache", help="folder keeping finished (case, dose, draw) parts, so a stopped run "
+                                          "continues where it stopped")
+    evaluate.add_argument("--max-minutes", type=float, default=None, help="stop between parts after N minutes "
+                                                                          "(exit code 3; needs --cache to continue)")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_cmd_evaluate)
 

@@ -19,10 +19,22 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device=device, dtype=torch.float32).eval()
 
 
+def dihedral_average(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``model`` over the 8 flips/rotations by 90° of ``x (B, C, H, W)``, each output mapped back."""
+    total = None
+    for flip in (False, True):
+        flipped = torch.flip(x, dims=(-1,)) if flip else x
+        for k in range(4):
+            y = torch.rot90(model(torch.rot90(flipped, k, dims=(-2, -1))), -k, dims=(-2, -1)).float()
+            y = torch.flip(y, dims=(-1,)) if flip else y
+            total = y if total is None else total + y
+    return total / 8
+
+
 @torch.no_grad()
 def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, device: str | torch.device = "auto",
                    progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+                   should_stop: Callable[[], bool] | None = None, tta: bool = False) -> np.ndarray:
     """Denoise ``hu`` (Z, H, W) slice by slice in batches; returns float32 HU of the same shape.
 
     The model sees the paper's normalisation ([-1000, 2000] HU -> [0, 1]); voxels outside that range (metal,
@@ -39,6 +51,8 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
         blend: ``blend * denoised + (1 - blend) * hu``; 1 = denoised only.
         out: float32 ``(Z, H, W)`` array to fill (it may be ``hu`` itself); a new one when ``None``.
         should_stop: called before every batch; when it returns True, :class:`CancelledError` is raised.
+        tta: test-time augmentation: average the model's outputs over the 8 flips/rotations of each slice
+            (8× the compute).
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
@@ -59,7 +73,8 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
             # The HU arithmetic runs where the model does: on a GPU the host only copies voxels in and out.
             chunk = torch.from_numpy(np.ascontiguousarray(hu[start:start + batch_size])).to(device).float()
             with autocast:
-                y = model(hu_to_model(chunk)[:, None])
+                x = hu_to_model(chunk)[:, None]
+                y = dihedral_average(model, x) if tta else model(x)
             result = model_to_hu(y[:, 0].float())
             result = torch.where((chunk < HU_MIN) | (chunk > HU_MAX), chunk, result)
             if blend != 1.0:

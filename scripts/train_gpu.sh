@@ -8,6 +8,9 @@
 #   phase export: half-precision weights laid out like weights/ in $RUNS/weights (langae, langmamba,
 #                 langmamba_no_langda, redcnn), every file at most 16 MiB
 #   phase status: the table only
+#   phase probe:  throughput of SEED (GPU 0, LangDA, on $LANGAE or phase A's LangAE) and RED-CNN (GPU 1) for each
+#                 patch x batch in PROBE ("256x16 256x32 192x32"), PROBE_STEPS (60) steps each, in $RUNS/probe;
+#                 prints patches/s (first logged interval excluded) to choose data.patch_size / optim.batch_size
 #
 # Usage: scripts/train_gpu.sh PHASE... [--smoke]   (PHASE: A, B, export or status; e.g. `A export`)
 #   --smoke: a few CPU steps on out/prep/builtin.npz (tiny models, 128² crops) into runs/gpu_smoke, to check
@@ -31,12 +34,12 @@ phases=()
 smoke=0
 for arg in "$@"; do
   case "$arg" in
-    A|B|export|status) phases+=("$arg") ;;
+    A|B|export|status|probe) phases+=("$arg") ;;
     --smoke) smoke=1 ;;
-    *) echo "usage: $0 A|B|export|status... [--smoke]" >&2; exit 2 ;;
+    *) echo "usage: $0 A|B|export|status|probe... [--smoke]" >&2; exit 2 ;;
   esac
 done
-[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|export|status... [--smoke]" >&2; exit 2; }
+[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|export|status|probe... [--smoke]" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-runs/gpu}
@@ -62,11 +65,13 @@ mkdir -p "$RUNS/logs"
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 [[ $smoke == 1 ]] && gpus=0
 
-finished() {  # finished RUN -> exit 0 when status.json says all its steps are done
-  "$PYTHON" - "$RUNS/$1/status.json" <<'EOF'
+finished() {  # finished RUN [STEPS] -> exit 0 when status.json says its steps (STEPS when given) are all done
+  "$PYTHON" - "$RUNS/$1/status.json" "${2:-}" <<'EOF'
 import json, sys
 try:
-    sys.exit(0 if json.load(open(sys.argv[1]))["finished"] else 1)
+    status = json.load(open(sys.argv[1]))
+    wanted = int(sys.argv[2]) if sys.argv[2] else status["steps"]
+    sys.exit(0 if status["step"] >= wanted else 1)
 except (OSError, ValueError, KeyError):
     sys.exit(1)
 EOF
@@ -76,7 +81,11 @@ pids=() names=()
 launch() {  # launch RUN GPU MODEL CONFIG [--set ...]: one resumable training call in the background
   local name=$1 gpu=$2 model=$3 config=$4
   shift 4
-  if finished "$name"; then
+  local wanted=""
+  for arg in "$@"; do
+    [[ "$arg" == optim.steps=* ]] && wanted=${arg#optim.steps=}
+  done
+  if finished "$name" "$wanted"; then
     echo "$name: already finished"
     return
   fi
@@ -195,6 +204,36 @@ for run, shipped, inference_only in (("langae", "langae", False), ("seed", "lang
 EOF
     ;;
   status) ;;
+  probe)
+    probe_langae=${LANGAE:-$RUNS/langae/model}
+    preset=()
+    [[ -n "${PRESET:-}" ]] && preset=(--set seed.decoder_preset="$PRESET")
+    mkdir -p "$RUNS/logs/probe"
+    for combo in ${PROBE:-256x16 256x32 192x32}; do
+      patch=${combo%x*} batch=${combo#*x}
+      rm -rf "$RUNS/probe/seed-$combo" "$RUNS/probe/redcnn-$combo"
+      settings=(--set data.patch_size="$patch" --set optim.batch_size="$batch" --set optim.steps="${PROBE_STEPS:-60}"
+                --set run.validate_every=1000000 --set run.checkpoint_every=1000000 --set run.log_every=10
+                --set run.validation_slices=1 --set "data.validation_doses=[0.25]")
+      launch "probe/seed-$combo" 0 seed seed "${settings[@]}" --set seed.langae="$probe_langae" "${preset[@]}"
+      launch "probe/redcnn-$combo" 1 redcnn redcnn "${settings[@]}"
+      wait_all || status=1
+    done
+    "$PYTHON" - "$RUNS/probe" <<'EOF'
+import csv, sys
+from pathlib import Path
+print(f"{'run':<22}{'patches/s':>12}{'steps/s':>10}")
+for folder in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
+    log = folder / "log.csv"
+    rows = [r for r in csv.DictReader(log.open()) if r.get("seconds")] if log.exists() else []
+    if len(rows) < 2:
+        print(f"{folder.name:<22}{'-':>12}")
+        continue
+    batch = int(folder.name.rsplit("x", 1)[1])
+    rate = (int(rows[-1]["step"]) - int(rows[0]["step"])) / (float(rows[-1]["seconds"]) - float(rows[0]["seconds"]))
+    print(f"{folder.name:<22}{rate * batch:>12.1f}{rate:>10.2f}")
+EOF
+    ;;
 esac
 collect
 done

@@ -211,3 +211,14 @@ def test_from_langae_without_image_decoder():
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.langae.encode_features(x)[-1], langae.encode_features(x)[-1])
+
+
+def test_decoder_presets_build_and_the_paper_one_scans_at_every_level():
+    from langmamba.models.seed import DECODER_PRESETS
+
+    assert {"fast", "medium", "paper"} <= set(DECODER_PRESETS)
+    paper = SEEDDecoder(**DECODER_PRESETS["paper"])
+    assert all(any(isinstance(m, SS2D) for m in level.modules()) for level in paper.levels)
+    assert min(DECODER_PRESETS["paper"]["widths"]) == 64 and max(DECODER_PRESETS["paper"]["widths"]) == 128
+    fast = SEEDDecoder(**DECODER_PRESETS["fast"])
+    assert not any(isinstance(m, SS2D) for m in fast.levels[0].modules())

@@ -103,10 +103,14 @@ def test_ema_follows_the_formula_with_its_warm_up():
 
 
 def test_split_uses_roles_and_never_the_test_case(monkeypatch):
-    roles = {"a": "train", "b": "validation", "lung2": "test"}
-    slices = _slices(("a", "b", "lung2"), roles=roles)
+    roles = {"a": "training", "b": "validation", "c": "validation", "lung2": "test"}
+    slices = _slices(("a", "b", "c", "lung2"), roles=roles)
     train, validation = train_data.split_slices(slices, DataConfig(validation_patients=None), seed=0)
-    assert {s.patient for s in train} == {"a"} and {s.patient for s in validation} == {"b"}
+    assert {s.patient for s in train} == {"a"} and {s.patient for s in validation} == {"b", "c"}
+    _, narrowed = train_data.split_slices(slices, DataConfig(validation_patients=["c"]), seed=0)
+    assert {s.patient for s in narrowed} == {"c"}
+    with pytest.raises(ConfigError, match="not validation patients"):
+        train_data.split_slices(slices, DataConfig(validation_patients=["a"]), seed=0)
     plain = _slices(("a", "b", "lung2"))
     train, validation = train_data.split_slices(plain, DataConfig(validation_patients=["b"]), seed=0)
     assert "lung2" not in {s.patient for s in train + validation}
@@ -169,3 +173,47 @@ def test_resume_continues_weights_average_and_noise_exactly(tmp_path, monkeypatc
     for name, tensor in a["ema"]["weights"].items():  # bit for bit: the same weights, average and noise stream
         assert torch.equal(tensor, b["ema"]["weights"][name]), name
     assert a["data"]["batches"] == b["data"]["batches"] == 6
+
+
+def test_validation_slices_are_shared_out_over_patients():
+    slices = _slices(("long",), per_patient=10) + _slices(("one", "two"), per_patient=1)
+    picked = train_data.pick_validation(slices, 5)
+    names = [s.patient for s in picked]
+    assert len(picked) == 5 and names.count("one") == names.count("two") == 1 and names.count("long") == 3
+    assert len(train_data.pick_validation(slices, 50)) == 12
+
+
+def test_slices_of_different_sizes_are_simulated_together_and_cut_back(monkeypatch):
+    small = CTSlice(full=_phantom(1, size=72), spacing_mm=(1.5, 1.5), patient="a")
+    big = CTSlice(full=_phantom(2, size=96), spacing_mm=(1.5, 1.5), patient="a")
+    calls = []
+
+    def record(full_hu, spacing_mm, dose, seed):
+        calls.append(full_hu.clone())
+        return full_hu + 5.0
+
+    data = _data(monkeypatch, slices=[small, big, *_slices(("c",))])
+    monkeypatch.setattr(train_data, "simulate_on_device", record)
+    lows = data._low_dose([0, 1])
+    assert len(calls) == 1 and calls[0].shape == (2, 96, 96)
+    assert calls[0][0, 0, 0] == -1000  # the air canvas around the smaller slice
+    for k, low in enumerate(lows):  # each slice as the sampler holds it (padded or not), with its own noise
+        image = data.sampler.images[k][0]
+        assert low.shape == image.shape and torch.equal(low, image + 5.0)
+    assert lows[1].shape == big.full.shape
+
+
+def test_a_changed_validation_set_restarts_the_best_comparison(tmp_path, monkeypatch):
+    scores = iter([30.0, 31.0, 25.0, 20.0])
+    monkeypatch.setattr(engine, "validate", lambda task, model, data, device: {"val_psnr": next(scores),
+                                                                               "val_ssim": 0.5})
+    out = tmp_path / "run"
+    settings = QUICK + ["run.validate_every=2", "run.checkpoint_every=2", f"run.output={out}"]
+    train(load_config(overrides=settings + ["optim.steps=4"]), progress=False)
+    assert json.loads((out / "status.json").read_text())["best_step"] == 4
+    train(load_config(overrides=settings + ["optim.steps=5"]), progress=False)  # same set: 25 dB does not win
+    assert json.loads((out / "status.json").read_text())["best_step"] == 4
+    # Resumed with other validation noise: the 20 dB at step 6 is not compared with the 31 dB of another set.
+    train(load_config(overrides=settings + ["optim.steps=6", "data.validation_doses=[0.1]"]), progress=False)
+    status = json.loads((out / "status.json").read_text())
+    assert status["best_step"] == 6 and status["best_val_psnr"] == 20.0

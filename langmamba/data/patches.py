@@ -32,23 +32,18 @@ class PatchSampler:
             at the bottom and right with ``pad_value``).
         seed: seeds the sampler's own generator.
         pad_value: what padding adds, in the images' units (default: air, -1000 HU).
-        min_shapes: per slice, a ``(rows, cols)`` it is padded to at least (equal shapes let slices of one spacing
-            be simulated in one call).
     """
 
     def __init__(self, images: list[torch.Tensor], body_hu: list[np.ndarray], patch_size: int = 128,
-                 seed: int = 0, pad_value: float = -1000.0,
-                 min_shapes: list[tuple[int, int]] | None = None) -> None:
+                 seed: int = 0, pad_value: float = -1000.0) -> None:
         if not images or len(images) != len(body_hu):
             raise ConfigError("PatchSampler needs one body image per slice and at least one slice")
         self.patch_size = patch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.images, self.centres = [], []
         half = patch_size // 2
-        for index, (image, hu) in enumerate(zip(images, body_hu)):
-            rows, cols = min_shapes[index] if min_shapes is not None else (0, 0)
-            pad_h = max(0, patch_size - image.shape[-2], rows - image.shape[-2])
-            pad_w = max(0, patch_size - image.shape[-1], cols - image.shape[-1])
+        for image, hu in zip(images, body_hu):
+            pad_h, pad_w = max(0, patch_size - image.shape[-2]), max(0, patch_size - image.shape[-1])
             if pad_h or pad_w:
                 # Reflection cannot pad by more than the image's own size (body crops can be half a patch).
                 image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=pad_value)

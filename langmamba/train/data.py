@@ -1,7 +1,7 @@
 """Training data on the training device: slices, fresh simulated low dose for every batch, patches, validation.
 
 Every batch is new: ``batch_size / patches_per_slice`` whole normal-dose slices are drawn, simulated at a dose
-drawn uniformly from ``[dose, dose_max]`` (one draw per group of slices that share spacing and shape) on the
+drawn uniformly from ``[dose, dose_max]`` (one draw per group of slices that share their pixel spacing) on the
 training device, and ``patches_per_slice`` body patches are cut from each and given one of the 8 dihedral
 flips/rotations. The denoisers are blind to the dose (none of them takes it as an input): the noise level is
 in the image, so one model serves every dose of the range.
@@ -9,9 +9,11 @@ in the image, so one model serves every dose of the range.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,18 +76,38 @@ def _centre_crop(s: CTSlice, size: int) -> CTSlice:
         top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
         return image[top:top + size, left:left + size]
 
-    top, left = max(0, (s.full.shape[0] - size) // 2), max(0, (s.full.shape[1] - size) // 2)
-    return replace(s, full=crop(s.full), low=crop(s.low), label=crop(s.label),
-                   offset=(s.offset[0] + top, s.offset[1] + left))
+    changes = {"full": crop(s.full), "low": crop(s.low), "label": crop(s.label)}
+    if hasattr(s, "offset"):  # where the crop sits in the uncropped slice
+        top, left = max(0, (s.full.shape[0] - size) // 2), max(0, (s.full.shape[1] - size) // 2)
+        changes["offset"] = (s.offset[0] + top, s.offset[1] + left)
+    cropped = dataclasses.replace(s, **changes)
+    if hasattr(s, "role") and not hasattr(cropped, "role"):
+        cropped.role = s.role
+    return cropped
+
+
+def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[list[CTSlice], list[CTSlice]]:
+    """Training and validation slices: by their fixed split role when every slice carries one (the prepared set
+    of the data issue; ``data.validation_patients`` may then narrow validation to some of its patients, never
+    move a training patient into it), else by patient. The test patients are never used, and naming one as a
+    validation patient is refused."""
+    named = set(config.validation_patients or [])
+    if named & set(TEST_PATIENTS):
+        raise ConfigError(f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
+                          "it is held out for the final evaluation")
+    if slices and all(getattr(s, "role", None) for s in slices):
+        return split_by_role(slices, config.validation_patients)
+    slices = [s for s in slices if s.patient not in TEST_PATIENTS]
+    return split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
 
 
 def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None = None
                   ) -> tuple[list[CTSlice], list[CTSlice]]:
-    """The fixed patient-level split of :mod:`langmamba.data.cases` carried by prepared slices: training and
-    validation slices by their role (test slices are never used). ``validation_patients`` may narrow validation to
+    """The fixed patient-level split carried by prepared slices (``role``): training and validation slices by
+    their role; test slices and test patients are never used. ``validation_patients`` may narrow validation to
     some of its patients, never move a training patient into it."""
-    train = [s for s in slices if s.role in ("train", "training")]
-    validation = [s for s in slices if s.role == "validation"]
+    train = [s for s in slices if s.role in ("training", "train") and s.patient not in TEST_PATIENTS]
+    validation = [s for s in slices if s.role == "validation" and s.patient not in TEST_PATIENTS]
     if validation_patients is not None:
         known = {s.patient for s in validation}
         wrong = sorted(set(validation_patients) - known)
@@ -93,24 +115,30 @@ def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None =
             raise ConfigError(f"data.validation_patients {wrong} are not validation patients of the fixed split; "
                               f"validation patients: {sorted(known)} (or leave the setting unset)")
         validation = [s for s in validation if s.patient in set(validation_patients)]
+    if not train:
+        raise ConfigError("the data has split roles but no slice with the training role")
     return train, validation
 
 
-def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[list[CTSlice], list[CTSlice]]:
-    """Training and validation slices, by split role when the slices carry one, else by patient; the test
-    patients are dropped either way (and an explicit request to use them is refused)."""
-    named = set(config.validation_patients or [])
-    if named & set(TEST_PATIENTS):
-        raise ConfigError(f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
-                          "it is held out for the final evaluation")
-    slices = [s for s in slices if s.patient not in TEST_PATIENTS and getattr(s, "role", None) != "test"]
-    roles = {getattr(s, "role", None) for s in slices}
-    if "validation" in roles:
-        train, validation = split_by_role(slices, config.validation_patients)
-        if not train:
-            raise ConfigError("the prepared set has validation slices but no slice with the training role")
-        return train, validation
-    return split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
+def pick_validation(validation: list[CTSlice], count: int) -> list[CTSlice]:
+    """At most ``count`` validation slices, shared out over the patients (each gets about the same number,
+    spread evenly over its slices), so a single-slice patient is validated as well as a long series."""
+    by_patient: dict[str, list[CTSlice]] = {}
+    for s in validation:
+        by_patient.setdefault(s.patient, []).append(s)
+    quota = {p: 0 for p in by_patient}
+    remaining = min(count, len(validation))
+    while remaining:
+        for p in sorted(by_patient, key=lambda p: (quota[p], p)):
+            if quota[p] < len(by_patient[p]):
+                quota[p] += 1
+                remaining -= 1
+                break
+    picked = []
+    for p, members in by_patient.items():
+        if quota[p]:
+            picked += [members[i] for i in np.unique(np.linspace(0, len(members) - 1, quota[p]).round().astype(int))]
+    return picked
 
 
 def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str,
@@ -175,8 +203,7 @@ class TrainingData:
               validation_slices: int = 8) -> "TrainingData":
         slices, language = load_slices(config)
         train, validation = split_slices(slices, config, seed)
-        step = max(1, len(validation) // max(1, validation_slices))
-        validation = validation[::step][:validation_slices]
+        validation = pick_validation(validation, validation_slices)
         logger.info("training on %d slices of %d patients; validating on %d slices of %d patients", len(train),
                     len({s.patient for s in train}), len(validation), len({s.patient for s in validation}))
         simulation_device = "cuda" if device.type == "cuda" else "cpu"
@@ -189,13 +216,7 @@ class TrainingData:
             val_dose += [dose] * len(validation)
         # The sampler holds the normal-dose slices (HU, padded to at least one patch) and body patch centres.
         images = [torch.as_tensor(s.full, dtype=torch.float32)[None].to(device) for s in train]
-        # Body crops of one spacing padded with air to their largest shape, so they simulate in one batched call.
-        largest: dict[tuple, tuple[int, int]] = {}
-        for s in train:
-            rows, cols = largest.get(tuple(s.spacing_mm), (0, 0))
-            largest[tuple(s.spacing_mm)] = (max(rows, s.full.shape[0]), max(cols, s.full.shape[1]))
-        sampler = PatchSampler(images, [s.full for s in train], config.patch_size, seed=seed * 1000 + rank,
-                               min_shapes=[largest[tuple(s.spacing_mm)] for s in train])
+        sampler = PatchSampler(images, [s.full for s in train], config.patch_size, seed=seed * 1000 + rank)
         rng = np.random.default_rng([seed, rank, 7919])
         return cls(train=train, validation=val_slices, validation_low=val_low, validation_dose=val_dose,
                    sampler=sampler, language=language, config=config, device=device, seed=seed * 1000 + rank,
@@ -224,8 +245,12 @@ class TrainingData:
         return batch[:, :1].contiguous(), batch[:, 1:].contiguous(), which[:batch_size]
 
     def _low_dose(self, chosen: list[int]) -> list[torch.Tensor]:
-        """Fresh low-dose HU ``(H, W)`` per chosen slice: simulated together per spacing and shape, each group at
-        its own dose; real low-dose partners where the data has them."""
+        """Fresh low-dose HU ``(H, W)`` per chosen slice, simulated together per pixel spacing (each group at its
+        own dose); real low-dose partners where the data has them.
+
+        Slices of one spacing but different sizes (body crops) are centred on one air (-1000 HU) canvas for the
+        simulation and cut back out: air attenuates nothing, so the padding does not change the noise.
+        """
         lows: list[torch.Tensor | None] = [None] * len(chosen)
         groups: dict[tuple, list[int]] = {}
         for k, index in enumerate(chosen):
@@ -233,14 +258,21 @@ class TrainingData:
             if s.low is not None:
                 lows[k] = self._real_low(index)
             else:
-                groups.setdefault((tuple(s.spacing_mm), tuple(self.sampler.images[index].shape)), []).append(k)
-        for (spacing, _), members in groups.items():
-            stack = torch.stack([self.sampler.images[chosen[k]][0] for k in members])
+                groups.setdefault(tuple(s.spacing_mm), []).append(k)
+        for spacing, members in groups.items():
+            images = [self.sampler.images[chosen[k]][0] for k in members]
+            height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+            stack = images[0].new_full((len(images), height, width), -1000.0)
+            boxes = []
+            for n, image in enumerate(images):
+                top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
+                stack[n, top:top + image.shape[0], left:left + image.shape[1]] = image
+                boxes.append((slice(top, top + image.shape[0]), slice(left, left + image.shape[1])))
             dose = draw_dose(self.config, self.rng)
             seed = int(self.rng.integers(0, 2**62))
             simulated = simulate_on_device(stack, spacing, dose, seed)
-            for k, image in zip(members, simulated):
-                lows[k] = image
+            for k, image, box in zip(members, simulated, boxes):
+                lows[k] = image[box]
         return lows
 
     def _real_low(self, index: int) -> torch.Tensor:
@@ -248,13 +280,22 @@ class TrainingData:
         low = torch.as_tensor(self.train[index].low, dtype=torch.float32, device=full.device)
         pad_h, pad_w = full.shape[0] - low.shape[0], full.shape[1] - low.shape[1]
         if pad_h or pad_w:
-            low = torch.nn.functional.pad(low, (0, pad_w, 0, pad_h), value=-1000.0)
+            low = torch.nn.functional.pad(low[None, None], (0, pad_w, 0, pad_h), mode="reflect")[0, 0]
         return low
+
+    def validation_fingerprint(self) -> str:
+        """Identifies the validation set (slices, doses, noise), so a resumed run knows whether its best score
+        so far is comparable."""
+        digest = hashlib.sha256()
+        for s, low, dose in zip(self.validation, self.validation_low, self.validation_dose):
+            digest.update(f"{s.patient}|{s.full.shape}|{dose}|".encode())
+            digest.update(np.ascontiguousarray(low[::16, ::16], np.float32).tobytes())
+        return digest.hexdigest()[:16]
 
     def state(self) -> dict:
         """What resuming needs to continue the same stream of patches and noise."""
         return {"sampler_rng": self.sampler.generator.get_state(), "noise_rng": self.rng.bit_generator.state,
-                "batches": self.batches}
+                "batches": self.batches, "validation": self.validation_fingerprint()}
 
     def restore(self, state: dict) -> None:
         self.sampler.generator.set_state(torch.as_tensor(state["sampler_rng"]).cpu())

@@ -351,4 +351,10 @@ def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
         data.restore(state["data"])
     torch.set_rng_state(state["torch_rng"].cpu())
     best = state.get("best", {"val_psnr": -math.inf, "step": 0})
+    if state.get("data", {}).get("validation") not in (None, data.validation_fingerprint()):
+        # Other validation slices or noise than when the best was scored (code or data changed between calls):
+        # the next validation starts the comparison afresh (<output>/best is replaced then).
+        logger.warning("the validation set changed since %s; the best score so far (%.2f dB at step %d) is "
+                       "no longer compared", folder, best["val_psnr"], best["step"])
+        best = {"val_psnr": -math.inf, "step": 0}
     return int(state["step"]), best

@@ -1,0 +1,152 @@
+"""The multi-dose, multi-draw evaluation: bootstrap intervals, the cases file, TTA, and a tiny end-to-end run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from langmamba import metrics
+from langmamba.baselines import REDCNN
+from langmamba.checkpoint import save_checkpoint
+from langmamba.errors import InputError
+from langmamba.eval_cases import EvalCase, load_cases, save_cases
+from langmamba import evaluate
+from langmamba.evaluate import EvaluationIncomplete, lesion_crop, run_evaluation
+from langmamba.infer import dihedral_average
+from tests.test_seed import small_langmamba
+
+
+def test_paired_bootstrap_interval_has_the_known_width_and_coverage():
+    rng = np.random.default_rng(0)
+    b = rng.normal(30, 2, 400)
+    a = b + rng.normal(0.5, 1.0, 400)
+    ci = metrics.paired_bootstrap_ci(a, b, seed=1)
+    assert ci["low"] < 0.5 < ci["high"] and ci["n"] == 400
+    assert ci["high"] - ci["low"] == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.15)  # normal theory
+    covered = 0
+    for trial in range(200):
+        diff = rng.normal(0.5, 1.0, 60)
+        ci = metrics.paired_bootstrap_ci(diff, np.zeros(60), resamples=1000, seed=trial)
+        covered += ci["low"] <= 0.5 <= ci["high"]
+    assert 0.88 <= covered / 200 <= 0.99
+    with pytest.raises(InputError, match="same non-zero length"):
+        metrics.paired_bootstrap_ci([1.0, 2.0], [1.0])
+
+
+def test_tta_of_a_convolution_is_the_convolution_with_the_symmetrised_kernel():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    x = torch.randn(2, 1, 12, 12)
+    kernel = conv.weight.detach()[0, 0]
+    variants = [torch.rot90(torch.flip(kernel, (-1,)) if f else kernel, k) for f in (0, 1) for k in range(4)]
+    symmetric = torch.nn.functional.conv2d(x, torch.stack(variants).mean(0)[None, None], padding=1)
+    with torch.no_grad():
+        assert torch.allclose(dihedral_average(conv, x), symmetric, atol=1e-5)
+        assert not torch.allclose(conv(x), symmetric, atol=1e-3)
+
+
+def _phantom(size=96, lesion=False):
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    hu = np.where((x / 40) ** 2 + (y / 32) ** 2 <= 1, 40.0, -1000.0)
+    hu[(x + 12) ** 2 + y**2 < 64] = -800.0
+    label = ((x - 15) ** 2 + (y - 5) ** 2 < 16) if lesion else None
+    if lesion:
+        hu[label] = 80.0
+    stack = np.stack([hu, np.roll(hu, 2, axis=1), np.roll(hu, -2, axis=0)]).astype(np.float32)
+    return stack, None if label is None else np.broadcast_to(label, stack.shape).copy()
+
+
+def test_cases_file_round_trips(tmp_path):
+    hu, label = _phantom(lesion=True)
+    cases = [EvalCase("lung2", hu, (0.7, 0.7), "test", label), EvalCase("v1", hu[:1] + 0.5, (0.9, 0.9), "validation")]
+    path = save_cases(cases, tmp_path / "cases.npz")
+    back = load_cases(path)
+    assert [c.name for c in back] == ["lung2", "v1"] and back[1].label is None and back[1].role == "validation"
+    assert np.array_equal(back[0].hu, hu) and np.array_equal(back[0].label, label)
+    assert np.array_equal(back[1].hu, hu[:1] + 0.5)  # non-integral HU kept as float
+    with pytest.raises(InputError, match="not an evaluation cases file"):
+        load_cases(tmp_path / "missing.npz")
+
+
+def test_lesion_crop_is_a_square_around_the_lesion():
+    label = np.zeros((100, 100), bool)
+    label[40:46, 70:74] = True
+    rows, cols = lesion_crop(label, margin_px=10)
+    assert rows.stop - rows.start == cols.stop - cols.start
+    assert rows.start <= 40 and rows.stop >= 46 and cols.start <= 70 and cols.stop >= 74 and cols.stop <= 100
+    assert lesion_crop(np.zeros((10, 10), bool)) is None
+
+
+def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
+    hook_calls = []
+
+    def hook(weights, model, normal, low, denoised, label, *, device, max_slices):
+        hook_calls.append({"normal": normal, "label": label})
+        return {"words": "checked"}
+
+    monkeypatch.setattr(evaluate, "explanation_metrics", hook)
+    weights = tmp_path / "weights"
+    for name in ("langmamba", "langmamba_no_langda"):  # untrained: the global residual makes them the identity
+        save_checkpoint(small_langmamba(), weights / name)
+    torch.manual_seed(0)
+    save_checkpoint(REDCNN(channels=4), weights / "redcnn")
+    hu, label = _phantom(lesion=True)
+    cases = [EvalCase("lung2", hu, (0.8, 0.8), "test", label), EvalCase("val", _phantom()[0], (0.8, 0.8), "validation")]
+    output = tmp_path / "out" / "metrics.json"
+    settings = dict(cases=cases, doses=(0.25, 0.1), draws=2, device="cpu", progress=False, workers=1, resamples=200,
+                    bm3d_candidates_hu=(10, 40), cache=tmp_path / "cache")
+    with pytest.raises(EvaluationIncomplete):  # a spent budget stops between units; the cache keeps the tuning
+        run_evaluation(weights, output, tmp_path / "out" / "comparison.png", max_minutes=0, **settings)
+    assert (tmp_path / "cache" / "bm3d.json").is_file() and not output.exists()
+    result = run_evaluation(weights, output, tmp_path / "out" / "comparison.png", **settings)
+    assert len(list((tmp_path / "cache").glob("unit-*.npz"))) == 2 * 2 * 2  # cases x doses x draws
+    with pytest.raises(InputError, match="other settings"):
+        run_evaluation(weights, output, tmp_path / "out" / "comparison.png", **(settings | {"draws": 3}))
+    saved = json.loads(output.read_text())
+    assert saved["evaluation"]["draws"] == 2 and saved["dose"] == 0.25
+    for key in ("window_-160_240", "window_-1000_1000", "noise_sigma_hu", "lesion_cnr", "bm3d_sigma_hu"):
+        assert key in saved  # the keys the model card reads stay
+    # The explanations hook saw lung2 at the headline dose (first draw) and its answer is the last section.
+    assert list(saved)[-1] == "explanations" and saved["explanations"] == {"words": "checked"}
+    assert len(hook_calls) == 1 and hook_calls[0]["normal"].shape == hu.shape
+    assert np.array_equal(hook_calls[0]["label"], label)
+    assert saved["evaluation"]["bm3d_tuned_on"].startswith("validation cases val")
+    section = result["evaluation"]["per_case"]["lung2"]["doses"]["0.1"]["window_-160_240"]
+    assert len(section["ldct"]["psnr_per_draw"]) == 2
+    # LangMamba is the identity here (up to float rounding), so the input's difference to it is zero, interval
+    # included, while RED-CNN (untrained) differs with a non-degenerate interval.
+    zero = section["difference_to_langmamba"]["ldct"]["psnr"]
+    assert max(abs(zero["mean"]), abs(zero["low"]), abs(zero["high"])) < 1e-4
+    red = section["difference_to_langmamba"]["redcnn"]["psnr"]
+    assert red["low"] <= red["mean"] <= red["high"] and red["high"] - red["low"] > 0
+    assert "langmamba" not in section["difference_to_langmamba"] and "ldct" not in section["gain_over_input"]
+    assert abs(section["gain_over_input"]["langmamba"]["psnr"]["mean"]) < 1e-4
+    # Lower dose, more noise in the input.
+    doses = result["evaluation"]["per_case"]["val"]["doses"]
+    assert doses["0.1"]["noise_sigma_hu"]["ldct"] > doses["0.25"]["noise_sigma_hu"]["ldct"] > 0
+    assert "0.25" in result["evaluation"]["validation_pooled"]
+    timing = saved["evaluation"]["seconds_per_slice"]
+    assert set(timing) == {"bm3d", "redcnn", "langmamba_no_langda", "langmamba"} and min(timing.values()) > 0
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "metrics_figure.npz").is_file()
+
+
+def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
+    from langmamba.data import CTSlice
+    from langmamba.eval_cases import validation_cases
+    from langmamba.train import prepare
+
+    a = CTSlice(full=np.full((20, 30), 50.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")
+    b = CTSlice(full=np.full((25, 20), 70.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")
+    train = CTSlice(full=np.zeros((20, 20), np.float32), spacing_mm=(0.8, 0.8), patient="t")
+    a.offset, b.offset = (5, 0), (0, 12)
+    for s, role in ((a, "validation"), (b, "validation"), (train, "training")):
+        s.role = role
+    monkeypatch.setattr(prepare, "load_prepared", lambda path: ([a, b, train], {}))
+    (case,) = validation_cases("set.npz")
+    assert case.name == "v" and case.hu.shape == (2, 25, 32) and case.role == "validation"
+    assert np.all(case.hu[0, 5:25, 0:30] == 50) and np.all(case.hu[1, 0:25, 12:32] == 70)
+    assert case.hu[0, 0, 0] == -1000 and case.hu[1, 0, 0] == -1000
+    with pytest.raises(InputError, match="not in"):
+        validation_cases("set.npz", patients=["nobody"])
