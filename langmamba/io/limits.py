@@ -22,9 +22,10 @@ MAX_NIFTI_HEADER_BYTES = 16 << 20
 """Most bytes of a NIfTI header with its extensions (the voxel offset); extensions are read whole into memory."""
 MAX_SLICES = 100_000
 """Most frames of one DICOM series: each costs its header's bookkeeping whatever its size (1×1-pixel frames)."""
-MAX_DICOM_HEADER_READS = 4_000_000
+MAX_DICOM_HEADER_READS = 2_500_000
 """Most reads pydicom may make parsing the headers of one series (or file). A header element costs about 3 reads
-(3.4 µs each, so about 14 s in all): a CT slice's header takes a few hundred, 5,000 slices fit; a file of 8-byte
+(3.4 µs each, so at most about 8.5 s in all, under the server's 10 s per request for an attack): a CT slice's header
+takes a few hundred, so a series at the volume limit (2,000 slices) fits with room to spare; a file of 8-byte
 filler elements (20 MB took 8 s) is refused when the reads run out."""
 
 
