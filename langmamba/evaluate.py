@@ -21,7 +21,6 @@ Protocol (``langmamba evaluate``):
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -155,12 +154,9 @@ def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu"
         x = torch.from_numpy(hu_to_model(np.asarray(hu[start:start + batch_size], np.float32)))[:, None].to(device)
         pad_h, pad_w = -x.shape[-2] % factor, -x.shape[-1] % factor
         x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
-        if "details" in inspect.signature(langae.quantize).parameters:  # the residual LangAE (language space)
-            out = langae.quantize(langae.encode(x), details=False)
-            level = len(out.region_latents) - 1
-            ids.append(langae.quantizer.word_probabilities(out.region_latents[level], level).argmax(-1).cpu().numpy())
-        else:
-            ids.append(langae.quantize(langae.encode(x)).token_ids[-1].cpu().numpy())
+        out = langae.quantize(langae.encode(x), details=False)
+        level = len(out.region_latents) - 1
+        ids.append(langae.quantizer.word_probabilities(out.region_latents[level], level).argmax(-1).cpu().numpy())
     return np.concatenate(ids)
 
 

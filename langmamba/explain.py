@@ -394,7 +394,7 @@ class _Explainer:
         if not torch.isfinite(chunk).all():
             raise NonFiniteVoxelsError(f"slices {start}..{stop - 1} of the input or output contain NaN or infinite HU")
         x = _pad(hu_to_model(chunk)[:, None], self.factor)
-        quantized = self.langae.quantize(self.langae.encode(x))
+        quantized = self.langae.quantize(self.langae.encode(x), details=False)  # words only
         count = stop - start
         levels = []
         for level in self.levels:
