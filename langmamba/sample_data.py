@@ -41,7 +41,8 @@ def data_home() -> Path:
     return Path(os.environ.get("LANGMAMBA_DATA", Path.home() / ".cache" / "langmamba" / "data"))
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -79,7 +80,7 @@ def fetch_sample(force: bool = False) -> Path:
                         shutil.copyfileobj(extracted, out)
         for name, expected in SHA256.items():
             got = Path(tmp) / name
-            if not got.is_file() or _sha256(got) != expected:
+            if not got.is_file() or sha256(got) != expected:
                 raise LangMambaError(f"sample file {name} is missing or its checksum differs from the expected one")
         for name in list(SHA256) + [LICENSE_NAME]:
             os.replace(Path(tmp) / name, folder / name)

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import LangMambaError
-from ..sample_data import data_home
+from ..sample_data import data_home, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +84,6 @@ def checksums(folder: str) -> dict[str, str]:
     if not found:
         raise DataFetchError(f"no pinned checksums for the data source {folder}")
     return found
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _stamp_text(source: Source) -> str:
