@@ -10,13 +10,13 @@ is one case.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .io.atomic import write_npz
 
 FORMAT = 1
 TEST_CASE = "lung2"
@@ -67,7 +67,7 @@ def validation_cases(prepared: str | Path, patients: list[str] | None = None,
 
     slices, _ = load_prepared(prepared)
     if patients is None:
-        chosen = [s for s in slices if getattr(s, "role", None) == "validation"]
+        chosen = [s for s in slices if s.role == "validation"]
         if not chosen:
             raise InputError(f"{prepared} marks no slice as validation; name the validation patients")
     else:
@@ -124,11 +124,7 @@ def save_cases(cases: list[EvalCase], path: str | Path) -> Path:
         arrays[f"{c.name}/role"] = np.array(c.role)
         if c.label is not None:
             arrays[f"{c.name}/label"] = np.asarray(c.label, bool)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return write_npz(path, arrays)
 
 
 def load_cases(path: str | Path) -> list[EvalCase]:

@@ -37,6 +37,7 @@ from scipy import ndimage
 from . import metrics
 from .errors import InputError
 from .eval_cases import TEST_CASE, EvalCase
+from .io.atomic import write_npz, write_text
 from .normalization import hu_to_model, model_to_hu
 
 logger = logging.getLogger(__name__)
@@ -166,13 +167,10 @@ def explanation_stability(model, denoised: np.ndarray, reference: np.ndarray, de
 
 
 def explanation_metrics(weights: Path, model, normal: np.ndarray, low: np.ndarray, denoised: np.ndarray,
-                        label: np.ndarray, *, device: str, max_slices: int | None) -> dict | None:
+                        label: np.ndarray, *, device: str, max_slices: int | None) -> dict:
     """The ``explanations`` section of metrics.json: :func:`langmamba.evaluate_explanations.evaluate_explanations`
     of the LangMamba's words on lung2 (headline dose, draw 0), with the reconstruction of the LangAE checkpoint
-    ``weights/langae`` (the shipped LangMamba has no LangAE decoder). ``None`` where that module does not exist
-    (the language-space issue adds it)."""
-    if importlib.util.find_spec("langmamba.evaluate_explanations") is None:
-        return None
+    ``weights/langae`` (the shipped LangMamba has no LangAE decoder)."""
     from .checkpoint import load_checkpoint
     from .evaluate_explanations import evaluate_explanations
 
@@ -296,12 +294,7 @@ def draw_figure(figure_data: str | Path, figure: str | Path) -> Path:
 
 def write_json(data: dict, path: Path) -> Path:
     """Write JSON atomically (written beside ``path``, then renamed into place)."""
-    from .io.atomic import atomic_output
-
-    path = Path(path)
-    with atomic_output(path, as_folder=False, overwrite=True) as staging:
-        (staging / path.name).write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _mean(values) -> float:
@@ -420,9 +413,7 @@ class UnitCache:
 
     def save_json(self, name: str, value) -> None:
         if self.folder is not None:
-            tmp = self._path(f".{name}.tmp")
-            tmp.write_text(json.dumps(value))
-            os.replace(tmp, self._path(name))
+            write_text(self._path(name), json.dumps(value))
 
     @staticmethod
     def key(case: str, dose: float, draw: int) -> str:
@@ -452,9 +443,7 @@ class UnitCache:
         arrays = {f"score/{m}/{w}/{k}": v for m, ws in scores.items() for w, ks in ws.items() for k, v in ks.items()}
         arrays |= {f"sigma/{m}": np.array(v) for m, v in sigmas.items()}
         arrays |= {f"seconds/{m}": np.array(v) for m, v in seconds.items()}
-        tmp = self._path(f".unit-{key}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self._path(f"unit-{key}.npz"))
+        write_npz(self._path(f"unit-{key}.npz"), arrays, compressed=False)
 
 
 def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: list[EvalCase] | None = None,
@@ -535,11 +524,9 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                     if is_headline:
                         headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
                         context = headline_result.pop("_context")
-                        explanations = explanation_metrics(Path(weights), context["model"], context["normal"],
-                                                           context["low"], context["denoised"], context["label"],
-                                                           device=device, max_slices=max_slices)
-                        if explanations is not None:
-                            headline_result["explanations"] = explanations
+                        headline_result["explanations"] = explanation_metrics(
+                            Path(weights), context["model"], context["normal"], context["low"], context["denoised"],
+                            context["label"], device=device, max_slices=max_slices)
                         _save_figure_data({"ndct": case.hu, **outputs}, case, figure_data, dose)
                         store.save_json("headline.json", headline_result)
                     store.save_unit(key, scores, sigmas, seconds)
@@ -646,10 +633,7 @@ def _save_figure_data(images: dict, case: EvalCase, path: Path, dose: float) -> 
             **{f"image/{n}": np.asarray(im[shown], np.float32) for n, im in images.items()}}
     if crop is not None:
         data["crop"] = np.array([[crop[0].start, crop[0].stop], [crop[1].start, crop[1].stop]])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, **data)
-    os.replace(tmp, path)
+    write_npz(path, data)
 
 
 def markdown_table(result: dict) -> str:

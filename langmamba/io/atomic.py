@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from langmamba.errors import OverwriteError
 from langmamba.io.formats import has_dicom_magic
@@ -148,3 +150,21 @@ def atomic_output(output: Path, *, as_folder: bool, overwrite: bool = False) -> 
             _publish_files(staging, output, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, compressed: bool = True) -> Path:
+    """Write ``arrays`` to the ``.npz`` file ``path`` through :func:`atomic_output`, replacing an earlier file:
+    readers never see half a file. ``compressed=False`` for arrays that are compressed already."""
+    path = Path(path)
+    with atomic_output(path, as_folder=False, overwrite=True) as staging:
+        with open(staging / path.name, "wb") as handle:
+            (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_output`, replacing an earlier file."""
+    path = Path(path)
+    with atomic_output(path, as_folder=False, overwrite=True) as staging:
+        (staging / path.name).write_text(text, encoding="utf-8")
+    return path

@@ -70,20 +70,13 @@ def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
 
 
 def _centre_crop(s: CTSlice, size: int) -> CTSlice:
-    def crop(image):
-        if image is None:
-            return None
-        top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
-        return image[top:top + size, left:left + size]
+    top, left = max(0, (s.full.shape[0] - size) // 2), max(0, (s.full.shape[1] - size) // 2)
 
-    changes = {"full": crop(s.full), "low": crop(s.low), "label": crop(s.label)}
-    if hasattr(s, "offset"):  # where the crop sits in the uncropped slice
-        top, left = max(0, (s.full.shape[0] - size) // 2), max(0, (s.full.shape[1] - size) // 2)
-        changes["offset"] = (s.offset[0] + top, s.offset[1] + left)
-    cropped = dataclasses.replace(s, **changes)
-    if hasattr(s, "role") and not hasattr(cropped, "role"):
-        cropped.role = s.role
-    return cropped
+    def crop(image):
+        return None if image is None else image[top:top + size, left:left + size]
+
+    return dataclasses.replace(s, full=crop(s.full), low=crop(s.low), label=crop(s.label),
+                               offset=(s.offset[0] + top, s.offset[1] + left))
 
 
 def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[list[CTSlice], list[CTSlice]]:
@@ -95,7 +88,7 @@ def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[
     if named & set(TEST_PATIENTS):
         raise ConfigError(f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
                           "it is held out for the final evaluation")
-    if slices and all(getattr(s, "role", None) for s in slices):
+    if slices and all(s.role for s in slices):
         return split_by_role(slices, config.validation_patients)
     slices = [s for s in slices if s.patient not in TEST_PATIENTS]
     return split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..checkpoint import _read_weights, load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError
+from ..io.atomic import write_text
 from ..normalization import hu_to_model, model_to_hu
 from ..visualize import save_figure
 from .config import TrainConfig
@@ -294,9 +295,7 @@ def _write_status(output: Path, config: TrainConfig, step: int, best: dict, fini
               "best_step": best.get("step") or None,
               "best_val_psnr": best["val_psnr"] if math.isfinite(best["val_psnr"]) else None,
               "best_val_ssim": best.get("val_ssim")}
-    tmp = output / ".status.json.tmp"
-    tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, output / "status.json")
+    write_text(output / "status.json", json.dumps(status, indent=1))
 
 
 def _out_of_time(started: float, minutes: float, dist: Distributed, device: torch.device) -> bool:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..data import CTSlice
 from ..errors import InputError
+from ..io.atomic import write_npz
 from .config import TrainConfig
 
 FORMAT = 2
@@ -60,12 +60,7 @@ def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = Tr
             arrays[f"label_{i}"] = _pack_mask(s.label)
         for level, ids in enumerate(per_level):
             arrays[f"words{level}_{i}"] = np.asarray(ids, np.int64)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.npz")
-    np.savez(tmp, **arrays)  # the slices are compressed already
-    os.replace(tmp, output)
-    return output
+    return write_npz(output, arrays, compressed=False)  # the slices are compressed already
 
 
 def _origin(extra: dict[str, np.ndarray], i: int) -> dict:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from langmamba.errors import OverwriteError
-from langmamba.io.atomic import atomic_output
+from langmamba.io.atomic import write_npz
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> bool:
     """
     path = Path(path)
     try:
-        with atomic_output(path, as_folder=False, overwrite=True) as staging:
-            with open(staging / path.name, "wb") as fh:
-                np.savez(fh, **arrays)
+        write_npz(path, arrays, compressed=False)
         return True
     except (OSError, OverwriteError) as exc:
         logger.warning("could not write cache file %s (%s); continuing without it", path, exc)

@@ -9,7 +9,6 @@ when its words equal the vocabulary file's (:func:`write_packaged_embeddings` re
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from langmamba.errors import ConfigError
+from langmamba.io.atomic import write_npz
 from langmamba.vlm.base import LanguageModelUnavailableError
 from langmamba.vlm.vocabulary import REGION_VOCABULARY_PATH, load_word_classes, vocabulary_sha256
 
@@ -78,9 +78,5 @@ def write_packaged_embeddings(path: str | Path = PACKAGED_EMBEDDINGS) -> Path:
     space = OfflineLanguageSpace(words)
     describe = space.describe()
     assert describe["vocabulary_sha256"] == vocabulary_sha256(words)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, words=np.array(words), codebook=space.codebook().numpy(),
-                        describe=np.array(json.dumps(describe)))
-    os.replace(tmp, path)
-    return path
+    return write_npz(path, {"words": np.array(words), "codebook": space.codebook().numpy(),
+                            "describe": np.array(json.dumps(describe))})

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from langmamba.errors import ConfigError
+from langmamba.io.atomic import write_npz
 
 MINILM_CODES_PATH = Path(__file__).resolve().parent.parent / "resources" / "minilm_token_codes.npz"
 MINILM_CODES_DIM = 32
@@ -69,11 +70,5 @@ def minilm_codes(dim: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]
 
 def write_minilm_codes(path: str | Path = MINILM_CODES_PATH) -> Path:
     """Rebuild the packaged MiniLM codes from the installed wheel (the maintainers' step; atomic write)."""
-    import os
-
     codes, projection = principal_codes(minilm_token_table(), MINILM_CODES_DIM, MINILM_DIRECTIONS // MINILM_CODES_DIM)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, codes=codes.numpy().astype(np.float16), projection=projection.numpy())
-    os.replace(tmp, path)
-    return path
+    return write_npz(path, {"codes": codes.numpy().astype(np.float16), "projection": projection.numpy()})
