@@ -20,6 +20,7 @@ import torch
 
 from ..data import CTSlice, PatchSampler, builtin_training_slices, load_mayo_dicom_pairs, load_npy_pairs
 from ..data import slices_from_volume, split_by_patient
+from ..data.cases import TEST, cases_in
 from ..data.patches import augment
 from ..errors import ConfigError
 from ..normalization import hu_to_model
@@ -28,8 +29,8 @@ from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 
-TEST_PATIENTS = ("lung2",)
-"""Held out for the final evaluation: never trained, validated or tuned on."""
+TEST_PATIENTS = tuple(c.patient for c in cases_in(TEST))
+"""The test role of the fixed split (:mod:`langmamba.data.cases`): never trained, validated or tuned on."""
 
 
 def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
