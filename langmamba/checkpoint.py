@@ -310,7 +310,9 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict]:
     return paths, index
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder by name (shards and split tensors reassembled), on the CPU."""
+    directory = Path(directory)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -392,7 +394,7 @@ def load_checkpoint(
     if expected:
         _check_expected(config, expected, path)
     model = _build(_resolve_class(config, path), config, path)
-    tensors = _read_weights(directory)
+    tensors = read_weights(directory)
     _check_state(model, tensors, directory)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(float_dtypes) == 1:

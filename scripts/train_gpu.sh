@@ -5,6 +5,8 @@
 #   phase A:      LangAE (langmamba/configs/langae.yaml) on GPU 0  |  RED-CNN (redcnn.yaml) on GPU 1
 #   phase B:      SEED with LangDA (seed.yaml) on GPU 0  |  SEED without LangDA (seed_no_langda.yaml) on GPU 1,
 #                 both on phase A's finished LangAE
+#   phase AB:     all four at once, two per GPU: SEED with and without LangDA on GPU 0 | LangAE and RED-CNN on
+#                 GPU 1; SEED reads the finished LangAE in $LANGAE (required), so it does not wait for phase A
 #   phase export: half-precision weights laid out like weights/ in $RUNS/weights (langae, langmamba,
 #                 langmamba_no_langda, redcnn), every file at most 16 MiB
 #   phase status: the table only
@@ -21,12 +23,15 @@
 # configs' optim.steps when empty), PRESET (seed.decoder_preset, from seed.yaml when empty), LANGDA
 # (seed.langda_weight of the LangDA run, from seed.yaml when empty), BATCH (optim.batch_size of every run
 # when set), PYTHON (python3), LANGAE (phase B's LangAE checkpoint, default $RUNS/langae/model: e.g. an
-# exported weights/langae brought back on a fresh machine), ALLOW_UNFINISHED_LANGAE=1 (phase B on a LangAE that has not done its steps).
+# exported weights/langae brought back on a fresh machine), ALLOW_UNFINISHED_LANGAE=1 (phase B on a LangAE that has not done its steps),
+# INIT (a folder laid out like weights/, e.g. an earlier export: a run without checkpoints starts from its
+# counterpart there, run.init_from), LANGAE_ARGS / REDCNN_ARGS / SEED_ARGS (more `--set key=value` words).
 # Each run resumes from the latest checkpoint in $RUNS/<run>/checkpoints; its log is appended to
 # $RUNS/logs/<run>.log; $RUNS/<run>/status.json says how far it is; $RUNS/<run>/model is its best validated
 # moving average.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # a progress line every 30 s in the logs, not every step
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -34,12 +39,12 @@ phases=()
 smoke=0
 for arg in "$@"; do
   case "$arg" in
-    A|B|export|status|probe) phases+=("$arg") ;;
+    A|B|AB|export|status|probe) phases+=("$arg") ;;
     --smoke) smoke=1 ;;
-    *) echo "usage: $0 A|B|export|status|probe... [--smoke]" >&2; exit 2 ;;
+    *) echo "usage: $0 A|B|AB|export|status|probe... [--smoke]" >&2; exit 2 ;;
   esac
 done
-[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|export|status|probe... [--smoke]" >&2; exit 2; }
+[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|AB|export|status|probe... [--smoke]" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-runs/gpu}
@@ -49,7 +54,7 @@ common=()
 langae_set=()
 if [[ $smoke == 1 ]]; then
   RUNS=${RUNS/%runs\/gpu/runs/gpu_smoke}
-  DATA=out/prep/builtin.npz
+  DATA=${SMOKE_DATA:-out/prep/builtin.npz}
   MINUTES=2
   LANGAE_STEPS=${LANGAE_STEPS:-4} REDCNN_STEPS=${REDCNN_STEPS:-4} SEED_STEPS=${SEED_STEPS:-4}
   PRESET=${PRESET:-fast}
@@ -75,6 +80,10 @@ try:
 except (OSError, ValueError, KeyError):
     sys.exit(1)
 EOF
+}
+
+init() {  # init SHIPPED_NAME -> a run.init_from override when $INIT holds that model
+  [[ -n "${INIT:-}" && -f "$INIT/$1/config.json" ]] && echo "--set run.init_from=$INIT/$1" || true
 }
 
 pids=() names=()
@@ -159,27 +168,39 @@ collect() {  # copy what is worth keeping into $RESULTS (small files only: no ch
 status=0
 for phase in "${phases[@]}"; do
 case "$phase" in
-  A)
-    # shellcheck disable=SC2046
-    launch langae 0 langae langae $(steps "${LANGAE_STEPS:-}") "${langae_set[@]}"
-    # shellcheck disable=SC2046
-    launch redcnn 1 redcnn redcnn $(steps "${REDCNN_STEPS:-}")
-    wait_all || status=1
-    ;;
-  B)
-    if [[ -z "${LANGAE:-}" ]] && ! finished langae && [[ "${ALLOW_UNFINISHED_LANGAE:-0}" != 1 ]]; then
+  A|B|AB)
+    if [[ $phase == AB && -z "${LANGAE:-}" ]]; then
+      echo "error: phase AB trains SEED beside the LangAE, so it needs a finished LangAE in LANGAE" >&2
+      status=1
+      continue
+    fi
+    if [[ $phase == B && -z "${LANGAE:-}" ]] && ! finished langae && [[ "${ALLOW_UNFINISHED_LANGAE:-0}" != 1 ]]; then
       echo "error: phase A's LangAE ($RUNS/langae) has not finished its steps; run phase A again first" >&2
       status=1
       continue
     fi
-    seed_set=(--set seed.langae="${LANGAE:-$RUNS/langae/model}")
-    [[ -n "${PRESET:-}" ]] && seed_set+=(--set seed.decoder_preset="$PRESET")
-    langda=()
-    [[ -n "${LANGDA:-}" ]] && langda=(--set seed.langda_weight="$LANGDA")
-    # shellcheck disable=SC2046
-    launch seed 0 seed seed $(steps "${SEED_STEPS:-}") "${seed_set[@]}" "${langda[@]}"
-    # shellcheck disable=SC2046
-    launch seed_no_langda 1 seed seed_no_langda $(steps "${SEED_STEPS:-}") "${seed_set[@]}"
+    # GPUs: A puts LangAE | RED-CNN, B SEED | SEED without LangDA, AB both SEEDs | LangAE and RED-CNN.
+    gpu_langae=0 gpu_redcnn=1 gpu_seed=0 gpu_plain=1
+    [[ $phase == AB ]] && gpu_langae=1 gpu_plain=0
+    if [[ $phase != B ]]; then
+      # shellcheck disable=SC2046,SC2086
+      launch langae $gpu_langae langae langae $(steps "${LANGAE_STEPS:-}") $(init langae) "${langae_set[@]}" \
+        ${LANGAE_ARGS:-}
+      # shellcheck disable=SC2046,SC2086
+      launch redcnn $gpu_redcnn redcnn redcnn $(steps "${REDCNN_STEPS:-}") $(init redcnn) ${REDCNN_ARGS:-}
+    fi
+    if [[ $phase != A ]]; then
+      seed_set=(--set seed.langae="${LANGAE:-$RUNS/langae/model}")
+      [[ -n "${PRESET:-}" ]] && seed_set+=(--set seed.decoder_preset="$PRESET")
+      langda=()
+      [[ -n "${LANGDA:-}" ]] && langda=(--set seed.langda_weight="$LANGDA")
+      # shellcheck disable=SC2046,SC2086
+      launch seed $gpu_seed seed seed $(steps "${SEED_STEPS:-}") $(init langmamba) "${seed_set[@]}" "${langda[@]}" \
+        ${SEED_ARGS:-}
+      # shellcheck disable=SC2046,SC2086
+      launch seed_no_langda $gpu_plain seed seed_no_langda $(steps "${SEED_STEPS:-}") $(init langmamba_no_langda) \
+        "${seed_set[@]}" ${SEED_ARGS:-}
+    fi
     wait_all || status=1
     ;;
   export)

@@ -12,6 +12,7 @@ from langmamba.errors import ConfigError
 from langmamba.models.langae import LangAE
 from langmamba.models.seed import LangMamba
 from langmamba.train import load_config, train
+from langmamba.train.export import export_checkpoint
 
 QUICK = ["data.crop=128", "data.patch_size=128", "data.max_slices_per_patient=3", "optim.batch_size=2",
          "optim.warmup_steps=2", "run.log_every=1", "run.validation_slices=1", "run.checkpoint_every=5",
@@ -120,3 +121,19 @@ def test_training_needs_neither_pydicom_nor_simpleitk(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_init_from_starts_a_fresh_run_from_exported_weights(tmp_path):
+    settings = QUICK + ["model=redcnn", "redcnn.channels=4", "optim.steps=3"]
+    first = train(load_config(overrides=settings + [f"run.output={tmp_path / 'first'}"]), progress=False)
+    exported = export_checkpoint(first, tmp_path / "exported", half=True)
+    seeded = train(load_config(overrides=settings + ["optim.steps=1", "optim.lr=1e-12", "optim.ema_decay=0",
+                                                     f"run.init_from={exported}",
+                                                     f"run.output={tmp_path / 'second'}"]), progress=False)
+    # One step at a negligible learning rate: the second run's weights are the (half-precision) first ones.
+    for a, b in zip(load_checkpoint(exported).parameters(), load_checkpoint(seeded).parameters()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3)
+
+    wider = settings + ["redcnn.channels=6", f"run.init_from={exported}", f"run.output={tmp_path / 'wide'}"]
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        train(load_config(overrides=wider), progress=False)

@@ -77,6 +77,9 @@ class RunConfig:
     checkpoint_every: int = 500
     validation_slices: int = 8
     max_minutes: float | None = None
+    # A model folder (e.g. an exported run of the same architecture) whose weights start a fresh run: training
+    # continues across machines that kept only the exported weights (the optimizer starts anew).
+    init_from: str | None = None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..checkpoint import _read_weights, load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_weights, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..io.atomic import write_text
 from ..normalization import hu_to_model, model_to_hu
@@ -175,6 +175,27 @@ def plot_log(log_path: Path, figure_path: Path) -> None:
     save_figure(fig, figure_path, dpi=100)
 
 
+def initialise_from(model: nn.Module, folder: Path) -> None:
+    """Copy the weights of the model folder ``folder`` into ``model`` by name, cast to each parameter's dtype.
+
+    Every trainable parameter must be there with its shape (else :class:`ConfigError` names the first ones);
+    frozen parts missing from the folder (e.g. the LangAE decoder an inference export leaves out) keep the
+    values the task built.
+    """
+    tensors = read_weights(folder)
+    state = model.state_dict()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(name for name in trainable if name not in tensors or tensors[name].shape != state[name].shape)
+    if missing:
+        raise ConfigError(f"run.init_from={folder} does not fit this model: {len(missing)} trainable tensors "
+                          f"missing or of another shape, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in tensors and tensors[name].shape == value.shape:
+                value.copy_(tensors[name].to(value.dtype))
+    logger.info("initialised %d of %d tensors from %s", sum(n in tensors for n in state), len(state), folder)
+
+
 def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, TrainingData, torch.device], Task],
                  progress: bool = True, resume: bool = True) -> Path:
     """Train the task's model; returns the folder of the exported model (``<output>/model``).
@@ -189,6 +210,8 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
     data = TrainingData.build(config.data, device, config.run.seed, dist.rank, config.run.validation_slices)
     task = build_task(config, data, device)
     model = task.model.to(device)
+    if config.run.init_from and (not resume or CheckpointStore(output).latest() is None):
+        initialise_from(model, Path(config.run.init_from))
     trainable = [p for p in model.parameters() if p.requires_grad]
     module = model
     if dist.active:
@@ -335,7 +358,7 @@ def _state(optimizer: torch.optim.Optimizer, ema: ModelEMA, data: TrainingData, 
 
 def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA, data: TrainingData,
              device: torch.device) -> tuple[int, dict]:
-    state_dict = _read_weights(folder / "model")
+    state_dict = read_weights(folder / "model")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if not k.endswith("codebook")]:
         raise CheckpointError(f"cannot resume from {folder}: it was written by another architecture "
