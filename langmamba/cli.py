@@ -166,6 +166,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     draws, resamples, slices, candidates = args.draws, 2000, args.slices, None
     if args.quick:  # a few slices, one dose, two draws: checks the pipeline on a CPU in minutes
         doses, draws, resamples, slices, candidates = doses[:1] if args.dose else [0.25], 2, 200, slices or 2, (15, 30)
+    if args.partial and not args.cache:
+        raise InputError("--partial reports the finished parts of an evaluation cache: give its --cache folder")
     weights = Path(args.weights)
     kwargs = {"bm3d_candidates_hu": candidates} if candidates else {}
     try:
@@ -174,7 +176,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                 draws=draws, seed=args.seed, bm3d_sigma_hu=args.bm3d_sigma, device=args.device,
                                 max_slices=slices, workers=args.workers, tta=args.tta, resamples=resamples,
                                 cache=Path(args.cache) if args.cache else None, max_minutes=args.max_minutes,
-                                **kwargs)
+                                partial=args.partial, **kwargs)
     except EvaluationIncomplete as stopped:
         print(f"evaluation incomplete ({stopped}); run the same command again to continue from {args.cache}")
         return 3
@@ -182,6 +184,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"held-out lung2, {result['slices']} slices, dose {result['dose']}, seed {result['seed']}, draw 0")
         print(markdown_table(result))
     print(difference_table(result))
+    for gap in result["evaluation"]["missing"]:
+        print(f"missing: {gap['case']} at dose {gap['dose']:g} ({gap['draws_done']} of {result['evaluation']['draws']} "
+              "draws done)")
     return 0
 
 
@@ -354,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "an evaluation wrote (where matplotlib is) and stop")
     evaluate.add_argument("--cache", help="folder keeping finished (case, dose, draw) parts, so a stopped run "
                                           "continues where it stopped")
+    evaluate.add_argument("--partial", action="store_true",
+                          help="compute nothing: write the results of the finished parts in --cache, listing the "
+                               "missing ones (evaluation.complete is false)")
     evaluate.add_argument("--max-minutes", type=float, default=None, help="stop between parts after N minutes "
                                                                           "(exit code 3; needs --cache to continue)")
     evaluate.add_argument("--device", default="auto")

@@ -451,13 +451,15 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                    bm3d_sigma_hu: float | None = None, device: str = "auto", max_slices: int | None = None,
                    progress: bool = True, workers: int | None = None, tta: bool = False, resamples: int = 2000,
                    bm3d_candidates_hu=BM3D_SIGMAS_HU, cache: Path | None = None,
-                   max_minutes: float | None = None) -> dict:
+                   max_minutes: float | None = None, partial: bool = False) -> dict:
     """Evaluate every method on every case, dose and draw; write ``output_json``, ``figure`` and the figure's
     data (``<output_json stem>_figure.npz``, to draw elsewhere when matplotlib is missing).
 
     With ``cache``, finished (case, dose, draw) units are kept in that folder and skipped by a later call with
     the same settings; with ``max_minutes`` the call stops between units once the budget is spent and raises
-    :class:`EvaluationIncomplete` (call again to continue).
+    :class:`EvaluationIncomplete` (call again to continue). With ``partial`` nothing new is computed: the
+    result holds the (case, dose) pairs whose draws are all in the cache, ``evaluation.complete`` is false and
+    ``evaluation.missing`` lists the rest.
     """
     from .checkpoint import load_checkpoint
     from .infer import denoise_slices, resolve_device
@@ -486,6 +488,8 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
         bm3d_tuned = store.load_json("bm3d.json")
         if bm3d_tuned is not None:
             bm3d_tuned, tuning_source = {float(d): v for d, v in bm3d_tuned["tuned"].items()}, bm3d_tuned["source"]
+        elif partial:
+            raise InputError(f"the evaluation cache {cache} holds no finished part yet: nothing to report")
         elif bm3d_sigma_hu is None:
             bm3d_tuned, tuning_source = tune_bm3d_per_dose(cases, doses, seed, device, pool, bm3d_candidates_hu)
         else:
@@ -504,6 +508,8 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                     done = store.load_unit(key)
                     if done is not None and (headline_result or not is_headline):
                         units[case.name, dose, draw] = done
+                        continue
+                    if partial:
                         continue
                     if max_minutes is not None and time.time() - started > 60 * max_minutes:
                         raise EvaluationIncomplete(f"stopped after {max_minutes} min with {len(units)} units done")
@@ -537,10 +543,15 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
             pool.shutdown()
 
     per_case: dict = {}
+    missing: list[dict] = []
     pooled_blocks: dict[float, list] = {d: [] for d in doses}
     for case in cases:
         per_case[case.name] = {"role": case.role, "slices": int(case.hu.shape[0]), "doses": {}}
         for dose in doses:
+            if any((case.name, dose, draw) not in units for draw in range(draws)):
+                missing.append({"case": case.name, "dose": dose,
+                                "draws_done": sum((case.name, dose, d) in units for d in range(draws))})
+                continue
             draws_of = [units[case.name, dose, draw] for draw in range(draws)]
             per_slice = {m: {w: {k: np.stack([d[0][m][w][k] for d in draws_of]) for k in ks}
                              for w, ks in ws.items()} for m, ws in draws_of[0][0].items()}
@@ -558,6 +569,7 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
         "seed": seed,
         **headline_result,
         "evaluation": {
+            "complete": not missing, "missing": missing,
             "doses": doses, "draws": draws, "tta": tta, "methods": list(METHOD_ORDER),
             "reference_method": REFERENCE_METHOD,
             "bm3d": {str(d): v for d, v in bm3d_tuned.items()}, "bm3d_tuned_on": tuning_source,

@@ -99,7 +99,13 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(EvaluationIncomplete):  # a spent budget stops between units; the cache keeps the tuning
         run_evaluation(weights, output, tmp_path / "out" / "comparison.png", max_minutes=0, **settings)
     assert (tmp_path / "cache" / "bm3d.json").is_file() and not output.exists()
+    partial = tmp_path / "partial.json"
+    empty = run_evaluation(weights, partial, tmp_path / "partial.png", partial=True, **settings)
+    assert not empty["evaluation"]["complete"] and len(empty["evaluation"]["missing"]) == 2 * 2  # cases x doses
+    assert not list((tmp_path / "cache").glob("unit-*.npz"))  # --partial computes nothing
     result = run_evaluation(weights, output, tmp_path / "out" / "comparison.png", **settings)
+    again = run_evaluation(weights, partial, tmp_path / "partial.png", partial=True, **settings)
+    assert again["evaluation"]["complete"] and again["evaluation"]["per_case"] == result["evaluation"]["per_case"]
     assert len(list((tmp_path / "cache").glob("unit-*.npz"))) == 2 * 2 * 2  # cases x doses x draws
     with pytest.raises(InputError, match="other settings"):
         run_evaluation(weights, output, tmp_path / "out" / "comparison.png", **(settings | {"draws": 3}))
