@@ -332,8 +332,9 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
     def restoreExplanation(self, textNode, volumeNode) -> None:
         """Show the explanation kept in ``textNode`` (a saved scene's) for ``volumeNode``, reusing the node."""
         document = self.browser.parse(textNode.GetText() or "", f"the explanation '{textNode.GetName()}'")
-        self._checkShape(document, volumeNode)
-        self.outputVolumeNode = volumeNode
+        if volumeNode is not None:
+            self._checkShape(document, volumeNode)
+            self.outputVolumeNode = volumeNode
         self.setExplanation(document, textNode)
 
     def loadExplanation(self, path: str, volumeNode=None) -> dict:
@@ -863,7 +864,8 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def done(result):
             outputNode = logic.applyResult(inputNode, result)
-            self._parameterNode.shownRegion = ""
+            if self._parameterNode is not None:
+                self._parameterNode.shownRegion = ""
             self.storeLogicNodes()
             self.updateTable()
             explained = "" if logic.explanation is not None else " (no explanation)"
@@ -942,6 +944,8 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSortColumn(self, column: int) -> None:
         """Sort by ``column`` (descending first for probabilities and scores); a second click reverses."""
         parameters = self._parameterNode
+        if parameters is None:
+            return
         node = parameters.parameterNode
         wasModifying = node.StartModify()
         if column == self.sortColumn:
@@ -955,7 +959,8 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if 0 <= row < len(self.shownRegions):
             region = self.shownRegions[row]
             self.logic.jumpToRegion(region)
-            self._parameterNode.shownRegion = regionKey(region)
+            if self._parameterNode is not None:
+                self._parameterNode.shownRegion = regionKey(region)
             self.storeLogicNodes()
             self.setStatus(f"Slice {region.z}, level {region.level}: output {region.words_text('output')}; "
                            f"input {region.words_text('input')}")
@@ -1007,7 +1012,8 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(f"Opened the explanation {path}")
         except Exception as error:
             self.setStatus(f"Cannot open the explanation: {error}", error=True)
-        self._parameterNode.shownRegion = ""
+        if self._parameterNode is not None:
+            self._parameterNode.shownRegion = ""
         self.storeLogicNodes()
         self.updateTable()
 
