@@ -149,9 +149,9 @@ def test_logic_denoises_on_the_server_into_a_linked_scalar_volume(shim, scene, s
     _, slicer, module = shim
     node = _add_ct(slicer, lung2_crop)
     logic = module.LangMambaDenoiseLogic(server.url, timeout=300)
-    info = logic.fetchInfo()
+    info = logic.server.fetchInfo()
     vocabulary = info["models"]["langmamba_denoise"]["vocabulary"]
-    assert f"vocabulary: {len(vocabulary)} words" in logic.describeInfo(info)
+    assert f"vocabulary: {len(vocabulary)} words" in module.lmserver.describe_info(info)
 
     output_node = logic.denoise(node, blend=1.0, level=2, device="cpu", explain=True, topK=3)
 
@@ -220,14 +220,14 @@ def test_logic_reports_server_errors(shim, scene, server, lung2_crop):
     with pytest.raises(lmclient.ServerResponseError, match="422.*level") as caught:
         logic.denoise(node, level=7)
     assert caught.value.status == 422
-    logic.requestDenoiseById("chest", logic.requestParameters(level=0, device="cpu", blend=0.5))
-    result = logic.requestDenoiseById("chest", logic.requestParameters(level=0, device="cpu"))  # a second run
+    logic.server.requestDenoiseById("chest", module.lmserver.request_parameters(level=0, device="cpu", blend=0.5))
+    result = logic.server.requestDenoiseById("chest", module.lmserver.request_parameters(level=0, device="cpu"))  # a second run
     output_node = logic.applyResult(node, result)
     assert [entry["level"] for entry in logic.explanation["levels"]] == [0]
     assert slicer.util.arrayFromVolume(output_node).shape == lung2_crop.hu.shape
-    logic.setServerUrl(f"http://127.0.0.1:{free_port()}")
+    logic.server.setServerUrl(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(lmclient.ServerUnreachableError, match="no server at"):
-        logic.fetchInfo()
+        logic.server.fetchInfo()
 
 
 # --- Widget -----------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_panel_remembers_its_settings(shim, scene):
         assert widget.ui.serverUrlEdit.text() == "http://127.0.0.1:8123"
         assert widget.ui.blendSlider.value() == pytest.approx(0.55)
         assert widget.ui.levelSpinBox.value() == 1 and widget.ui.topKSpinBox.value() == 2
-        assert widget.logic.serverUrl == "http://127.0.0.1:8123"
+        assert widget.logic.server.serverUrl == "http://127.0.0.1:8123"
     finally:
         _close(parent, widget)
 
@@ -418,13 +418,13 @@ def test_panel_shows_errors_as_messages(shim, scene, server, lung2_crop):
         # a server that does not answer: timeout, then cancel
         ui.inputSelector.setCurrentNode(node)
         ui.serverUrlEdit.setText(slow.url)
-        widget.logic.timeout = 0.5
+        widget.logic.server.timeout = 0.5
         QTest.mouseClick(ui.denoiseButton, qt.Qt.LeftButton)
         _wait_for_job(widget, timeout=30)
         assert "no answer within 0.5 s" in ui.statusLabel.text()
         _no_traceback(ui.statusLabel.text())
 
-        widget.logic.timeout = 120
+        widget.logic.server.timeout = 120
         QTest.mouseClick(ui.denoiseButton, qt.Qt.LeftButton)
         start = time.monotonic()
         while slow.requests < 2 and time.monotonic() - start < 10:

@@ -8,15 +8,28 @@ explanation document, and needs neither the ``langmamba`` package nor the MONAI 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
+from typing import Annotated
 
 import numpy as np
 import qt
 import slicer
 import vtk
+from LangMambaDenoiseLib import browser as lmbrowser
+from LangMambaDenoiseLib import client as lmclient
+from LangMambaDenoiseLib import explanation as lmexplanation
+from LangMambaDenoiseLib import nrrd as lmnrrd
+from LangMambaDenoiseLib import server as lmserver
+from slicer import (
+    vtkMRMLColorTableNode,
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLTextNode,
+)
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,13 +38,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from LangMambaDenoiseLib import client as lmclient
-from LangMambaDenoiseLib import explanation as lmexplanation
-from LangMambaDenoiseLib import nrrd as lmnrrd
-
-DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
-MODEL_NAME = "langmamba_denoise"
+DEFAULT_SERVER_URL = lmserver.DEFAULT_SERVER_URL
+MODEL_NAME = lmserver.MODEL_NAME
 SETTINGS_PREFIX = "LangMambaDenoise/"
+USER_DEFAULTS_ATTRIBUTE = "LangMambaDenoise.UserDefaults"
+"""Parameter node attribute set once the per-user defaults (QSettings) have been applied to it."""
 OUTPUT_SUFFIX = " (LangMamba)"
 CT_WINDOW_LEVEL = (400.0, 40.0)
 """Soft-tissue CT window (width, level) in HU for the denoised volume when the input uses auto W/L."""
@@ -93,74 +104,98 @@ class LangMambaDenoise(ScriptedLoadableModule):
 
 
 #
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class LangMambaDenoiseParameterNode:
+    """The panel's state, kept in the scene's parameter node so that a saved scene restores it.
+
+    serverUrl: the MONAI Label server (its per-user default is in QSettings).
+    inputVolume, outputVolume: the low-dose volume and its denoised result.
+    blend, level, device, explain, topK: the inference request (``blend`` 0-1; ``level`` 0-2; ``topK`` words
+        listed per region).
+    explanation: the shown explanation document (JSON text node).
+    wordFilter, changedOnly, minConfidence (percent), sortColumn (-1: document order), sortDescending: the
+        region table's view of it.
+    showOverlay, overlayWords ("output" or "input"): the word overlay.
+    shownRegion: ``"z,level,row,col"`` of the region the views were last centred on ("" for none).
+    labelMap, wordColors, highlight: the overlay, its colour table and the region outline the Logic made.
+    """
+
+    serverUrl: str = DEFAULT_SERVER_URL
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    blend: Annotated[float, WithinRange(0.0, 1.0)] = 1.0
+    level: Annotated[int, WithinRange(0, 2)] = 2
+    device: str = "auto"
+    explain: bool = True
+    topK: Annotated[int, WithinRange(1, 5)] = 3
+    explanation: vtkMRMLTextNode
+    wordFilter: str = ""
+    changedOnly: bool = False
+    minConfidence: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
+    sortColumn: Annotated[int, WithinRange(-1, len(TABLE_COLUMNS) - 1)] = -1
+    sortDescending: bool = False
+    showOverlay: bool = False
+    overlayWords: str = "output"
+    shownRegion: str = ""
+    labelMap: vtkMRMLLabelMapVolumeNode
+    wordColors: vtkMRMLColorTableNode
+    highlight: vtkMRMLMarkupsROINode
+
+
+def regionKey(region) -> str:
+    """``"z,level,row,col"`` of a region, as :attr:`LangMambaDenoiseParameterNode.shownRegion` keeps it."""
+    return f"{region.z},{region.level},{region.row},{region.col}"
+
+
+#
 # Logic
 #
 
 
 class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
-    """Everything but the GUI: server requests, volume transfer, explanation browsing.
+    """The scene side of the module: volume transfer, slice views, the word overlay and region outline.
 
-    Network calls (:meth:`fetchInfo`, :meth:`requestDenoise`) touch no MRML node and may run in a worker
-    thread; the other methods change the scene and run on the main thread. :meth:`denoise` does a whole
+    It composes the two Qt- and MRML-free logics: :attr:`server` (``LangMambaDenoiseLib.server.ServerLogic``,
+    the requests, which may run in a worker thread) and :attr:`browser`
+    (``LangMambaDenoiseLib.browser.ExplanationBrowser``, the shown explanation's regions, filters, summaries
+    and exports). Methods here change the scene and run on the main thread; :meth:`denoise` does a whole
     run synchronously (scripts, self-test).
     """
 
     def __init__(self, serverUrl: str = DEFAULT_SERVER_URL, timeout: float = 600.0) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.timeout = float(timeout)
-        self.client = None
-        self.serverUrl = ""
-        self.setServerUrl(serverUrl)
-        self.explanation = None
-        self.regions = []
+        self.server = lmserver.ServerLogic(serverUrl, timeout)
+        self.browser = lmbrowser.ExplanationBrowser()
         self.inputVolumeNode = None
         self.outputVolumeNode = None
+        self.explanationNode = None
         self.labelMapNode = None
         self.colorNode = None
         self.highlightNode = None
 
-    # --- server ---------------------------------------------------------------------------------
+    def getParameterNode(self, userDefaults: dict | None = None) -> LangMambaDenoiseParameterNode:
+        """The scene's parameter node; ``userDefaults`` (attribute: value) are applied once, to a new node."""
+        node = ScriptedLoadableModuleLogic.getParameterNode(self)
+        parameters = LangMambaDenoiseParameterNode(node)
+        if userDefaults and not node.GetAttribute(USER_DEFAULTS_ATTRIBUTE):
+            for name, value in userDefaults.items():
+                setattr(parameters, name, value)
+        node.SetAttribute(USER_DEFAULTS_ATTRIBUTE, "applied")
+        return parameters
 
-    def setServerUrl(self, url: str) -> None:
-        """Use the server at ``url``; :class:`~LangMambaDenoiseLib.client.ClientError` if malformed."""
-        self.client = lmclient.LangMambaClient(url, timeout=self.timeout)
-        self.serverUrl = self.client.base_url
+    @property
+    def explanation(self):
+        """The shown explanation document (``None`` if none)."""
+        return self.browser.document
 
-    def fetchInfo(self, cancel=None) -> dict:
-        """``/info/`` of the server; ClientError if it has no ``langmamba_denoise`` model."""
-        info = self.client.info(cancel=cancel)
-        models = info.get("models") or {}
-        if MODEL_NAME not in models:
-            names = ", ".join(sorted(models)) or "none"
-            raise lmclient.ProtocolError(f"the server offers no {MODEL_NAME} model (models: {names})")
-        return info
-
-    @staticmethod
-    def describeInfo(info: dict) -> str:
-        """One line for the status label: app name, models, LangMamba's settings and vocabulary size."""
-        models = info.get("models") or {}
-        model = models.get(MODEL_NAME) or {}
-        config = model.get("config") or {}
-        vocabulary = model.get("vocabulary") or config.get("vocabulary") or []
-        parts = [f"Connected to {info.get('name') or 'MONAI Label'}", "models: " + ", ".join(sorted(models))]
-        settings = ", ".join(
-            f"{k}={'/'.join(map(str, config[k])) if isinstance(config[k], list) else config[k]}"
-            for k in ("blend", "level", "device", "explain", "top_k") if k in config
-        )
-        if settings:
-            parts.append(f"{MODEL_NAME} defaults: {settings}")
-        if vocabulary:
-            parts.append(f"vocabulary: {len(vocabulary)} words")
-        return "; ".join(parts)
-
-    @staticmethod
-    def requestParameters(blend: float = 1.0, level: int = 2, device: str = "auto", explain: bool = True,
-                          topK: int = 3) -> dict:
-        """The ``params`` JSON of an inference request (``top_k``: words listed per region)."""
-        if not 0.0 <= float(blend) <= 1.0:
-            raise ValueError(f"blend must be in [0, 1], got {blend}")
-        return {"blend": float(blend), "level": int(level), "device": str(device), "explain": bool(explain),
-                "top_k": int(topK)}
+    @property
+    def regions(self):
+        """The shown explanation's regions (table rows)."""
+        return self.browser.regions
 
     # --- volumes --------------------------------------------------------------------------------
 
@@ -184,18 +219,6 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         else:
             voxels = array.astype(np.float32)
         return lmnrrd.encode(voxels, lmnrrd.lps_from_ras(self.ijkToRasArray(volumeNode)), compress=compress)
-
-    def requestDenoise(self, fileBytes: bytes, parameters: dict, progress=None, cancel=None):
-        """Upload ``fileBytes`` (NRRD) and run the model; thread-safe (no MRML). Returns the client's
-        :class:`~LangMambaDenoiseLib.client.InferenceResult`."""
-        return self.client.infer(MODEL_NAME, parameters, file_bytes=fileBytes, file_name="input.nrrd",
-                                 output="all", progress=progress, cancel=cancel)
-
-    def requestDenoiseById(self, imageId: str, parameters: dict, progress=None, cancel=None):
-        """Run the model on an image of the server's datastore (no upload). The server keeps the result as
-        ``<imageId>_langmamba``; running again replaces that earlier result (``overwrite``), never another image."""
-        return self.client.infer(MODEL_NAME, {**parameters, "overwrite": True}, image_id=imageId, output="all",
-                                 progress=progress, cancel=cancel)
 
     def applyResult(self, inputVolumeNode, result, name: str | None = None):
         """Load a server result: a new scalar volume ``"<input> (LangMamba)"`` with the input's geometry
@@ -233,8 +256,8 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
     def denoise(self, inputVolumeNode, blend: float = 1.0, level: int = 2, device: str = "auto",
                 explain: bool = True, topK: int = 3, progress=None, cancel=None):
         """Encode, upload, denoise and load in one call (blocks until the server answers)."""
-        parameters = self.requestParameters(blend, level, device, explain, topK)
-        result = self.requestDenoise(self.encodeVolume(inputVolumeNode), parameters, progress, cancel)
+        parameters = lmserver.request_parameters(blend, level, device, explain, topK)
+        result = self.server.requestDenoise(self.encodeVolume(inputVolumeNode), parameters, progress, cancel)
         return self.applyResult(inputVolumeNode, result)
 
     @staticmethod
@@ -291,67 +314,48 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
 
     # --- explanation ----------------------------------------------------------------------------
 
-    def setExplanation(self, document) -> None:
-        """Keep ``document`` (or ``None``) for browsing; removes the previous overlay."""
-        self.explanation = None if document is None else lmexplanation.check_document(document)
-        self.regions = [] if document is None else lmexplanation.regions(document)
+    def setExplanation(self, document, textNode=None) -> None:
+        """Show ``document`` (or ``None``) in the browser and keep it in a text node of the scene
+        (:attr:`explanationNode`; ``textNode`` if given, e.g. one of a loaded scene); removes the old overlay."""
+        self.browser.setDocument(document)
         self.showLabelMap(False)
+        if document is None:
+            self.explanationNode = None
+            return
+        if textNode is None:
+            if self.explanationNode is None or self.explanationNode.GetScene() is None:
+                self.explanationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "LangMamba explanation")
+            self.explanationNode.SetText(self.browser.documentText())
+        else:
+            self.explanationNode = textNode
+
+    def restoreExplanation(self, textNode, volumeNode) -> None:
+        """Show the explanation kept in ``textNode`` (a saved scene's) for ``volumeNode``, reusing the node."""
+        document = self.browser.parse(textNode.GetText() or "", f"the explanation '{textNode.GetName()}'")
+        if volumeNode is not None:
+            self._checkShape(document, volumeNode)
+            self.outputVolumeNode = volumeNode
+        self.setExplanation(document, textNode)
 
     def loadExplanation(self, path: str, volumeNode=None) -> dict:
         """Open an explanation JSON file (version 1.0 or 2.0) for browsing, e.g. one exported earlier.
         ``volumeNode`` (default: the denoised output, if any) is the volume its regions lie on; its shape
         must be the document's."""
-        try:
-            with open(path, encoding="utf-8") as stream:
-                document = json.load(stream)
-        except (OSError, ValueError) as error:
-            raise lmexplanation.ExplanationError(f"cannot read the explanation {path}: {error}") from None
-        lmexplanation.check_document(document)
+        document = self.browser.readFile(path)
         volumeNode = volumeNode or self.outputVolumeNode
         if volumeNode is not None:
-            shape = tuple(int(s) for s in document["volume"]["shape"])
-            expected = slicer.util.arrayFromVolume(volumeNode).shape
-            if shape != expected:
-                raise lmexplanation.ExplanationError(
-                    f"the explanation is of a volume of shape {shape}, not {expected} ('{volumeNode.GetName()}')")
+            self._checkShape(document, volumeNode)
             self.outputVolumeNode = volumeNode
         self.setExplanation(document)
         return document
 
-    def filteredRegions(self, word: str = "", changedOnly: bool = False, minConfidence: float = 0.0,
-                        sortKey: str = "document", descending: bool = False):
-        """Regions matching ``word``, flagged ones only if asked, output top-word probability at least
-        ``minConfidence`` (0-1), sorted by ``sortKey`` (see ``LangMambaDenoiseLib.explanation.SORT_KEYS``)."""
-        rows = lmexplanation.filter_regions(self.regions, word, changedOnly, min_confidence=minConfidence)
-        return lmexplanation.sort_regions(rows, sortKey, descending)
-
-    def explanationSummary(self) -> str:
-        if self.explanation is None:
-            return "No explanation loaded"
-        changed = sum(r.changed for r in self.regions)
-        differs = sum(r.top_differs for r in self.regions)
-        levels = lmexplanation.levels(self.explanation)
-        thresholds = lmexplanation.confidence_thresholds(self.explanation)
-        mean = float(np.mean([r.confidence for r in self.regions])) if self.regions else 0.0
-        band = lmexplanation.confidence_band(mean, thresholds)
-        return (f"{len(self.regions)} regions on {len(self.explanation['slices'])} slices, level(s) "
-                f"{', '.join(map(str, levels))}; {changed} flagged (confident change), top word differs in "
-                f"{differs}; mean top-word probability {lmexplanation.format_percent(mean)} "
-                f"(uniform {lmexplanation.format_percent(thresholds['uniform'])}: {band})")
-
-    def languageSpaceSummary(self) -> str:
-        """Which language space produced the words, how their probabilities were calibrated, what a flag means."""
-        if self.explanation is None:
-            return ""
-        info = lmexplanation.describe(self.explanation)
-        return (f"Words from: {info['language_space']}. Probabilities: {info['calibration']}; uniform over "
-                f"{self.explanation.get('vocabulary_size', '?')} words = {lmexplanation.format_percent(info['uniform'])}. "
-                f"Changes: {info['change_rule']}. Document version {info['version']}.")
-
-    def overlayLevel(self, preferred: int) -> int:
-        """``preferred`` if the explanation has it, else its finest level."""
-        levels = lmexplanation.levels(self.explanation)
-        return preferred if preferred in levels else levels[-1]
+    @staticmethod
+    def _checkShape(document: dict, volumeNode) -> None:
+        shape = tuple(int(s) for s in document["volume"]["shape"])
+        expected = slicer.util.arrayFromVolume(volumeNode).shape
+        if shape != expected:
+            raise lmexplanation.ExplanationError(
+                f"the explanation is of a volume of shape {shape}, not {expected} ('{volumeNode.GetName()}')")
 
     def regionCenterRAS(self, region, volumeNode=None):
         """World (RAS mm) position of the region's centre on its slice."""
@@ -399,7 +403,7 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         if self.explanation is None or self.outputVolumeNode is None:
             raise ValueError("denoise a volume with explanations first")
         shape = slicer.util.arrayFromVolume(self.outputVolumeNode).shape
-        labels, table = lmexplanation.label_map(self.explanation, level, shape, which)
+        labels, table = self.browser.labelMap(level, shape, which)
         if self.colorNode is None or self.colorNode.GetScene() is None:
             self.colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", "LangMamba words")
         self.colorNode.SetTypeToUser()
@@ -422,7 +426,7 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
 
     def showLabelMap(self, visible: bool, level: int = 2, which: str = "output", opacity: float = 0.4) -> None:
         """Show (building it) or hide the word overlay in the Red and Yellow views."""
-        labelNode = self.updateLabelMap(self.overlayLevel(level), which) if visible else None
+        labelNode = self.updateLabelMap(self.browser.overlayLevel(level), which) if visible else None
         for layoutName in ("Red", "Yellow"):
             composite = self.sliceCompositeNode(layoutName)
             if composite is None:
@@ -432,19 +436,6 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
                 composite.SetLabelOpacity(opacity)
             elif self.labelMapNode is not None and composite.GetLabelVolumeID() == self.labelMapNode.GetID():
                 composite.SetLabelVolumeID(None)
-
-    def exportCSV(self, path: str, rows=None) -> int:
-        """Write ``rows`` (default: all regions) as CSV; returns the number of rows."""
-        rows = self.regions if rows is None else list(rows)
-        if self.explanation is None:
-            raise ValueError("no explanation to export")
-        lmexplanation.export_csv(rows, path)
-        return len(rows)
-
-    def exportJSON(self, path: str) -> None:
-        if self.explanation is None:
-            raise ValueError("no explanation to export")
-        lmexplanation.export_json(self.explanation, path)
 
     @staticmethod
     def defaultInputVolume():
@@ -501,7 +492,8 @@ class _Job:
 
 
 class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: server, denoise and explanation browser sections."""
+    """The module panel: server, denoise and explanation browser sections. It keeps its state in the
+    scene's parameter node (:class:`LangMambaDenoiseParameterNode`) and leaves the work to the Logic."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -509,8 +501,9 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.job = None
         self.shownRegions = []
-        self.sortColumn = None
-        self.sortDescending = False
+        self._parameterNode = None
+        self._updatingGUI = False
+        self._shownServerUrl = None
         self._pollTimer = None
 
     def setup(self) -> None:
@@ -519,20 +512,7 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        settings = qt.QSettings()
-        url = str(settings.value(SETTINGS_PREFIX + "ServerUrl", DEFAULT_SERVER_URL) or DEFAULT_SERVER_URL)
-        self.ui.serverUrlEdit.setText(url)
-        self.ui.blendSlider.setValue(float(settings.value(SETTINGS_PREFIX + "Blend", 1.0)))
-        self.ui.levelSpinBox.setValue(int(settings.value(SETTINGS_PREFIX + "Level", 2)))
-        self.ui.topKSpinBox.setValue(int(settings.value(SETTINGS_PREFIX + "TopK", 3)))
-        device = self.ui.deviceComboBox.findText(str(settings.value(SETTINGS_PREFIX + "Device", "auto")))
-        self.ui.deviceComboBox.setCurrentIndex(max(device, 0))
-        try:
-            self.logic = LangMambaDenoiseLogic(url)
-        except lmclient.ClientError as error:
-            self.logic = LangMambaDenoiseLogic()
-            self.setStatus(str(error), error=True)
+        self.logic = LangMambaDenoiseLogic()
 
         table = self.ui.regionTable
         table.setColumnCount(len(TABLE_COLUMNS))
@@ -543,13 +523,18 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.verticalHeader().setVisible(False)
 
         self.ui.connectButton.clicked.connect(self.onConnect)
-        self.ui.serverUrlEdit.editingFinished.connect(self.saveSettings)
+        self.ui.serverUrlEdit.editingFinished.connect(self.onServerUrlEdited)
         self.ui.denoiseButton.clicked.connect(self.onDenoise)
         self.ui.cancelButton.clicked.connect(self.onCancel)
-        self.ui.inputSelector.currentNodeChanged.connect(self.updateButtons)
-        self.ui.wordFilterEdit.textChanged.connect(self.updateTable)
-        self.ui.changedOnlyCheckBox.toggled.connect(self.updateTable)
-        self.ui.minConfidenceSpinBox.valueChanged.connect(self.updateTable)
+        self.ui.inputSelector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.blendSlider.valueChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.levelSpinBox.valueChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.topKSpinBox.valueChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.explainCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
+        self.ui.wordFilterEdit.textChanged.connect(self.onTableViewChanged)
+        self.ui.changedOnlyCheckBox.toggled.connect(self.onTableViewChanged)
+        self.ui.minConfidenceSpinBox.valueChanged.connect(self.onTableViewChanged)
         self.ui.regionTable.horizontalHeader().sectionClicked.connect(self.onSortColumn)
         self.ui.regionTable.cellClicked.connect(self.onRegionClicked)
         self.ui.showOverlayCheckBox.toggled.connect(self.onOverlayChanged)
@@ -562,11 +547,11 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.setInterval(50)
         self._pollTimer.timeout.connect(self.pollJob)
 
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
-        self.selectDefaultInput()
-        self.updateTable()
-        self.updateButtons()
+        self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -576,11 +561,140 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
 
     def enter(self) -> None:
-        self.selectDefaultInput()
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    # --- parameter node -------------------------------------------------------------------------
+
+    @staticmethod
+    def userDefaults() -> dict:
+        """The per-user settings (QSettings) a new scene's parameter node starts from."""
+        settings = qt.QSettings()
+        defaults = {
+            "serverUrl": str(settings.value(SETTINGS_PREFIX + "ServerUrl", DEFAULT_SERVER_URL) or DEFAULT_SERVER_URL),
+            "blend": float(settings.value(SETTINGS_PREFIX + "Blend", 1.0)),
+            "level": int(settings.value(SETTINGS_PREFIX + "Level", 2)),
+            "topK": int(settings.value(SETTINGS_PREFIX + "TopK", 3)),
+            "device": str(settings.value(SETTINGS_PREFIX + "Device", "auto")),
+        }
+        defaults["blend"] = min(max(defaults["blend"], 0.0), 1.0)
+        defaults["level"] = min(max(defaults["level"], 0), 2)
+        defaults["topK"] = min(max(defaults["topK"], 1), 5)
+        return defaults
+
+    def initializeParameterNode(self) -> None:
+        """Use the scene's parameter node (new ones start from the user's settings) and show its state."""
+        self.setParameterNode(self.logic.getParameterNode(self.userDefaults()))
+        if self._parameterNode.inputVolume is None:
+            self.selectDefaultInput()
+
+    def setParameterNode(self, parameters) -> None:
+        """Observe ``parameters`` (a :class:`LangMambaDenoiseParameterNode` or ``None``) and restore from it
+        the server, the volumes, the shown explanation, its table view and overlay."""
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.updateGUIFromParameterNode)
+        self._parameterNode = parameters
+        self._shownServerUrl = None
+        if parameters is None:
+            return
+        self.addObserver(parameters.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+        self._useServerUrl(report=False)
+        self.restoreFromParameterNode()
+
+    def restoreFromParameterNode(self) -> None:
+        """Make the Logic show what the parameter node keeps (after a scene load or a module switch)."""
+        parameters = self._parameterNode
+        logic = self.logic
+        logic.inputVolumeNode = parameters.inputVolume
+        textNode = parameters.explanation
+        if textNode is not None and textNode is not logic.explanationNode:
+            volumeNode = parameters.outputVolume or parameters.inputVolume
+            logic.labelMapNode, logic.colorNode = parameters.labelMap, parameters.wordColors
+            logic.highlightNode = parameters.highlight
+            try:
+                logic.restoreExplanation(textNode, volumeNode)
+            except Exception as error:
+                logic.setExplanation(None)
+                self.setStatus(f"Cannot show the scene's explanation: {self.errorMessage(error)}", error=True)
+            else:
+                self.showOverlay()
+        elif textNode is None and logic.explanationNode is not None:
+            logic.setExplanation(None)
+        if parameters.outputVolume is not None:
+            logic.outputVolumeNode = parameters.outputVolume
+        self.updateTable()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        parameters = self._parameterNode
+        if parameters is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            if parameters.serverUrl != self._shownServerUrl:  # changed in the node, not an edit in progress
+                self.ui.serverUrlEdit.setText(parameters.serverUrl)
+                self._shownServerUrl = parameters.serverUrl
+            self.ui.inputSelector.setCurrentNode(parameters.inputVolume)
+            self.ui.blendSlider.setValue(parameters.blend)
+            self.ui.levelSpinBox.setValue(parameters.level)
+            self.ui.topKSpinBox.setValue(parameters.topK)
+            self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findText(parameters.device), 0))
+            self.ui.explainCheckBox.setChecked(parameters.explain)
+            self.ui.wordFilterEdit.setText(parameters.wordFilter)
+            self.ui.changedOnlyCheckBox.setChecked(parameters.changedOnly)
+            self.ui.minConfidenceSpinBox.setValue(parameters.minConfidence)
+            self.ui.showOverlayCheckBox.setChecked(parameters.showOverlay)
+            self.ui.overlayWordsComboBox.setCurrentIndex(
+                max(self.ui.overlayWordsComboBox.findText(parameters.overlayWords), 0))
+        finally:
+            self._updatingGUI = False
+        self.updateButtons()
+
+    def updateParameterNodeFromGUI(self, *unused) -> None:
+        """Store the request's widgets in the parameter node (the server URL is stored when edited)."""
+        parameters = self._parameterNode
+        if parameters is None or self._updatingGUI:
+            return
+        node = parameters.parameterNode
+        wasModifying = node.StartModify()
+        try:
+            parameters.inputVolume = self.ui.inputSelector.currentNode()
+            parameters.blend = float(_get(self.ui.blendSlider, "value"))
+            parameters.level = int(_get(self.ui.levelSpinBox, "value"))
+            parameters.topK = int(_get(self.ui.topKSpinBox, "value"))
+            parameters.device = _get(self.ui.deviceComboBox, "currentText")
+            parameters.explain = bool(_get(self.ui.explainCheckBox, "checked"))
+            parameters.wordFilter = _get(self.ui.wordFilterEdit, "text")
+            parameters.changedOnly = bool(_get(self.ui.changedOnlyCheckBox, "checked"))
+            parameters.minConfidence = float(_get(self.ui.minConfidenceSpinBox, "value"))
+            parameters.showOverlay = bool(_get(self.ui.showOverlayCheckBox, "checked"))
+            parameters.overlayWords = _get(self.ui.overlayWordsComboBox, "currentText")
+        finally:
+            node.EndModify(wasModifying)
+
+    def storeLogicNodes(self) -> None:
+        """Reference the Logic's volumes, explanation, overlay and outline from the parameter node."""
+        parameters, logic = self._parameterNode, self.logic
+        if parameters is None:
+            return
+        node = parameters.parameterNode
+        wasModifying = node.StartModify()
+        try:
+            parameters.outputVolume = logic.outputVolumeNode
+            parameters.explanation = logic.explanationNode
+            parameters.labelMap = logic.labelMapNode
+            parameters.wordColors = logic.colorNode
+            parameters.highlight = logic.highlightNode
+        finally:
+            node.EndModify(wasModifying)
 
     # --- state ----------------------------------------------------------------------------------
 
     def saveSettings(self) -> None:
+        """Keep the server URL and request settings as the user's defaults for new scenes."""
         settings = qt.QSettings()
         settings.setValue(SETTINGS_PREFIX + "ServerUrl", _get(self.ui.serverUrlEdit, "text").strip())
         settings.setValue(SETTINGS_PREFIX + "Blend", float(_get(self.ui.blendSlider, "value")))
@@ -608,24 +722,47 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.exportCsvButton, self.ui.exportJsonButton, self.ui.showOverlayCheckBox):
             widget.setEnabled(hasExplanation)
 
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
     def onSceneEndClose(self, caller, event) -> None:
         if self.logic is not None:
             self.logic.setExplanation(None)
             self.logic.inputVolumeNode = self.logic.outputVolumeNode = None
-        self.updateTable()
-        self.updateButtons()
+            self.logic.labelMapNode = self.logic.colorNode = self.logic.highlightNode = None
+        if self.isEntered():
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        if self.isEntered():
+            self.initializeParameterNode()
+
+    def isEntered(self) -> bool:
+        """Whether the panel is shown (Slicer's module widget says; a bare panel always is)."""
+        entered = getattr(self.parent, "isEntered", True)
+        return bool(entered() if callable(entered) else entered)
 
     def onNodeAdded(self, caller, event) -> None:
         qt.QTimer.singleShot(0, self.selectDefaultInput)
 
-    def _useServerUrl(self) -> bool:
+    def onServerUrlEdited(self) -> None:
+        if self._useServerUrl():
+            self.saveSettings()
+
+    def _useServerUrl(self, report: bool = True) -> bool:
+        """Point the server logic at the edited URL and keep it in the parameter node; False if malformed."""
         url = _get(self.ui.serverUrlEdit, "text").strip()
         try:
-            self.logic.setServerUrl(url)
+            self.logic.server.setServerUrl(url)
         except lmclient.ClientError as error:
-            self.ui.serverStatusLabel.setText(str(error))
+            if report:
+                self.ui.serverStatusLabel.setText(str(error))
+            else:
+                self.setStatus(str(error), error=True)
             return False
-        self.saveSettings()
+        self._shownServerUrl = url
+        if self._parameterNode is not None and self._parameterNode.serverUrl != url:
+            self._parameterNode.serverUrl = url
         return True
 
     # --- background requests --------------------------------------------------------------------
@@ -698,40 +835,43 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onConnect(self) -> None:
         if self.job is not None or not self._useServerUrl():
             return
+        self.saveSettings()
         self.ui.serverStatusLabel.setText("Connecting...")
-        logic = self.logic
+        server = self.logic.server
 
         def done(info):
-            self.ui.serverStatusLabel.setText(logic.describeInfo(info))
+            self.ui.serverStatusLabel.setText(lmserver.describe_info(info))
             self.setStatus("")
 
-        self.startJob(lambda progress, cancel: logic.fetchInfo(cancel=cancel), done, "Connecting...",
+        self.startJob(lambda progress, cancel: server.fetchInfo(cancel=cancel), done, "Connecting...",
                       onError=lambda message: self.ui.serverStatusLabel.setText("Not connected: " + message))
 
     def onDenoise(self) -> None:
         inputNode = self.ui.inputSelector.currentNode()
         if self.job is not None or inputNode is None or not self._useServerUrl():
             return
+        self.saveSettings()
+        request = self._parameterNode
         try:
-            parameters = self.logic.requestParameters(
-                _get(self.ui.blendSlider, "value"), _get(self.ui.levelSpinBox, "value"),
-                _get(self.ui.deviceComboBox, "currentText"), _get(self.ui.explainCheckBox, "checked"),
-                _get(self.ui.topKSpinBox, "value"),
-            )
+            parameters = lmserver.request_parameters(request.blend, request.level, request.device, request.explain,
+                                                     request.topK)
             fileBytes = self.logic.encodeVolume(inputNode)
         except (ValueError, lmnrrd.NrrdError) as error:
             self.setStatus(str(error), error=True)
             return
-        logic = self.logic
+        logic, server = self.logic, self.logic.server
         self.ui.showOverlayCheckBox.setChecked(False)
 
         def done(result):
             outputNode = logic.applyResult(inputNode, result)
+            if self._parameterNode is not None:
+                self._parameterNode.shownRegion = ""
+            self.storeLogicNodes()
             self.updateTable()
             explained = "" if logic.explanation is not None else " (no explanation)"
             self.setStatus(f"Denoised into '{outputNode.GetName()}'{explained}.")
 
-        self.startJob(lambda progress, cancel: logic.requestDenoise(fileBytes, parameters, progress, cancel),
+        self.startJob(lambda progress, cancel: server.requestDenoise(fileBytes, parameters, progress, cancel),
                       done, "Sending the input volume...")
 
     # --- explanation browser --------------------------------------------------------------------
@@ -760,12 +900,12 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         header.setSortIndicatorShown(self.sortColumn is not None)
         if self.sortColumn is not None:
             header.setSortIndicator(self.sortColumn, qt.Qt.DescendingOrder if self.sortDescending else qt.Qt.AscendingOrder)
-        summary = self.logic.explanationSummary()
+        summary = self.logic.browser.summary()
         if self.logic.explanation is not None:
             shown = f"; showing {len(self.shownRegions)} of {len(rows)} matching"
             summary += shown + (" (narrow the filter to see all)" if len(rows) > MAX_TABLE_ROWS else "")
         self.ui.explanationSummaryLabel.setText(summary)
-        self.ui.languageSpaceLabel.setText(self.logic.languageSpaceSummary())
+        self.ui.languageSpaceLabel.setText(self.logic.browser.languageSpaceSummary())
         self.updateButtons()
 
     @staticmethod
@@ -781,35 +921,71 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 (region.words_text("output"), ""), (changed, ""), cells[1], (region.words_text("input"), ""),
                 (f"{region.change_score:.3f}", "")]
 
+    @property
+    def sortColumn(self):
+        """The region table's sort column (``None``: document order), kept in the parameter node."""
+        column = self._parameterNode.sortColumn if self._parameterNode is not None else -1
+        return None if column < 0 else column
+
+    @property
+    def sortDescending(self) -> bool:
+        return self._parameterNode is not None and self._parameterNode.sortDescending
+
     def filteredRegions(self):
         key = "document" if self.sortColumn is None else TABLE_COLUMNS[self.sortColumn][1]
-        return self.logic.filteredRegions(_get(self.ui.wordFilterEdit, "text"), _get(self.ui.changedOnlyCheckBox, "checked"),
-                                          float(_get(self.ui.minConfidenceSpinBox, "value")) / 100.0, key,
-                                          self.sortDescending)
+        return self.logic.browser.filteredRegions(
+            _get(self.ui.wordFilterEdit, "text"), _get(self.ui.changedOnlyCheckBox, "checked"),
+            float(_get(self.ui.minConfidenceSpinBox, "value")) / 100.0, key, self.sortDescending)
+
+    def onTableViewChanged(self, *unused) -> None:
+        self.updateParameterNodeFromGUI()
+        self.updateTable()
 
     def onSortColumn(self, column: int) -> None:
         """Sort by ``column`` (descending first for probabilities and scores); a second click reverses."""
+        parameters = self._parameterNode
+        if parameters is None:
+            return
+        node = parameters.parameterNode
+        wasModifying = node.StartModify()
         if column == self.sortColumn:
-            self.sortDescending = not self.sortDescending
+            parameters.sortDescending = not parameters.sortDescending
         else:
-            self.sortColumn, self.sortDescending = column, TABLE_COLUMNS[column][2]
+            parameters.sortColumn, parameters.sortDescending = column, TABLE_COLUMNS[column][2]
+        node.EndModify(wasModifying)
         self.updateTable()
 
     def onRegionClicked(self, row: int, column: int = 0) -> None:
         if 0 <= row < len(self.shownRegions):
             region = self.shownRegions[row]
             self.logic.jumpToRegion(region)
+            if self._parameterNode is not None:
+                self._parameterNode.shownRegion = regionKey(region)
+            self.storeLogicNodes()
             self.setStatus(f"Slice {region.z}, level {region.level}: output {region.words_text('output')}; "
                            f"input {region.words_text('input')}")
 
+    def shownRegion(self):
+        """The region the views were last centred on (kept in the parameter node), or ``None``."""
+        key = self._parameterNode.shownRegion if self._parameterNode is not None else ""
+        if not key or self.logic.explanation is None:
+            return None
+        return self.logic.browser.findRegion(*(int(v) for v in key.split(",")))
+
     def onOverlayChanged(self, *unused) -> None:
-        if self.logic.explanation is None:
+        self.updateParameterNodeFromGUI()
+        self.showOverlay()
+
+    def showOverlay(self) -> None:
+        """Show or hide the word overlay as the parameter node says."""
+        parameters = self._parameterNode
+        if self.logic.explanation is None or parameters is None:
             return
         try:
-            self.logic.showLabelMap(_get(self.ui.showOverlayCheckBox, "checked"), _get(self.ui.levelSpinBox, "value"),
-                                    _get(self.ui.overlayWordsComboBox, "currentText"))
+            self.logic.showLabelMap(parameters.showOverlay, parameters.level, parameters.overlayWords)
         except Exception as error:
             self.setStatus(self.errorMessage(error), error=True)
+        self.storeLogicNodes()
 
     def _savePath(self, caption: str, suffix: str, fileFilter: str) -> str:
         base = self.logic.outputVolumeNode.GetName() if self.logic.outputVolumeNode is not None else "langmamba"
@@ -821,7 +997,7 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         try:
-            count = self.logic.exportCSV(path, self.filteredRegions())
+            count = self.logic.browser.exportCSV(path, self.filteredRegions())
             self.setStatus(f"Saved {count} regions to {path}")
         except Exception as error:
             self.setStatus(f"Export failed: {error}", error=True)
@@ -836,6 +1012,9 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(f"Opened the explanation {path}")
         except Exception as error:
             self.setStatus(f"Cannot open the explanation: {error}", error=True)
+        if self._parameterNode is not None:
+            self._parameterNode.shownRegion = ""
+        self.storeLogicNodes()
         self.updateTable()
 
     def onExportJson(self) -> None:
@@ -843,7 +1022,7 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         try:
-            self.logic.exportJSON(path)
+            self.logic.browser.exportJSON(path)
             self.setStatus(f"Saved the explanation to {path}")
         except Exception as error:
             self.setStatus(f"Export failed: {error}", error=True)
@@ -880,7 +1059,7 @@ class LangMambaDenoiseTest(ScriptedLoadableModuleTest):
         inputNode = slicer.util.addVolumeFromArray(np.rint(hu).astype(np.int16), ijkToRas, name="synthetic CT")
 
         logic = LangMambaDenoiseLogic(self.serverUrl(), timeout=300)
-        info = logic.fetchInfo()
+        info = logic.server.fetchInfo()
         self.assertIn(MODEL_NAME, info["models"])
         outputNode = logic.denoise(inputNode, blend=1.0, level=2, device="auto", explain=True)
         self.assertEqual(outputNode.GetName(), "synthetic CT" + OUTPUT_SUFFIX)
@@ -894,6 +1073,6 @@ class LangMambaDenoiseTest(ScriptedLoadableModuleTest):
         center = logic.jumpToRegion(region)
         redOffset = slicer.util.arrayFromVTKMatrix(logic.sliceNode("Red").GetSliceToRAS())[2, 3]
         self.assertAlmostEqual(redOffset, center[2], places=3)
-        labelNode = logic.updateLabelMap(logic.overlayLevel(2))
+        labelNode = logic.updateLabelMap(logic.browser.overlayLevel(2))
         self.assertEqual(slicer.util.arrayFromVolume(labelNode).shape, hu.shape)
         self.delayDisplay("Test passed")

@@ -4,8 +4,9 @@ LangMamba Denoise module's real code runs in tests without Slicer (which cannot 
 - MRML, logic and ``slicer.util`` come from the real Slicer libraries of PyPI's ``slicer-core``.
 - ``qt`` and ``ctk`` are PythonQt-like modules over PySide6 (:mod:`slicer_shim.qt`, :mod:`slicer_shim.ctk`).
 - ``slicer.ScriptedLoadableModule``, ``slicer.app`` (application logic, slice logics of the Red, Yellow
-  and Green views, layout and colour logic, as Slicer's application sets them up), ``qMRMLWidget`` and a
-  ``qMRMLNodeComboBox`` stand-in are provided here.
+  and Green views, layout and colour logic, as Slicer's application sets them up), ``qMRMLWidget``, a
+  ``qMRMLNodeComboBox`` stand-in and ``slicer.parameterNodeWrapper`` (:mod:`slicer_shim.parameter_node_wrapper`)
+  are provided here.
 
 :func:`install` puts them in place; :func:`new_scene` gives a fresh scene set up like Slicer's.
 """
@@ -34,7 +35,7 @@ def install(settings_dir: str | None = None) -> types.ModuleType:
     import slicer
     import slicer.util
 
-    from . import mrml_widgets, scripted_module
+    from . import mrml_widgets, parameter_node_wrapper, scripted_module
 
     _qt.CUSTOM_WIDGETS[:] = [
         _ctk.ctkCollapsibleButton,
@@ -46,6 +47,9 @@ def install(settings_dir: str | None = None) -> types.ModuleType:
     slicer.qMRMLNodeComboBox = mrml_widgets.qMRMLNodeComboBox
     slicer.ScriptedLoadableModule = scripted_module
     sys.modules["slicer.ScriptedLoadableModule"] = scripted_module
+    if not hasattr(slicer, "parameterNodeWrapper"):
+        slicer.parameterNodeWrapper = parameter_node_wrapper
+        sys.modules["slicer.parameterNodeWrapper"] = parameter_node_wrapper
     slicer.util.childWidgetVariables = _child_widget_variables
 
     application = _qt.QApplication.instance() or _qt.QApplication(["slicer-shim"])

@@ -1,5 +1,6 @@
 """``slicer.ScriptedLoadableModule`` stand-in: the four base classes of a scripted module with the
-members the LangMamba module uses (``parent``, ``layout``, ``resourcePath``, ``delayDisplay``)."""
+members the LangMamba module uses (``parent``, ``layout``, ``resourcePath``, ``getParameterNode``,
+``delayDisplay``)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ class ScriptedLoadableModuleWidget:
 class ScriptedLoadableModuleLogic:
     def __init__(self, parent=None) -> None:
         self.moduleName = self.__class__.__name__[: -len("Logic")]
+
+    def getParameterNode(self):
+        """The module's singleton ``vtkMRMLScriptedModuleNode`` of the current scene, added if missing."""
+        import slicer
+
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is not None:
+            return node
+        node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)
+        node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+        node.SetAttribute("ModuleName", self.moduleName)
+        node.SetSingletonTag(self.moduleName)
+        return slicer.mrmlScene.AddNode(node)
 
 
 class ScriptedLoadableModuleTest(unittest.TestCase):
