@@ -1,14 +1,11 @@
-"""How to read the words of an explanation: probabilities, confidence, change flags, language space.
+"""How to read the words of an explanation: probabilities, change flags, language space.
 
-The rules :mod:`langmamba.explain` applies and records in the explanation document, in one place so the
-evaluation and the displays (the HTML report, the Slicer browser) use the same ones:
+The rules the explainer applies and records in the explanation document, in one place so the evaluation and the
+displays use the same ones (the confidence bands are :mod:`langmamba.explain.confidence`'s):
 
 - :func:`word_probabilities`: a region latent's probability for every vocabulary word, with the quantizer's
   calibration (its own ``word_probabilities`` or ``logit_scale`` when it has one; else a softmax of negative
   squared codebook distances at temperature 1), and :func:`score_record`, what the document says about it;
-- :func:`confidence_thresholds` / :func:`confidence_band`: the uniform probability ``1 / V`` and the bands
-  ``near uniform`` (below ``NEAR_UNIFORM_FACTOR / V``), ``low`` and ``confident`` (from
-  :data:`CONFIDENT_PROBABILITY`) of a top-word probability; :func:`format_percent` writes one for people;
 - :class:`ChangeRule` / :func:`change_flags`: when denoising counts as having changed a region's word;
 - :func:`language_space_record`: which language space produced the words; :func:`resolve_word_classes`: each
   word's tissue class, when the model or the caller has them.
@@ -28,14 +25,6 @@ from torch import nn
 from langmamba.errors import ConfigError, InputError
 from langmamba.models.quantizer import squared_distances
 
-CONFIDENT_PROBABILITY = 0.5
-"""A top-word probability from which a region's reading counts as confident (band ``"confident"``)."""
-NEAR_UNIFORM_FACTOR = 10.0
-"""A top-word probability below ``NEAR_UNIFORM_FACTOR / V`` (3.2 % for 314 words; at most half of
-:data:`CONFIDENT_PROBABILITY`) is within ten times the uniform ``1 / V``: the words carry next to no information
-(band ``"near uniform"``)."""
-BANDS = ("near uniform", "low", "confident")
-"""The confidence bands of :func:`confidence_band`, least confident first."""
 WORD_CLASS_KEYS = ("word_classes", "vocabulary_classes")
 """Attributes (of the LangAE or the model) and checkpoint config keys (top level, ``model_config``, ``extra``)
 that may hold each word's tissue class: a word -> class mapping or a list in vocabulary order."""
@@ -153,34 +142,6 @@ def score_record(quantizer: nn.Module) -> dict:
         calibration = "none" if scale is None else "logit_scale"
     return {"method": "softmax_negative_squared_distance", "calibration": calibration,
             "logit_scale": None if scale is None else round(scale, 6)}
-
-
-def confidence_thresholds(vocabulary_size: int) -> dict:
-    """The document's ``confidence`` entry: the uniform probability ``1 / V`` and the bands' bounds."""
-    uniform = 1.0 / vocabulary_size
-    return {"uniform": round(uniform, 8),
-            "near_uniform_below": round(min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2), 8),
-            "confident_from": CONFIDENT_PROBABILITY}
-
-
-def confidence_band(probability: float, thresholds: Mapping[str, float]) -> str:
-    """``"near uniform"``, ``"low"`` or ``"confident"``: where a top-word ``probability`` lies among the
-    ``thresholds`` of :func:`confidence_thresholds`."""
-    if probability < thresholds["near_uniform_below"]:
-        return "near uniform"
-    return "confident" if probability >= thresholds["confident_from"] else "low"
-
-
-def format_percent(probability: float) -> str:
-    """A probability as a percentage that never hides a small one: ``"87.3 %"``, ``"0.43 %"``, ``"< 0.01 %"``
-    (the document keeps 4 decimals, so 0.01 % is its resolution)."""
-    percent = 100.0 * float(probability)
-    if percent <= 0.0:
-        return "< 0.01 %"
-    if percent < 1.0:
-        return f"{percent:.2f} %"
-    text = f"{percent:.1f}"
-    return "> 99.9 %" if text == "100.0" and percent < 100.0 else f"{text} %"
 
 
 def language_space_record(model: nn.Module) -> dict:
