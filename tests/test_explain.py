@@ -260,7 +260,8 @@ def test_streamed_file_equals_the_in_memory_document(model, padded_case, tmp_pat
 
 
 def test_streamed_text_is_json_dumps_of_the_entries(model, geometry_case):
-    """The fast formatter writes each slice exactly as json.dumps would, on a flipped, offset geometry."""
+    """The formatter writes each slice exactly as json.dumps would (the in-memory document is that text parsed),
+    on a flipped, offset geometry."""
     input_hu, output_hu, volume, doc = geometry_case
     stream = io.StringIO()
     write_explanation(stream, model, input_hu, output_hu, volume, batch_size=2, top_k=4)

@@ -41,8 +41,8 @@ class LevelLayout:
 def level_layout(boxes: IntArray, columns: int) -> LevelLayout:
     """The :class:`LevelLayout` of a level's ``(C, 4)`` boxes on a grid of ``columns`` columns."""
     heads = np.array([
-        '{"row": %d, "col": %d, "bbox_voxel": {"x0": %d, "y0": %d, "x1": %d, "y1": %d, "z": '
-        % (n // columns, n % columns, x0, y0, x1, y1) for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
+        f'{{"row": {n // columns}, "col": {n % columns}, "bbox_voxel": {{"x0": {x0}, "y0": {y0}, "x1": {x1}, '
+        f'"y1": {y1}, "z": ' for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
     ], dtype=object)
     xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
     lattice = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(-1, 2).astype(np.float64)
@@ -96,9 +96,9 @@ def slice_texts(text_format: TextFormat, start: int, levels: list[LevelWords]) -
     texts = []
     for b in range(len(levels[0].change)):
         z = start + b
-        parts = ", ".join('{"level": %d, "regions": [%s]}' % (words.level, _regions(text_format, template, z, words, b))
+        parts = ", ".join(f'{{"level": {words.level}, "regions": [{_regions(text_format, template, z, words, b)}]}}'
                           for words in levels)
-        texts.append('{"z": %d, "levels": [%s]}' % (z, parts))
+        texts.append(f'{{"z": {z}, "levels": [{parts}]}}')
     return texts
 
 
@@ -107,7 +107,7 @@ def _region_template(top_k: int) -> str:
     then ids, words and scores of output and input, changed and change score."""
     corner = "[%s, %s, %s]"
     words = ", ".join(["%s"] * top_k)
-    side = '{"ids": [%s], "words": [%s], "scores": [%s]}' % (words, words, words)
+    side = f'{{"ids": [{words}], "words": [{words}], "scores": [{words}]}}'
     return ('%s%s}, "bbox_mm": {"lps": [' + corner + ", " + corner + '], "ras": [' + corner + ", " + corner
             + ']}, "output": ' + side + ', "input": ' + side + ', "changed": %s, "change_score": %s}')
 
@@ -139,4 +139,5 @@ def _number_texts(points: FloatArray) -> ObjectArray:
     (on an axis-aligned volume a coordinate takes one value per lattice row or column)."""
     distinct, inverse = np.unique(points, return_inverse=True)
     texts = np.array([repr(v) for v in distinct.tolist()], dtype=object)
-    return texts[inverse.reshape(points.shape)]
+    by_point: ObjectArray = texts[inverse.reshape(points.shape)]
+    return by_point

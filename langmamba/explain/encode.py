@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -24,9 +24,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from langmamba.errors import InputError, NonFiniteVoxelsError
-from langmamba.explain.rules import DEFAULT_CHANGE_RULE, ChangeRule, resolve_word_classes, rule_flags, word_probabilities
+from langmamba.explain.rules import (
+    DEFAULT_CHANGE_RULE,
+    ChangeRule,
+    resolve_word_classes,
+    rule_flags,
+    word_probabilities,
+)
 from langmamba.explain.types import SCALE, ExplainedBatch, IntArray, LevelWords
-from langmamba.infer import prepare_model, resolve_device
+from langmamba.infer import prepare_model, resolve_device  # type: ignore[attr-defined]
 from langmamba.io.volume import CTVolume
 from langmamba.models.quantizer import cell_index
 from langmamba.normalization import hu_to_model
@@ -39,8 +45,9 @@ HUArray = npt.NDArray[Any]
 # --- model access ---------------------------------------------------------------------------------
 
 
-def _langae(model: nn.Module) -> nn.Module:
-    """The LangAE of a LangMamba (``model.langae``) or ``model`` itself when it is a LangAE."""
+def _langae(model: nn.Module) -> Any:
+    """The LangAE of a LangMamba (``model.langae``) or ``model`` itself when it is a LangAE: anything with
+    ``encode``, ``quantize`` and a ``quantizer`` (duck-typed, so typed ``Any``)."""
     langae = getattr(model, "langae", model)
     if not all(callable(getattr(langae, name, None)) for name in ("encode", "quantize")) or not hasattr(
         langae, "quantizer"
@@ -51,8 +58,8 @@ def _langae(model: nn.Module) -> nn.Module:
     return langae
 
 
-def _vocabulary(langae: nn.Module) -> list[str]:
-    size = langae.quantizer.codebook_size
+def _vocabulary(langae: Any) -> list[str]:
+    size = int(langae.quantizer.codebook_size)
     words = getattr(langae, "vocabulary", None)
     if words is None:
         logger.warning("the model carries no vocabulary; words are named token_<id>")
@@ -62,11 +69,10 @@ def _vocabulary(langae: nn.Module) -> list[str]:
     return [str(w) for w in words]
 
 
-
 # --- geometry -------------------------------------------------------------------------------------
 
 
-def _axis_cells(size: int, latent: int, cells: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+def _axis_cells(size: int, latent: int, cells: int, factor: int) -> tuple[IntArray, IntArray]:
     """Voxel start/end (half-open) of each of ``cells`` cells along an axis of ``size`` voxels."""
     owner = cell_index(latent, cells).numpy()
     ids = np.arange(cells)
@@ -75,15 +81,16 @@ def _axis_cells(size: int, latent: int, cells: int, factor: int) -> tuple[np.nda
     return starts, ends
 
 
-def _affine(volume: CTVolume | None) -> np.ndarray:
+def _affine(volume: CTVolume | None) -> npt.NDArray[np.float64]:
     """3×4 voxel (x, y, z) -> LPS mm matrix."""
-    return np.eye(4)[:3] if volume is None else volume.affine_lps()[:3]
+    affine = np.eye(4) if volume is None else np.asarray(volume.affine_lps(), dtype=np.float64)
+    return affine[:3]
 
 
 # --- inputs ---------------------------------------------------------------------------------------
 
 
-def _as_hu(array: Any, name: str) -> np.ndarray:
+def _as_hu(array: Any, name: str) -> HUArray:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     if isinstance(array, CTVolume):
@@ -95,7 +102,8 @@ def _as_hu(array: Any, name: str) -> np.ndarray:
         raise InputError(f"{name} is empty (shape {array.shape})")
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(f"{name} must hold numbers (HU), got dtype {array.dtype}")
-    return array
+    checked: HUArray = array
+    return checked
 
 
 def _pad(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -122,13 +130,14 @@ def _check_levels(levels: Sequence[int], available: int) -> list[int]:
 
 # --- scores ---------------------------------------------------------------------------------------
 
-def _to_units(values: torch.Tensor) -> np.ndarray:
+def _to_units(values: torch.Tensor) -> IntArray:
     """Scores in [0, 1] as int32 units of ``1 / SCALE`` (``np.round(values, DECIMALS) * SCALE``)."""
-    return np.rint(values.double().cpu().numpy() * SCALE).astype(np.int32)
+    units: IntArray = np.rint(values.double().cpu().numpy() * SCALE).astype(np.int32)
+    return units
 
 
 def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, quantizer: nn.Module, codebook: torch.Tensor,
-                  top_k: int, rule: ChangeRule, level: int) -> tuple[np.ndarray, ...]:
+                  top_k: int, rule: ChangeRule, level: int) -> tuple[npt.NDArray[Any], ...]:
     """Top-k ids and scores (units) of output and input region latents ``(N, E)``, the change score ``(N,)``
     (units) and the :class:`ChangeRule` flags ``(N,)``."""
     p = word_probabilities(quantizer, region_out, codebook, level)
@@ -208,7 +217,7 @@ class Explainer:
         self.top_k = min(int(top_k), int(self.quantizer.codebook_size))
         self.batch_size = int(batch_size)
         self.device = resolve_device(device)
-        self.langae: Any = prepare_model(langae, self.device)
+        self.langae: Any = cast(Any, prepare_model(langae, self.device))
         self.codebook: torch.Tensor = self.quantizer.codebook.float()
         self.affine = _affine(volume)
 

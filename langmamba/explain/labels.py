@@ -35,7 +35,7 @@ def word_color(word: str) -> tuple[int, int, int]:
     return red, green, blue
 
 
-def paint_regions(labels: npt.NDArray[np.integer], boxes: IntArray | Sequence[Sequence[int]],
+def paint_regions(labels: npt.NDArray[np.integer[Any]], boxes: IntArray | Sequence[Sequence[int]],
                   values: IntArray) -> None:
     """Fill every region's box with its label value, in place.
 

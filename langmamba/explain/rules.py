@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -60,7 +62,7 @@ class ChangeRule:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"ChangeRule.{name} must be a probability in [0, 1], got {value!r}")
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """The rule as the document's ``change_rule`` entry."""
         return {
             "name": "confident_top_word_change",
@@ -85,8 +87,8 @@ def rule_flags(p: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     return flags[:, 0]
 
 
-def change_flags(output_probabilities: np.ndarray | torch.Tensor, input_probabilities: np.ndarray | torch.Tensor,
-                 rule: ChangeRule = DEFAULT_CHANGE_RULE) -> np.ndarray | torch.Tensor:
+def change_flags(output_probabilities: npt.ArrayLike | torch.Tensor, input_probabilities: npt.ArrayLike | torch.Tensor,
+                 rule: ChangeRule = DEFAULT_CHANGE_RULE) -> npt.NDArray[np.bool_] | torch.Tensor:
     """Which regions :class:`ChangeRule` flags as changed by denoising.
 
     Args:
@@ -122,18 +124,20 @@ def word_probabilities(quantizer: nn.Module, vectors: torch.Tensor, codebook: to
     summing to 1.
 
     The quantizer's own ``word_probabilities(vectors, level)`` when it is ``calibrated`` (the temperature may
-    differ per level); else the softmax of negative squared codebook distances times the quantizer's ``logit_scale`` (1 when
-    it has none), as the semantic loss scores.
+    differ per level); else the softmax of negative squared codebook distances times the quantizer's
+    ``logit_scale`` (1 when it has none), as the semantic loss scores.
     """
     own = getattr(quantizer, "word_probabilities", None)
     if getattr(quantizer, "calibrated", False) and callable(own):
-        return own(vectors, level).float()
-    codebook = quantizer.codebook if codebook is None else codebook
+        probabilities: torch.Tensor = own(vectors, level).float()
+        return probabilities
+    if codebook is None:
+        codebook = cast(torch.Tensor, quantizer.codebook)
     scale = _logit_scale(quantizer)
     return torch.softmax(-(1.0 if scale is None else scale) * squared_distances(vectors, codebook), dim=-1)
 
 
-def score_record(quantizer: nn.Module) -> dict:
+def score_record(quantizer: nn.Module) -> dict[str, Any]:
     """The document's ``scores`` entry: the method and which calibration :func:`word_probabilities` applies."""
     scale = _logit_scale(quantizer)
     if getattr(quantizer, "calibrated", False):  # the quantizer's own word_probabilities are calibrated
@@ -144,7 +148,7 @@ def score_record(quantizer: nn.Module) -> dict:
             "logit_scale": None if scale is None else round(scale, 6)}
 
 
-def language_space_record(model: nn.Module) -> dict:
+def language_space_record(model: nn.Module) -> dict[str, Any]:
     """Which language space produced a model's words: ``backend``, ``model``, ``name``, ``description`` (a
     sentence for people), ``tissue_supervision`` and ``vocabulary_sha256``.
 
@@ -157,8 +161,9 @@ def language_space_record(model: nn.Module) -> dict:
     config = config if isinstance(config, dict) else {}
     described = None
     for source in (langae, model):
-        if isinstance(getattr(source, "language_space", None), dict):
-            described = getattr(source, "language_space")
+        space = getattr(source, "language_space", None)
+        if isinstance(space, dict):
+            described = space
             break
     for scope in (config, config.get("model_config", {}), config.get("extra", {})):
         if described is None and isinstance(scope, dict) and isinstance(scope.get("language_space"), dict):

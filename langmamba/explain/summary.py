@@ -109,4 +109,4 @@ class SummaryTally:
         by_word: Counter[str] = Counter()
         for i in np.flatnonzero(counts).tolist():
             by_word[self.vocabulary[i]] += int(counts[i])
-        return {word: n for word, n in sorted(by_word.items(), key=lambda item: (-item[1], item[0]))}
+        return dict(sorted(by_word.items(), key=lambda item: (-item[1], item[0])))

@@ -8,6 +8,7 @@ on as these arrays; the document formatter, the summary, the label painter and t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +17,7 @@ DECIMALS = 4
 SCALE = 10**DECIMALS
 """Scores are kept as integers in units of ``1 / SCALE``: exactly the document's numbers rounded to 4 decimals."""
 
-IntArray = npt.NDArray[np.integer]
+IntArray = npt.NDArray[np.integer[Any]]
 BoolArray = npt.NDArray[np.bool_]
 ColorTable = list[tuple[int, str, tuple[int, int, int]]]
 """``(label_value, word, (r, g, b))`` rows of a label map's colour table, colours 0-255."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -110,8 +111,8 @@ def document_header(explainer: Explainer) -> dict[str, Any]:
 
 def explain_volume(
     model: nn.Module,
-    input_hu: np.ndarray | torch.Tensor,
-    output_hu: np.ndarray | torch.Tensor,
+    input_hu: npt.NDArray[Any] | torch.Tensor,
+    output_hu: npt.NDArray[Any] | torch.Tensor,
     volume: CTVolume | None = None,
     *,
     levels: Sequence[int] = (0, 1, 2),
@@ -156,9 +157,8 @@ def explain_volume(
     """
     explainer = Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule,
                           word_classes)
-    summary = SummaryTally(explainer.levels, explainer.grids, explainer.vocabulary,
-                           confidence_thresholds(len(explainer.vocabulary)))
     header = document_header(explainer)
+    summary = SummaryTally(explainer.levels, explainer.grids, explainer.vocabulary, header["confidence"])
     slices = [json.loads(text) for text in _slice_texts(explainer, summary, progress, None, parallel=False)]
     return {**header, "slices": slices, "summary": summary.record()}
 
@@ -166,8 +166,8 @@ def explain_volume(
 def write_explanation(
     destination: str | Path | TextIO,
     model: nn.Module,
-    input_hu: np.ndarray | torch.Tensor,
-    output_hu: np.ndarray | torch.Tensor,
+    input_hu: npt.NDArray[Any] | torch.Tensor,
+    output_hu: npt.NDArray[Any] | torch.Tensor,
     volume: CTVolume | None = None,
     *,
     levels: Sequence[int] = (0, 1, 2),
