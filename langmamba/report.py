@@ -41,7 +41,9 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .explain import SCALE, ExplainedBatch, confidence_band, format_percent, word_color
+from .explain.confidence import confidence_band, format_percent
+from .explain.labels import paint_regions, word_color
+from .explain.types import SCALE, ExplainedBatch
 from .io.atomic import atomic_output
 from .visualize import CT_WINDOWS
 
@@ -107,8 +109,7 @@ class ReportCollector:
         if self.grid is None or not self.seen.all():
             raise InputError("the label map needs the explanations of every slice")
         labels = np.zeros(shape, dtype=np.int16)
-        for n, (x0, y0, x1, y1) in enumerate(self.boxes[self.level]):
-            labels[:, y0:y1, x0:x1] = (self.output_ids[:, n] + 1)[:, None, None]
+        paint_regions(labels, self.boxes[self.level], self.output_ids + 1)
         return labels, {int(i) + 1: self.words[int(i)] for i in np.unique(self.output_ids)}
 
     def choose_slices(self, count: int = 3) -> list[int]:

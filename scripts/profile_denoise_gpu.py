@@ -12,6 +12,7 @@ without SimpleITK.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -19,8 +20,8 @@ import torch
 
 from langmamba.checkpoint import load_checkpoint
 from langmamba.denoise import default_weights
-from langmamba.explain import _Explainer
-from langmamba.explanation_text import slice_texts
+from langmamba.explain import Explainer
+from langmamba.explain.document import TextFormat, slice_texts
 from langmamba.infer import denoise_slices, prepare_model
 from langmamba.normalization import hu_to_model
 from langmamba.simulate._tensor import resolve_device
@@ -68,11 +69,11 @@ def main() -> None:
         net(x)
         timed(f"model forward alone, {batches} batches", lambda: [net(x) for _ in range(batches)])
     half = max(1, bs // 2)  # what langmamba denoise uses: the encoder sees input and output of half a batch
-    explainer = _Explainer(model, hu, denoised, None, (0, 1, 2), 3, half, device)
+    explainer = Explainer(model, hu, denoised, None, (0, 1, 2), 3, half, device)
     list(explainer.batches())
     explained = timed(f"explanation encoder + word scores, batch {half} (input and output), prefetching",
                       lambda: list(explainer.batches()))
-    timed("the same, one batch after the other", lambda: [explainer._batch(s) for s in range(0, n, half)])
+    timed("the same, one batch after the other", lambda: [explainer.encode_batch(s) for s in range(0, n, half)])
     x = hu_to_model(torch.from_numpy(np.concatenate([hu[:half], denoised[:half]])).to(device))[:, None]
     with torch.inference_mode():
         langae = explainer.langae
@@ -91,12 +92,13 @@ def main() -> None:
         list(explainer.batches())
         timed("with cudnn.benchmark: explanation encoder + word scores", lambda: list(explainer.batches()))
         torch.backends.cudnn.benchmark = False
-    text_format = explainer.text_format
+    text_format = TextFormat.build(explainer.boxes, explainer.grids, explainer.affine, explainer.vocabulary,
+                                   explainer.top_k)
     texts = timed("JSON text of the regions, one process",
                   lambda: [t for batch in explained for t in slice_texts(text_format, batch.start, batch.levels)])
     print(f"explanation JSON: {sum(map(len, texts)) / 1e6:.1f} MB for {n} slices")
-    timed("region dicts (explain_volume's in-memory document)",
-          lambda: [e for batch in explained[:1] for e in explainer.entries(batch)])
+    timed("region dicts of one batch (explain_volume parses the text)",
+          lambda: [json.loads(t) for t in texts[:len(explained[0].levels[0].change)]])
 
 
 if __name__ == "__main__":

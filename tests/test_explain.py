@@ -16,7 +16,9 @@ from langmamba.checkpoint import load_checkpoint, save_checkpoint
 from langmamba.errors import ConfigError, InputError, NonFiniteVoxelsError
 from langmamba.explain import (
     DEFAULT_CHANGE_RULE,
+    SCALE,
     ChangeRule,
+    Explainer,
     change_flags,
     confidence_band,
     confidence_thresholds,
@@ -25,6 +27,7 @@ from langmamba.explain import (
     format_percent,
     language_space_record,
     load_schema,
+    paint_regions,
     validate_explanation,
     word_color,
     write_color_table,
@@ -260,7 +263,8 @@ def test_streamed_file_equals_the_in_memory_document(model, padded_case, tmp_pat
 
 
 def test_streamed_text_is_json_dumps_of_the_entries(model, geometry_case):
-    """The fast formatter writes each slice exactly as json.dumps would, on a flipped, offset geometry."""
+    """The formatter writes each slice exactly as json.dumps would (the in-memory document is that text parsed),
+    on a flipped, offset geometry."""
     input_hu, output_hu, volume, doc = geometry_case
     stream = io.StringIO()
     write_explanation(stream, model, input_hu, output_hu, volume, batch_size=2, top_k=4)
@@ -298,7 +302,33 @@ def test_checkpoint_config_provides_the_model_record(model, tmp_path):
     assert len(doc["slices"][0]["levels"][0]["regions"][0]["output"]["words"]) == len(WORDS)
 
 
+def test_explainer_batches_hold_the_documents_words(model, geometry_case):
+    """The public Explainer's arrays are what the document writes: ids, scores in 1/SCALE units, flags, boxes."""
+    input_hu, output_hu, volume, doc = geometry_case
+    explainer = Explainer(model, input_hu, output_hu, volume, batch_size=1)
+    batches = list(explainer.batches())
+    assert [(batch.start, batch.count) for batch in batches] == [(0, 1), (1, 1)]
+    for batch, entry in zip(batches, doc["slices"]):
+        for words, level_entry in zip(batch.levels, entry["levels"]):
+            assert words.level == level_entry["level"]
+            for n, region in enumerate(level_entry["regions"]):
+                box = batch.boxes[words.level][n].tolist()
+                assert box == [region["bbox_voxel"][key] for key in ("x0", "y0", "x1", "y1")]
+                assert words.output_ids[0, n].tolist() == region["output"]["ids"]
+                assert (words.input_scores[0, n] / SCALE).tolist() == region["input"]["scores"]
+                assert bool(words.changed[0, n]) == region["changed"]
+                assert words.change[0, n] / SCALE == region["change_score"]
+
+
 # --- label maps and colour tables ---------------------------------------------------------------
+
+
+def test_paint_regions_fills_each_box_per_slice():
+    labels = np.zeros((2, 4, 6), dtype=np.int16)
+    boxes = np.array([[0, 0, 4, 2], [4, 0, 6, 2], [0, 2, 6, 4]])
+    paint_regions(labels, boxes, np.array([[1, 2, 3], [4, 5, 6]]))
+    expected = np.array([[1] * 4 + [2] * 2] * 2 + [[3] * 6] * 2)
+    np.testing.assert_array_equal(labels, np.stack([expected, expected + 3]))
 
 
 @pytest.mark.parametrize("which", ["output", "input"])

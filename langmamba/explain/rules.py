@@ -1,14 +1,11 @@
-"""How to read the words of an explanation: probabilities, confidence, change flags, language space.
+"""How to read the words of an explanation: probabilities, change flags, language space.
 
-The rules :mod:`langmamba.explain` applies and records in the explanation document, in one place so the
-evaluation and the displays (the HTML report, the Slicer browser) use the same ones:
+The rules the explainer applies and records in the explanation document, in one place so the evaluation and the
+displays use the same ones (the confidence bands are :mod:`langmamba.explain.confidence`'s):
 
 - :func:`word_probabilities`: a region latent's probability for every vocabulary word, with the quantizer's
   calibration (its own ``word_probabilities`` or ``logit_scale`` when it has one; else a softmax of negative
   squared codebook distances at temperature 1), and :func:`score_record`, what the document says about it;
-- :func:`confidence_thresholds` / :func:`confidence_band`: the uniform probability ``1 / V`` and the bands
-  ``near uniform`` (below ``NEAR_UNIFORM_FACTOR / V``), ``low`` and ``confident`` (from
-  :data:`CONFIDENT_PROBABILITY`) of a top-word probability; :func:`format_percent` writes one for people;
 - :class:`ChangeRule` / :func:`change_flags`: when denoising counts as having changed a region's word;
 - :func:`language_space_record`: which language space produced the words; :func:`resolve_word_classes`: each
   word's tissue class, when the model or the caller has them.
@@ -20,22 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
 from langmamba.errors import ConfigError, InputError
 from langmamba.models.quantizer import squared_distances
 
-CONFIDENT_PROBABILITY = 0.5
-"""A top-word probability from which a region's reading counts as confident (band ``"confident"``)."""
-NEAR_UNIFORM_FACTOR = 10.0
-"""A top-word probability below ``NEAR_UNIFORM_FACTOR / V`` (3.2 % for 314 words; at most half of
-:data:`CONFIDENT_PROBABILITY`) is within ten times the uniform ``1 / V``: the words carry next to no information
-(band ``"near uniform"``)."""
-BANDS = ("near uniform", "low", "confident")
-"""The confidence bands of :func:`confidence_band`, least confident first."""
 WORD_CLASS_KEYS = ("word_classes", "vocabulary_classes")
 """Attributes (of the LangAE or the model) and checkpoint config keys (top level, ``model_config``, ``extra``)
 that may hold each word's tissue class: a word -> class mapping or a list in vocabulary order."""
@@ -71,7 +62,7 @@ class ChangeRule:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"ChangeRule.{name} must be a probability in [0, 1], got {value!r}")
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """The rule as the document's ``change_rule`` entry."""
         return {
             "name": "confident_top_word_change",
@@ -96,8 +87,8 @@ def rule_flags(p: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     return flags[:, 0]
 
 
-def change_flags(output_probabilities: np.ndarray | torch.Tensor, input_probabilities: np.ndarray | torch.Tensor,
-                 rule: ChangeRule = DEFAULT_CHANGE_RULE) -> np.ndarray | torch.Tensor:
+def change_flags(output_probabilities: npt.ArrayLike | torch.Tensor, input_probabilities: npt.ArrayLike | torch.Tensor,
+                 rule: ChangeRule = DEFAULT_CHANGE_RULE) -> npt.NDArray[np.bool_] | torch.Tensor:
     """Which regions :class:`ChangeRule` flags as changed by denoising.
 
     Args:
@@ -133,18 +124,20 @@ def word_probabilities(quantizer: nn.Module, vectors: torch.Tensor, codebook: to
     summing to 1.
 
     The quantizer's own ``word_probabilities(vectors, level)`` when it is ``calibrated`` (the temperature may
-    differ per level); else the softmax of negative squared codebook distances times the quantizer's ``logit_scale`` (1 when
-    it has none), as the semantic loss scores.
+    differ per level); else the softmax of negative squared codebook distances times the quantizer's
+    ``logit_scale`` (1 when it has none), as the semantic loss scores.
     """
     own = getattr(quantizer, "word_probabilities", None)
     if getattr(quantizer, "calibrated", False) and callable(own):
-        return own(vectors, level).float()
-    codebook = quantizer.codebook if codebook is None else codebook
+        probabilities: torch.Tensor = own(vectors, level).float()
+        return probabilities
+    if codebook is None:
+        codebook = cast(torch.Tensor, quantizer.codebook)
     scale = _logit_scale(quantizer)
     return torch.softmax(-(1.0 if scale is None else scale) * squared_distances(vectors, codebook), dim=-1)
 
 
-def score_record(quantizer: nn.Module) -> dict:
+def score_record(quantizer: nn.Module) -> dict[str, Any]:
     """The document's ``scores`` entry: the method and which calibration :func:`word_probabilities` applies."""
     scale = _logit_scale(quantizer)
     if getattr(quantizer, "calibrated", False):  # the quantizer's own word_probabilities are calibrated
@@ -155,35 +148,7 @@ def score_record(quantizer: nn.Module) -> dict:
             "logit_scale": None if scale is None else round(scale, 6)}
 
 
-def confidence_thresholds(vocabulary_size: int) -> dict:
-    """The document's ``confidence`` entry: the uniform probability ``1 / V`` and the bands' bounds."""
-    uniform = 1.0 / vocabulary_size
-    return {"uniform": round(uniform, 8),
-            "near_uniform_below": round(min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2), 8),
-            "confident_from": CONFIDENT_PROBABILITY}
-
-
-def confidence_band(probability: float, thresholds: Mapping[str, float]) -> str:
-    """``"near uniform"``, ``"low"`` or ``"confident"``: where a top-word ``probability`` lies among the
-    ``thresholds`` of :func:`confidence_thresholds`."""
-    if probability < thresholds["near_uniform_below"]:
-        return "near uniform"
-    return "confident" if probability >= thresholds["confident_from"] else "low"
-
-
-def format_percent(probability: float) -> str:
-    """A probability as a percentage that never hides a small one: ``"87.3 %"``, ``"0.43 %"``, ``"< 0.01 %"``
-    (the document keeps 4 decimals, so 0.01 % is its resolution)."""
-    percent = 100.0 * float(probability)
-    if percent <= 0.0:
-        return "< 0.01 %"
-    if percent < 1.0:
-        return f"{percent:.2f} %"
-    text = f"{percent:.1f}"
-    return "> 99.9 %" if text == "100.0" and percent < 100.0 else f"{text} %"
-
-
-def language_space_record(model: nn.Module) -> dict:
+def language_space_record(model: nn.Module) -> dict[str, Any]:
     """Which language space produced a model's words: ``backend``, ``model``, ``name``, ``description`` (a
     sentence for people), ``tissue_supervision`` and ``vocabulary_sha256``.
 
@@ -196,8 +161,9 @@ def language_space_record(model: nn.Module) -> dict:
     config = config if isinstance(config, dict) else {}
     described = None
     for source in (langae, model):
-        if isinstance(getattr(source, "language_space", None), dict):
-            described = getattr(source, "language_space")
+        space = getattr(source, "language_space", None)
+        if isinstance(space, dict):
+            described = space
             break
     for scope in (config, config.get("model_config", {}), config.get("extra", {})):
         if described is None and isinstance(scope, dict) and isinstance(scope.get("language_space"), dict):

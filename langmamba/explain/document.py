@@ -1,13 +1,14 @@
-"""The numbers of a batch of explained slices, and their JSON text, without torch.
+"""The one formatter of the explanation document's slice entries: JSON text from a batch's arrays.
 
-:mod:`langmamba.explain` computes every region's words on the model's device and keeps them as arrays
-(:class:`LevelWords`, :class:`ExplainedBatch`); this module turns those arrays into the document's slice entries
-as JSON text. A 512² slice has 1,092 regions at the default levels, so the text is built from whole-slice arrays
-with lookup tables (scores are integers in units of ``1 / SCALE``, so every score's text is precomputed) and one
-``%``-format per level, instead of region dicts and :func:`json.dumps`, which took ten times longer. The text is
-exactly what :func:`json.dumps` writes for the same entry; the tests hold the two equal.
+The encoder keeps every region's words as arrays (:class:`~langmamba.explain.types.LevelWords`); this module
+turns them into the document's slice entries ``{"z", "levels": [{"level", "regions"}]}`` as JSON text. A 512²
+slice has 1,092 regions at the default levels, so the text is built from whole-slice arrays with lookup tables
+(scores are integers in units of ``1 / SCALE``, so every score's text is precomputed) and one ``%``-format per
+level, instead of region dicts and :func:`json.dumps`, which took ten times longer. The text is what
+:func:`json.dumps` writes for the same entry, so the in-memory document is this text parsed
+(:func:`langmamba.explain.explain_volume`).
 
-Nothing here imports torch, so :mod:`langmamba.workers` processes can format batches in parallel.
+Nothing here imports torch, so :mod:`langmamba.workers` processes format batches in parallel.
 """
 
 from __future__ import annotations
@@ -16,51 +17,15 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-DECIMALS = 4
-SCALE = 10**DECIMALS
-"""Scores are kept as integers in units of ``1 / SCALE``: exactly the document's numbers rounded to 4 decimals."""
+from langmamba.explain.types import DECIMALS, SCALE, IntArray, LevelWords
+
+FloatArray = npt.NDArray[np.float64]
+ObjectArray = npt.NDArray[np.object_]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _SCORE_TEXT = np.array([repr(k / SCALE) for k in range(SCALE + 1)], dtype=object)
 _BOOL_TEXT = np.array(["false", "true"], dtype=object)
-
-
-@dataclass(frozen=True)
-class LevelWords:
-    """The words of one pyramid level for a batch of ``B`` slices of ``C`` regions (row-major grid order).
-
-    ``output_ids``/``input_ids``: int64 ``(B, C, k)`` vocabulary ids, best first; ``output_scores``/
-    ``input_scores``: int32 ``(B, C, k)`` and ``change``: int32 ``(B, C)``, in units of ``1 / SCALE`` (the
-    document's rounded numbers times ``SCALE``); ``changed``: bool ``(B, C)``, the change rule's flags
-    (``langmamba.explain.ChangeRule``).
-    """
-
-    level: int
-    output_ids: np.ndarray
-    output_scores: np.ndarray
-    input_ids: np.ndarray
-    input_scores: np.ndarray
-    change: np.ndarray
-    changed: np.ndarray
-
-    @property
-    def top_differs(self) -> np.ndarray:
-        """``(B, C)``: the top-1 words of output and input differ (confidently or not)."""
-        return self.output_ids[..., 0] != self.input_ids[..., 0]
-
-
-@dataclass(frozen=True)
-class ExplainedBatch:
-    """Slices ``start .. start + count - 1`` explained: their :class:`LevelWords` in the document's level
-    order, with each level's ``(g_h, g_w)`` grid and ``(C, 4)`` voxel boxes ``x0, y0, x1, y1`` (half-open)
-    and the vocabulary, for consumers such as :class:`langmamba.report.ReportCollector`."""
-
-    start: int
-    count: int
-    levels: list[LevelWords]
-    grids: dict[int, tuple[int, int]]
-    boxes: dict[int, np.ndarray]
-    vocabulary: list[str]
 
 
 @dataclass(frozen=True)
@@ -68,32 +33,32 @@ class LevelLayout:
     """What every slice of one level shares: the region text up to ``"z": `` (``heads``, ``(C,)``) and the two
     box corners of each region as indices into the level's edge ``lattice`` (``(P, 2)`` voxel x, y, row-major)."""
 
-    heads: np.ndarray
-    corners: tuple[np.ndarray, np.ndarray]
-    lattice: np.ndarray
+    heads: ObjectArray
+    corners: tuple[IntArray, IntArray]
+    lattice: FloatArray
 
 
-def level_layout(boxes: np.ndarray, columns: int) -> LevelLayout:
+def level_layout(boxes: IntArray, columns: int) -> LevelLayout:
     """The :class:`LevelLayout` of a level's ``(C, 4)`` boxes on a grid of ``columns`` columns."""
     heads = np.array([
-        '{"row": %d, "col": %d, "bbox_voxel": {"x0": %d, "y0": %d, "x1": %d, "y1": %d, "z": '
-        % (n // columns, n % columns, x0, y0, x1, y1) for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
+        f'{{"row": {n // columns}, "col": {n % columns}, "bbox_voxel": {{"x0": {x0}, "y0": {y0}, "x1": {x1}, '
+        f'"y1": {y1}, "z": ' for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
     ], dtype=object)
     xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
     lattice = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(-1, 2).astype(np.float64)
 
-    def index(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def index(x: IntArray, y: IntArray) -> IntArray:
         return np.searchsorted(ys, y) * len(xs) + np.searchsorted(xs, x)
 
     return LevelLayout(heads, (index(boxes[:, 0], boxes[:, 1]), index(boxes[:, 2], boxes[:, 3])), lattice)
 
 
-def rounded(values: np.ndarray) -> np.ndarray:
+def rounded(values: FloatArray) -> FloatArray:
     """``values`` rounded to :data:`DECIMALS`, ``-0.0`` as ``0.0``."""
     return np.round(values, DECIMALS) + 0.0
 
 
-def corner_mm(layout: LevelLayout, affine: np.ndarray, z: int) -> tuple[np.ndarray, np.ndarray]:
+def corner_mm(layout: LevelLayout, affine: FloatArray, z: int) -> tuple[FloatArray, FloatArray]:
     """LPS and RAS mm ``(P, 3)``, rounded, of a level's edge lattice on slice ``z``: the outer voxel edges, at
     continuous indices ``(x - 0.5, y - 0.5, z)``, through the 3×4 voxel -> LPS ``affine``."""
     points = np.empty((len(layout.lattice), 4))
@@ -110,14 +75,16 @@ class TextFormat:
     voxel -> LPS ``affine`` (3×4), and the JSON text of every vocabulary id and word."""
 
     layouts: dict[int, LevelLayout]
-    affine: np.ndarray
-    id_text: np.ndarray
-    word_text: np.ndarray
+    affine: FloatArray
+    id_text: ObjectArray
+    word_text: ObjectArray
     top_k: int
 
     @classmethod
-    def build(cls, layouts: dict[int, LevelLayout], affine: np.ndarray, vocabulary: list[str],
-              top_k: int) -> "TextFormat":
+    def build(cls, boxes: dict[int, IntArray], grids: dict[int, tuple[int, int]], affine: FloatArray,
+              vocabulary: list[str], top_k: int) -> TextFormat:
+        """The format of an explanation of levels with ``(C, 4)`` voxel ``boxes`` on ``(g_h, g_w)`` ``grids``."""
+        layouts = {level: level_layout(boxes[level], grids[level][1]) for level in boxes}
         return cls(layouts, affine, np.array([str(i) for i in range(len(vocabulary))], dtype=object),
                    np.array([json.dumps(word) for word in vocabulary], dtype=object), top_k)
 
@@ -129,9 +96,9 @@ def slice_texts(text_format: TextFormat, start: int, levels: list[LevelWords]) -
     texts = []
     for b in range(len(levels[0].change)):
         z = start + b
-        parts = ", ".join('{"level": %d, "regions": [%s]}' % (words.level, _regions(text_format, template, z, words, b))
+        parts = ", ".join(f'{{"level": {words.level}, "regions": [{_regions(text_format, template, z, words, b)}]}}'
                           for words in levels)
-        texts.append('{"z": %d, "levels": [%s]}' % (z, parts))
+        texts.append(f'{{"z": {z}, "levels": [{parts}]}}')
     return texts
 
 
@@ -140,7 +107,7 @@ def _region_template(top_k: int) -> str:
     then ids, words and scores of output and input, changed and change score."""
     corner = "[%s, %s, %s]"
     words = ", ".join(["%s"] * top_k)
-    side = '{"ids": [%s], "words": [%s], "scores": [%s]}' % (words, words, words)
+    side = f'{{"ids": [{words}], "words": [{words}], "scores": [{words}]}}'
     return ('%s%s}, "bbox_mm": {"lps": [' + corner + ", " + corner + '], "ras": [' + corner + ", " + corner
             + ']}, "output": ' + side + ', "input": ' + side + ', "changed": %s, "change_score": %s}')
 
@@ -167,9 +134,10 @@ def _regions(text_format: TextFormat, template: str, z: int, words: LevelWords, 
     return ", ".join([template] * len(values)) % tuple(values.ravel().tolist())
 
 
-def _number_texts(points: np.ndarray) -> np.ndarray:
+def _number_texts(points: FloatArray) -> ObjectArray:
     """``repr`` of every number of ``points (P, 3)`` as an object array; each distinct value formatted once
     (on an axis-aligned volume a coordinate takes one value per lattice row or column)."""
     distinct, inverse = np.unique(points, return_inverse=True)
     texts = np.array([repr(v) for v in distinct.tolist()], dtype=object)
-    return texts[inverse.reshape(points.shape)]
+    by_point: ObjectArray = texts[inverse.reshape(points.shape)]
+    return by_point
