@@ -462,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not prepared:
                 normal, label = case["normal"], case["label"] if "label" in case else None
         if prepared:
-            from langmamba.train.prepare import load_prepared
+            from langmamba.data.prepared import load_prepared
 
             chosen = [s for s in load_prepared(args.case)[0] if not args.patients or s.patient in args.patients]
             if not chosen:
