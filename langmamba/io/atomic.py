@@ -1,9 +1,9 @@
 """Safe, all-or-nothing writing of output files and folders.
 
-Every writer in :mod:`langmamba.io` writes into a hidden temporary folder next to the output (same
-file system, so the final move is a rename) and only moves the result into place once everything was
-written. A failure part-way leaves no partial output and no temporary files behind, and an existing
-output is replaced only with ``overwrite=True``. Nothing is ever written over the input volume.
+Every atomic write in langmamba goes through here: the writer writes into a hidden temporary folder next
+to the output (same file system, so the final move is a rename) and the result only moves into place once
+everything was written. A failure part-way leaves no partial output and no temporary files behind, and an
+existing output is replaced only with ``overwrite=True``. Nothing is ever written over the input volume.
 """
 
 from __future__ import annotations
