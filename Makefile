@@ -9,7 +9,7 @@ PIP_INSTALL := $(PIP) install -c requirements/constraints.txt
 # MONAI Label pins an old torch; its real imports are listed in requirements/base.in.
 MONAILABEL := monailabel==0.8.5
 
-.PHONY: run demo test setup sample data prepare lock bench bundle clean
+.PHONY: run demo test lint-imports setup sample data prepare lock bench bundle clean
 
 setup: $(STAMP) $(SAMPLE_STAMP)
 
@@ -52,6 +52,11 @@ bundle: setup
 # The low-dose simulation demo (out/demo/).
 demo: setup
 	$(BIN)/langmamba demo
+
+# The layer contracts of .importlinter (no cycles, networks below checkpoints and training, io and explanations
+# apart from training, no front-end imported by the package).
+lint-imports: $(STAMP)
+	PYTHONPATH=. $(BIN)/lint-imports --no-cache
 
 test: setup
 	bash scripts/install_orthanc.sh  # the DICOMweb tests start a real Orthanc (Debian packages)

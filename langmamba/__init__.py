@@ -1,6 +1,6 @@
 """LangMamba: language-guided low-dose CT denoising (arXiv 2507.06140) for MONAI Label and 3D Slicer."""
 
-__version__ = "0.1.0"
+from langmamba.version import __version__
 
 
 def load(directory, **kwargs):
@@ -11,3 +11,6 @@ def load(directory, **kwargs):
     from langmamba.checkpoint import load_checkpoint
 
     return load_checkpoint(directory, **kwargs)
+
+
+__all__ = ["__version__", "load"]

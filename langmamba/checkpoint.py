@@ -13,9 +13,9 @@ A checkpoint folder holds
   larger than a shard is stored in flat pieces listed under ``split_tensors`` in the index, so no file
   exceeds the limit (files come back from the GPU machines at most 16 MiB each).
 
-A model class takes part by being decorated with :func:`register_model` and having ``get_config()``
-return JSON-serialisable keyword arguments such that ``cls(**config)`` rebuilds the architecture
-(tensors such as the codebook are restored from the weights). Loading rebuilds the model, checks every
+A model class takes part by being decorated with :func:`langmamba.models.registry.register_model` and
+having ``get_config()`` return JSON-serialisable keyword arguments such that ``cls(**config)`` rebuilds the
+architecture (tensors such as the codebook are restored from the weights). Loading rebuilds the model, checks every
 tensor name and shape, and copies the weights bit-exactly.
 """
 
@@ -28,12 +28,13 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from langmamba.errors import CheckpointError, ConfigError
+from langmamba.errors import CheckpointError
+from langmamba.models.registry import MODEL_REGISTRY, registered_name
 
 logger = logging.getLogger(__name__)
 
@@ -49,40 +50,14 @@ _HEADER_BASE_BYTES = 1024
 _HEADER_PER_TENSOR_BYTES = 256
 _METADATA_KEYS = ("vocabulary", "vlm_backend", "vlm_id")
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {}
-"""Model classes that checkpoints can name, by registered name."""
-
-ModelClass = TypeVar("ModelClass", bound=type)
-
-
-def register_model(cls: ModelClass | None = None, *, name: str | None = None) -> Any:
-    """Class decorator adding a model class to :data:`MODEL_REGISTRY` (``@register_model`` or
-    ``@register_model(name="...")``; the default name is the class name)."""
-
-    def decorate(model_cls: ModelClass) -> ModelClass:
-        key = name or model_cls.__name__
-        existing = MODEL_REGISTRY.get(key)
-        if existing is not None and (existing.__module__, existing.__qualname__) != (
-            model_cls.__module__,
-            model_cls.__qualname__,
-        ):
-            raise ConfigError(
-                f"model name {key!r} is already registered by {existing.__module__}.{existing.__qualname__}"
-            )
-        MODEL_REGISTRY[key] = model_cls
-        return model_cls
-
-    return decorate(cls) if cls is not None else decorate
-
-
 def _registered_name(model: nn.Module) -> str:
-    for key, cls in MODEL_REGISTRY.items():
-        if type(model) is cls:
-            return key
-    raise CheckpointError(
-        f"{type(model).__name__} is not a registered model class; decorate it with "
-        "@langmamba.checkpoint.register_model so checkpoints can rebuild it"
-    )
+    name = registered_name(model)
+    if name is None:
+        raise CheckpointError(
+            f"{type(model).__name__} is not a registered model class; decorate it with "
+            "@langmamba.models.registry.register_model so checkpoints can rebuild it"
+        )
+    return name
 
 
 def _find_metadata(model: nn.Module, key: str) -> Any:
@@ -108,7 +83,7 @@ def _normalization() -> dict:
 
 
 def _version() -> str:
-    from langmamba import __version__
+    from langmamba.version import __version__
 
     return __version__
 
@@ -160,7 +135,8 @@ def save_checkpoint(
     are replaced). Returns the folder.
 
     Args:
-        model: an instance of a class registered with :func:`register_model` that has ``get_config()``.
+        model: an instance of a class registered with :func:`~langmamba.models.registry.register_model` that
+            has ``get_config()``.
         directory: the checkpoint folder.
         extra: JSON-serialisable values stored under ``"extra"`` in ``config.json``.
         max_shard_mb: largest weight file in MiB; ``None`` writes a single ``model.safetensors``.
@@ -256,7 +232,8 @@ def _check_expected(config: dict, expected: dict, path: Path) -> None:
 def _resolve_class(config: dict, path: Path) -> type[nn.Module]:
     name = config["model_class"]
     if name not in MODEL_REGISTRY:
-        importlib.import_module("langmamba.models")
+        import langmamba.models  # noqa: F401  (registers the built-in networks)
+
         module = config.get("model_module")
         # Only langmamba's own modules are imported on a checkpoint's say-so.
         if name not in MODEL_REGISTRY and isinstance(module, str) and module.startswith("langmamba."):

@@ -96,7 +96,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .train import load_config
-    from .train.prepare import load_prepared, prepare_dataset
+    from .data.prepared import load_prepared
+    from .train.prepare import prepare_dataset
 
     config = load_config(args.config, ["data.source=cases", *args.set], model="langae")
     path = prepare_dataset(config, args.output)
@@ -128,7 +129,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_select_words(args: argparse.Namespace) -> int:
     from .train import load_config
-    from .train.prepare import load_prepared, prepare_dataset
+    from .data.prepared import load_prepared
+    from .train.prepare import prepare_dataset
 
     config = load_config(args.config, args.set, model="langae")
     path = prepare_dataset(config, args.output)

@@ -63,7 +63,7 @@ def validation_cases(prepared: str | Path, patients: list[str] | None = None,
                      max_slices: int | None = None) -> list[EvalCase]:
     """The validation patients of a prepared training set (by split role, or the named ``patients``), at most
     ``max_slices`` slices each, spread over the patient."""
-    from .train.prepare import load_prepared
+    from .data.prepared import load_prepared
 
     slices, _ = load_prepared(prepared)
     if patients is None:

@@ -36,13 +36,13 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from langmamba.errors import InputError
+from langmamba.io.atomic import write_text
 from langmamba.models.quantizer import pool_to_grid
 from langmamba.normalization import hu_to_model, model_to_hu
 from langmamba.vlm.regions import LESION_MAJORITY, REGION_CLASSES, body_mask, classify_hu
@@ -462,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not prepared:
                 normal, label = case["normal"], case["label"] if "label" in case else None
         if prepared:
-            from langmamba.train.prepare import load_prepared
+            from langmamba.data.prepared import load_prepared
 
             chosen = [s for s in load_prepared(args.case)[0] if not args.patients or s.patient in args.patients]
             if not chosen:
@@ -484,10 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:
-        output = Path(args.output)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(output)
+        write_text(args.output, text + "\n")
     return 0
 
 

@@ -116,86 +116,22 @@ def perceptual_loss(
     return ssim_weight * ssim_term + gradient_weight * gradient_term, {"ssim": ssim_term, "gradient": gradient_term}
 
 
-class PatchDiscriminator(nn.Module):
-    """PatchGAN discriminator (pix2pix / VQGAN): ``(B, C, H, W) -> (B, 1, H', W')`` patch logits.
-
-    ``num_layers`` stride-2 4×4 convolutions (widths ``base_channels * 2^i``, capped at 8×) then a
-    stride-1 layer and a 1-channel head; each logit sees a 70×70 receptive field for 3 layers.
-    """
-
-    def __init__(self, in_channels: int = 1, base_channels: int = 64, num_layers: int = 3) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, base_channels, kernel_size=4, stride=2, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-        ]
-        width = base_channels
-        for i in range(1, num_layers + 1):
-            next_width = base_channels * min(2**i, 8)
-            stride = 2 if i < num_layers else 1
-            layers += [
-                nn.Conv2d(width, next_width, kernel_size=4, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(next_width),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
-            width = next_width
-        layers.append(nn.Conv2d(width, 1, kernel_size=4, stride=1, padding=1))
-        self.main = nn.Sequential(*layers)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """DCGAN initialisation used by pix2pix and VQGAN."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.normal_(module.weight, 1.0, 0.02)
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
-
-
-def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Hinge loss of the discriminator: ``(mean(relu(1 - real)) + mean(relu(1 + fake))) / 2``."""
-    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
-
-
-def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Generator side of the hinge GAN: ``-mean(fake)``."""
-    return -fake_logits.mean()
-
-
-def discriminator_loss(
-    discriminator: nn.Module, reconstruction: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """Discriminator step loss on detached reconstructions; the training loop calls it only once
-    ``step >= adversarial_start_step`` (see :func:`stage1_loss`)."""
-    return hinge_discriminator_loss(discriminator(target.detach()), discriminator(reconstruction.detach()))
-
-
 def stage1_loss(
     reconstruction: torch.Tensor,
     target: torch.Tensor,
     quantizer_output: QuantizerOutput,
     *,
-    discriminator: nn.Module | None = None,
-    step: int = 0,
     l1_weight: float = 1.0,
     perceptual_weight: float = 1.0,
     commitment_weight: float = 1.0,
     semantic_weight: float = 1.0,
-    adversarial_weight: float = 0.1,
-    adversarial_start_step: int = 10_000,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """LangAE loss: ``l1 * L1 + perceptual * P + commitment * C + semantic * S [+ adversarial * G]``.
+    """LangAE loss: ``l1 * L1 + perceptual * P + commitment * C + semantic * S``.
 
-    ``C`` and ``S`` come from ``quantizer_output`` (``C`` already includes the quantizer's beta). The
-    hinge generator term ``G`` on ``discriminator(reconstruction)`` is added only when a discriminator
-    is given and ``step >= adversarial_start_step``.
+    ``C`` and ``S`` come from ``quantizer_output`` (``C`` already includes the quantizer's beta).
 
     Returns ``(total, parts)`` where ``parts`` holds detached scalars ``l1, perceptual, ssim, gradient,
-    commitment, semantic, adversarial, total``.
+    commitment, semantic, total``.
     """
     _check_pair(reconstruction, target)
     l1 = F.l1_loss(reconstruction, target)
@@ -208,17 +144,12 @@ def stage1_loss(
         + commitment_weight * commitment
         + semantic_weight * semantic
     )
-    adversarial = reconstruction.new_zeros(())
-    if discriminator is not None and step >= adversarial_start_step:
-        adversarial = hinge_generator_loss(discriminator(reconstruction))
-        total = total + adversarial_weight * adversarial
     parts = {
         "l1": l1,
         "perceptual": perceptual,
         **perceptual_parts,
         "commitment": commitment,
         "semantic": semantic,
-        "adversarial": adversarial,
         "total": total,
     }
     return total, {k: v.detach() for k, v in parts.items()}

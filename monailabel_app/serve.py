@@ -25,14 +25,14 @@ DEFAULT_STUDIES = REPO / "out" / "studies"
 
 def prepare_sample_studies(folder: Path) -> Path:
     """``folder`` with ``lung2.nrrd`` (copied once from the sample cache, which is never written)."""
+    from langmamba.io.atomic import atomic_output
     from langmamba.sample_data import sample_path
 
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "lung2.nrrd"
     if not target.exists():
-        staging = folder / ".lung2.nrrd.part"
-        shutil.copyfile(sample_path("lung2", "image"), staging)
-        os.replace(staging, target)
+        with atomic_output(target, as_folder=False) as staging:
+            shutil.copyfile(sample_path("lung2", "image"), staging / target.name)
     return folder
 
 

@@ -2,7 +2,7 @@
 
 Run: ``python scripts/prepared_size_costs.py`` (reads the cases from the data cache; a few minutes on 2 cores).
 Rows: whole 512² slices vs body crops, int16 raw vs zlib (``np.savez_compressed``) vs LZMA of byte planes (format
-2 of ``langmamba.train.prepare``), RIDER with all 236 slices vs every 4th.
+2 of ``langmamba.data.prepared``), RIDER with all 236 slices vs every 4th.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from langmamba.checkpoint import (
     WEIGHTS_NAME,
     load_checkpoint,
     read_checkpoint_config,
-    register_model,
     save_checkpoint,
 )
 from langmamba.errors import CheckpointError, ConfigError
 from langmamba.models import LangAE
+from langmamba.models.registry import register_model
 from langmamba.normalization import normalization_config
 
 VOCAB, DIM = 40, 16

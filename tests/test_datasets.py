@@ -25,7 +25,7 @@ from langmamba.errors import ConfigError, NotAnImageError
 from langmamba.io import read_volume
 from langmamba.io.segmentation import read_segmentation
 from langmamba.sample_data import data_home
-from langmamba.train.prepare import _pack_hu, _pack_mask, _unpack_hu, _unpack_mask
+from langmamba.data.prepared import _pack_hu, _pack_mask, _unpack_hu, _unpack_mask
 
 RIDER = CASES["rider"].location.partition(":")[2]
 RIDER_SEG = CASES["rider"].lesion.partition(":")[2]
@@ -269,7 +269,8 @@ def test_prepared_set_holds_training_and_validation_cases_losslessly(cache, tmp_
 
     from langmamba.data.cases import case_slices
     from langmamba.train import load_config
-    from langmamba.train.prepare import load_prepared, prepare_dataset
+    from langmamba.data.prepared import load_prepared
+    from langmamba.train.prepare import prepare_dataset
 
     config = load_config(None, ["data.source=cases", "data.max_slices_per_patient=2"], model="langae")
     path = prepare_dataset(config, tmp_path / "set.npz", progress=False)
@@ -291,7 +292,7 @@ def test_prepared_set_holds_training_and_validation_cases_losslessly(cache, tmp_
     assert rider == [0, 4]  # every 4th RIDER slice
     assert len(language["vocabulary"]) == language["codebook"].shape[0]
     script = ("import sys\nfor name in ('pydicom', 'SimpleITK', 'nibabel'): sys.modules[name] = None\n"
-              "from langmamba.train.prepare import load_prepared\n"
+              "from langmamba.data.prepared import load_prepared\n"
               f"slices, _ = load_prepared({str(path)!r})\nprint(len(slices), sorted({{s.role for s in slices}}))")
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
@@ -301,7 +302,7 @@ def test_prepared_set_holds_training_and_validation_cases_losslessly(cache, tmp_
 
 def test_prepared_sets_of_format_1_still_load(tmp_path):
     """Sets written before format 2 (plain int16/bool arrays in a zlib .npz) load unchanged."""
-    from langmamba.train.prepare import load_prepared
+    from langmamba.data.prepared import load_prepared
 
     full = np.arange(-1000, -1000 + 12 * 10, dtype=np.int16).reshape(12, 10)
     label = full > -950

@@ -141,7 +141,7 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
 def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
     from langmamba.data import CTSlice
     from langmamba.eval_cases import validation_cases
-    from langmamba.train import prepare
+    from langmamba.data import prepared
 
     a = CTSlice(full=np.full((20, 30), 50.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")
     b = CTSlice(full=np.full((25, 20), 70.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")
@@ -149,7 +149,7 @@ def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
     a.offset, b.offset = (5, 0), (0, 12)
     for s, role in ((a, "validation"), (b, "validation"), (train, "training")):
         s.role = role
-    monkeypatch.setattr(prepare, "load_prepared", lambda path: ([a, b, train], {}))
+    monkeypatch.setattr(prepared, "load_prepared", lambda path: ([a, b, train], {}))
     (case,) = validation_cases("set.npz")
     assert case.name == "v" and case.hu.shape == (2, 25, 32) and case.role == "validation"
     assert np.all(case.hu[0, 5:25, 0:30] == 50) and np.all(case.hu[1, 0:25, 12:32] == 70)

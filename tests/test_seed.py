@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from langmamba.checkpoint import MODEL_REGISTRY, load_checkpoint, save_checkpoint
+from langmamba.checkpoint import load_checkpoint, save_checkpoint
+from langmamba.models.registry import MODEL_REGISTRY
 from langmamba.errors import ConfigError, InputError
 from langmamba.models.langae import LangAE
 from langmamba.models.seed import LangMamba, SEEDDecoder

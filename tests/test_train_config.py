@@ -1,5 +1,7 @@
 """Training configs validate with clear errors."""
 
+from pathlib import Path
+
 import pytest
 
 from langmamba.errors import ConfigError
@@ -38,3 +40,16 @@ def test_missing_and_broken_files(tmp_path):
     broken.write_text("optim: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+
+
+def test_recorded_configs_with_retired_keys_load_with_a_warning():
+    """The config of an earlier run (adversarial_* and fresh_noise_every, since removed) still loads."""
+    with pytest.warns(FutureWarning) as caught:
+        config = load_config(Path(__file__).resolve().parents[1] / "weights/training/langae/config.yaml")
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, FutureWarning))
+    assert [m.split(" is ignored")[0] for m in messages] == [
+        "config key data.fresh_noise_every", "config key langae.adversarial_start_step",
+        "config key langae.adversarial_weight"]
+    assert config.model == "langae" and not hasattr(config.langae, "adversarial_weight")
+    with pytest.raises(ConfigError, match="unknown key langae.adversarial_wieght"):
+        load_config(overrides=["langae.adversarial_wieght=0.1"])

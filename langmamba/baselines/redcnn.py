@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoint import register_model
+from ..models.registry import register_model
 
 
 @register_model

@@ -76,7 +76,7 @@ def _count_flops(model, height: int, width: int, device: str) -> dict[str, float
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from langmamba.bench.model import _scan_flops
+    from langmamba.bench.model import scan_flops
     from langmamba.infer import prepare_model, resolve_device
 
     device = resolve_device(device)
@@ -87,7 +87,7 @@ def _count_flops(model, height: int, width: int, device: str) -> dict[str, float
         model(x)
     denoise = float(counter.get_total_flops())
     side = height if height == width else round(math.sqrt(height * width))  # the scan count needs a square
-    denoise += _scan_flops(model, side)
+    denoise += scan_flops(model, side)
     counter = FlopCounterMode(display=False)
     factor = model.langae.downsample_factor
     x = torch.rand(2, 1, -(-height // factor) * factor, -(-width // factor) * factor, device=device)

@@ -30,7 +30,7 @@ _SCAN_FLOPS_PER_STATE = 7
 """Per (channel, state, token): decay mul + exp, input mul, state mul + add, read-out mul + add."""
 
 
-def _scan_flops(model: LangMamba, size: int) -> float:
+def scan_flops(model: LangMamba, size: int) -> float:
     """Selective-scan FLOPs of one ``size``² slice (not seen by the flop counter), from the SS2D shapes."""
     total = 0.0
     for name, module in model.decoder.named_modules():
@@ -155,7 +155,7 @@ def run(
         total, decoder = _count_flops(model, size, dev)
         result["gflops_per_slice"] = total / 1e9
         result["gflops_decoder_per_slice"] = decoder / 1e9
-    result["scan_gflops_per_slice"] = _scan_flops(model, size) / 1e9
+    result["scan_gflops_per_slice"] = scan_flops(model, size) / 1e9
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if compile_model:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import LangMambaError
+from ..io.atomic import atomic_folder
 from ..sample_data import data_home, sha256
 
 logger = logging.getLogger(__name__)
@@ -188,15 +188,11 @@ def fetch_source(source: Source, force: bool = False) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(f".{source.folder}.*"):  # left by a fetch that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{source.folder}.") as tmp:
+    with (tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{source.folder}.") as archive_dir,
+          atomic_folder(folder) as staged):
         logger.info("downloading %s", source.spec)
-        archive_dir, staged = Path(tmp) / "archive", Path(tmp) / "files"
-        archive_dir.mkdir()
-        unpack(source, download(source, archive_dir), staged)
+        unpack(source, download(source, Path(archive_dir)), staged)
         (staged / STAMP).write_text(_stamp_text(source))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staged, folder)
     return folder
 
 

@@ -1,9 +1,9 @@
 """Safe, all-or-nothing writing of output files and folders.
 
-Every writer in :mod:`langmamba.io` writes into a hidden temporary folder next to the output (same
-file system, so the final move is a rename) and only moves the result into place once everything was
-written. A failure part-way leaves no partial output and no temporary files behind, and an existing
-output is replaced only with ``overwrite=True``. Nothing is ever written over the input volume.
+Every atomic write in langmamba goes through here: the writer writes into a hidden temporary folder next
+to the output (same file system, so the final move is a rename) and the result only moves into place once
+everything was written. A failure part-way leaves no partial output and no temporary files behind, and an
+existing output is replaced only with ``overwrite=True``. Nothing is ever written over the input volume.
 """
 
 from __future__ import annotations
@@ -100,7 +100,10 @@ def _publish_folder(staging: Path, output: Path) -> None:
     except OSError:
         os.rename(backup, output)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    if backup.is_dir():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup.unlink(missing_ok=True)
 
 
 def _publish_files(staging: Path, output: Path, overwrite: bool) -> None:
@@ -148,6 +151,29 @@ def atomic_output(output: Path, *, as_folder: bool, overwrite: bool = False) -> 
             _publish_folder(staging, output)
         else:
             _publish_files(staging, output, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(output: str | os.PathLike) -> Iterator[Path]:
+    """Give the writer a temporary folder that then replaces the folder ``output`` whole.
+
+    For folders langmamba itself makes and owns (a training checkpoint, a data-cache entry, a bundle): an
+    existing ``output`` is swapped out whatever it holds, unlike :func:`atomic_output`, which replaces only a
+    folder of DICOM files a user may have pointed it at. On any exception the temporary folder is deleted
+    and ``output`` is left as it was.
+
+    Yields:
+        The temporary folder to fill (a hidden sibling ``.<name>.tmp-XXXXXXXX`` of ``output``).
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = _temporary_sibling(output, "tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        _publish_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

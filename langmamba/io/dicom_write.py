@@ -26,10 +26,11 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from pydicom.valuerep import format_number_as_ds
 from tqdm import tqdm
 
-from langmamba import __version__, workers
+from langmamba import workers
 from langmamba.errors import UnsupportedImageError
 from langmamba.io.dicom import source_references
 from langmamba.io.volume import CTVolume
+from langmamba.version import __version__
 
 logger = logging.getLogger(__name__)
 

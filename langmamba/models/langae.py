@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from langmamba.checkpoint import register_model
+from langmamba.models.registry import register_model
 from langmamba.errors import InputError
 from langmamba.models.blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, normalization
 from langmamba.models.quantizer import CandidateSpec, PyramidLanguageQuantizer, QuantizerOutput

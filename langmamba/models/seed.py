@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from langmamba.checkpoint import register_model
+from langmamba.models.registry import register_model
 from langmamba.errors import ConfigError, InputError
 from langmamba.models.langae import LangAE
 from langmamba.models.ss2d import SS2D, LayerNorm2d

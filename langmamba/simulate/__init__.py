@@ -43,10 +43,9 @@ from langmamba.simulate.simulator import (
     mu_to_hu,
     simulate_batch,
     simulate_slice,
-    simulate_volume,
-    slice_photons,
     z_modulation,
 )
+from langmamba.simulate.volume import simulate_volume, slice_photons
 
 __all__ = [
     "BowtieFilter",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from langmamba.errors import ConfigError
@@ -47,3 +48,36 @@ def as_image_batch(image: torch.Tensor, name: str = "image") -> tuple[torch.Tens
     if image.ndim == 3:
         return image.float(), False
     raise ConfigError(f"{name} must have shape (H, W) or (N, H, W), got {tuple(image.shape)}")
+
+
+def per_slice(value: float | Sequence[float] | np.ndarray | torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """A number or ``n`` values → float64 ``(n,)`` CPU tensor."""
+    if isinstance(value, torch.Tensor):
+        values = value.detach().to("cpu", torch.float64).flatten()
+    elif isinstance(value, (bool, str)) or value is None:
+        raise ConfigError(f"{name} must be a number or one value per slice, got {value!r}")
+    else:
+        try:
+            values = torch.as_tensor(np.asarray(value, dtype=np.float64)).flatten()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} must be a number or one value per slice, got {value!r}") from exc
+    if values.numel() == 1:
+        values = values.expand(n)
+    if values.numel() != n:
+        raise ConfigError(f"{name} holds {values.numel()} values for {n} slices")
+    return values
+
+
+def spacing_pairs(pixel_spacing_mm: float | Sequence[float] | torch.Tensor, n: int) -> list[tuple[float, float]]:
+    """Per-slice ``(dy, dx)``: one shared spacing, or a per-slice tensor ``(N,)`` / ``(N, 2)``."""
+    if not isinstance(pixel_spacing_mm, torch.Tensor):
+        return [spacing_pair(pixel_spacing_mm)] * n
+    values = pixel_spacing_mm.detach().to("cpu", torch.float64)
+    if values.ndim == 1 and values.numel() == n:
+        return [spacing_pair(float(v)) for v in values]
+    if values.ndim == 2 and tuple(values.shape) == (n, 2):
+        return [spacing_pair((float(a), float(b))) for a, b in values]
+    raise ConfigError(
+        f"a pixel_spacing_mm tensor must hold one spacing per slice, (N,) or (N, 2) with N = {n}, "
+        f"got shape {tuple(values.shape)}"
+    )

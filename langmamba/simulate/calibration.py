@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.errors import ConfigError
-from langmamba.simulate._tensor import spacing_pair
+from langmamba.simulate._tensor import per_slice, resolve_device, spacing_pair, spacing_pairs
+from langmamba.simulate.simulator import (
+    FULL_DOSE_PHOTONS,
+    MU_WATER_PER_MM,
+    derive_slice_seeds,
+    simulate_batch,
+    z_modulation,
+)
 
 # Soft tissue, judged on the 3x3 local mean: water, muscle, organs, blood, brain (Christianson et al. use
 # 0-100 HU); fat, contrast-filled vessels and bone are left out because windows mixing them with muscle
@@ -213,14 +220,6 @@ def native_incident_photons(
     Returns:
         :class:`Calibration` (CPU tensors). Slices without measurable soft tissue get NaN photons.
     """
-    from langmamba.simulate.simulator import (
-        FULL_DOSE_PHOTONS,
-        _per_slice,
-        _spacings,
-        derive_slice_seeds,
-        simulate_batch,
-    )
-
     for key in ("incident_photons", "seed", "input_is_noise_free", "reconstruction"):
         if key in simulate_kwargs:
             raise ConfigError(f"native_incident_photons sets {key} itself; do not pass it")
@@ -232,10 +231,10 @@ def native_incident_photons(
     if images.ndim == 2:
         images = images[None]
     n = images.shape[0]
-    doses = _per_slice(dose, n, "dose")
+    doses = per_slice(dose, n, "dose")
     if not bool(((doses > 0) & (doses <= 1)).all()):
         raise ConfigError(f"dose must be a fraction of the full dose in (0, 1], got {dose!r}")
-    spacings = _spacings(pixel_spacing_mm, n)
+    spacings = spacing_pairs(pixel_spacing_mm, n)
     native = [estimate_noise(images[i : i + 1], spacings[i], window_mm=window_mm) for i in range(n)]
     sigma_native = torch.cat([e.sigma_hu for e in native])
     wanted = sigma_native**2 * (1.0 / doses - 1.0)
@@ -285,8 +284,6 @@ def native_incident_photons(
 
 
 def _device_of(simulate_kwargs: dict, images: torch.Tensor) -> torch.device:
-    from langmamba.simulate._tensor import resolve_device
-
     device = simulate_kwargs.get("device", "auto")
     return images.device if device in (None, "auto") else resolve_device(device)
 
@@ -352,7 +349,6 @@ def calibrate_volume(
     import logging
 
     from langmamba.simulate.exposure import TubeCurrentModulation
-    from langmamba.simulate.simulator import FULL_DOSE_PHOTONS, MU_WATER_PER_MM, z_modulation
 
     if simulate_kwargs.get("input_is_noise_free"):
         raise ConfigError("a noise-free input has no native noise: pass incident_photons explicitly")

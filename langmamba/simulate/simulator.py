@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.errors import ConfigError, NonFiniteVoxelsError
-from langmamba.simulate._tensor import resolve_device, spacing_pair
+from langmamba.simulate._tensor import per_slice, resolve_device, spacing_pairs
 from langmamba.simulate.fbp import WINDOWS, fbp_parallel
 from langmamba.simulate.geometry import FanBeamGeometry
 from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter
@@ -242,24 +242,6 @@ def _make_scanner(
     )
 
 
-def _per_slice(value: float | Sequence[float] | np.ndarray | torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """A number or ``n`` values → float64 ``(n,)`` CPU tensor."""
-    if isinstance(value, torch.Tensor):
-        values = value.detach().to("cpu", torch.float64).flatten()
-    elif isinstance(value, (bool, str)) or value is None:
-        raise ConfigError(f"{name} must be a number or one value per slice, got {value!r}")
-    else:
-        try:
-            values = torch.as_tensor(np.asarray(value, dtype=np.float64)).flatten()
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{name} must be a number or one value per slice, got {value!r}") from exc
-    if values.numel() == 1:
-        values = values.expand(n)
-    if values.numel() != n:
-        raise ConfigError(f"{name} holds {values.numel()} values for {n} slices")
-    return values
-
-
 def simulate_batch(
     hu: np.ndarray | torch.Tensor,
     pixel_spacing_mm: float | Sequence[float] | torch.Tensor,
@@ -320,10 +302,10 @@ def simulate_batch(
     if images.ndim != 3 or min(images.shape[1:]) < 2:
         raise ConfigError(f"hu must be a stack of slices (N, H, W), got shape {tuple(images.shape)}")
     n = images.shape[0]
-    doses = _per_slice(dose, n, "dose")
-    photons = _per_slice(incident_photons, n, "incident_photons")
+    doses = per_slice(dose, n, "dose")
+    photons = per_slice(incident_photons, n, "incident_photons")
     check_noise_args(doses, photons, electronic_noise)
-    spacings = _spacings(pixel_spacing_mm, n)
+    spacings = spacing_pairs(pixel_spacing_mm, n)
     images = images.to(device=target, dtype=torch.float32)
     if not torch.isfinite(images).all():
         raise NonFiniteVoxelsError("the image contains NaN or infinite HU values; they cannot be projected")
@@ -342,21 +324,6 @@ def simulate_batch(
                 sel = torch.tensor(index, device=target)
                 out[sel] = _simulate(images[sel], spacing, doses[sel], photons[sel], scanner, group)
     return out if as_tensor else out.cpu().numpy().astype(np.float32, copy=False)
-
-
-def _spacings(pixel_spacing_mm: float | Sequence[float] | torch.Tensor, n: int) -> list[tuple[float, float]]:
-    """Per-slice ``(dy, dx)``: one shared spacing, or a per-slice tensor ``(N,)`` / ``(N, 2)``."""
-    if not isinstance(pixel_spacing_mm, torch.Tensor):
-        return [spacing_pair(pixel_spacing_mm)] * n
-    values = pixel_spacing_mm.detach().to("cpu", torch.float64)
-    if values.ndim == 1 and values.numel() == n:
-        return [spacing_pair(float(v)) for v in values]
-    if values.ndim == 2 and tuple(values.shape) == (n, 2):
-        return [spacing_pair((float(a), float(b))) for a, b in values]
-    raise ConfigError(
-        f"a pixel_spacing_mm tensor must hold one spacing per slice, (N,) or (N, 2) with N = {n}, "
-        f"got shape {tuple(values.shape)}"
-    )
 
 
 def simulate_slice(
@@ -443,94 +410,6 @@ def simulate_slice(
         seed=[seed] if not isinstance(seed, torch.Generator) else seed,
         device=device,
     )[0]
-
-
-def simulate_volume(
-    volume: CTVolume,
-    dose: float = 0.25,
-    *,
-    seed: int = 0,
-    progress: bool = False,
-    batch_size: int = 4,
-    incident_photons: str | float | Sequence[float] | np.ndarray = "native",
-    modulation: TubeCurrentModulation | None = TubeCurrentModulation(),
-    **kwargs,
-) -> CTVolume:
-    """Simulate a lower-dose scan of every axial slice of ``volume``.
-
-    Slice ``z`` uses the seed ``derive_slice_seeds(seed, Z)[z]`` whatever the batch size, so results
-    do not depend on ``batch_size``. The in-plane spacing may differ between rows and columns. The
-    tube current follows the patient along ``z`` as well as around it (``modulation``).
-
-    Args:
-        volume: the normal-dose volume (``hu`` is ``(Z, Y, X)``, ``spacing`` is ``(x, y, z)`` mm).
-        dose: fraction of the dose, in (0, 1].
-        seed: integer seed.
-        progress: show a tqdm progress bar over slices.
-        batch_size: slices simulated together (memory grows linearly with it).
-        incident_photons: ``"native"`` (default): solved from the volume's own noise so that ``dose``
-            multiplies its noise variance by ``1 / dose``
-            (:func:`~langmamba.simulate.calibration.calibrate_volume`); a number: ``I0`` at the volume's
-            mean tube current, shared out along ``z`` by ``modulation``; ``Z`` numbers: ``I0`` of each
-            slice, used as given.
-        modulation: tube-current modulation (angular and along ``z``); ``None``: constant current.
-        **kwargs: any other keyword of :func:`simulate_slice` (geometry, bowtie, low_signal,
-            reconstruction, device, ...).
-
-    Returns:
-        A copy of ``volume`` (same geometry and header) with simulated HU.
-    """
-    if "seed" in kwargs:
-        raise ConfigError("pass seed once")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ConfigError(f"simulate_volume needs an integer seed, got {seed!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n_slices = volume.hu.shape[0]
-    spacing = (volume.spacing[1], volume.spacing[0])  # (row, column) = (y, x)
-    photons = slice_photons(volume, dose, incident_photons, modulation=modulation, seed=seed, **kwargs)
-    seeds = derive_slice_seeds(int(seed), n_slices)
-    out = np.empty_like(volume.hu, dtype=np.float32)
-    starts = range(0, n_slices, batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="simulating low dose", unit="batch")
-    for start in starts:
-        stop = min(start + batch_size, n_slices)
-        out[start:stop] = simulate_batch(
-            volume.hu[start:stop], spacing, dose, seed=list(seeds[start:stop]),
-            incident_photons=photons[start:stop], modulation=modulation, **kwargs,
-        )
-        logger.debug("simulated slices %d-%d of %d", start, stop - 1, n_slices)
-    return volume.with_hu(out)
-
-
-def slice_photons(
-    volume: CTVolume,
-    dose: float,
-    incident_photons: str | float | Sequence[float] | np.ndarray = "native",
-    *,
-    modulation: TubeCurrentModulation | None = TubeCurrentModulation(),
-    seed: int = 0,
-    **kwargs,
-) -> np.ndarray:
-    """``I0`` of every slice of ``volume``, ``(Z,)`` float64; see :func:`simulate_volume` for the arguments."""
-    n_slices = volume.hu.shape[0]
-    if isinstance(incident_photons, str):
-        if incident_photons != "native":
-            raise ConfigError(
-                f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}"
-            )
-        from langmamba.simulate.calibration import calibrate_volume
-
-        calibration = calibrate_volume(volume, dose, modulation=modulation, seed=seed, **kwargs)
-        logger.info("%s", calibration.line())
-        return calibration.incident_photons
-    if np.ndim(incident_photons) > 0:
-        return _per_slice(incident_photons, n_slices, "incident_photons").numpy()
-    value = float(_per_slice(incident_photons, 1, "incident_photons")[0])
-    return value * z_modulation(volume, modulation, kwargs.get("mu_water_per_mm", MU_WATER_PER_MM))
 
 
 def z_modulation(

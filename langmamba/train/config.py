@@ -1,13 +1,15 @@
 """Training configurations: typed dataclasses loaded from YAML plus ``section.key=value`` overrides.
 
 Unknown keys and wrongly typed values raise :class:`~langmamba.errors.ConfigError` naming the key, so a typo in
-a YAML file fails at start-up instead of silently training something else.
+a YAML file fails at start-up instead of silently training something else. Keys of removed features
+(:data:`RETIRED_KEYS`) are accepted and ignored with a ``FutureWarning``, so the configs of earlier runs still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,13 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+
+RETIRED_KEYS = {
+    "data.fresh_noise_every": "every training batch gets fresh simulated noise",
+    "langae.adversarial_weight": "the adversarial (PatchGAN) term was never used in training and is removed",
+    "langae.adversarial_start_step": "the adversarial (PatchGAN) term was never used in training and is removed",
+}
+"""Keys earlier configs may hold, with why they are ignored now."""
 
 
 @dataclass
@@ -96,8 +105,6 @@ class LangAEConfig:
     perceptual_weight: float = 1.0
     commitment_weight: float = 1.0
     semantic_weight: float = 1.0
-    adversarial_weight: float = 0.1
-    adversarial_start_step: int | None = None
     # The residual quantizer (langmamba.models.residual_quantizer); "average" trains the first checkpoints' kind.
     quantizer: str = "average"
     region_sizes: list[int] = field(default_factory=lambda: [8, 4, 2])
@@ -185,6 +192,10 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(k for k in values if prefix + str(k) in RETIRED_KEYS):
+        warnings.warn(f"config key {prefix}{key} is ignored: {RETIRED_KEYS[prefix + key]}", FutureWarning,
+                      stacklevel=3)
+    values = {k: v for k, v in values.items() if prefix + str(k) not in RETIRED_KEYS}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "

@@ -38,7 +38,7 @@ def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
     and the language space stored with a prepared set (``None`` otherwise)."""
     language = None
     if config.source == "prepared":
-        from .prepare import load_prepared
+        from ..data.prepared import load_prepared
 
         slices, language = load_prepared(config.root)
     elif config.source == "cases":

@@ -8,6 +8,7 @@ rank 0 validates, logs and writes checkpoints.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -15,7 +16,6 @@ import os
 import random
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..checkpoint import load_checkpoint, read_weights, save_checkpoint
 from ..errors import CheckpointError, ConfigError
-from ..io.atomic import write_text
+from ..io.atomic import atomic_folder, write_text
 from ..normalization import hu_to_model, model_to_hu
 from ..visualize import save_figure
 from .config import TrainConfig
@@ -95,12 +95,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _publish(staging: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(staging, final)
-
-
 class CheckpointStore:
     """``<output>/checkpoints/step-NNNNNNN/`` folders (model + training state), written whole then renamed."""
 
@@ -113,15 +107,10 @@ class CheckpointStore:
         return done[-1] if done else None
 
     def save(self, model: nn.Module, state: dict, step: int) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        final = self.root / f"step-{step:07d}"
+        with atomic_folder(final) as staging:
             save_checkpoint(model, staging / "model", extra={"step": step})
             torch.save(state, staging / "training_state.pt")
-            final = self.root / f"step-{step:07d}"
-            _publish(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         for old in sorted(self.root.glob("step-*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -304,12 +293,8 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
 
 def _save_model(model: nn.Module, folder: Path, extra: dict) -> None:
     """Write a whole checkpoint folder next to ``folder`` and swap it in."""
-    staging = folder.with_name(f".{folder.name}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_folder(folder) as staging:
         save_checkpoint(model, staging, extra=extra)
-        _publish(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_status(output: Path, config: TrainConfig, step: int, best: dict, finished: bool) -> None:
@@ -343,12 +328,11 @@ def _truncate_csv(path: Path, fields: list[str], last_step: int) -> None:
     if not path.exists():
         return
     rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def _state(optimizer: torch.optim.Optimizer, ema: ModelEMA, data: TrainingData, step: int, best: dict) -> dict:

@@ -61,7 +61,6 @@ class LangAETask:
                 mask[index, torch.as_tensor(s.words[level])] = True
             self.candidates.append(mask.to(device))
         self.weights = c
-        self.discriminator = None
 
     def loss(self, module, low, full, which, step):
         index = torch.as_tensor(which, device=full.device)
@@ -126,7 +125,6 @@ class ResidualLangAETask(LangAETask):
         self.low_count = int(round(c.low_dose_fraction * config.optim.batch_size))
         self.crop_count = config.optim.batch_size - self.low_count
         self.weights = c
-        self.discriminator = None
         logger.info("residual LangAE: %d region words, %d detail codes of dimension %d, %d training slices",
                     len(region.words), detail_codes.shape[0], detail_codes.shape[1], len(self.crops))
 

@@ -39,7 +39,7 @@ def content_key(payload: Any) -> str:
 
 
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> bool:
-    """Write arrays to ``path`` via a temporary file and ``os.replace`` (readers never see half a file).
+    """Write arrays to ``path`` through :func:`langmamba.io.atomic.write_npz` (readers never see half a file).
 
     Returns ``False`` (and logs a warning) when the cache cannot be written.
     """

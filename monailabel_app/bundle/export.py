@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 BUNDLE = Path(__file__).resolve().parent / "langmamba_ct_denoise"
@@ -22,14 +21,13 @@ def export_bundle(destination: str | os.PathLike, weights: str | os.PathLike | N
     """Write the bundle to ``destination/langmamba_ct_denoise`` atomically and return that folder."""
     from langmamba.denoise import default_weights
     from langmamba.errors import OverwriteError
+    from langmamba.io.atomic import atomic_folder
 
     weights = Path(weights) if weights else default_weights()
     target = Path(destination) / BUNDLE.name
     if target.exists() and not overwrite:
         raise OverwriteError(f"{target} exists; remove it or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLE.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         for part in ("configs", "docs"):
             shutil.copytree(BUNDLE / part, staging / part)
         models = staging / "models" / "langmamba"
@@ -37,12 +35,6 @@ def export_bundle(destination: str | os.PathLike, weights: str | os.PathLike | N
         for name in sorted(os.listdir(weights)):
             if (weights / name).is_file():
                 shutil.copy2(weights / name, models / name)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
