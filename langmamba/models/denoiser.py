@@ -73,7 +73,8 @@ class ConvAttentionBlock(nn.Module):
         self.spatial_gate = SpatialAttentionGate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spatial_gate(self.channel_attention(self.conv2(F.gelu(self.conv1(x)))))
+        out: torch.Tensor = self.spatial_gate(self.channel_attention(self.conv2(F.gelu(self.conv1(x)))))
+        return out
 
 
 class ConvFeedForward(nn.Module):
@@ -87,7 +88,8 @@ class ConvFeedForward(nn.Module):
         self.project = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(F.gelu(self.depthwise(self.expand(x))))
+        out: torch.Tensor = self.project(F.gelu(self.depthwise(self.expand(x))))
+        return out
 
 
 class DenoiserBlock(nn.Module):
@@ -129,7 +131,8 @@ class DenoiserBlock(nn.Module):
         if self.use_ssm:
             x = x + self.ssm(self.norm_ssm(x))
         x = x + self.cab(x)
-        return x + self.ffn(self.norm_ffn(x))
+        out: torch.Tensor = x + self.ffn(self.norm_ffn(x))
+        return out
 
 
 class DenoiserDecoder(nn.Module):
@@ -182,10 +185,10 @@ class DenoiserDecoder(nn.Module):
         self.fuse = nn.ModuleList(
             nn.Conv2d(widths[i] + feature_channels[i], widths[i], kernel_size=1) for i in range(deepest)
         )
-        self.head = nn.Conv2d(widths[0], out_channels, kernel_size=3, padding=1)
+        self.head = nn.Conv2d(widths[0], out_channels, kernel_size=3, padding=1, bias=True)
         if config.global_residual:
             nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            nn.init.zeros_(self.head.get_parameter("bias"))
 
     def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``x (B, 1, H, W)`` (used by the global residual) and the 5 LangAE features -> ``(B, 1, H, W)``."""
@@ -199,7 +202,7 @@ class DenoiserDecoder(nn.Module):
             skip = features[i]
             h = F.interpolate(self.ups[i](h), size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = self.levels[i](self.fuse[i](torch.cat([h, skip.to(h.dtype)], dim=1)))
-        out = self.head(h)
+        out: torch.Tensor = self.head(h)
         return x + out if self.global_residual else out
 
 
@@ -308,4 +311,5 @@ class LangMamba(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         with torch.no_grad():
             features = self.langae.encode_features(x)
-        return self.decoder(x, features)[..., :height, :width]
+        out: torch.Tensor = self.decoder(x, features)[..., :height, :width]
+        return out

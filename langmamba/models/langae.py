@@ -90,7 +90,8 @@ class Encoder(nn.Module):
 
     def head(self, deepest: torch.Tensor) -> torch.Tensor:
         """Middle block, norm, SiLU and ``conv_out`` on the deepest feature map -> ``(B, z_channels, h, w)``."""
-        return self.conv_out(F.silu(self.norm_out(self.mid(deepest))))
+        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(self.mid(deepest))))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)[-1])
@@ -134,7 +135,8 @@ class Decoder(nn.Module):
             h = level(h)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return out
 
 
 @register_model
@@ -252,8 +254,9 @@ class LangAE(nn.Module):
         self.encoder = Encoder(in_channels=config.in_channels, **common)
         # 1×1 projections between the VQGAN latent width and the word-embedding space.
         self.quant_conv = nn.Conv2d(z_channels, self.quantizer.codebook_dim, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(self.quantizer.codebook_dim, z_channels, kernel_size=1)
-        self.decoder = Decoder(out_channels=config.in_channels, **common)
+        # Inference copies drop the image decoder (LangMamba(langae_decoder=False)): both become None.
+        self.post_quant_conv: nn.Conv2d | None = nn.Conv2d(self.quantizer.codebook_dim, z_channels, kernel_size=1)
+        self.decoder: Decoder | None = Decoder(out_channels=config.in_channels, **common)
         self.feature_channels: tuple[int, ...] = self.encoder.feature_channels
 
     @property
@@ -291,7 +294,7 @@ class LangAE(nn.Module):
         With ``normalize_latent`` each latent vector is scaled to the codebook's mean row norm.
         """
         self._check_input(x)
-        z = self.quant_conv(self.encoder(x))
+        z: torch.Tensor = self.quant_conv(self.encoder(x))
         if self.normalize_latent:
             z = F.normalize(z, dim=1, eps=1e-6) * self.quantizer.mean_row_norm().to(z.dtype)
         return z
@@ -303,13 +306,19 @@ class LangAE(nn.Module):
 
         ``details=False`` skips the residual quantizer's detail stages (words only, for explanations; the
         averaging quantizer has none and ignores it)."""
+        out: QuantizerOutput
         if isinstance(self.quantizer, ResidualLanguageQuantizer):
-            return self.quantizer(z, candidates, details=details)
-        return self.quantizer(z, candidates)
+            out = self.quantizer(z, candidates, details=details)
+        else:
+            out = self.quantizer(z, candidates)
+        return out
 
     def decode(self, zq: torch.Tensor) -> torch.Tensor:
         """Slice ``(B, C, 16h, 16w)`` from a (quantized) latent ``(B, E, h, w)``."""
-        return self.decoder(self.post_quant_conv(zq))
+        if self.decoder is None or self.post_quant_conv is None:
+            raise InputError("this LangAE has no image decoder (an inference copy inside LangMamba); it cannot decode")
+        out: torch.Tensor = self.decoder(self.post_quant_conv(zq))
+        return out
 
     def forward(
         self, x: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None
