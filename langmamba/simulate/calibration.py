@@ -352,7 +352,8 @@ def calibrate_volume(
     import logging
 
     from langmamba.simulate.exposure import TubeCurrentModulation
-    from langmamba.simulate.simulator import FULL_DOSE_PHOTONS, MU_WATER_PER_MM, z_modulation
+    from langmamba.simulate.protocol import MU_WATER_PER_MM
+    from langmamba.simulate.simulator import FULL_DOSE_PHOTONS, z_modulation
 
     if simulate_kwargs.get("input_is_noise_free"):
         raise ConfigError("a noise-free input has no native noise: pass incident_photons explicitly")
