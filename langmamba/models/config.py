@@ -11,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Self
 
 from langmamba.errors import ConfigError
 
 LEVELS = 5
 """Resolution levels of the denoiser's decoder: H, H/2, H/4, H/8, H/16 (the LangAE encoder's)."""
-
-_Config = TypeVar("_Config", bound="_Serialisable")
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,7 +44,7 @@ class _Serialisable:
         return result
 
     @classmethod
-    def from_dict(cls: type[_Config], values: Mapping[str, Any]) -> _Config:
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
         """The config from :meth:`to_dict`'s form; an unknown key raises :class:`ConfigError` naming it."""
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(values) - names)
@@ -54,7 +52,7 @@ class _Serialisable:
             raise ConfigError(f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**{k: _tupled(v) for k, v in values.items()})
 
-    def replace(self: _Config, **changes: Any) -> _Config:
+    def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` (checked like :meth:`from_dict`)."""
         return type(self).from_dict({**self.to_dict(), **changes})
 
