@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.set_defaults(handler=_cmd_demo)
 
-    for name, helptext in (("train", "train LangAE (stage 1), LangMamba's denoiser (stage 2) or the RED-CNN baseline"),
+    for name, helptext in (("train", "train LangAE (stage 1), LangMamba (stage 2) or the RED-CNN baseline"),
                            ("select-words", "select candidate words per training slice and pyramid level; write slices "
                                             "and words as one .npz (what training reads)")):
         command = sub.add_parser(name, help=helptext, description=helptext + ". Settings come from the YAML "

@@ -93,8 +93,8 @@ class ConvFeedForward(nn.Module):
 
 
 class DenoiserBlock(nn.Module):
-    """One decoder block (the paper's SEED block) on ``(B, C, H, W)``: ``x + SS2D(LN x)`` (if ``use_ssm``), ``+ ConvAttention(x)``,
-    ``+ FFN(LN x)``. Conv-only blocks (``use_ssm=False``) skip the SS2D and the norms.
+    """One decoder block (the paper's SEED block) on ``(B, C, H, W)``: ``x + SS2D(LN x)`` (if ``use_ssm``),
+    ``+ ConvAttention(x)``, ``+ FFN(LN x)``. Conv-only blocks (``use_ssm=False``) skip the SS2D and the norms.
 
     Args:
         channels: C.
