@@ -7,6 +7,7 @@ a YAML file fails at start-up instead of silently training something else.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from ..errors import ConfigError
 
 if typing.TYPE_CHECKING:
     from ..models.config import DecoderConfig
+
+logger = logging.getLogger(__name__)
 
 MODELS = ("langae", "langmamba", "redcnn")
 """Trainable models: the stage-1 LangAE, the stage-2 denoiser (LangMamba) and the RED-CNN baseline."""
@@ -224,17 +227,22 @@ def decoder_config(section: DenoiserTrainConfig) -> DecoderConfig:
     return preset.replace(global_residual=section.global_residual, **section.decoder)
 
 
+def _deprecated(message: str) -> None:
+    """A DeprecationWarning for callers, and a log line for command-line users (who do not see the warning)."""
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
+    logger.warning("deprecated: %s", message)
+
+
 def _rename_deprecated(values: dict[str, Any]) -> None:
     """Old names (``model: seed``, a ``seed:`` section) to the new ones, with a DeprecationWarning."""
     old_model = values.get("model")
     if isinstance(old_model, str) and old_model in _RENAMED_MODELS:
         new = _RENAMED_MODELS[old_model]
-        warnings.warn(f"model {old_model!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
+        _deprecated(f"model {old_model!r} is now called {new!r}")
         values["model"] = new
     for old, new in _RENAMED_SECTIONS.items():
         if old in values:
-            warnings.warn(f"config section {old!r} is now called {new!r} ({old}.KEY -> {new}.KEY)",
-                          DeprecationWarning, stacklevel=3)
+            _deprecated(f"config section {old!r} is now called {new!r} ({old}.KEY -> {new}.KEY)")
             section = values.pop(old) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"{old}: expected a mapping, got {section!r}")
