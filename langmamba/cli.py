@@ -312,14 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.set_defaults(handler=_cmd_demo)
 
-    for name, helptext in (("train", "train LangAE (stage 1), SEED (stage 2) or the RED-CNN baseline"),
+    for name, helptext in (("train", "train LangAE (stage 1), LangMamba (stage 2) or the RED-CNN baseline"),
                            ("select-words", "select candidate words per training slice and pyramid level; write slices "
                                             "and words as one .npz (what training reads)")):
         command = sub.add_parser(name, help=helptext, description=helptext + ". Settings come from the YAML "
                                  "config (see langmamba/configs/) and --set section.key=value overrides. A run "
                                  "whose output folder holds checkpoints resumes from the latest one.")
         if name == "train":
-            command.add_argument("model", choices=["langae", "seed", "redcnn"])
+            command.add_argument("model", choices=["langae", "langmamba", "redcnn", "seed"],
+                                 help="seed: the old name of langmamba (deprecated)")
         else:
             command.add_argument("output", help="the .npz file to write")
         command.add_argument("--config", help="YAML config file")

@@ -1,4 +1,4 @@
-"""Training losses of LangMamba: stage 1 (LangAE) and stage 2 (SEED with LangDA).
+"""Training losses of LangMamba: stage 1 (LangAE) and stage 2 (the denoiser, with LangDA).
 
 Images are ``(B, 1, H, W)`` tensors in model range ([0, 1] = [-1000, 2000] HU).
 
@@ -211,7 +211,7 @@ def langda_loss(
     return total, {"semantic": semantic.detach(), "perceptual": perceptual.detach(), "total": total.detach()}
 
 
-def seed_loss(
+def denoising_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
     langae: nn.Module,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-parallel speed-up of stage-2 training: the same SEED run on 1 and on N GPUs of one host (torchrun + DDP).
+# Data-parallel speed-up of stage-2 training: the same LangMamba run on 1 and on N GPUs of one host (torchrun + DDP).
 # Needs out/prep/builtin.npz (`langmamba select-words out/prep/builtin.npz`) and the shipped weights/langae.
 # Usage: scripts/ddp_speedup_gpu.sh [gpus] [steps] [results_folder]; prints patches/s for each and the ratio.
 set -euo pipefail
@@ -12,8 +12,8 @@ mkdir -p "$results"
 read -r -a extra <<< "${EXTRA_SETTINGS:-}"
 for n in 1 "$gpus"; do
   rm -rf "$results/gpus$n"
-  torchrun --standalone --nproc_per_node "$n" -m langmamba train seed --config langmamba/configs/seed.yaml \
-    --set seed.langae=weights/langae --set optim.steps="$steps" --set run.validate_every=1000000 \
+  torchrun --standalone --nproc_per_node "$n" -m langmamba train langmamba --config langmamba/configs/langmamba.yaml \
+    --set denoiser.langae=weights/langae --set optim.steps="$steps" --set run.validate_every=1000000 \
     --set run.checkpoint_every=1000000 --set run.output="$results/gpus$n" "${extra[@]}" > "$results/gpus$n.log" 2>&1
 done
 python3 - "$results" "$gpus" "$steps" <<'PY'

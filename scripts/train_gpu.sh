@@ -3,14 +3,15 @@
 # carried wheels suffice), each call within a minutes budget; call a phase again until its table says done.
 #
 #   phase A:      LangAE (langmamba/configs/langae.yaml) on GPU 0  |  RED-CNN (redcnn.yaml) on GPU 1
-#   phase B:      SEED with LangDA (seed.yaml) on GPU 0  |  SEED without LangDA (seed_no_langda.yaml) on GPU 1,
+#   phase B:      LangMamba with LangDA (langmamba.yaml) on GPU 0  |  without LangDA (langmamba_no_langda.yaml)
+#                 on GPU 1,
 #                 both on phase A's finished LangAE
-#   phase AB:     all four at once, two per GPU: SEED with and without LangDA on GPU 0 | LangAE and RED-CNN on
-#                 GPU 1; SEED reads the finished LangAE in $LANGAE (required), so it does not wait for phase A
+#   phase AB:     all four at once, two per GPU: LangMamba with and without LangDA on GPU 0 | LangAE and RED-CNN
+#                 on GPU 1; LangMamba reads the finished LangAE in $LANGAE (required), so it does not wait for phase A
 #   phase export: half-precision weights laid out like weights/ in $RUNS/weights (langae, langmamba,
 #                 langmamba_no_langda, redcnn), every file at most 16 MiB
 #   phase status: the table only
-#   phase probe:  throughput of SEED (GPU 0, LangDA, on $LANGAE or phase A's LangAE) and RED-CNN (GPU 1) for each
+#   phase probe:  throughput of LangMamba (GPU 0, LangDA, on $LANGAE or phase A's LangAE) and RED-CNN (GPU 1) for each
 #                 patch x batch in PROBE ("256x16 256x32 192x32"), PROBE_STEPS (60) steps each, in $RUNS/probe;
 #                 prints patches/s (first logged interval excluded) to choose data.patch_size / optim.batch_size
 #
@@ -19,13 +20,14 @@
 #            the script end to end on a machine without a GPU.
 # Settings (environment): RUNS (runs/gpu; not $OUT, which the device tool sets), RESULTS (when set, after
 # every phase the logs, status files, loss plots and exported weights are copied there), DATA (out/prep/training.npz), MINUTES (7, training minutes per run
-# and call; loading, validation and saving come on top), LANGAE_STEPS / REDCNN_STEPS / SEED_STEPS (the
-# configs' optim.steps when empty), PRESET (seed.decoder_preset, from seed.yaml when empty), LANGDA
-# (seed.langda_weight of the LangDA run, from seed.yaml when empty), BATCH (optim.batch_size of every run
+# and call; loading, validation and saving come on top), LANGAE_STEPS / REDCNN_STEPS / DENOISER_STEPS (the
+# configs' optim.steps when empty; SEED_STEPS is its old name), PRESET (denoiser.decoder_preset, from
+# langmamba.yaml when empty), LANGDA (denoiser.langda_weight of the LangDA run, from langmamba.yaml when empty), BATCH (optim.batch_size of every run
 # when set), PYTHON (python3), LANGAE (phase B's LangAE checkpoint, default $RUNS/langae/model: e.g. an
 # exported weights/langae brought back on a fresh machine), ALLOW_UNFINISHED_LANGAE=1 (phase B on a LangAE that has not done its steps),
 # INIT (a folder laid out like weights/, e.g. an earlier export: a run without checkpoints starts from its
-# counterpart there, run.init_from), LANGAE_ARGS / REDCNN_ARGS / SEED_ARGS (more `--set key=value` words).
+# counterpart there, run.init_from), LANGAE_ARGS / REDCNN_ARGS / DENOISER_ARGS (more `--set key=value`
+# words; SEED_ARGS is its old name).
 # Each run resumes from the latest checkpoint in $RUNS/<run>/checkpoints; its log is appended to
 # $RUNS/logs/<run>.log; $RUNS/<run>/status.json says how far it is; $RUNS/<run>/model is its best validated
 # moving average.
@@ -48,6 +50,8 @@ done
 
 PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-runs/gpu}
+DENOISER_STEPS=${DENOISER_STEPS:-${SEED_STEPS:-}}
+DENOISER_ARGS=${DENOISER_ARGS:-${SEED_ARGS:-}}
 DATA=${DATA:-out/prep/training.npz}
 MINUTES=${MINUTES:-7}
 common=()
@@ -56,7 +60,7 @@ if [[ $smoke == 1 ]]; then
   RUNS=${RUNS/%runs\/gpu/runs/gpu_smoke}
   DATA=${SMOKE_DATA:-out/prep/builtin.npz}
   MINUTES=2
-  LANGAE_STEPS=${LANGAE_STEPS:-4} REDCNN_STEPS=${REDCNN_STEPS:-4} SEED_STEPS=${SEED_STEPS:-4}
+  LANGAE_STEPS=${LANGAE_STEPS:-4} REDCNN_STEPS=${REDCNN_STEPS:-4} DENOISER_STEPS=${DENOISER_STEPS:-4}
   PRESET=${PRESET:-fast}
   common=(--set run.device=cpu --set data.crop=128 --set data.patch_size=64 --set optim.batch_size=2
           --set run.validation_slices=1 --set run.validate_every=2 --set run.checkpoint_every=2
@@ -134,7 +138,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print(f"{'run':<22}{'step':>8}{'of':>8}  {'done':<6}{'best step':>10}{'val PSNR':>10}{'val SSIM':>10}")
-for name in ("langae", "redcnn", "seed", "seed_no_langda"):
+for name in ("langae", "redcnn", "langmamba", "langmamba_no_langda"):
     try:
         s = json.loads((out / name / "status.json").read_text())
     except (OSError, ValueError):
@@ -153,7 +157,7 @@ EOF
 collect() {  # copy what is worth keeping into $RESULTS (small files only: no checkpoints)
   [[ -n "${RESULTS:-}" ]] || return 0
   mkdir -p "$RESULTS"
-  for name in langae redcnn seed seed_no_langda; do
+  for name in langae redcnn langmamba langmamba_no_langda; do
     [[ -d "$RUNS/$name" ]] || continue
     mkdir -p "$RESULTS/$name"
     for f in status.json log.csv loss.png config.yaml; do
@@ -170,7 +174,7 @@ for phase in "${phases[@]}"; do
 case "$phase" in
   A|B|AB)
     if [[ $phase == AB && -z "${LANGAE:-}" ]]; then
-      echo "error: phase AB trains SEED beside the LangAE, so it needs a finished LangAE in LANGAE" >&2
+      echo "error: phase AB trains LangMamba beside the LangAE, so it needs a finished LangAE in LANGAE" >&2
       status=1
       continue
     fi
@@ -179,8 +183,8 @@ case "$phase" in
       status=1
       continue
     fi
-    # GPUs: A puts LangAE | RED-CNN, B SEED | SEED without LangDA, AB both SEEDs | LangAE and RED-CNN.
-    gpu_langae=0 gpu_redcnn=1 gpu_seed=0 gpu_plain=1
+    # GPUs: A puts LangAE | RED-CNN, B LangMamba | without LangDA, AB both LangMambas | LangAE and RED-CNN.
+    gpu_langae=0 gpu_redcnn=1 gpu_denoiser=0 gpu_plain=1
     [[ $phase == AB ]] && gpu_langae=1 gpu_plain=0
     if [[ $phase != B ]]; then
       # shellcheck disable=SC2046,SC2086
@@ -190,16 +194,16 @@ case "$phase" in
       launch redcnn $gpu_redcnn redcnn redcnn $(steps "${REDCNN_STEPS:-}") $(init redcnn) ${REDCNN_ARGS:-}
     fi
     if [[ $phase != A ]]; then
-      seed_set=(--set seed.langae="${LANGAE:-$RUNS/langae/model}")
-      [[ -n "${PRESET:-}" ]] && seed_set+=(--set seed.decoder_preset="$PRESET")
+      denoiser_set=(--set denoiser.langae="${LANGAE:-$RUNS/langae/model}")
+      [[ -n "${PRESET:-}" ]] && denoiser_set+=(--set denoiser.decoder_preset="$PRESET")
       langda=()
-      [[ -n "${LANGDA:-}" ]] && langda=(--set seed.langda_weight="$LANGDA")
+      [[ -n "${LANGDA:-}" ]] && langda=(--set denoiser.langda_weight="$LANGDA")
       # shellcheck disable=SC2046,SC2086
-      launch seed $gpu_seed seed seed $(steps "${SEED_STEPS:-}") $(init langmamba) "${seed_set[@]}" "${langda[@]}" \
-        ${SEED_ARGS:-}
+      launch langmamba $gpu_denoiser langmamba langmamba $(steps "$DENOISER_STEPS") $(init langmamba) \
+        "${denoiser_set[@]}" "${langda[@]}" ${DENOISER_ARGS}
       # shellcheck disable=SC2046,SC2086
-      launch seed_no_langda $gpu_plain seed seed_no_langda $(steps "${SEED_STEPS:-}") $(init langmamba_no_langda) \
-        "${seed_set[@]}" ${SEED_ARGS:-}
+      launch langmamba_no_langda $gpu_plain langmamba langmamba_no_langda $(steps "$DENOISER_STEPS") \
+        $(init langmamba_no_langda) "${denoiser_set[@]}" ${DENOISER_ARGS}
     fi
     wait_all || status=1
     ;;
@@ -210,8 +214,8 @@ from pathlib import Path
 from langmamba.train.export import export_checkpoint
 out = Path(sys.argv[1])
 limit_mib = 16
-for run, shipped, inference_only in (("langae", "langae", False), ("seed", "langmamba", True),
-                                     ("seed_no_langda", "langmamba_no_langda", True), ("redcnn", "redcnn", False)):
+for run, shipped, inference_only in (("langae", "langae", False), ("langmamba", "langmamba", True),
+                                     ("langmamba_no_langda", "langmamba_no_langda", True), ("redcnn", "redcnn", False)):
     source = out / run / "model"
     if not (source / "config.json").is_file():
         print(f"{run}: no model yet, not exported")
@@ -228,15 +232,15 @@ EOF
   probe)
     probe_langae=${LANGAE:-$RUNS/langae/model}
     preset=()
-    [[ -n "${PRESET:-}" ]] && preset=(--set seed.decoder_preset="$PRESET")
+    [[ -n "${PRESET:-}" ]] && preset=(--set denoiser.decoder_preset="$PRESET")
     mkdir -p "$RUNS/logs/probe"
     for combo in ${PROBE:-256x16 256x32 192x32}; do
       patch=${combo%x*} batch=${combo#*x}
-      rm -rf "$RUNS/probe/seed-$combo" "$RUNS/probe/redcnn-$combo"
+      rm -rf "$RUNS/probe/langmamba-$combo" "$RUNS/probe/redcnn-$combo"
       settings=(--set data.patch_size="$patch" --set optim.batch_size="$batch" --set optim.steps="${PROBE_STEPS:-60}"
                 --set run.validate_every=1000000 --set run.checkpoint_every=1000000 --set run.log_every=10
                 --set run.validation_slices=1 --set "data.validation_doses=[0.25]")
-      launch "probe/seed-$combo" 0 seed seed "${settings[@]}" --set seed.langae="$probe_langae" "${preset[@]}"
+      launch "probe/langmamba-$combo" 0 langmamba langmamba "${settings[@]}" --set denoiser.langae="$probe_langae" "${preset[@]}"
       launch "probe/redcnn-$combo" 1 redcnn redcnn "${settings[@]}"
       wait_all || status=1
     done

@@ -36,7 +36,7 @@ from langmamba.explain import (
 from langmamba.io.volume import CTVolume
 from langmamba.models.langae import LangAE
 from langmamba.models.quantizer import word_scores
-from langmamba.models.seed import LangMamba
+from langmamba.models.denoiser import LangMamba
 from langmamba.normalization import hu_to_model
 
 WORDS = [

@@ -8,11 +8,11 @@ import torch
 
 from langmamba.errors import InputError
 from langmamba.losses import (
+    denoising_loss,
     gradient_magnitude,
     langda_loss,
     multiscale_ssim,
     perceptual_loss,
-    seed_loss,
     stage1_loss,
 )
 from langmamba.models import LangAE, PyramidLanguageQuantizer, word_scores
@@ -258,15 +258,15 @@ def test_langda_zero_for_identical_and_gradients_only_to_prediction():
     assert all(p.requires_grad for p in langae.parameters()) and langae.training
 
 
-def test_seed_loss_combines_mse_and_langda():
+def test_denoising_loss_combines_mse_and_langda():
     langae = small_langae(seed=7)
     target = torch.rand(1, 1, 128, 128)
     prediction = (target + 0.05 * torch.randn_like(target)).requires_grad_(True)
-    total, parts = seed_loss(prediction, target, langae, langda_weight=0.5)
+    total, parts = denoising_loss(prediction, target, langae, langda_weight=0.5)
     torch.testing.assert_close(total.detach(), parts["mse"] + 0.5 * parts["langda"])
     total.backward()
     assert prediction.grad.abs().sum() > 0
-    only_mse, parts0 = seed_loss(prediction, target, langae, langda_weight=0.0)
+    only_mse, parts0 = denoising_loss(prediction, target, langae, langda_weight=0.0)
     torch.testing.assert_close(only_mse, torch.nn.functional.mse_loss(prediction, target))
     assert float(parts0["langda"]) == 0.0
 

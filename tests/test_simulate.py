@@ -17,6 +17,7 @@ from langmamba.simulate import (
     BowtieFilter,
     FanBeamGeometry,
     LowSignalFilter,
+    ScanProtocol,
     TubeCurrentModulation,
     added_count_variance,
     calibrate_volume,
@@ -511,6 +512,25 @@ def test_bad_dose_raises(dose):
 def test_bad_arguments_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         simulate_slice(np.zeros((32, 32), np.float32), 1.0, 0.25, geometry=SMALL, **kwargs)
+
+
+def test_scan_protocol_gives_the_same_scan_as_single_settings_and_round_trips():
+    hu = _water_cylinder()
+    protocol = ScanProtocol(geometry=SMALL, window="hamming", bowtie=None, low_signal=LowSignalFilter(max_channels=9))
+    single = simulate_slice(hu, PIXEL_MM, 0.25, seed=5, geometry=SMALL, window="hamming", bowtie=None,
+                            low_signal=LowSignalFilter(max_channels=9))
+    np.testing.assert_array_equal(simulate_slice(hu, PIXEL_MM, 0.25, seed=5, protocol=protocol), single)
+    stored = protocol.to_dict()
+    assert stored["bowtie"] is None and stored["geometry"]["n_views"] == 576 and stored["window"] == "hamming"
+    assert ScanProtocol.from_dict(stored) == protocol and ScanProtocol.from_dict({}) == ScanProtocol()
+    with pytest.raises(ConfigError, match="not both .*window"):
+        simulate_slice(hu, PIXEL_MM, 0.25, protocol=protocol, window="cosine")
+    with pytest.raises(ConfigError, match="unknown key.*dose"):
+        ScanProtocol.from_dict({"dose": 0.25})
+    with pytest.raises(ConfigError, match="window must be one of"):
+        ScanProtocol(window="gauss")
+    with pytest.raises(ConfigError, match="bowtie must be a BowtieFilter or None"):
+        ScanProtocol(bowtie="flat")  # type: ignore[arg-type]
 
 
 def test_bad_shapes_and_spacing_raise():

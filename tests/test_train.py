@@ -10,7 +10,7 @@ import torch
 from langmamba.checkpoint import load_checkpoint
 from langmamba.errors import ConfigError
 from langmamba.models.langae import LangAE
-from langmamba.models.seed import LangMamba
+from langmamba.models.denoiser import LangMamba
 from langmamba.train import load_config, train
 from langmamba.train.export import export_checkpoint
 
@@ -33,15 +33,15 @@ def test_both_stages_train_and_reload(tmp_path):
     langae = load_checkpoint(final)
     assert isinstance(langae, LangAE) and langae.vocabulary and len(langae.vocabulary) == langae.codebook.shape[0]
 
-    seed_dir = tmp_path / "seed"
-    config = load_config(overrides=QUICK + ["model=seed", "optim.steps=6", "optim.lr=1e-3",
-                                            f"seed.langae={final}", f"run.output={seed_dir}"])
+    denoiser_dir = tmp_path / "langmamba"
+    config = load_config(overrides=QUICK + ["model=langmamba", "optim.steps=6", "optim.lr=1e-3",
+                                            f"denoiser.langae={final}", f"run.output={denoiser_dir}"])
     model = load_checkpoint(train(config, progress=False))
     assert isinstance(model, LangMamba)
     # Stage 2 trains only the decoder: the frozen LangAE is bit-identical to the stage-1 checkpoint.
     for name, tensor in langae.state_dict().items():
         assert torch.equal(model.langae.state_dict()[name], tensor), name
-    assert any(r["val_psnr"] for r in csv.DictReader(open(seed_dir / "log.csv")))
+    assert any(r["val_psnr"] for r in csv.DictReader(open(denoiser_dir / "log.csv")))
 
 
 def test_resume_continues_from_the_saved_step(tmp_path):
@@ -114,7 +114,7 @@ def test_training_needs_neither_pydicom_nor_simpleitk(tmp_path):
         "sys.modules['SimpleITK'] = None\n"
         "sys.modules['pydicom'] = None\n"
         "from pathlib import Path\n"
-        "import langmamba.train, langmamba.losses, langmamba.models.seed\n"
+        "import langmamba.train, langmamba.losses, langmamba.models.denoiser\n"
         "from langmamba.train.engine import plot_log\n"
         f"plot_log(Path({str(log)!r}), Path({str(tmp_path / 'loss.png')!r}))\n"
     )

@@ -10,11 +10,47 @@ from langmamba.train.config import load_config
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model: seed\noptim:\n  steps: 50\n  lr: 1e-3\ndata:\n  patch_size: 256\n")
-    config = load_config(path, ["optim.batch_size=4", "seed.langda_weight=0"])
-    assert config.model == "seed"
+    path.write_text("model: langmamba\noptim:\n  steps: 50\n  lr: 1e-3\ndata:\n  patch_size: 256\n")
+    config = load_config(path, ["optim.batch_size=4", "denoiser.langda_weight=0"])
+    assert config.model == "langmamba"
     assert (config.optim.steps, config.optim.lr, config.optim.batch_size) == (50, 1e-3, 4)
-    assert config.data.patch_size == 256 and config.seed.langda_weight == 0.0
+    assert config.data.patch_size == 256 and config.denoiser.langda_weight == 0.0
+
+
+def test_old_seed_names_still_work_with_a_deprecation_warning(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model: seed\nrun:\n  seed: 3\nseed:\n  langda_weight: 0.5\n  decoder_preset: paper\n")
+    with pytest.warns(DeprecationWarning) as caught:
+        config = load_config(path, ["seed.langda_weight=0.25"])
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'langmamba'" in messages and "'denoiser'" in messages
+    assert config.model == "langmamba" and config.run.seed == 3
+    assert (config.denoiser.langda_weight, config.denoiser.decoder_preset) == (0.25, "paper")
+
+
+def test_shipped_configs_load_without_warnings():
+    import warnings
+    from pathlib import Path
+
+    import langmamba
+
+    folder = Path(langmamba.__file__).parent / "configs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configs = {p.stem: load_config(p) for p in sorted(folder.glob("*.yaml"))}
+    assert set(configs) == {"langae", "langmamba", "langmamba_no_langda", "redcnn"}
+    assert configs["langmamba"].model == "langmamba" and configs["langmamba_no_langda"].denoiser.langda_weight == 0
+
+
+def test_decoder_config_of_the_denoiser_section():
+    from langmamba.train.config import decoder_config
+
+    config = load_config(overrides=["denoiser.decoder_preset=medium", "denoiser.decoder={d_state: 4}",
+                                    "denoiser.global_residual=false"])
+    decoder = decoder_config(config.denoiser)
+    assert decoder.widths == (32, 64, 96, 128, 128) and decoder.d_state == 4 and not decoder.global_residual
+    with pytest.raises(ConfigError, match="denoiser.decoder: .*unknown key.*width"):
+        load_config(overrides=["denoiser.decoder={width: 3}"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -23,7 +59,7 @@ def test_yaml_and_overrides(tmp_path):
     ("run.bf16=maybe", "run.bf16: expected true or false"),
     ("data.dose=1.5", "data.dose must be in"),
     ("data.patch_size=100", "multiple of 16"),
-    ("model=unet", "expected langae, seed or redcnn"),
+    ("model=unet", "expected langae, langmamba, redcnn"),
     ("data.source=npy", "data.root is required"),
     ("langae.word_thresholds=[0.9]", "one threshold per pyramid level"),
     ("steps=3", "unknown key steps"),

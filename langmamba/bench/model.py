@@ -1,4 +1,4 @@
-"""Speed and size of LangMamba (frozen LangAE encoder + SEED decoder) on slices of a given size.
+"""Speed and size of LangMamba (frozen LangAE encoder + Mamba decoder) on slices of a given size.
 
 ``python -m langmamba.bench.model --size 512 --device cpu`` prints one JSON object: parameters,
 GFLOPs per slice, peak memory, seconds per slice, slices per second and the selective-scan backend
@@ -20,7 +20,7 @@ import torch
 
 from langmamba.errors import ConfigError
 from langmamba.models.langae import LangAE
-from langmamba.models.seed import LangMamba
+from langmamba.models.denoiser import LangMamba
 from langmamba.models.ss2d import SS2D, cross_scan
 from langmamba.ops import resolve_backend, selective_scan
 
@@ -75,7 +75,7 @@ def _profile(model: LangMamba, x: torch.Tensor, autocast, batch: int, device: to
 
 
 def build_model(decoder_kwargs: dict | None = None, scan_backend: str = "auto") -> LangMamba:
-    """LangMamba with the paper's LangAE (random weights, 512-word codebook of dim 384) and SEED defaults."""
+    """LangMamba with the paper's LangAE (random weights, 512-word codebook of dim 384) and the default decoder."""
     langae_config = LangAE(codebook_size=512, codebook_dim=384).get_config()
     return LangMamba(langae_config, scan_backend=scan_backend, **(decoder_kwargs or {}))
 
@@ -106,7 +106,7 @@ def run(
         warmup: untimed passes first (kernel selection, Triton compilation).
         threads: CPU threads for PyTorch (default: leave as is).
         scan_backend: selective-scan backend of the SS2D blocks.
-        decoder_kwargs: SEED decoder arguments overriding the defaults (widths, depths ...).
+        decoder_kwargs: DecoderConfig fields overriding the defaults (widths, depths ...).
         compile_model: run the decoder through ``torch.compile``.
         channels_last: use the channels-last memory format for the model and input (faster convolutions
             on tensor cores).
@@ -149,7 +149,7 @@ def run(
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_decoder": params_decoder,
         "params_encoder": params_encoder,
-        "decoder": {k: v for k, v in model.get_config().items() if k != "langae_config"},
+        "decoder": model.get_config()["decoder"],
     }
     if count_flops:
         total, decoder = _count_flops(model, size, dev)
@@ -293,7 +293,7 @@ def run_scan(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m langmamba.bench.model [--size 512] [--batch N] [--device auto] ...``."""
-    parser = argparse.ArgumentParser(description="Time LangMamba (frozen LangAE + SEED) on random slices.")
+    parser = argparse.ArgumentParser(description="Time LangMamba (frozen LangAE + Mamba decoder) on random slices.")
     parser.add_argument("--size", type=int, default=512, help="slice side in pixels (default 512)")
     parser.add_argument("--batch", type=int, default=None, help="slices per forward (default 1 CPU, 64 CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--scan-backend", default="auto", help="selective-scan backend")
-    parser.add_argument("--decoder", default=None, help="JSON dict of SEED decoder arguments to override")
+    parser.add_argument("--decoder", default=None, help="JSON dict of DecoderConfig fields to override")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")

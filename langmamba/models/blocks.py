@@ -49,7 +49,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.shortcut(x) + h
+        out: torch.Tensor = self.shortcut(x) + h
+        return out
 
 
 class AttnBlock(nn.Module):
@@ -73,7 +74,8 @@ class AttnBlock(nn.Module):
         q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(-1, -2) for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        result: torch.Tensor = x + self.proj_out(out)
+        return result
 
 
 class Downsample(nn.Module):
@@ -87,7 +89,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        out: torch.Tensor = self.conv(F.pad(x, (0, 1, 0, 1)))
+        return out
 
 
 class Upsample(nn.Module):
@@ -98,7 +101,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        out: torch.Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return out
 
 
 class MidBlock(nn.Module):
@@ -111,4 +115,5 @@ class MidBlock(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        out: torch.Tensor = self.block_2(self.attn_1(self.block_1(x)))
+        return out

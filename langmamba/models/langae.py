@@ -2,26 +2,28 @@
 
 A VQGAN encoder maps a 1-channel slice in model range (see :mod:`langmamba.normalization`) to a latent
 at 1/16 resolution in the word-embedding space, the :class:`PyramidLanguageQuantizer` replaces it by
-words of a frozen vocabulary, and a VQGAN decoder reconstructs the slice. Stage 2 (SEED) reuses the
-frozen encoder's per-level feature maps (:meth:`LangAE.encode_features`) and its latents (LangDA loss).
+words of a frozen vocabulary, and a VQGAN decoder reconstructs the slice. Stage 2 (the denoiser) reuses
+the frozen encoder's per-level feature maps (:meth:`LangAE.encode_features`) and its latents (LangDA loss).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from langmamba.errors import ConfigError, InputError
 from langmamba.models.registry import register_model
-from langmamba.errors import InputError
 from langmamba.models.blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, normalization
+from langmamba.models.config import LangAEConfig
 from langmamba.models.quantizer import CandidateSpec, PyramidLanguageQuantizer, QuantizerOutput
 from langmamba.models.residual_quantizer import ResidualLanguageQuantizer
 
 QUANTIZERS = ("average", "residual")
+"""The kinds of word quantizer (:attr:`LangAEConfig.quantizer`)."""
 
 
 class _Level(nn.Module):
@@ -88,7 +90,8 @@ class Encoder(nn.Module):
 
     def head(self, deepest: torch.Tensor) -> torch.Tensor:
         """Middle block, norm, SiLU and ``conv_out`` on the deepest feature map -> ``(B, z_channels, h, w)``."""
-        return self.conv_out(F.silu(self.norm_out(self.mid(deepest))))
+        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(self.mid(deepest))))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)[-1])
@@ -132,7 +135,8 @@ class Decoder(nn.Module):
             h = level(h)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return out
 
 
 @register_model
@@ -150,149 +154,109 @@ class LangAE(nn.Module):
     - :meth:`decode`: ``(B, in_channels, H, W)``.
 
     Args:
-        in_channels: image channels (1 for CT).
-        base_channels: channels of the first level (paper: 64).
-        channel_multipliers: per-level width factors (paper: (1, 1, 2, 2, 4) = 5 levels, 4 downsamplings).
-        num_res_blocks: residual blocks per encoder level (the decoder has one more, as in VQGAN).
-        attention_resolutions: side lengths at which a level gets self-attention after each residual
-            block, counted from ``resolution`` as in VQGAN (the middle block always has attention).
-        resolution: nominal input side used only to place attention; the network accepts any size.
-            With the paper's 512 and (16,), no level reaches side 16, so only the middle block (at the
-            32×32 latent of a 512² slice) attends.
-        z_channels: channels of the encoder output / decoder input before the codebook projection.
-        dropout: dropout rate inside residual blocks.
-        codebook: frozen ``(V, E)`` word embeddings from ``langmamba.vlm``; or give ``codebook_size`` and
-            ``codebook_dim`` to build an empty buffer that a checkpoint then fills.
-        codebook_size: V without a codebook tensor.
-        codebook_dim: E without a codebook tensor.
-        quantizer_grids: region grids of the coarse pyramid levels (the full latent is always last).
-        beta: commitment-loss weight.
-        normalize_latent: scale every latent vector to the codebook's mean row norm before quantizing.
-            With a frozen codebook nothing else bounds the encoder output: the straight-through
+        config: the architecture (:class:`~langmamba.models.config.LangAEConfig`); keyword arguments named
+            like its fields override single values (``LangAE(base_channels=8, z_channels=8)``). Its fields
+            in short: ``in_channels`` (1 for CT); ``base_channels`` of the first level (paper: 64);
+            ``channel_multipliers`` per level (paper: (1, 1, 2, 2, 4) = 5 levels, 4 downsamplings);
+            ``num_res_blocks`` per encoder level (the decoder has one more, as in VQGAN);
+            ``attention_resolutions``: side lengths at which a level gets self-attention after each residual
+            block, counted from ``resolution`` as in VQGAN (the middle block always has attention); with
+            the paper's 512 and (16,), no level reaches side 16, so only the middle block (at the 32×32
+            latent of a 512² slice) attends; ``z_channels`` before the codebook projection; ``dropout``;
+            ``codebook_size``/``codebook_dim`` to build an empty codebook that a checkpoint fills;
+            ``quantizer_grids`` (averaging quantizer's coarse grids); ``beta`` (commitment weight);
+            ``normalize_latent``: scale every latent vector to the codebook's mean row norm before
+            quantizing. With a frozen codebook nothing else bounds the encoder output: the straight-through
             gradient keeps pushing latents that cannot reach a better word. In short training runs on
             chest CT without it, latent norms grew from 3 to several hundred against unit-norm word
             embeddings (even with beta = 1) and only a few dozen words stayed in use; with it training
-            was stable and word use grew.
+            was stable and word use grew. ``quantizer``: ``"average"`` (the first checkpoints: SPAE
+            streaming average at ``quantizer_grids``) or ``"residual"``
+            (:class:`~langmamba.models.residual_quantizer.ResidualLanguageQuantizer`: word levels at
+            ``region_sizes`` and ``detail_stages`` × ``detail_groups`` token codes that add up, calibrated
+            word reading at ``logit_scale``); ``word_classes``: the tissue class of every vocabulary word
+            (``langmamba.vlm.vocabulary.WORD_CLASSES``).
+        codebook: frozen ``(V, E)`` word embeddings from ``langmamba.vlm`` (else an empty buffer of
+            ``codebook_size × codebook_dim``).
+        detail_codebook, detail_projection: residual quantizer only: ``(N, d)`` token codes and ``(d, E)``
+            projection (:mod:`langmamba.vlm.token_codes`); else ``detail_codebook_size`` and ``detail_dim``.
         vocabulary: the V words of the codebook rows (kept for reports and checkpoints).
         vlm_backend: name of the language backend that made the codebook (recorded in checkpoints).
         vlm_id: model id of that backend.
-        quantizer: ``"average"`` (the first checkpoints: SPAE streaming average at ``quantizer_grids``) or
-            ``"residual"`` (:class:`~langmamba.models.residual_quantizer.ResidualLanguageQuantizer`: word
-            levels at ``region_sizes`` and detail stages that add up, calibrated word reading). Checkpoints
-            without the key are ``"average"``.
-        region_sizes: residual quantizer only: latent cells per region side of each word level.
-        detail_codebook, detail_projection: residual quantizer only: ``(N, d)`` token codes and ``(d, E)``
-            projection (:mod:`langmamba.vlm.token_codes`); or ``detail_codebook_size`` and ``detail_dim``.
-        detail_stages: residual quantizer only: detail stages per latent cell.
-        detail_groups: residual quantizer only: token codes per latent cell and stage (product quantization).
-        logit_scale: residual quantizer only: initial word-reading temperature.
-        word_classes: the tissue class of every vocabulary word (``langmamba.vlm.vocabulary.WORD_CLASSES``).
     """
 
     def __init__(
         self,
-        in_channels: int = 1,
-        base_channels: int = 64,
-        channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 1,
-        attention_resolutions: Sequence[int] = (16,),
-        resolution: int = 512,
-        z_channels: int = 256,
-        dropout: float = 0.0,
+        config: LangAEConfig | None = None,
+        *,
         codebook: torch.Tensor | None = None,
-        codebook_size: int | None = None,
-        codebook_dim: int | None = None,
-        quantizer_grids: Sequence[Sequence[int]] = ((2, 2), (8, 8)),
-        beta: float = 0.25,
-        normalize_latent: bool = True,
+        detail_codebook: torch.Tensor | None = None,
+        detail_projection: torch.Tensor | None = None,
         vocabulary: Sequence[str] | None = None,
         vlm_backend: str | None = None,
         vlm_id: str | None = None,
-        quantizer: str = "average",
-        region_sizes: Sequence[int] = (8, 4, 2),
-        detail_codebook: torch.Tensor | None = None,
-        detail_projection: torch.Tensor | None = None,
-        detail_codebook_size: int | None = None,
-        detail_dim: int | None = None,
-        detail_stages: int = 8,
-        detail_groups: int = 1,
-        logit_scale: float = 10.0,
-        word_classes: Sequence[str] | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
-        if not channel_multipliers:
-            raise InputError("channel_multipliers must name at least one level")
-        if num_res_blocks < 1 or base_channels < 1 or z_channels < 1:
-            raise InputError("num_res_blocks, base_channels and z_channels must be positive")
-        if quantizer not in QUANTIZERS:
-            raise InputError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
-        if quantizer == "average":
-            self.quantizer = PyramidLanguageQuantizer(
-                codebook, codebook_size=codebook_size, codebook_dim=codebook_dim, grids=quantizer_grids, beta=beta
+        try:
+            config = (config or LangAEConfig()).replace(**overrides)
+        except ConfigError as error:
+            raise InputError(str(error)) from error
+        if config.quantizer == "average":
+            self.quantizer: PyramidLanguageQuantizer | ResidualLanguageQuantizer = PyramidLanguageQuantizer(
+                codebook, codebook_size=config.codebook_size, codebook_dim=config.codebook_dim,
+                grids=config.quantizer_grids, beta=config.beta,
             )
+            config = config.replace(codebook_size=self.quantizer.codebook_size,
+                                    codebook_dim=self.quantizer.codebook_dim)
         else:
-            self.quantizer = ResidualLanguageQuantizer(
-                codebook, codebook_size=codebook_size, codebook_dim=codebook_dim, detail_codebook=detail_codebook,
-                detail_projection=detail_projection, detail_codebook_size=detail_codebook_size,
-                detail_dim=detail_dim, region_sizes=region_sizes, detail_stages=detail_stages,
-                detail_groups=detail_groups, beta=beta,
-                logit_scale=logit_scale)
-        self._config = {
-            "in_channels": int(in_channels),
-            "base_channels": int(base_channels),
-            "channel_multipliers": [int(m) for m in channel_multipliers],
-            "num_res_blocks": int(num_res_blocks),
-            "attention_resolutions": [int(r) for r in attention_resolutions],
-            "resolution": int(resolution),
-            "z_channels": int(z_channels),
-            "dropout": float(dropout),
-            "codebook_size": self.quantizer.codebook_size,
-            "codebook_dim": self.quantizer.codebook_dim,
-            "quantizer_grids": [[int(v) for v in g] for g in quantizer_grids],
-            "beta": float(beta),
-            "normalize_latent": bool(normalize_latent),
-        }
-        if quantizer == "residual":
-            self._config.update({
-                "quantizer": quantizer,
-                "region_sizes": list(self.quantizer.region_sizes),
-                "detail_codebook_size": int(self.quantizer.detail_codebook.shape[0]),
-                "detail_dim": int(self.quantizer.detail_codebook.shape[1]),
-                "detail_stages": self.quantizer.detail_stages,
-                "detail_groups": self.quantizer.detail_groups,
-                "logit_scale": float(logit_scale),
-            })
-        if word_classes is not None:
-            if len(word_classes) != self.quantizer.codebook_size:
-                raise InputError(f"{len(word_classes)} word classes for a vocabulary of "
-                                 f"{self.quantizer.codebook_size} words")
-            self._config["word_classes"] = [str(c) for c in word_classes]
-        self.word_classes: list[str] | None = None if word_classes is None else [str(c) for c in word_classes]
-        if vocabulary is not None and len(vocabulary) != self.quantizer.codebook_size:
+            residual = ResidualLanguageQuantizer(
+                codebook, codebook_size=config.codebook_size, codebook_dim=config.codebook_dim,
+                detail_codebook=detail_codebook, detail_projection=detail_projection,
+                detail_codebook_size=config.detail_codebook_size, detail_dim=config.detail_dim,
+                region_sizes=config.region_sizes, detail_stages=config.detail_stages,
+                detail_groups=config.detail_groups, beta=config.beta, logit_scale=config.logit_scale,
+            )
+            self.quantizer = residual
+            config = config.replace(
+                codebook_size=residual.codebook_size, codebook_dim=residual.codebook_dim,
+                region_sizes=list(residual.region_sizes),
+                detail_codebook_size=int(residual.detail_codebook.shape[0]),
+                detail_dim=int(residual.detail_codebook.shape[1]),
+            )
+        codebook_size = self.quantizer.codebook_size
+        if config.word_classes is not None and len(config.word_classes) != codebook_size:
+            raise InputError(f"{len(config.word_classes)} word classes for a vocabulary of {codebook_size} words")
+        self.config: LangAEConfig = config
+        """The architecture, with the codebook sizes of the tensors it was built from."""
+        self.word_classes: list[str] | None = None if config.word_classes is None else list(config.word_classes)
+        if vocabulary is not None and len(vocabulary) != codebook_size:
             raise InputError(
-                f"the vocabulary has {len(vocabulary)} words but the codebook has {self.quantizer.codebook_size} rows"
+                f"the vocabulary has {len(vocabulary)} words but the codebook has {codebook_size} rows"
             )
         self.vocabulary: list[str] | None = None if vocabulary is None else [str(v) for v in vocabulary]
         self.vlm_backend = vlm_backend
         self.vlm_id = vlm_id
-        self.normalize_latent = bool(normalize_latent)
+        self.normalize_latent = bool(config.normalize_latent)
 
+        channel_multipliers, resolution, z_channels = config.channel_multipliers, config.resolution, config.z_channels
         levels = len(channel_multipliers)
         self.downsample_factor = 2 ** (levels - 1)
-        attention_levels = [resolution // 2**i in set(attention_resolutions) for i in range(levels)]
-        common = dict(
-            base_channels=base_channels,
+        attention_levels = [resolution // 2**i in set(config.attention_resolutions) for i in range(levels)]
+        common: dict[str, Any] = dict(
+            base_channels=config.base_channels,
             channel_multipliers=channel_multipliers,
-            num_res_blocks=num_res_blocks,
+            num_res_blocks=config.num_res_blocks,
             attention_levels=attention_levels,
             z_channels=z_channels,
-            dropout=dropout,
+            dropout=config.dropout,
         )
-        self.encoder = Encoder(in_channels=in_channels, **common)
+        self.encoder = Encoder(in_channels=config.in_channels, **common)
         # 1×1 projections between the VQGAN latent width and the word-embedding space.
         self.quant_conv = nn.Conv2d(z_channels, self.quantizer.codebook_dim, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(self.quantizer.codebook_dim, z_channels, kernel_size=1)
-        self.decoder = Decoder(out_channels=in_channels, **common)
+        # Inference copies drop the image decoder (LangMamba(langae_decoder=False)): both become None.
+        self.post_quant_conv: nn.Conv2d | None = nn.Conv2d(self.quantizer.codebook_dim, z_channels, kernel_size=1)
+        self.decoder: Decoder | None = Decoder(out_channels=config.in_channels, **common)
         self.feature_channels: tuple[int, ...] = self.encoder.feature_channels
 
     @property
@@ -300,12 +264,13 @@ class LangAE(nn.Module):
         """The frozen ``(V, E)`` word-embedding buffer (shared with the quantizer)."""
         return self.quantizer.codebook
 
-    def get_config(self) -> dict:
-        """JSON-serialisable constructor arguments that rebuild this architecture (weights excluded)."""
-        return copy.deepcopy(self._config)
+    def get_config(self) -> dict[str, Any]:
+        """``config.to_dict()``: JSON-serialisable keyword arguments that rebuild this architecture
+        (weights excluded; the checkpoint format stores it as ``model_config``)."""
+        return self.config.to_dict()
 
     def _check_input(self, x: torch.Tensor) -> None:
-        expected = self._config["in_channels"]
+        expected = self.config.in_channels
         if x.ndim != 4 or x.shape[1] != expected:
             raise InputError(f"LangAE expects slices of shape (B, {expected}, H, W), got {tuple(x.shape)}")
         factor = self.downsample_factor
@@ -329,7 +294,7 @@ class LangAE(nn.Module):
         With ``normalize_latent`` each latent vector is scaled to the codebook's mean row norm.
         """
         self._check_input(x)
-        z = self.quant_conv(self.encoder(x))
+        z: torch.Tensor = self.quant_conv(self.encoder(x))
         if self.normalize_latent:
             z = F.normalize(z, dim=1, eps=1e-6) * self.quantizer.mean_row_norm().to(z.dtype)
         return z
@@ -341,13 +306,19 @@ class LangAE(nn.Module):
 
         ``details=False`` skips the residual quantizer's detail stages (words only, for explanations; the
         averaging quantizer has none and ignores it)."""
+        out: QuantizerOutput
         if isinstance(self.quantizer, ResidualLanguageQuantizer):
-            return self.quantizer(z, candidates, details=details)
-        return self.quantizer(z, candidates)
+            out = self.quantizer(z, candidates, details=details)
+        else:
+            out = self.quantizer(z, candidates)
+        return out
 
     def decode(self, zq: torch.Tensor) -> torch.Tensor:
         """Slice ``(B, C, 16h, 16w)`` from a (quantized) latent ``(B, E, h, w)``."""
-        return self.decoder(self.post_quant_conv(zq))
+        if self.decoder is None or self.post_quant_conv is None:
+            raise InputError("this LangAE has no image decoder (an inference copy inside LangMamba); it cannot decode")
+        out: torch.Tensor = self.decoder(self.post_quant_conv(zq))
+        return out
 
     def forward(
         self, x: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None

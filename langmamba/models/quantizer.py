@@ -197,7 +197,8 @@ class PyramidLanguageQuantizer(nn.Module):
 
     def mean_row_norm(self) -> torch.Tensor:
         """Mean Euclidean norm of the codebook rows (scalar; 1 for unit-norm sentence embeddings)."""
-        return self.codebook.float().norm(dim=1).mean()
+        norm: torch.Tensor = self.codebook.float().norm(dim=1).mean()
+        return norm
 
     @property
     def num_levels(self) -> int:

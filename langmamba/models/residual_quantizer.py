@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from langmamba.errors import InputError
-from langmamba.models.quantizer import QuantizerOutput, expand_from_grid, pool_to_grid
+from langmamba.models.quantizer import CandidateSpec, QuantizerOutput, expand_from_grid, pool_to_grid
 
 _CHUNK = 8192
 
@@ -90,6 +90,10 @@ class ResidualLanguageQuantizer(nn.Module):
     codebook: torch.Tensor
     detail_codebook: torch.Tensor
     detail_projection: torch.Tensor
+    calibration: torch.Tensor
+    word_gains: torch.Tensor
+    detail_gains: torch.Tensor
+    gains_set: torch.Tensor
 
     calibrated = True
     """:meth:`word_probabilities` applies a learned (or validation-fitted) temperature per level."""
@@ -148,6 +152,11 @@ class ResidualLanguageQuantizer(nn.Module):
     def codebook_dim(self) -> int:
         return self.codebook.shape[1]
 
+    def mean_row_norm(self) -> torch.Tensor:
+        """Mean Euclidean norm of the codebook rows (scalar), as :class:`PyramidLanguageQuantizer`'s."""
+        norm: torch.Tensor = self.codebook.float().norm(dim=1).mean()
+        return norm
+
     @property
     def num_levels(self) -> int:
         return len(self.region_sizes)
@@ -173,7 +182,7 @@ class ResidualLanguageQuantizer(nn.Module):
         """Calibrated probabilities ``(..., V)`` (sum 1 over the vocabulary) of region latents ``(..., E)``."""
         return torch.softmax(self.word_logits(region_latents, level), dim=-1)
 
-    def _candidates(self, spec, batch: int, grid: tuple[int, int]) -> torch.Tensor | None:
+    def _candidates(self, spec: CandidateSpec | None, batch: int, grid: tuple[int, int]) -> torch.Tensor | None:
         if spec is None:
             return None
         vocab = self.codebook_size
@@ -209,7 +218,8 @@ class ResidualLanguageQuantizer(nn.Module):
         momentum = self.gain_momentum if bool(self.gains_set) else 0.0
         gains[index] = momentum * gains[index] + (1.0 - momentum) * best
 
-    def forward(self, z: torch.Tensor, candidates: Sequence | None = None, details: bool = True) -> QuantizerOutput:
+    def forward(self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None, details: bool = True
+                ) -> QuantizerOutput:
         """Quantize ``z (B, E, h, w)``; ``candidates`` holds one candidate mask (or None) per word level.
 
         ``details=False`` stops after the word levels (all an explanation reads; ``quantized`` then holds
@@ -256,18 +266,18 @@ class ResidualLanguageQuantizer(nn.Module):
                 logits_out.append(logits.detach())
             detail_ids = []
             if self.detail_stages and details:
-                details = self.detail_codebook.float()
+                codes = self.detail_codebook.float()
                 projection = self.detail_projection.float()
                 for stage in range(self.detail_stages):
-                    coords = torch.einsum("de,behw->bhwd", projection, residual).reshape(-1, details.shape[1])
+                    coords = torch.einsum("de,behw->bhwd", projection, residual).reshape(-1, codes.shape[1])
                     if update:
-                        self._initial_gain(self.detail_gains, stage, coords, details)
+                        self._initial_gain(self.detail_gains, stage, coords, codes)
                     gain = self.detail_gains[stage]
-                    ids = _nearest(coords, details, gain)
+                    ids = _nearest(coords, codes, gain)
                     if update:
-                        self._update_gain(self.detail_gains, stage, coords, details[ids])
+                        self._update_gain(self.detail_gains, stage, coords, codes[ids])
                         gain = self.detail_gains[stage]
-                    code = (gain * details[ids]).reshape(batch, h, w, -1)
+                    code = (gain * codes[ids]).reshape(batch, h, w, -1)
                     residual = residual - torch.einsum("de,bhwd->behw", projection, code)
                     detail_ids.append(ids.reshape(batch, h, w, self.detail_groups))
             if update:

@@ -93,7 +93,8 @@ class LayerNorm2d(nn.Module):
         self.norm = nn.LayerNorm(channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out: torch.Tensor = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return out
 
 
 class SS2D(nn.Module):
@@ -175,7 +176,8 @@ class SS2D(nn.Module):
             xs = F.pad(xs, (0, pad_w, 0, pad_h))
         y = self._scan(xs)[..., :height, :width]
         y = self.out_norm(y) * F.silu(z)
-        return self.out_proj(y)
+        out: torch.Tensor = self.out_proj(y)
+        return out
 
     def _scan(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, d_inner, H, W) -> (B, d_inner, H, W)`` through the 4 directional selective scans."""

@@ -7,7 +7,8 @@ on CPU or CUDA.
 
 Public API:
 
-- :class:`FanBeamGeometry`: the scanner (distances, channels, views).
+- :class:`FanBeamGeometry`: the scanner (distances, channels, views); :class:`ScanProtocol`: every
+  setting of a simulated scan that is not per slice, as one config.
 - :func:`simulate_slice`, :func:`simulate_batch`, :func:`simulate_volume`: the simulation.
 - :func:`fan_beam_project`, :func:`rebin_fan_to_parallel`, :func:`fbp_parallel`: the exact pieces.
 - :func:`projection_noise`, :func:`added_count_variance`: the noise model; :class:`LowSignalFilter`:
@@ -33,11 +34,9 @@ from langmamba.simulate.noise import LowSignalFilter, added_count_variance, low_
 from langmamba.simulate.nps import NoisePowerSpectrum, compare_nps, noise_power_spectrum
 from langmamba.simulate.projector import fan_beam_project
 from langmamba.simulate.rebin import rebin_fan_to_parallel
+from langmamba.simulate.protocol import ELECTRONIC_NOISE, MU_WATER_PER_MM, RECONSTRUCTIONS, ScanProtocol
 from langmamba.simulate.simulator import (
-    ELECTRONIC_NOISE,
     FULL_DOSE_PHOTONS,
-    MU_WATER_PER_MM,
-    RECONSTRUCTIONS,
     derive_slice_seeds,
     hu_to_mu,
     mu_to_hu,
@@ -67,6 +66,7 @@ __all__ = [
     "FULL_DOSE_PHOTONS",
     "MU_WATER_PER_MM",
     "RECONSTRUCTIONS",
+    "ScanProtocol",
     "WINDOWS",
     "FanBeamGeometry",
     "added_count_variance",

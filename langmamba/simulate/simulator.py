@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,11 +12,12 @@ import torch.nn.functional as F
 
 from langmamba.errors import ConfigError, NonFiniteVoxelsError
 from langmamba.simulate._tensor import per_slice, resolve_device, spacing_pairs
-from langmamba.simulate.fbp import WINDOWS, fbp_parallel
+from langmamba.simulate.fbp import fbp_parallel
 from langmamba.simulate.geometry import FanBeamGeometry
 from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter
 from langmamba.simulate.noise import Generators, LowSignalFilter, check_noise_args, projection_noise
 from langmamba.simulate.projector import fan_beam_project
+from langmamba.simulate.protocol import ELECTRONIC_NOISE, MU_WATER_PER_MM, ScanProtocol
 from langmamba.simulate.rebin import rebin_fan_to_parallel
 
 if TYPE_CHECKING:  # the simulation itself needs none of langmamba.io's readers
@@ -25,17 +25,11 @@ if TYPE_CHECKING:  # the simulation itself needs none of langmamba.io's readers
 
 logger = logging.getLogger(__name__)
 
-# Linear attenuation of water at the effective energy of a clinical 120 kVp beam, about 70 keV
-# (NIST XCOM mass attenuation of water: 0.206 cm²/g at 60 keV, 0.184 at 80 keV), in 1/mm.
-MU_WATER_PER_MM = 0.0192
 # Full-dose photons per ray (per detector channel and view, unattenuated), for the slice thickness
 # of the images. 2e5 makes the model's full-dose noise match a routine 5 mm chest scan (about 5 HU in
 # the aorta with the default Hann filter). In the default relative mode the added noise scales as
 # 1/sqrt(I0): scale I0 with the reconstructed slice thickness (e.g. ~4e4 for 1 mm slices).
 FULL_DOSE_PHOTONS = 2.0e5
-# Electronic noise of the detector channel, standard deviation in counts.
-ELECTRONIC_NOISE = 10.0
-RECONSTRUCTIONS = ("noise_insertion", "full")
 
 # The clean projection only sets the noise variance, which varies smoothly along the sinogram, so in
 # noise-insertion mode it is computed on a coarser grid (every 4th view, channel pairs, 2x2-pooled
@@ -123,28 +117,12 @@ def _coarse_projection(
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
-@dataclass(frozen=True)
-class _Scanner:
-    """Every setting of a simulation that is not per slice (checked once in :func:`_make_scanner`)."""
-
-    geometry: FanBeamGeometry
-    electronic_noise: float
-    input_is_noise_free: bool
-    reconstruction: str
-    window: str
-    cutoff: float
-    mu_water_per_mm: float
-    bowtie: BowtieFilter | None
-    modulation: TubeCurrentModulation | None
-    low_signal: LowSignalFilter | None
-
-
 def _simulate(
     hu: torch.Tensor,
     spacing: tuple[float, float],
     dose: torch.Tensor,
     incident_photons: torch.Tensor,
-    scanner: _Scanner,
+    scanner: ScanProtocol,
     generators: Generators,
 ) -> torch.Tensor:
     """Core on ``(N, H, W)`` float32 HU on the compute device, ``dose`` and ``incident_photons`` ``(N,)``."""
@@ -190,7 +168,7 @@ def _simulate(
     return torch.where(inside, out, hu)
 
 
-def ray_flux(clean: torch.Tensor, incident_photons: torch.Tensor, scanner: _Scanner) -> torch.Tensor:
+def ray_flux(clean: torch.Tensor, incident_photons: torch.Tensor, scanner: ScanProtocol) -> torch.Tensor:
     """Full-dose photons in air of every ray, ``(N, V, C)``: ``I0 · m(β) · b(γ)`` (see :mod:`.exposure`).
 
     ``clean`` is the clean fan sinogram ``(N, V, C)`` (it drives the angular tube-current modulation),
@@ -204,42 +182,17 @@ def ray_flux(clean: torch.Tensor, incident_photons: torch.Tensor, scanner: _Scan
     return flux
 
 
-def _make_scanner(
-    geometry: FanBeamGeometry | None,
-    electronic_noise: float,
-    input_is_noise_free: bool,
-    reconstruction: str,
-    window: str,
-    cutoff: float,
-    mu_water_per_mm: float,
-    bowtie: BowtieFilter | None,
-    modulation: TubeCurrentModulation | None,
-    low_signal: LowSignalFilter | None,
-) -> _Scanner:
-    geometry = geometry or FanBeamGeometry()
-    if not isinstance(geometry, FanBeamGeometry):
-        raise ConfigError(f"geometry must be a FanBeamGeometry, got {type(geometry).__name__}")
-    if reconstruction not in RECONSTRUCTIONS:
-        raise ConfigError(
-            f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}"
-        )
-    if window not in WINDOWS:
-        raise ConfigError(f"window must be one of {', '.join(WINDOWS)}; got {window!r}")
-    if not (isinstance(mu_water_per_mm, (int, float)) and 0 < mu_water_per_mm < 1):
-        raise ConfigError(
-            f"mu_water_per_mm must be in (0, 1) 1/mm (about 0.019 at 70 keV), got {mu_water_per_mm!r}"
-        )
-    for name, value, kind in (
-        ("bowtie", bowtie, BowtieFilter),
-        ("modulation", modulation, TubeCurrentModulation),
-        ("low_signal", low_signal, LowSignalFilter),
-    ):
-        if value is not None and not isinstance(value, kind):
-            raise ConfigError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
-    return _Scanner(
-        geometry, float(electronic_noise), bool(input_is_noise_free), reconstruction, window, float(cutoff),
-        float(mu_water_per_mm), bowtie, modulation, low_signal,
-    )
+def _make_scanner(protocol: ScanProtocol | None, **settings: object) -> ScanProtocol:
+    """``protocol``, or the protocol of single settings; both at once is an error naming the settings."""
+    if protocol is None:
+        return ScanProtocol(**{k: v for k, v in settings.items() if not (k == "geometry" and v is None)})
+    if not isinstance(protocol, ScanProtocol):
+        raise ConfigError(f"protocol must be a ScanProtocol, got {type(protocol).__name__}")
+    default = ScanProtocol()
+    given = [k for k, v in settings.items() if v != (None if k == "geometry" else getattr(default, k))]
+    if given:
+        raise ConfigError(f"give the scan settings either as protocol or one by one, not both ({', '.join(given)})")
+    return protocol
 
 
 def simulate_batch(
@@ -260,6 +213,7 @@ def simulate_batch(
     low_signal: LowSignalFilter | None = LowSignalFilter(),
     seed: SeedLike | Sequence[SeedLike] = None,
     device: torch.device | str = "auto",
+    protocol: ScanProtocol | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Simulate a lower-dose scan of each slice of a ``(N, H, W)`` stack; see :func:`simulate_slice`.
 
@@ -289,8 +243,9 @@ def simulate_batch(
         ``(N, H, W)`` float32 HU: a tensor on the compute device for a tensor input, else a numpy array.
     """
     scanner = _make_scanner(
-        geometry, electronic_noise, input_is_noise_free, reconstruction, window, cutoff, mu_water_per_mm,
-        bowtie, modulation, low_signal,
+        protocol, geometry=geometry, electronic_noise=electronic_noise, input_is_noise_free=input_is_noise_free,
+        reconstruction=reconstruction, window=window, cutoff=cutoff, mu_water_per_mm=mu_water_per_mm,
+        bowtie=bowtie, modulation=modulation, low_signal=low_signal,
     )
     as_tensor = isinstance(hu, torch.Tensor)
     if as_tensor and (device is None or device == "auto"):
@@ -304,7 +259,7 @@ def simulate_batch(
     n = images.shape[0]
     doses = per_slice(dose, n, "dose")
     photons = per_slice(incident_photons, n, "incident_photons")
-    check_noise_args(doses, photons, electronic_noise)
+    check_noise_args(doses, photons, scanner.electronic_noise)
     spacings = spacing_pairs(pixel_spacing_mm, n)
     images = images.to(device=target, dtype=torch.float32)
     if not torch.isfinite(images).all():
@@ -344,6 +299,7 @@ def simulate_slice(
     low_signal: LowSignalFilter | None = LowSignalFilter(),
     seed: SeedLike = None,
     device: torch.device | str = "auto",
+    protocol: ScanProtocol | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Simulate a scan of one axial slice at a fraction of its dose.
 
@@ -382,6 +338,8 @@ def simulate_slice(
             ``None`` for the raw count model.
         seed: int or :class:`torch.Generator`; the same seed gives the same output.
         device: ``"auto"`` (a tensor's own device; CUDA when available for an array), ``"cpu"``, ``"cuda"``.
+        protocol: all of ``geometry`` ... ``low_signal`` as one
+            :class:`~langmamba.simulate.protocol.ScanProtocol` (then leave those at their defaults).
 
     Returns:
         float32 ``(H, W)`` HU (a tensor for a tensor input). Pixels outside the scan field of view keep
@@ -409,6 +367,7 @@ def simulate_slice(
         low_signal=low_signal,
         seed=[seed] if not isinstance(seed, torch.Generator) else seed,
         device=device,
+        protocol=protocol,
     )[0]
 
 

@@ -8,6 +8,7 @@ a YAML file fails at start-up instead of silently training something else. Keys 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +25,16 @@ RETIRED_KEYS = {
     "langae.adversarial_start_step": "the adversarial (PatchGAN) term was never used in training and is removed",
 }
 """Keys earlier configs may hold, with why they are ignored now."""
+
+if typing.TYPE_CHECKING:
+    from ..models.config import DecoderConfig
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("langae", "langmamba", "redcnn")
+"""Trainable models: the stage-1 LangAE, the stage-2 denoiser (LangMamba) and the RED-CNN baseline."""
+_RENAMED_MODELS = {"seed": "langmamba"}
+_RENAMED_SECTIONS = {"seed": "denoiser"}
 
 
 @dataclass
@@ -92,7 +103,9 @@ class RunConfig:
 
 
 @dataclass
-class LangAEConfig:
+class LangAETrainConfig:
+    """Section ``langae``: the stage-1 LangAE to train (architecture, language space, loss weights)."""
+
     vlm_backend: str = "offline"
     vlm_model: str | None = None
     vocabulary: str | None = None
@@ -118,7 +131,13 @@ class LangAEConfig:
 
 
 @dataclass
-class SeedConfig:
+class DenoiserTrainConfig:
+    """Section ``denoiser`` (``seed`` before): LangMamba's stage-2 decoder on a frozen LangAE checkpoint.
+
+    The decoder is :class:`~langmamba.models.config.DecoderConfig` ``decoder_preset`` with the keys of
+    ``decoder`` overriding single fields; ``global_residual`` overrides the preset's.
+    """
+
     langae: str = "weights/langae"
     langda_weight: float = 1.0
     global_residual: bool = True
@@ -133,14 +152,14 @@ class REDCNNConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run: ``model`` is ``langae``, ``seed`` or ``redcnn``."""
+    """One training run: ``model`` is ``langae``, ``langmamba`` (the stage-2 denoiser) or ``redcnn``."""
 
     model: str = "langae"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    langae: LangAEConfig = field(default_factory=LangAEConfig)
-    seed: SeedConfig = field(default_factory=SeedConfig)
+    langae: LangAETrainConfig = field(default_factory=LangAETrainConfig)
+    denoiser: DenoiserTrainConfig = field(default_factory=DenoiserTrainConfig)
     redcnn: REDCNNConfig = field(default_factory=REDCNNConfig)
 
     def to_dict(self) -> dict:
@@ -210,6 +229,36 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def decoder_config(section: DenoiserTrainConfig) -> DecoderConfig:
+    """The decoder a ``denoiser`` section asks for: its preset, ``global_residual``, then ``decoder``'s keys."""
+    from ..models.config import DecoderConfig
+
+    preset = DecoderConfig.preset(section.decoder_preset)
+    return preset.replace(global_residual=section.global_residual, **section.decoder)
+
+
+def _deprecated(message: str) -> None:
+    """A DeprecationWarning for callers, and a log line for command-line users (who do not see the warning)."""
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
+    logger.warning("deprecated: %s", message)
+
+
+def _rename_deprecated(values: dict[str, Any]) -> None:
+    """Old names (``model: seed``, a ``seed:`` section) to the new ones, with a DeprecationWarning."""
+    old_model = values.get("model")
+    if isinstance(old_model, str) and old_model in _RENAMED_MODELS:
+        new = _RENAMED_MODELS[old_model]
+        _deprecated(f"model {old_model!r} is now called {new!r}")
+        values["model"] = new
+    for old, new in _RENAMED_SECTIONS.items():
+        if old in values:
+            _deprecated(f"config section {old!r} is now called {new!r} ({old}.KEY -> {new}.KEY)")
+            section = values.pop(old) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{old}: expected a mapping, got {section!r}")
+            values[new] = {**section, **(values.get(new) or {})}
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
@@ -219,8 +268,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def validate(config: TrainConfig) -> TrainConfig:
     """Checks that need several fields at once."""
-    if config.model not in ("langae", "seed", "redcnn"):
-        raise ConfigError(f"model: expected langae, seed or redcnn, got {config.model!r}")
+    if config.model not in MODELS:
+        raise ConfigError(f"model: expected {', '.join(MODELS)}, got {config.model!r}")
     if config.data.source not in ("cases", "builtin", "volumes", "npy", "mayo", "prepared"):
         raise ConfigError(f"data.source: expected cases, builtin, volumes, npy, mayo or prepared, got "
                           f"{config.data.source!r}")
@@ -240,11 +289,15 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.validation_doses must list doses in (0, 1], got {config.data.validation_doses}")
     if not 0 <= config.optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 turns the average off), got {config.optim.ema_decay}")
-    from ..models.seed import DECODER_PRESETS
+    from ..models.config import DECODER_PRESETS
 
-    if config.seed.decoder_preset not in DECODER_PRESETS:
-        raise ConfigError(f"seed.decoder_preset: expected one of {', '.join(DECODER_PRESETS)}, "
-                          f"got {config.seed.decoder_preset!r}")
+    if config.denoiser.decoder_preset not in DECODER_PRESETS:
+        raise ConfigError(f"denoiser.decoder_preset: expected one of {', '.join(DECODER_PRESETS)}, "
+                          f"got {config.denoiser.decoder_preset!r}")
+    try:
+        decoder_config(config.denoiser)
+    except ConfigError as error:
+        raise ConfigError(f"denoiser.decoder: {error}") from None
     for name in ("steps", "batch_size"):
         if getattr(config.optim, name) < 1:
             raise ConfigError(f"optim.{name} must be at least 1")
@@ -284,4 +337,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {key} is not a section")
         node[keys[-1]] = value
+    _rename_deprecated(values)
     return validate(_build(TrainConfig, values))

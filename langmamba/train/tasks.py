@@ -1,4 +1,5 @@
-"""The three trainable models as tasks of the shared loop: LangAE (stage 1), SEED (stage 2), RED-CNN (baseline)."""
+"""The three trainable models as tasks of the shared loop: LangAE (stage 1), LangMamba (stage 2), RED-CNN
+(baseline)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ from torch.nn import functional as F
 from ..baselines import REDCNN
 from ..checkpoint import load_checkpoint
 from ..errors import ConfigError
-from ..losses import seed_loss, stage1_loss
+from ..losses import denoising_loss, stage1_loss
+from ..models.config import LangAEConfig
 from ..models.langae import LangAE
 from ..normalization import model_to_hu
 from ..vlm.regions import classify_hu
-from .config import TrainConfig
+from .config import LangAETrainConfig, TrainConfig, decoder_config
 from .data import TrainingData
 
 logger = logging.getLogger(__name__)
+
+
+def langae_architecture(section: LangAETrainConfig) -> LangAEConfig:
+    """The LangAE architecture of a ``langae`` training section (codebook sizes come from the tensors)."""
+    return LangAEConfig(
+        base_channels=section.base_channels, channel_multipliers=tuple(section.channel_multipliers),
+        num_res_blocks=section.num_res_blocks, z_channels=section.z_channels, quantizer=section.quantizer,
+        region_sizes=tuple(section.region_sizes), detail_stages=section.detail_stages,
+        detail_groups=section.detail_groups, logit_scale=section.logit_scale,
+    )
 
 
 def _crop16(x: torch.Tensor) -> torch.Tensor:
@@ -49,10 +61,8 @@ class LangAETask:
         else:
             codebook = torch.as_tensor(data.language["codebook"])
             vocabulary, identity = data.language["vocabulary"], data.language["describe"]
-        self.model = LangAE(codebook=codebook, vocabulary=vocabulary, vlm_backend=identity.get("backend"),
-                            vlm_id=identity.get("model"), base_channels=c.base_channels,
-                            channel_multipliers=c.channel_multipliers, num_res_blocks=c.num_res_blocks,
-                            z_channels=c.z_channels)
+        self.model = LangAE(langae_architecture(c), codebook=codebook, vocabulary=vocabulary,
+                            vlm_backend=identity.get("backend"), vlm_id=identity.get("model"))
         # (slices, V) candidate mask per pyramid level, indexed by the slice each patch came from.
         self.candidates = []
         for level in range(3):
@@ -112,13 +122,10 @@ class ResidualLangAETask(LangAETask):
         c = config.langae
         region = load_region_language(c.vocabulary, c.vlm_backend, c.vlm_model)
         detail_codes, projection = _detail_codes(c, region)
-        self.model = LangAE(codebook=region.codebook, vocabulary=region.words, word_classes=region.classes,
+        architecture = langae_architecture(c).replace(normalize_latent=False, word_classes=list(region.classes))
+        self.model = LangAE(architecture, codebook=region.codebook, vocabulary=region.words,
                             vlm_backend=region.describe.get("backend"), vlm_id=region.describe.get("model"),
-                            base_channels=c.base_channels, channel_multipliers=c.channel_multipliers,
-                            num_res_blocks=c.num_res_blocks, z_channels=c.z_channels, quantizer="residual",
-                            normalize_latent=False, region_sizes=c.region_sizes, detail_codebook=detail_codes,
-                            detail_projection=projection, detail_stages=c.detail_stages,
-                            detail_groups=c.detail_groups, logit_scale=c.logit_scale)
+                            detail_codebook=detail_codes, detail_projection=projection)
         self.per_class, self.lesion_words = class_word_masks(region.classes, device)
         self.classes = len(REGION_CLASSES)
         self.crops = RegionCrops(data.train, config.data.patch_size, device, seed=config.run.seed + 17)
@@ -172,30 +179,31 @@ class ResidualLangAETask(LangAETask):
         return reconstruction
 
 
-class SeedTask:
-    """Stage 2: denoise low-dose patches with SEED on the frozen LangAE; pixel MSE + ``seed.langda_weight`` × LangDA.
+class DenoiserTask:
+    """Stage 2: denoise low-dose patches with LangMamba's decoder on the frozen LangAE; pixel MSE +
+    ``denoiser.langda_weight`` × LangDA.
 
-    The decoder is ``seed.decoder_preset`` (see :data:`langmamba.models.seed.DECODER_PRESETS`) with the keys of
-    ``seed.decoder`` overriding it. The model is blind to the dose: it sees only the low-dose patch.
+    The decoder is :func:`~langmamba.train.config.decoder_config` of the ``denoiser`` section (a preset of
+    :data:`langmamba.models.config.DECODER_PRESETS` with single fields overridden). The model is blind to the
+    dose: it sees only the low-dose patch.
     """
 
     metric_name = "denoising"
 
     def __init__(self, config: TrainConfig, data: TrainingData, device: torch.device) -> None:
-        from ..models.seed import DECODER_PRESETS, LangMamba
+        from ..models.denoiser import LangMamba
 
-        langae = load_checkpoint(config.seed.langae)
+        langae = load_checkpoint(config.denoiser.langae)
         if not isinstance(langae, LangAE):
-            raise ConfigError(f"seed.langae must be a LangAE checkpoint, {config.seed.langae} holds "
+            raise ConfigError(f"denoiser.langae must be a LangAE checkpoint, {config.denoiser.langae} holds "
                               f"{type(langae).__name__}")
-        decoder = dict(DECODER_PRESETS[config.seed.decoder_preset]) | config.seed.decoder
-        self.model = LangMamba.from_langae(langae, global_residual=config.seed.global_residual, **decoder)
-        self.langda_weight = config.seed.langda_weight
+        self.model = LangMamba.from_langae(langae, decoder_config(config.denoiser))
+        self.langda_weight = config.denoiser.langda_weight
 
     def loss(self, module, low, full, which, step):
         prediction = module(low)
         # LangDA runs through the frozen LangAE inside the model: it is on the training device.
-        return seed_loss(prediction, full, self.model.langae, langda_weight=self.langda_weight)
+        return denoising_loss(prediction, full, self.model.langae, langda_weight=self.langda_weight)
 
     def predict(self, model, low, full):
         return model(low)
@@ -217,7 +225,7 @@ class REDCNNTask:
         return model(low)
 
 
-TASKS = {"langae": LangAETask, "seed": SeedTask, "redcnn": REDCNNTask}
+TASKS = {"langae": LangAETask, "langmamba": DenoiserTask, "redcnn": REDCNNTask}
 
 
 def build_task(config: TrainConfig, data: TrainingData, device: torch.device):

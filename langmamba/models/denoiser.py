@@ -1,6 +1,7 @@
-"""SEED: LangMamba's stage-2 denoiser, a U-decoder on the frozen LangAE encoder's feature pyramid.
+"""LangMamba's stage-2 denoiser: a Mamba U-decoder on the frozen LangAE encoder's feature pyramid.
 
-Starting from the deepest LangAE feature (``H/16``), each level runs SEED blocks (SS2D selective-scan
+The paper calls the decoder SEED. Starting from the deepest LangAE feature (``H/16``), each level runs
+decoder blocks (SS2D selective-scan
 mixer, conv block with channel attention and a spatial attention gate, conv feed-forward), then
 upsamples ×2 and fuses the LangAE encoder feature of the next finer level, up to full resolution,
 where a 3×3 conv gives the 1-channel output. The full- and half-resolution levels are conv-only and
@@ -11,13 +12,13 @@ speed targets (``python -m langmamba.bench.model``): on an H100 with bf16 autoca
 16); on 2 CPU cores in fp32 a 512² slice takes about a second.
 
 :class:`LangMamba` couples a frozen LangAE (never trained here, always in eval mode) with a trainable
-:class:`SEEDDecoder`; images are ``(B, 1, H, W)`` in model range (see :mod:`langmamba.normalization`).
+:class:`DenoiserDecoder`; images are ``(B, 1, H, W)`` in model range (see :mod:`langmamba.normalization`).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,24 +26,11 @@ from torch import nn
 
 from langmamba.models.registry import register_model
 from langmamba.errors import ConfigError, InputError
+from langmamba.models.config import DECODER_PRESETS, LEVELS, DecoderConfig, LangAEConfig, LangMambaConfig
 from langmamba.models.langae import LangAE
 from langmamba.models.ss2d import SS2D, LayerNorm2d
 
-LEVELS = 5
-"""Resolution levels of the decoder: H, H/2, H/4, H/8, H/16 (the LangAE encoder's)."""
-
-DECODER_PRESETS: dict[str, dict] = {
-    # The speed-first decoder of the first shipped weights (the constructor's defaults).
-    "fast": {},
-    # Wider, SS2D from half resolution down, state 16.
-    "medium": {"widths": (32, 64, 96, 128, 128), "depths": (1, 1, 2, 2, 2),
-               "ssm_levels": (False, True, True, True, True), "d_state": 16},
-    # The paper's configuration: 64-128 channels and Mamba (SS2D) blocks at every level.
-    "paper": {"widths": (64, 64, 128, 128, 128), "depths": (1, 1, 2, 2, 2),
-              "ssm_levels": (True, True, True, True, True), "d_state": 16},
-}
-"""Named :class:`SEEDDecoder` width/depth choices (training's ``seed.decoder_preset``); the keys of
-``seed.decoder`` override single arguments on top of the preset."""
+__all__ = ["DECODER_PRESETS", "LEVELS", "DecoderConfig", "DenoiserBlock", "DenoiserDecoder", "LangMamba"]
 
 
 class ChannelAttention(nn.Module):
@@ -85,7 +73,8 @@ class ConvAttentionBlock(nn.Module):
         self.spatial_gate = SpatialAttentionGate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spatial_gate(self.channel_attention(self.conv2(F.gelu(self.conv1(x)))))
+        out: torch.Tensor = self.spatial_gate(self.channel_attention(self.conv2(F.gelu(self.conv1(x)))))
+        return out
 
 
 class ConvFeedForward(nn.Module):
@@ -99,12 +88,13 @@ class ConvFeedForward(nn.Module):
         self.project = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(F.gelu(self.depthwise(self.expand(x))))
+        out: torch.Tensor = self.project(F.gelu(self.depthwise(self.expand(x))))
+        return out
 
 
-class SEEDBlock(nn.Module):
-    """One SEED block on ``(B, C, H, W)``: ``x + SS2D(LN x)`` (if ``use_ssm``), ``+ ConvAttention(x)``,
-    ``+ FFN(LN x)``. Conv-only blocks (``use_ssm=False``) skip the SS2D and the norms.
+class DenoiserBlock(nn.Module):
+    """One decoder block (the paper's SEED block) on ``(B, C, H, W)``: ``x + SS2D(LN x)`` (if ``use_ssm``),
+    ``+ ConvAttention(x)``, ``+ FFN(LN x)``. Conv-only blocks (``use_ssm=False``) skip the SS2D and the norms.
 
     Args:
         channels: C.
@@ -141,61 +131,51 @@ class SEEDBlock(nn.Module):
         if self.use_ssm:
             x = x + self.ssm(self.norm_ssm(x))
         x = x + self.cab(x)
-        return x + self.ffn(self.norm_ffn(x))
+        out: torch.Tensor = x + self.ffn(self.norm_ffn(x))
+        return out
 
 
-class SEEDDecoder(nn.Module):
+class DenoiserDecoder(nn.Module):
     """Trainable U-decoder: LangAE features ``[(B, F_i, H/2^i, W/2^i)]_{i<5}`` -> ``(B, 1, H, W)``.
 
-    Level ``i`` works at width ``widths[i]`` with ``depths[i]`` SEED blocks (SS2D where
+    Level ``i`` works at width ``widths[i]`` with ``depths[i]`` :class:`DenoiserBlock` (SS2D where
     ``ssm_levels[i]``). From the deepest level up: 1×1 projection of the LangAE feature, blocks, then
     for each finer level a 1×1 conv and bilinear ×2 upsampling, concatenation with that level's LangAE
     feature, a 1×1 fusion conv, blocks; a 3×3 head gives the output.
 
     Args:
         feature_channels: channels ``F_i`` of the 5 LangAE feature maps (``LangAE.feature_channels``).
-        widths: decoder channels per level, full resolution first.
-        depths: SEED blocks per level (0 allowed).
-        ssm_levels: which levels use SS2D in their blocks.
-        d_state: SS2D state size.
-        expand: SS2D ``d_inner / width``.
-        step: SS2D scan stride.
-        ffn_ratio: feed-forward width multiple.
-        global_residual: return ``x + head(...)`` (the head starts at zero, so the untrained decoder
-            is the identity) instead of ``head(...)``.
+        config: the decoder's architecture (default: :class:`DecoderConfig`'s, the ``"fast"`` preset);
+            keyword arguments named like its fields override single values.
         out_channels: output channels (1 for CT).
-        scan_backend: selective-scan backend of every SS2D.
+        scan_backend: selective-scan backend of every SS2D (a run-time choice, not part of the config).
     """
 
     def __init__(
         self,
         feature_channels: Sequence[int] = (64, 64, 128, 128, 256),
-        widths: Sequence[int] = (16, 32, 48, 96, 128),
-        depths: Sequence[int] = (1, 1, 1, 2, 2),
-        ssm_levels: Sequence[bool] = (False, False, True, True, True),
-        d_state: int = 8,
-        expand: float = 2.0,
-        step: int = 2,
-        ffn_ratio: float = 2.0,
-        global_residual: bool = True,
+        config: DecoderConfig | None = None,
+        *,
         out_channels: int = 1,
         scan_backend: str = "auto",
+        **overrides: Any,
     ) -> None:
         super().__init__()
-        for name, value in (("feature_channels", feature_channels), ("widths", widths), ("depths", depths),
-                            ("ssm_levels", ssm_levels)):
-            if len(value) != LEVELS:
-                raise ConfigError(f"SEEDDecoder {name} must have {LEVELS} entries (H ... H/16), got {len(value)}")
-        if min(widths) < 1 or min(depths) < 0:
-            raise ConfigError(f"SEEDDecoder widths must be positive and depths non-negative, got {widths}, {depths}")
+        config = (config or DecoderConfig()).replace(**overrides)
+        if len(feature_channels) != LEVELS:
+            raise ConfigError(f"DenoiserDecoder feature_channels must have {LEVELS} entries (H ... H/16), "
+                              f"got {len(feature_channels)}")
+        self.config = config
         self.feature_channels = tuple(int(c) for c in feature_channels)
-        self.global_residual = global_residual
+        self.global_residual = config.global_residual
+        widths = config.widths
 
         def blocks(level: int) -> nn.Sequential:
             return nn.Sequential(*(
-                SEEDBlock(widths[level], use_ssm=bool(ssm_levels[level]), d_state=d_state, expand=expand,
-                          step=step, ffn_ratio=ffn_ratio, scan_backend=scan_backend)
-                for _ in range(depths[level])
+                DenoiserBlock(widths[level], use_ssm=bool(config.ssm_levels[level]), d_state=config.d_state,
+                              expand=config.expand, step=config.step, ffn_ratio=config.ffn_ratio,
+                              scan_backend=scan_backend)
+                for _ in range(config.depths[level])
             ))
 
         deepest = LEVELS - 1
@@ -205,112 +185,107 @@ class SEEDDecoder(nn.Module):
         self.fuse = nn.ModuleList(
             nn.Conv2d(widths[i] + feature_channels[i], widths[i], kernel_size=1) for i in range(deepest)
         )
-        self.head = nn.Conv2d(widths[0], out_channels, kernel_size=3, padding=1)
-        if global_residual:
+        self.head = nn.Conv2d(widths[0], out_channels, kernel_size=3, padding=1, bias=True)
+        if config.global_residual:
             nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            nn.init.zeros_(self.head.get_parameter("bias"))
 
     def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``x (B, 1, H, W)`` (used by the global residual) and the 5 LangAE features -> ``(B, 1, H, W)``."""
         if len(features) != LEVELS:
-            raise InputError(f"SEEDDecoder expects {LEVELS} feature maps, got {len(features)}")
+            raise InputError(f"DenoiserDecoder expects {LEVELS} feature maps, got {len(features)}")
         for i, (f, c) in enumerate(zip(features, self.feature_channels)):
             if f.ndim != 4 or f.shape[1] != c:
-                raise InputError(f"SEEDDecoder feature {i} must have {c} channels, got shape {tuple(f.shape)}")
+                raise InputError(f"DenoiserDecoder feature {i} must have {c} channels, got shape {tuple(f.shape)}")
         h = self.levels[-1](self.stem(features[-1]))
         for i in reversed(range(LEVELS - 1)):
             skip = features[i]
             h = F.interpolate(self.ups[i](h), size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = self.levels[i](self.fuse[i](torch.cat([h, skip.to(h.dtype)], dim=1)))
-        out = self.head(h)
+        out: torch.Tensor = self.head(h)
         return x + out if self.global_residual else out
 
 
 @register_model
 class LangMamba(nn.Module):
-    """Frozen LangAE encoder + trainable SEED decoder: a low-dose slice in, a denoised slice out.
+    """Frozen LangAE encoder + trainable Mamba decoder: a low-dose slice in, a denoised slice out.
 
     ``forward(x)``: ``x (B, 1, H, W)`` in model range, any ``H, W``; the slice is reflect-padded on the
     bottom/right to multiples of the LangAE's downsampling factor (16) and the output cropped back.
     The LangAE's parameters never require gradients and it stays in eval mode even under
     :meth:`train`; its features are computed without autograd.
 
+    The arguments are the fields of :class:`~langmamba.models.config.LangMambaConfig` (what
+    :meth:`get_config` returns and checkpoints store); :meth:`from_config` takes the config itself.
+
     Args:
-        langae_config: :meth:`LangAE.get_config` of the stage-1 model (load its weights with
-            :meth:`from_langae` or a checkpoint).
-        widths, depths, ssm_levels, d_state, expand, step, ffn_ratio, global_residual: see
-            :class:`SEEDDecoder`.
-        scan_backend: selective-scan backend (a run-time choice, not saved in checkpoints).
+        langae_config: the stage-1 LangAE's architecture (:class:`LangAEConfig` or its dict form; load its
+            weights with :meth:`from_langae` or a checkpoint).
+        decoder: the decoder's architecture (:class:`DecoderConfig` or its dict form; default ``"fast"``).
         langae_decoder: keep the LangAE's image decoder. Denoising and explanations need only its encoder
             and quantizer, so shipped inference checkpoints drop it (a third of the weights).
+        scan_backend: selective-scan backend (a run-time choice, not saved in checkpoints).
+        vocabulary, vlm_backend, vlm_id: the LangAE's word metadata (see :class:`LangAE`).
+        **decoder_overrides: single :class:`DecoderConfig` fields on top of ``decoder`` (also how the
+            first checkpoints, with the decoder's fields at the top level, are read).
     """
 
     def __init__(
         self,
-        langae_config: dict,
-        widths: Sequence[int] = (16, 32, 48, 96, 128),
-        depths: Sequence[int] = (1, 1, 1, 2, 2),
-        ssm_levels: Sequence[bool] = (False, False, True, True, True),
-        d_state: int = 8,
-        expand: float = 2.0,
-        step: int = 2,
-        ffn_ratio: float = 2.0,
-        global_residual: bool = True,
-        scan_backend: str = "auto",
+        langae_config: LangAEConfig | Mapping[str, Any],
+        decoder: DecoderConfig | Mapping[str, Any] | None = None,
+        *,
         langae_decoder: bool = True,
+        scan_backend: str = "auto",
+        vocabulary: Sequence[str] | None = None,
+        vlm_backend: str | None = None,
+        vlm_id: str | None = None,
+        **decoder_overrides: Any,
     ) -> None:
         super().__init__()
-        self.langae = LangAE(**langae_config)
-        if not langae_decoder:
+        config = LangMambaConfig.from_dict(
+            {"langae_config": langae_config, "decoder": decoder or {}, "langae_decoder": langae_decoder}
+            | decoder_overrides
+        )
+        self.langae = LangAE(config.langae_config, vocabulary=vocabulary, vlm_backend=vlm_backend, vlm_id=vlm_id)
+        if not config.langae_decoder:
             self.langae.decoder = None
             self.langae.post_quant_conv = None
         self.langae.requires_grad_(False)
         self.langae.eval()
-        in_channels = self.langae.get_config()["in_channels"]
-        self.decoder = SEEDDecoder(
-            feature_channels=self.langae.feature_channels,
-            widths=widths,
-            depths=depths,
-            ssm_levels=ssm_levels,
-            d_state=d_state,
-            expand=expand,
-            step=step,
-            ffn_ratio=ffn_ratio,
-            global_residual=global_residual,
-            out_channels=in_channels,
+        self.decoder = DenoiserDecoder(
+            self.langae.feature_channels, config.decoder, out_channels=self.langae.config.in_channels,
             scan_backend=scan_backend,
         )
-        self._config = {
-            "langae_config": self.langae.get_config(),
-            "widths": [int(w) for w in widths],
-            "depths": [int(d) for d in depths],
-            "ssm_levels": [bool(s) for s in ssm_levels],
-            "d_state": int(d_state),
-            "expand": float(expand),
-            "step": int(step),
-            "ffn_ratio": float(ffn_ratio),
-            "global_residual": bool(global_residual),
-            "langae_decoder": bool(langae_decoder),
-        }
+        self.config = LangMambaConfig(self.langae.config, config.decoder, config.langae_decoder)
+        """The architecture (the LangAE's with the codebook sizes it was built with)."""
 
     @classmethod
-    def from_langae(cls, langae: LangAE, **kwargs) -> LangMamba:
+    def from_config(cls, config: LangMambaConfig, scan_backend: str = "auto") -> LangMamba:
+        """A LangMamba of ``config`` with untrained weights (an empty codebook)."""
+        return cls(config.langae_config, config.decoder, langae_decoder=config.langae_decoder,
+                   scan_backend=scan_backend)
+
+    @classmethod
+    def from_langae(cls, langae: LangAE, decoder: DecoderConfig | None = None, *, langae_decoder: bool = True,
+                    scan_backend: str = "auto", **decoder_overrides: Any) -> LangMamba:
         """A LangMamba around a copy of a trained ``langae`` (weights and vocabulary metadata)."""
-        model = cls(langae.get_config(), **kwargs)
+        model = cls(langae.config, decoder, langae_decoder=langae_decoder, scan_backend=scan_backend,
+                    **decoder_overrides)
         keep = model.langae.state_dict()  # without the image decoder when langae_decoder=False
         model.langae.load_state_dict({k: v for k, v in langae.state_dict().items() if k in keep})
         for key in ("vocabulary", "vlm_backend", "vlm_id"):
             setattr(model.langae, key, getattr(langae, key, None))
         return model.to(next(langae.parameters()).device)
 
-    def get_config(self) -> dict:
-        """JSON-serialisable constructor arguments (the checkpoint format rebuilds the model from them)."""
-        return copy.deepcopy(self._config)
+    def get_config(self) -> dict[str, Any]:
+        """``config.to_dict()``: JSON-serialisable keyword arguments that rebuild the architecture (the
+        checkpoint format stores it as ``model_config``)."""
+        return self.config.to_dict()
 
     def without_langae_decoder(self) -> LangMamba:
         """A copy for inference only: the same weights without the LangAE's image decoder."""
-        config = self.get_config() | {"langae_decoder": False}
-        model = type(self)(**config)
+        model = type(self).from_config(self.config.replace(langae_decoder=False))
         state = {k: v for k, v in self.state_dict().items() if k in model.state_dict()}
         model.load_state_dict(state, strict=True)
         for key in ("vocabulary", "vlm_backend", "vlm_id"):
@@ -336,4 +311,5 @@ class LangMamba(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         with torch.no_grad():
             features = self.langae.encode_features(x)
-        return self.decoder(x, features)[..., :height, :width]
+        out: torch.Tensor = self.decoder(x, features)[..., :height, :width]
+        return out

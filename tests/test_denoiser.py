@@ -1,6 +1,8 @@
-"""SS2D (strided cross-scan) and the SEED denoiser wrapped around a frozen LangAE."""
+"""SS2D (strided cross-scan) and LangMamba's denoiser wrapped around a frozen LangAE."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from langmamba.checkpoint import load_checkpoint, save_checkpoint
 from langmamba.models.registry import MODEL_REGISTRY
 from langmamba.errors import ConfigError, InputError
 from langmamba.models.langae import LangAE
-from langmamba.models.seed import LangMamba, SEEDDecoder
+from langmamba.models.config import DECODER_PRESETS, DecoderConfig, LangMambaConfig
+from langmamba.models.denoiser import DenoiserDecoder, LangMamba
 from langmamba.models.ss2d import SS2D, cross_merge, cross_scan
 
 VOCAB, DIM = 16, 8
@@ -110,7 +113,7 @@ def test_ss2d_mixes_information_along_its_scan_directions():
     assert diff[1, 1] == 0  # sub-grid (1, 1) never sees sub-grid (0, 0)
 
 
-# --- SEED / LangMamba -----------------------------------------------------------------------------
+# --- LangMamba -----------------------------------------------------------------------------------
 
 
 def test_paper_size_langmamba_shapes_at_512():
@@ -158,11 +161,11 @@ def test_only_decoder_gets_gradients_and_langae_stays_frozen():
 
 
 def test_decoder_rejects_wrong_features():
-    decoder = SEEDDecoder(feature_channels=(8, 8, 16, 16, 32), widths=(4, 4, 8, 8, 8), depths=(0, 0, 1, 0, 1))
+    decoder = DenoiserDecoder((8, 8, 16, 16, 32), widths=(4, 4, 8, 8, 8), depths=(0, 0, 1, 0, 1))
     with pytest.raises(InputError, match="5 feature maps"):
         decoder(torch.zeros(1, 1, 16, 16), [torch.zeros(1, 8, 16, 16)])
     with pytest.raises(ConfigError, match="widths must have 5"):
-        SEEDDecoder(widths=(4, 4))
+        DenoiserDecoder(widths=(4, 4))
     with pytest.raises(InputError, match="slices"):
         small_langmamba()(torch.zeros(1, 3, 16, 16))
 
@@ -215,11 +218,36 @@ def test_from_langae_without_image_decoder():
 
 
 def test_decoder_presets_build_and_the_paper_one_scans_at_every_level():
-    from langmamba.models.seed import DECODER_PRESETS
-
     assert {"fast", "medium", "paper"} <= set(DECODER_PRESETS)
-    paper = SEEDDecoder(**DECODER_PRESETS["paper"])
+    paper = DenoiserDecoder(config=DecoderConfig.preset("paper"))
     assert all(any(isinstance(m, SS2D) for m in level.modules()) for level in paper.levels)
-    assert min(DECODER_PRESETS["paper"]["widths"]) == 64 and max(DECODER_PRESETS["paper"]["widths"]) == 128
-    fast = SEEDDecoder(**DECODER_PRESETS["fast"])
+    assert min(DECODER_PRESETS["paper"].widths) == 64 and max(DECODER_PRESETS["paper"].widths) == 128
+    fast = DenoiserDecoder(config=DECODER_PRESETS["fast"])
     assert not any(isinstance(m, SS2D) for m in fast.levels[0].modules())
+
+
+def test_checkpoint_stores_the_config_dataclass_and_the_first_flat_form_still_loads(tmp_path):
+    model = small_langmamba(depths=(0, 1, 1, 1, 1)).eval()
+    save_checkpoint(model, tmp_path / "new")
+    stored = json.loads((tmp_path / "new" / "config.json").read_text())["model_config"]
+    assert stored == model.config.to_dict() and set(stored) == {"langae_config", "decoder", "langae_decoder"}
+    assert LangMambaConfig.from_dict(stored) == model.config and stored["decoder"]["depths"] == [0, 1, 1, 1, 1]
+    # The first checkpoints kept the decoder's fields beside langae_config; the same weights load from it.
+    flat = {"langae_config": stored["langae_config"], **stored["decoder"], "langae_decoder": True}
+    (tmp_path / "new" / "config.json").write_text(
+        json.dumps(json.loads((tmp_path / "new" / "config.json").read_text()) | {"model_config": flat}))
+    old = load_checkpoint(tmp_path / "new")
+    assert old.config == model.config
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(old(x), model(x))
+
+
+def test_config_rejects_unknown_and_malformed_fields():
+    with pytest.raises(ConfigError, match="unknown key.*widht"):
+        DecoderConfig.from_dict({"widht": [1, 2, 3, 4, 5]})
+    with pytest.raises(ConfigError, match="depths must have 5"):
+        DecoderConfig(depths=(1, 1))
+    with pytest.raises(ConfigError, match="unknown decoder preset 'huge'"):
+        DecoderConfig.preset("huge")
+    assert DecoderConfig.preset("paper").replace(d_state=4).d_state == 4 and DECODER_PRESETS["paper"].d_state == 16
