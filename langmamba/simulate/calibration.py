@@ -285,7 +285,7 @@ def native_incident_photons(
 
 
 def _device_of(simulate_kwargs: dict, images: torch.Tensor) -> torch.device:
-    from langmamba.simulate._tensor import resolve_device
+    from langmamba.runtime import resolve_device
 
     device = simulate_kwargs.get("device", "auto")
     return images.device if device in (None, "auto") else resolve_device(device)

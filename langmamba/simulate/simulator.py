@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.errors import ConfigError, NonFiniteVoxelsError
-from langmamba.simulate._tensor import resolve_device, spacing_pair
+from langmamba.runtime import resolve_device
+from langmamba.simulate._tensor import spacing_pair
 from langmamba.simulate.fbp import WINDOWS, fbp_parallel
 from langmamba.simulate.geometry import FanBeamGeometry
 from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter
