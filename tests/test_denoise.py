@@ -117,3 +117,37 @@ def test_report_option_writes_one_html_file(tmp_path, tiny_ct_volume, capsys):
     assert "report: " in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd", "out.nrrd", "r.html"]
     assert (tmp_path / "r.html").read_text().count("data:image/png;base64,") >= 2
+
+
+def test_job_stops_on_request_while_explaining_and_leaves_no_explanations(tmp_path, tiny_ct_volume):
+    from langmamba.errors import CancelledError
+
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    batches = []
+
+    def should_stop():  # asked once per denoiser batch, after denoising, then once per explained batch
+        batches.append(1)
+        return len(batches) > tiny_ct_volume.shape[0] + 2
+
+    job = DenoiseJob(load_checkpoint(default_weights()), device="cpu", batch_size=2)
+    with pytest.raises(CancelledError, match="while explaining"):
+        job.run(source, JobOutputs(tmp_path / "out.nrrd", tmp_path / "e.json"), should_stop=should_stop)
+    assert not (tmp_path / "e.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".e.json")) == []
+
+
+def test_job_refuses_a_label_level_it_does_not_explain_and_keeps_float32_when_asked(tmp_path, tiny_ct_volume):
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    model = load_checkpoint(default_weights())
+    with pytest.raises(ConfigError, match="not among the explained levels"):
+        DenoiseJob(model, device="cpu", explain_levels=(0,), level=2).run(
+            source, JobOutputs(tmp_path / "out.nrrd", labels=tmp_path / "labels.nrrd"))
+    assert not (tmp_path / "out.nrrd").exists()
+    import SimpleITK as sitk
+
+    for float32, pixel in ((False, sitk.sitkInt16), (True, sitk.sitkFloat32)):
+        out = tmp_path / f"float32-{float32}.nrrd"
+        result = DenoiseJob(model, device="cpu", blend=0.0, float32=float32).run(source, JobOutputs(out))
+        assert result.written == {"denoised": out} and result.explanation is None
+        assert sitk.ReadImage(str(out)).GetPixelID() == pixel  # blend 0: the integer input itself
+        np.testing.assert_array_equal(read_volume(out).hu, tiny_ct_volume.hu)
