@@ -322,8 +322,11 @@ async def _serve(instance, request: Request, outcome: dict) -> Response:
         return FileResponse(result_file, media_type="application/octet-stream", filename=name,
                             headers={TIMINGS_HEADER: timings},
                             background=BackgroundTask(_remove, result_file))
-    try:
-        params = _params_file(result["params"], explanations)
+    try:  # in a worker thread: the document may be hundreds of MB, and the server keeps answering meanwhile
+        params = await run_in_threadpool(_params_file, result["params"], explanations)
+    except BaseException:
+        _remove(result_file)
+        raise
     finally:
         _remove(explanations)
     if output == "json":
