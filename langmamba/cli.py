@@ -199,29 +199,53 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_denoise(args: argparse.Namespace) -> int:
-    from .denoise import (check_study_outputs, distributed_rank, gather_summaries, is_study_folder, rank_device,
-                          run_denoise, run_denoise_folder)
+def _check_study_outputs(explain, labels, report, folder_mode: bool) -> None:
+    """``--explain``/``--labels``/``--report`` take a path for one volume and none for a folder of studies
+    (``True`` stands for the option given without a path)."""
+    from .errors import ConfigError
 
-    rank, world_size, local_rank = distributed_rank()
+    for name, value in (("explain", explain), ("labels", labels), ("report", report)):
+        if value is None:
+            continue
+        if folder_mode and value is not True:
+            named = {"explain": "explanations.json", "labels": "labels.nrrd", "report": "report.html"}[name]
+            raise ConfigError(f"--{name} takes no path when IN is a folder of studies: the outputs are named "
+                              f"OUT/<study>.{named}")
+        if not folder_mode and value is True:
+            raise ConfigError(f"--{name} needs a file name when IN is one volume")
+
+
+def _explain_levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels must be comma-separated integers, got {text!r}") from None
+
+
+def _cmd_denoise(args: argparse.Namespace) -> int:
+    from .denoise import denoise_study, denoise_study_folder, is_study_folder
+    from .runtime import TorchrunRank
+
+    ranks = TorchrunRank.from_environment()
     folder_mode = is_study_folder(args.input)
-    check_study_outputs(args.explain, args.labels, args.report, folder_mode)
+    _check_study_outputs(args.explain, args.labels, args.report, folder_mode)
+    options = dict(weights=args.weights, level=args.level, explain_levels=args.explain_levels, top_k=args.top_k,
+                   blend=args.blend, batch_size=args.batch_size, overwrite=args.overwrite,
+                   progress=not args.no_progress)
     if not folder_mode:
-        if world_size > 1:
+        if ranks.world_size > 1:
             raise LangMambaError("torchrun with several processes needs a folder of studies as IN")
-        written = run_denoise(args.input, args.output, weights=args.weights, explain=args.explain,
-                              labels=args.labels, report=args.report, level=args.level, blend=args.blend,
-                              batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
-                              progress=not args.no_progress)
+        written = denoise_study(args.input, args.output, explain=args.explain, labels=args.labels,
+                                report=args.report, device=args.device, **options)
         for caption, path in written.items():
             print(f"{caption}: {path}")
         return 0
-    summary = run_denoise_folder(
-        args.input, args.output, weights=args.weights, explain=bool(args.explain), labels=bool(args.labels),
-        report=bool(args.report), level=args.level, blend=args.blend, batch_size=args.batch_size,
-        device=rank_device(args.device, local_rank, world_size), overwrite=args.overwrite,
-        progress=not args.no_progress, rank=rank, world_size=world_size, echo=lambda line: print(line, flush=True))
-    merged = gather_summaries(summary, world_size)
+    summary = denoise_study_folder(
+        args.input, args.output, explain=bool(args.explain), labels=bool(args.labels), report=bool(args.report),
+        device=ranks.device(args.device), rank=ranks.rank, world_size=ranks.world_size,
+        echo=lambda line: print(line, flush=True), **options)
+    parts = ranks.gather(summary)
+    merged = parts[0].merge(parts[1:]) if parts is not None else None
     if merged is not None:
         print(f"denoise {args.output}: {merged.line()}", flush=True)
         for name, error in merged.failed:
@@ -392,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write a self-contained HTML report (slices, difference, words, flagged regions)")
     denoise.add_argument("--level", type=int, default=2, choices=[0, 1, 2],
                          help="pyramid level of --labels and --report")
+    denoise.add_argument("--explain-levels", type=_explain_levels, default=(0, 1, 2), metavar="L[,L...]",
+                         help="pyramid levels listed in --explain's document (default: 0,1,2)")
+    denoise.add_argument("--top-k", type=int, default=3, help="words listed per region in --explain's document")
     denoise.add_argument("--blend", type=float, default=1.0, help="1 = denoised, 0 = input, between: a mix")
     denoise.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 on CUDA, 1 on "
                                                                         "the CPU)")

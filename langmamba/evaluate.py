@@ -462,7 +462,8 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
     ``evaluation.missing`` lists the rest.
     """
     from .checkpoint import load_checkpoint
-    from .infer import denoise_slices, resolve_device
+    from .infer import denoise_hu_array
+    from .runtime import resolve_device
 
     started = time.time()
     device = str(resolve_device(device))
@@ -519,7 +520,7 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                     seconds = {"bm3d": time.perf_counter() - clock}
                     for name, model in models.items():
                         clock = time.perf_counter()
-                        outputs[name] = denoise_slices(model, low, device=device, batch_size=8, tta=tta)
+                        outputs[name] = denoise_hu_array(model, low, device=device, batch_size=8, tta=tta)
                         if device.startswith("cuda"):
                             torch.cuda.synchronize()
                         seconds[name] = time.perf_counter() - clock

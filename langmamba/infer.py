@@ -1,4 +1,9 @@
-"""Slice-by-slice denoising of HU volumes with a trained model (LangMamba or a baseline)."""
+"""Slice-by-slice denoising of HU volumes with a trained model (LangMamba or a baseline), in memory.
+
+:func:`denoise_hu_array` denoises a ``(Z, H, W)`` HU array; :func:`denoise_ct_volume` does it for a
+:class:`~langmamba.io.CTVolume` and keeps its geometry and DICOM header. Reading and writing files, explaining
+and the outputs of a run are :class:`langmamba.job.DenoiseJob`'s.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CancelledError, ConfigError
+from .io.volume import CTVolume
 from .normalization import HU_MAX, HU_MIN, hu_to_model, model_to_hu
-from .simulate._tensor import resolve_device
+from .runtime import resolve_device
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -32,9 +38,9 @@ def dihedral_average(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, device: str | torch.device = "auto",
-                   progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None,
-                   should_stop: Callable[[], bool] | None = None, tta: bool = False) -> np.ndarray:
+def denoise_hu_array(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, device: str | torch.device = "auto",
+                     progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None,
+                     should_stop: Callable[[], bool] | None = None, tta: bool = False) -> np.ndarray:
     """Denoise ``hu`` (Z, H, W) slice by slice in batches; returns float32 HU of the same shape.
 
     The model sees the paper's normalisation ([-1000, 2000] HU -> [0, 1]); voxels outside that range (metal,
@@ -82,3 +88,16 @@ def denoise_slices(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, dev
             target[start:start + len(chunk)].copy_(result)  # straight into the output, no host temporary
             bar.update(len(chunk))
     return out
+
+
+def denoise_ct_volume(model: nn.Module, volume: CTVolume, *, blend: float = 1.0, batch_size: int = 4,
+                      device: str | torch.device = "auto", progress: bool = False, out: np.ndarray | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> CTVolume:
+    """The denoised ``volume`` (same geometry and DICOM header); ``blend`` mixes output (1) and input (0).
+
+    ``out``: an optional float32 ``(Z, Y, X)`` array to denoise into; ``should_stop``: checked between batches
+    (:class:`CancelledError`); the rest as :func:`denoise_hu_array`.
+    """
+    output = denoise_hu_array(model, volume.hu, batch_size=batch_size, device=device, progress=progress,
+                              blend=blend, out=out, should_stop=should_stop)
+    return volume.with_hu(output)

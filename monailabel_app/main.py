@@ -43,11 +43,10 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import strtobool
 
 import langmamba
-from langmamba.denoise import default_weights
 from langmamba.errors import ConfigError, OverwriteError
-from langmamba.evaluate import write_json
 from langmamba.io import write_volume
 from langmamba.io.atomic import atomic_output
+from langmamba.runtime import default_weights
 
 from lib import auth
 from lib.admission import Admission
@@ -150,9 +149,10 @@ class LangMambaApp(MONAILabelApp):
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
         """Denoise ``request["upload"]`` (a file path) or datastore image ``request["image"]``.
 
-        Returns MONAI Label's result dict: ``file``/``label`` = a temporary NRRD the caller removes, ``params`` =
-        the summary with ``explanations`` (the document, or ``None``) and ``saved`` (where the result was stored,
-        for datastore images).
+        Returns MONAI Label's result dict: ``file``/``label`` = a temporary NRRD, ``explanations_file`` = the
+        explanation document as a temporary JSON file (or ``None``), both for the caller to remove, and ``params``
+        = the summary with ``saved`` (where the result was stored, for datastore images); the response's
+        ``params`` add the document as ``explanations`` (see :mod:`lib.endpoint`).
         """
         task = self._infers.get(request.get("model", ""))
         if not isinstance(task, LangMambaDenoise):
@@ -171,23 +171,17 @@ class LangMambaApp(MONAILabelApp):
             path = self._image_path(image_id, datastore)
             if self.save_results if params.save is None else params.save:
                 target = self._save_target(image_id, params, datastore)
-        started = time.perf_counter()
-        volume = task.read(path)
-        read_s = time.perf_counter() - started
-        result = task.run(volume, params, should_stop=should_stop)
-        started = time.perf_counter()
-        file = task.write_result(result)
-        timings = {"read": round(read_s, 3), **result.summary["timings_s"],
-                   "write": round(time.perf_counter() - started, 3)}
-        summary = {**result.summary, "timings_s": timings, "saved": None}
+        result = task.run(path, params, should_stop=should_stop)
+        summary = {**result.summary, "saved": None}
         try:
             if target is not None:
-                summary["saved"] = self._persist(image_id, result, file, datastore, target, params.overwrite)
+                summary["saved"] = self._persist(image_id, result, datastore, target, params.overwrite)
         except Exception:
-            file.unlink(missing_ok=True)
+            result.remove_files()
             raise
-        summary["explanations"] = result.explanations
-        return {"label": str(file), "tag": DefaultLabelTag.ORIGINAL, "file": str(file), "params": summary}
+        explanations = str(result.explanations_file) if result.explanations_file is not None else None
+        return {"label": str(result.image_file), "tag": DefaultLabelTag.ORIGINAL, "file": str(result.image_file),
+                "params": summary, "explanations_file": explanations}
 
     # --- persistence ------------------------------------------------------------------------------------------
 
@@ -217,29 +211,29 @@ class LangMambaApp(MONAILabelApp):
                                  "by another image's result")
         return target
 
-    def _persist(self, image_id: str, result: DenoiseResult, file: Path, datastore: Any, target: Path | str,
+    def _persist(self, image_id: str, result: DenoiseResult, datastore: Any, target: Path | str,
                  overwrite: bool) -> dict | None:
         if target == "dicomweb":
             return self._store_series(image_id, result, datastore)
-        return self._store_image(image_id, result, file, datastore, Path(target), overwrite)
+        return self._store_image(image_id, result, datastore, Path(target), overwrite)
 
-    def _store_image(self, image_id: str, result: DenoiseResult, file: Path, datastore: LocalDatastore,
-                     target: Path, overwrite: bool) -> dict:
+    def _store_image(self, image_id: str, result: DenoiseResult, datastore: LocalDatastore, target: Path,
+                     overwrite: bool) -> dict:
         """Add the result as image ``<id>_langmamba`` (``target``, in the studies folder) with its explanations
         JSON beside it; each file is written to a temporary sibling and renamed into place, the JSON first."""
         new_id = target.name[: -len(".nrrd")]
         info = {"derived_from": image_id, "model": MODEL,
                 "params": {k: result.summary[k] for k in ("blend", "level", "explain", "top_k", "device")}}
-        if result.explanations is not None:
-            explanations = write_json(result.explanations, target.with_name(f"{new_id}.explanations.json"))
+        if result.explanations_file is not None:
+            explanations = _copy_file(result.explanations_file, target.with_name(f"{new_id}.explanations.json"))
             info["explanations"] = explanations.name
         try:
             with atomic_output(target, as_folder=False, overwrite=overwrite) as staging:
-                shutil.copyfile(file, staging / target.name)
+                shutil.copyfile(result.image_file, staging / target.name)
         except OverwriteError as err:  # another request saved the same result meanwhile
             raise OverwriteError(f"the datastore already holds {new_id!r} (saved by another request meanwhile)") \
                 from err
-        if result.explanations is None:  # an earlier result's document would no longer match the image
+        if result.explanations_file is None:  # an earlier result's document would no longer match the image
             target.with_name(f"{new_id}.explanations.json").unlink(missing_ok=True)
         info.update({"ts": int(time.time()), "name": target.name})
         with FileLock(datastore._lock_file):
@@ -260,13 +254,19 @@ class LangMambaApp(MONAILabelApp):
         series_uid = str(datasets[0].SeriesInstanceUID)
         saved = {"datastore": "dicomweb", "series_uid": series_uid,
                  "study_uid": str(datasets[0].StudyInstanceUID), "instances": len(datasets)}
-        if result.explanations is not None:
+        if result.explanations_file is not None:
             cache = Path(result.source.source).parent if result.source.source else None
             if cache is not None and cache.is_dir():
-                saved["explanations"] = str(write_json(result.explanations,
+                saved["explanations"] = str(_copy_file(result.explanations_file,
                                                        cache / f"{series_uid}.explanations.json"))
         list_images = getattr(type(datastore).list_images, "cache_clear", None)
         if list_images is not None:
             list_images()
         return saved
 
+
+def _copy_file(source: Path, target: Path) -> Path:
+    """Copy ``source`` to ``target`` atomically (written beside it, then renamed into place, replacing it)."""
+    with atomic_output(target, as_folder=False, overwrite=True) as staging:
+        shutil.copyfile(source, staging / target.name)
+    return target

@@ -42,7 +42,7 @@ def auth_enabled() -> bool:
 
 
 def banner(url: str, studies: str, device: str) -> str:
-    from langmamba.denoise import default_weights
+    from langmamba.runtime import default_weights
 
     return f"""
 LangMamba MONAI Label server

@@ -1,6 +1,6 @@
 """Benchmark of the MONAI Label app: server overhead over in-process denoising, and throughput under concurrency.
 
-1. Overhead: the held-out lung2 volume (512x512x61) denoised in-process (read NRRD, ``denoise_volume``, write
+1. Overhead: the held-out lung2 volume (512x512x61) denoised in-process (read NRRD, ``denoise_ct_volume``, write
    NRRD; model already loaded, as in the server) versus one ``POST /infer/langmamba_denoise?output=image`` upload
    of the same file to a real ``monailabel start_server`` on loopback (``explain: false`` for both). Besides the
    raw difference of wall times (sensitive to other load on the machine), the overhead outside the model is
@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from langmamba.checkpoint import load_checkpoint  # noqa: E402
-from langmamba.denoise import default_weights, denoise_volume  # noqa: E402
+from langmamba.infer import denoise_ct_volume  # noqa: E402
+from langmamba.runtime import default_weights  # noqa: E402
 from langmamba.io import read_volume, write_volume  # noqa: E402
 from langmamba.sample_data import sample_path  # noqa: E402
 from tests.servers import MonaiLabelServer, crop  # noqa: E402
@@ -44,7 +45,7 @@ def in_process(model, source: Path, output: Path, device: str) -> dict:
     start = time.perf_counter()
     volume = read_volume(source)
     read = time.perf_counter()
-    denoised = denoise_volume(model, volume, device=device)
+    denoised = denoise_ct_volume(model, volume, device=device)
     done = time.perf_counter()
     write_volume(denoised, output, overwrite=True)
     end = time.perf_counter()

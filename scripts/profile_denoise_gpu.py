@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.denoise import default_weights
+from langmamba.runtime import default_weights
 from langmamba.explain import Explainer
 from langmamba.explain.document import TextFormat, slice_texts
-from langmamba.infer import denoise_slices, prepare_model
+from langmamba.infer import denoise_hu_array, prepare_model
 from langmamba.normalization import hu_to_model
-from langmamba.simulate._tensor import resolve_device
+from langmamba.runtime import resolve_device
 
 
 def lung1_volume(npz: str | None, slices: int) -> np.ndarray:
@@ -60,8 +60,8 @@ def main() -> None:
         return result
 
     timed(f"denoise {n} slices, batch {bs}, first call",
-          lambda: denoise_slices(model, hu, batch_size=bs, device=device))
-    denoised = timed(f"denoise {n} slices, warm", lambda: denoise_slices(model, hu, batch_size=bs, device=device))
+          lambda: denoise_hu_array(model, hu, batch_size=bs, device=device))
+    denoised = timed(f"denoise {n} slices, warm", lambda: denoise_hu_array(model, hu, batch_size=bs, device=device))
     net = prepare_model(model, device)
     x = hu_to_model(torch.from_numpy(hu[:bs]).to(device))[:, None]
     batches = -(-n // bs)
@@ -87,8 +87,8 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        denoise_slices(model, hu, batch_size=bs, device=device)
-        timed("with cudnn.benchmark: denoise, warm", lambda: denoise_slices(model, hu, batch_size=bs, device=device))
+        denoise_hu_array(model, hu, batch_size=bs, device=device)
+        timed("with cudnn.benchmark: denoise, warm", lambda: denoise_hu_array(model, hu, batch_size=bs, device=device))
         list(explainer.batches())
         timed("with cudnn.benchmark: explanation encoder + word scores", lambda: list(explainer.batches()))
         torch.backends.cudnn.benchmark = False

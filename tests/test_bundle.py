@@ -11,9 +11,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.denoise import default_weights, denoise_volume
+from langmamba.infer import denoise_ct_volume
 from langmamba.io import read_volume, write_volume
 from langmamba.io.volume import CTVolume
+from langmamba.runtime import default_weights
 from langmamba.sample_data import sample_path
 from tests.servers import REPO, crop
 
@@ -49,7 +50,7 @@ def test_bundle_run_denoises_a_file_on_the_input_grid(tmp_path):
     np.testing.assert_allclose(result.GetSpacing(), reference.GetSpacing(), rtol=1e-6)
     np.testing.assert_allclose(result.GetOrigin(), reference.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(result.GetDirection(), reference.GetDirection(), atol=1e-6)
-    expected = denoise_volume(load_checkpoint(default_weights()), volume, device="cpu").hu
+    expected = denoise_ct_volume(load_checkpoint(default_weights()), volume, device="cpu").hu
     np.testing.assert_allclose(sitk.GetArrayFromImage(result), expected, atol=0.5)
 
 
@@ -64,6 +65,6 @@ def test_exported_bundle_carries_its_weights_and_runs(tmp_path):
     # no fallback to the repository's weights: the bundle must use its own copy
     _run_bundle(exported, source, output, tmp_path, "--blend", "0.5",
                 env={"LANGMAMBA_WEIGHTS": str(tmp_path / "no-weights-here")})
-    denoised = denoise_volume(load_checkpoint(default_weights()), volume, device="cpu").hu
+    denoised = denoise_ct_volume(load_checkpoint(default_weights()), volume, device="cpu").hu
     np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(output))), 0.5 * denoised + 0.5 * volume.hu,
                                atol=0.5)

@@ -7,9 +7,11 @@ import pytest
 
 from langmamba import workers
 from langmamba.cli import main
-from langmamba.denoise import run_denoise
+from langmamba.checkpoint import load_checkpoint
 from langmamba.errors import ConfigError
 from langmamba.io import read_volume, write_volume
+from langmamba.job import DenoiseJob, JobOutputs
+from langmamba.runtime import default_weights
 
 
 def test_dicom_in_dicom_out_with_explanations(dicom_ct_series, tmp_path, capsys):
@@ -35,15 +37,15 @@ def test_worker_processes_give_the_same_outputs(dicom_ct_series, tmp_path, worke
     """With workers the series is read, written (during the explanations) and explained by other processes."""
     folder, _ = dicom_ct_series
     outputs = {}
+    job = DenoiseJob(load_checkpoint(default_weights()), device="cpu")
     for mode in ("workers", "in process"):
         if mode == "in process":
             workers.configure(0)
         out = tmp_path / mode
-        timings = {}
-        written = run_denoise(folder, out / "denoised", explain=out / "e.json", labels=out / "labels.nrrd",
-                              device="cpu", progress=False, timings=timings)
+        result = job.run(folder, JobOutputs(out / "denoised", out / "e.json", out / "labels.nrrd"))
+        written = result.written
         assert set(written) == {"denoised", "explanations", "label map", "colour table"}
-        assert set(timings) == {"read", "denoise", "explain", "write"}
+        assert set(result.timings) == {"read", "denoise", "explain", "write"}
         outputs[mode] = (read_volume(written["denoised"]), (out / "e.json").read_text(),
                          read_volume(written["label map"], check_hu=False).hu)
     (parallel, parallel_text, parallel_labels), (serial, serial_text, serial_labels) = outputs.values()
@@ -67,25 +69,24 @@ def test_bad_blend_and_overwriting_the_input_are_refused(tmp_path, tiny_ct_volum
 
 
 def test_denoising_lowers_noise_on_real_ct(tmp_path):
-    from langmamba.checkpoint import load_checkpoint
-    from langmamba.denoise import default_weights, denoise_volume
+    from langmamba.infer import denoise_ct_volume
     from langmamba.sample_data import sample_path
     from langmamba.simulate import simulate_volume
 
     normal = read_volume(sample_path("lung1"))
     normal = normal.with_hu(normal.hu[24:25])
     low = simulate_volume(normal, dose=0.25, seed=1, device="cpu")
-    denoised = denoise_volume(load_checkpoint(default_weights()), low, device="cpu")
+    denoised = denoise_ct_volume(load_checkpoint(default_weights()), low, device="cpu")
     body = normal.hu > -300
     assert np.std((denoised.hu - normal.hu)[body]) < np.std((low.hu - normal.hu)[body])
     with pytest.raises(ConfigError):
-        denoise_volume(load_checkpoint(default_weights()), low, blend=-1)
+        denoise_ct_volume(load_checkpoint(default_weights()), low, blend=-1)
 
 
 def test_slices_are_blended_and_masked_batch_by_batch_into_one_buffer():
     import torch
 
-    from langmamba.infer import denoise_slices
+    from langmamba.infer import denoise_hu_array
     from langmamba.normalization import hu_to_model, model_to_hu
 
     torch.manual_seed(0)
@@ -97,16 +98,16 @@ def test_slices_are_blended_and_masked_batch_by_batch_into_one_buffer():
     outside = (hu < -1000) | (hu > 2000)
     full[outside] = hu[outside]
     expected = 0.3 * full + 0.7 * hu
-    by_two = denoise_slices(model, hu, batch_size=2, device="cpu", blend=0.3)
+    by_two = denoise_hu_array(model, hu, batch_size=2, device="cpu", blend=0.3)
     np.testing.assert_allclose(by_two, expected, atol=1e-3)
     assert by_two[1, 3, 4] == pytest.approx(2500.0) and by_two[3, 0, 0] == pytest.approx(-1500.0)
     in_place = hu.copy()
-    assert denoise_slices(model, in_place, batch_size=3, device="cpu", blend=0.3, out=in_place) is in_place
+    assert denoise_hu_array(model, in_place, batch_size=3, device="cpu", blend=0.3, out=in_place) is in_place
     np.testing.assert_allclose(in_place, expected, atol=1e-3)
     with pytest.raises(ConfigError, match="out must be float32"):
-        denoise_slices(model, hu, device="cpu", out=np.empty((5, 24, 20), dtype=np.float64))
+        denoise_hu_array(model, hu, device="cpu", out=np.empty((5, 24, 20), dtype=np.float64))
     with pytest.raises(ConfigError, match="batch size"):
-        denoise_slices(model, hu, device="cpu", batch_size=0)
+        denoise_hu_array(model, hu, device="cpu", batch_size=0)
 
 
 def test_report_option_writes_one_html_file(tmp_path, tiny_ct_volume, capsys):
@@ -116,3 +117,37 @@ def test_report_option_writes_one_html_file(tmp_path, tiny_ct_volume, capsys):
     assert "report: " in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd", "out.nrrd", "r.html"]
     assert (tmp_path / "r.html").read_text().count("data:image/png;base64,") >= 2
+
+
+def test_job_stops_on_request_while_explaining_and_leaves_no_explanations(tmp_path, tiny_ct_volume):
+    from langmamba.errors import CancelledError
+
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    batches = []
+
+    def should_stop():  # asked once per denoiser batch, after denoising, then once per explained batch
+        batches.append(1)
+        return len(batches) > tiny_ct_volume.shape[0] + 2
+
+    job = DenoiseJob(load_checkpoint(default_weights()), device="cpu", batch_size=2)
+    with pytest.raises(CancelledError, match="while explaining"):
+        job.run(source, JobOutputs(tmp_path / "out.nrrd", tmp_path / "e.json"), should_stop=should_stop)
+    assert not (tmp_path / "e.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".e.json")) == []
+
+
+def test_job_refuses_a_label_level_it_does_not_explain_and_keeps_float32_when_asked(tmp_path, tiny_ct_volume):
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    model = load_checkpoint(default_weights())
+    with pytest.raises(ConfigError, match="not among the explained levels"):
+        DenoiseJob(model, device="cpu", explain_levels=(0,), level=2).run(
+            source, JobOutputs(tmp_path / "out.nrrd", labels=tmp_path / "labels.nrrd"))
+    assert not (tmp_path / "out.nrrd").exists()
+    import SimpleITK as sitk
+
+    for float32, pixel in ((False, sitk.sitkInt16), (True, sitk.sitkFloat32)):
+        out = tmp_path / f"float32-{float32}.nrrd"
+        result = DenoiseJob(model, device="cpu", blend=0.0, float32=float32).run(source, JobOutputs(out))
+        assert result.written == {"denoised": out} and result.explanation is None
+        assert sitk.ReadImage(str(out)).GetPixelID() == pixel  # blend 0: the integer input itself
+        np.testing.assert_array_equal(read_volume(out).hu, tiny_ct_volume.hu)

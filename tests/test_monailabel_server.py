@@ -21,9 +21,11 @@ import SimpleITK as sitk
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.denoise import default_weights, denoise_volume
+from langmamba.cli import main as cli_main
+from langmamba.infer import denoise_ct_volume
 from langmamba.explain import validate_explanation
 from langmamba.io import read_volume, write_volume
+from langmamba.runtime import default_weights
 from langmamba.sample_data import sample_path
 from tests.servers import MonaiLabelServer, crop
 
@@ -92,7 +94,7 @@ def test_upload_output_image_is_the_denoised_volume_on_the_input_grid(server, sm
     source = sitk.ReadImage(str(small_upload))
     _same_geometry(result, source)
     assert result.GetPixelID() == sitk.sitkFloat32
-    expected = denoise_volume(model, read_volume(small_upload), device="cpu").hu
+    expected = denoise_ct_volume(model, read_volume(small_upload), device="cpu").hu
     got = sitk.GetArrayFromImage(result)
     np.testing.assert_allclose(got, expected, atol=0.5)
     assert np.abs(got - sitk.GetArrayFromImage(source)).mean() > 1.0  # the model changed the image
@@ -159,6 +161,31 @@ def test_output_all_is_multipart_params_and_image(server, tmp_path):
     params = json.loads(by_name["params"].content)
     assert params["level"] == 0 and [lv["level"] for lv in params["explanations"]["levels"]] == [0]
     _same_geometry(_image(by_name["image"].content, tmp_path), sitk.ReadImage(str(server.studies / "chest.nrrd")))
+
+
+def test_server_and_cli_give_the_same_outputs_for_the_same_volume(server, small_upload, tmp_path):
+    """The server and ``langmamba denoise`` run one denoise job: same file and parameters, same results."""
+    response = server.infer(upload=small_upload, output="all", params={"level": 1, "top_k": 2, "blend": 0.8})
+    assert response.status_code == 200, response.text
+    parts = MultipartDecoder(response.content, response.headers["content-type"]).parts
+    by_name = {p.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]: p for p in parts}
+    served = json.loads(by_name["params"].content)
+    served_hu = sitk.GetArrayFromImage(_image(by_name["image"].content, tmp_path))
+
+    out = tmp_path / "cli"
+    out.mkdir()
+    # the server's task denoises 4 slices per batch on the CPU ("auto" here)
+    assert cli_main(["denoise", str(small_upload), str(out / "denoised.nrrd"), "--explain", str(out / "e.json"),
+                     "--explain-levels", "1", "--top-k", "2", "--blend", "0.8", "--batch-size", "4",
+                     "--device", "cpu", "--no-progress"]) == 0
+    cli_hu = read_volume(out / "denoised.nrrd").hu
+    document = json.loads((out / "e.json").read_text())
+
+    assert served_hu.dtype == np.float32 and served_hu.shape == cli_hu.shape
+    np.testing.assert_array_equal(served_hu, cli_hu)
+    validate_explanation(document)
+    assert [level["level"] for level in document["levels"]] == [1] and document["top_k"] == 2
+    assert served["explanations"] == document  # the whole document: header, every slice's regions, summary
 
 
 def _mr_dicom(tmp: Path, writer) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.denoise import default_weights
+from langmamba.runtime import default_weights
 from langmamba.errors import InputError
 from langmamba.explain import ChangeRule, format_percent, write_explanation
 from langmamba.io.volume import CTVolume

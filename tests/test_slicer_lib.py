@@ -24,7 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.denoise import default_weights
+from langmamba.runtime import default_weights
 from langmamba.explain import ChangeRule, confidence_band, confidence_thresholds, explain_volume, explanation_label_map
 from langmamba.explain import format_percent, language_space_record
 from langmamba.explain import word_color as langmamba_word_color

@@ -459,7 +459,7 @@ def test_panel_opens_saved_explanations_of_both_versions(shim, scene, lung2_crop
     from PySide6.QtTest import QTest
 
     from langmamba.checkpoint import load_checkpoint
-    from langmamba.denoise import default_weights
+    from langmamba.runtime import default_weights
     from langmamba.explain import explain_volume
 
     model = load_checkpoint(default_weights())

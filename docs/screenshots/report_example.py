@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langmamba.checkpoint import load_checkpoint
-from langmamba.denoise import default_weights, process_volume
+from langmamba.denoise import denoise_study
 from langmamba.io import read_volume, write_volume
 from langmamba.io.volume import CTVolume
 from langmamba.sample_data import sample_path
@@ -33,9 +32,9 @@ def main(folder: Path) -> None:
                     origin=tuple(float(v) for v in np.asarray(full.origin) + offset), direction=full.direction)
     low = simulate_volume(part, dose=0.25, seed=0, device="cpu")
     write_volume(low, folder / "lung2_quarter_dose.nrrd")
-    written = process_volume(load_checkpoint(default_weights()), folder / "lung2_quarter_dose.nrrd",
-                             folder / "denoised.nrrd", explain=folder / "explanations.json",
-                             report=folder / "report.html", level=1, device="cpu", overwrite=True, progress=False)
+    written = denoise_study(folder / "lung2_quarter_dose.nrrd", folder / "denoised.nrrd",
+                            explain=folder / "explanations.json", report=folder / "report.html", level=1,
+                            device="cpu", overwrite=True, progress=False)
     print("\n".join(f"{key}: {path}" for key, path in written.items()))
 
 

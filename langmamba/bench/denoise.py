@@ -3,7 +3,7 @@
 ``langmamba bench denoise --slices 64 --device cpu`` builds a synthetic 512² volume from the real slices of the
 training sample ``lung1`` (tiled along z, back and forth, with Gaussian noise of ``--noise`` HU standing in for
 low dose), writes it as a DICOM series (or ``--format nrrd``), and runs the same pipeline as the command line
-(:func:`langmamba.denoise.process_volume`) on it in a fresh process, so the reported peak host memory
+(:class:`langmamba.job.DenoiseJob`, as ``langmamba denoise`` and the server run it) on it in a fresh process, so the reported peak host memory
 (``ru_maxrss``) is that of the pipeline alone. ``--input PATH`` measures a given volume instead.
 
 ``--runs N`` runs the pipeline N times in that process and reports the last run, as a server or a folder run
@@ -77,7 +77,8 @@ def _count_flops(model, height: int, width: int, device: str) -> dict[str, float
     from torch.utils.flop_counter import FlopCounterMode
 
     from langmamba.bench.model import scan_flops
-    from langmamba.infer import prepare_model, resolve_device
+    from langmamba.infer import prepare_model
+    from langmamba.runtime import resolve_device
 
     device = resolve_device(device)
     model = prepare_model(model, device)
@@ -101,25 +102,25 @@ def _measure(config: dict) -> dict:
     import torch
 
     from langmamba.checkpoint import load_checkpoint
-    from langmamba.denoise import default_batch_size, default_weights, process_volume
-    from langmamba.infer import resolve_device
+    from langmamba.job import DenoiseJob, JobOutputs
+    from langmamba.runtime import default_weights
+
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    device = str(resolve_device(config["device"]))
-    batch_size = config["batch_size"] or default_batch_size(device)
     model = load_checkpoint(config["weights"] or default_weights())
+    job = DenoiseJob(model, batch_size=config["batch_size"], device=config["device"], overwrite=True,
+                     progress=config["progress"])
+    device, batch_size = job.device, job.batch_size
     out = Path(config["workdir"])
     output = str(out / "denoised") + ("/" if config["format"] == "dicom" else ".nrrd")
+    outputs = JobOutputs(output, explanations=out / "explanations.json" if config["explain"] else None,
+                         labels=out / "labels.nrrd" if config["labels"] else None,
+                         report=out / "report.html" if config["report"] else None)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     runs = []
     for _ in range(config["runs"]):
-        timings: dict[str, float] = {}
         started = time.perf_counter()
-        process_volume(model, config["input"], output,
-                       explain=out / "explanations.json" if config["explain"] else None,
-                       labels=out / "labels.nrrd" if config["labels"] else None,
-                       report=out / "report.html" if config["report"] else None, batch_size=batch_size,
-                       device=device, overwrite=True, progress=config["progress"], timings=timings)
+        timings = job.run(config["input"], outputs).timings
         runs.append({"timings_s": timings, "total_s": time.perf_counter() - started})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     slices, height, width = _shape_of(output)

@@ -20,7 +20,7 @@ from langmamba.simulate import (
     FanBeamGeometry,
     simulate_slice,
 )
-from langmamba.simulate._tensor import resolve_device
+from langmamba.runtime import resolve_device
 
 
 def _phantom(size: int, spacing_mm: float) -> np.ndarray:

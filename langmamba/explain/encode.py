@@ -32,7 +32,8 @@ from langmamba.explain.rules import (
     word_probabilities,
 )
 from langmamba.explain.types import SCALE, ExplainedBatch, IntArray, LevelWords
-from langmamba.infer import prepare_model, resolve_device  # type: ignore[attr-defined]
+from langmamba.infer import prepare_model
+from langmamba.runtime import resolve_device
 from langmamba.io.volume import CTVolume
 from langmamba.models.quantizer import cell_index
 from langmamba.normalization import hu_to_model

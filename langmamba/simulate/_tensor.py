@@ -11,16 +11,6 @@ import torch
 from langmamba.errors import ConfigError
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"`` (or ``None``) → CUDA when available, else CPU; anything else as given."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-
-
 def spacing_pair(pixel_spacing_mm: float | Sequence[float]) -> tuple[float, float]:
     """Pixel spacing as ``(dy, dx)`` = (row spacing, column spacing) in mm.
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.errors import ConfigError
-from langmamba.simulate._tensor import per_slice, resolve_device, spacing_pair, spacing_pairs
+from langmamba.runtime import resolve_device
+from langmamba.simulate._tensor import per_slice, spacing_pair, spacing_pairs
 from langmamba.simulate.simulator import (
     FULL_DOSE_PHOTONS,
     MU_WATER_PER_MM,

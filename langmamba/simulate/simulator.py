@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.errors import ConfigError, NonFiniteVoxelsError
-from langmamba.simulate._tensor import per_slice, resolve_device, spacing_pairs
+from langmamba.runtime import resolve_device
+from langmamba.simulate._tensor import per_slice, spacing_pairs
 from langmamba.simulate.fbp import fbp_parallel
 from langmamba.simulate.geometry import FanBeamGeometry
 from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter

@@ -16,7 +16,9 @@ this one model, ahead of the generic one, with the same URL, query (``image``, `
   the client disconnects;
 - an audit record per request (:mod:`.audit`);
 - a unique result name per request (``denoised-<hex>.nrrd``), so that clients saving under the response's file
-  name (the stock MONAI Label client) never overwrite each other's results.
+  name (the stock MONAI Label client) never overwrite each other's results;
+- responses streamed from files: the explanation document, which the task streams to a temporary file, goes into
+  the response's ``params`` as ``explanations`` without ever being held in memory, as does the NRRD.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
@@ -182,16 +184,47 @@ def _message(err: Exception, upload: Path | None, filename: str | None) -> str:
     return text
 
 
-def _multipart(params: dict, image: Path, name: str) -> Response:
-    """MONAI Label's ``output=all`` response: a ``params`` JSON part and an ``image`` file part called ``name``."""
-    with open(image, "rb") as handle:
-        fields = {
-            "params": (None, json.dumps(params), "application/json"),
-            "image": (name, handle, "application/octet-stream"),
-        }
-        encoder = MultipartEncoder(fields=fields)
-        body = encoder.to_string()
-    return Response(content=body, media_type=encoder.content_type)
+def _params_file(params: dict, explanations: Path | None) -> Path:
+    """``params`` as a JSON object in a new temporary file, with the explanation document of the file
+    ``explanations`` (or ``null``) as its last key ``explanations``, copied in without parsing it."""
+    head = json.dumps({**{k: v for k, v in params.items() if k != "explanations"}, "explanations": None})
+    fd, name = tempfile.mkstemp(prefix="langmamba-params-", suffix=".json")
+    with open(fd, "w", encoding="utf-8") as out:
+        if explanations is None:
+            out.write(head)
+        else:
+            out.write(head[: -len("null}")])
+            with open(explanations, encoding="utf-8") as document:
+                shutil.copyfileobj(document, out, 1 << 20)
+            out.write("}")
+    return Path(name)
+
+
+def _multipart(params: Path, image: Path, name: str, cleanup: BackgroundTask) -> StreamingResponse:
+    """MONAI Label's ``output=all`` response: a ``params`` JSON part (the file ``params``) and an ``image`` file
+    part called ``name``, streamed from the files."""
+    params_handle, image_handle = open(params, "rb"), open(image, "rb")
+    encoder = MultipartEncoder(fields={
+        "params": (None, params_handle, "application/json"),
+        "image": (name, image_handle, "application/octet-stream"),
+    })
+
+    def chunks() -> Any:
+        try:
+            while chunk := encoder.read(1 << 20):
+                yield chunk
+        finally:
+            params_handle.close()
+            image_handle.close()
+
+    return StreamingResponse(chunks(), media_type=encoder.content_type, headers={"Content-Length": str(encoder.len)},
+                             background=cleanup)
+
+
+def _remove(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 def make_endpoint(app_getter):
@@ -281,19 +314,29 @@ async def _serve(instance, request: Request, outcome: dict) -> Response:
     saved = result["params"].get("saved") or {}
     outcome.update(status=200, kind="ok", saved=saved.get("image_id") or saved.get("series_uid"))
     result_file = Path(result["file"])
+    explanations = Path(result["explanations_file"]) if result.get("explanations_file") else None
     name = result_name()
-    if output == "json":
-        result_file.unlink(missing_ok=True)
-        return JSONResponse(result["params"])
     if output == "image":
+        _remove(explanations)
         timings = json.dumps(result["params"].get("timings_s", {}))
         return FileResponse(result_file, media_type="application/octet-stream", filename=name,
                             headers={TIMINGS_HEADER: timings},
-                            background=BackgroundTask(result_file.unlink, missing_ok=True))
-    try:
-        return _multipart(result["params"], result_file, name)
+                            background=BackgroundTask(_remove, result_file))
+    try:  # in a worker thread: the document may be hundreds of MB, and the server keeps answering meanwhile
+        params = await run_in_threadpool(_params_file, result["params"], explanations)
+    except BaseException:
+        _remove(result_file)
+        raise
     finally:
-        result_file.unlink(missing_ok=True)
+        _remove(explanations)
+    if output == "json":
+        _remove(result_file)
+        return FileResponse(params, media_type="application/json", background=BackgroundTask(_remove, params))
+    try:
+        return _multipart(params, result_file, name, BackgroundTask(_remove, params, result_file))
+    except BaseException:
+        _remove(params, result_file)
+        raise
 
 
 def install_route(fastapi_app: FastAPI, app_getter) -> None:

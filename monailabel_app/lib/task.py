@@ -2,33 +2,33 @@
 
 MONAI Label's task types are segmentation-centred; this one is of type ``others`` and returns an *image*: a
 float32 NRRD in HU on the input's exact voxel grid (spacing, origin, direction), plus the explanation document
-of :func:`langmamba.explain.explain_volume` in the result's ``params``. Geometry never passes through MONAI
-transforms (``ToNumpyd`` would drop the affine): volumes stay :class:`langmamba.io.CTVolume` from reading to
-writing.
+described by ``explanation.schema.json`` in the result's ``params``. It runs the same
+:class:`langmamba.job.DenoiseJob` as ``langmamba denoise``: the document streams to a temporary JSON file slice by
+slice, so a long volume needs no more host memory here than on the command line. Geometry never passes through
+MONAI transforms (``ToNumpyd`` would drop the affine): volumes stay :class:`langmamba.io.CTVolume` from reading
+to writing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.denoise import denoise_volume
 from langmamba.errors import CancelledError, ConfigError
-from langmamba.explain import explain_volume
-from langmamba.infer import resolve_device
-from langmamba.io import CTVolume, read_volume, write_volume
+from langmamba.io import CTVolume
+from langmamba.job import DenoiseJob, JobOutputs
 
 
 logger = logging.getLogger(__name__)
@@ -93,13 +93,21 @@ class DenoiseParams:
 
 @dataclass
 class DenoiseResult:
-    """What one request produced: the input and denoised volumes, the explanation document (or ``None``)
-    and the response summary (parameters, device, timings in seconds)."""
+    """What one request produced: the ``source`` geometry (voxels released), the ``denoised`` volume, the
+    temporary files of the denoised NRRD (``image_file``) and of the explanation document
+    (``explanations_file``, ``None`` when not asked for), which the caller removes (:meth:`remove_files`), and
+    the response summary (parameters, device, timings in seconds)."""
 
     source: CTVolume
     denoised: CTVolume
-    explanations: dict | None
+    image_file: Path
+    explanations_file: Path | None
     summary: dict = field(default_factory=dict)
+
+    def remove_files(self) -> None:
+        for path in (self.image_file, self.explanations_file):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 class LangMambaDenoise(InferTask):
@@ -151,10 +159,13 @@ class LangMambaDenoise(InferTask):
         )
         return info
 
-    def read(self, path: str | Path) -> CTVolume:
-        """The CT volume at ``path`` (file or DICOM folder), read from that file or folder alone (no detached data
-        files, no links), refusing declared sizes above ``max_voxels`` float32 voxels before allocating them."""
-        return read_volume(path, confined=True, max_bytes=4 * self.max_voxels)
+    def job(self, params: DenoiseParams) -> DenoiseJob:
+        """The denoise job of one request: ``params``' blend, level, top-k and device; the input read from its
+        file or folder alone (no detached data files, no links), refusing declared sizes above ``max_voxels``
+        float32 voxels before allocating them; the denoised NRRD always float32."""
+        return DenoiseJob(self.model, blend=params.blend, batch_size=self.batch_size, device=params.device,
+                          explain_levels=(params.level,), top_k=params.top_k, level=params.level, float32=True,
+                          confined=True, max_bytes=4 * self.max_voxels)
 
     def _acquire(self, should_stop: Callable[[], bool] | None) -> None:
         """Wait for the model lock; give up (:class:`CancelledError`) as soon as ``should_stop()`` is true."""
@@ -162,61 +173,56 @@ class LangMambaDenoise(InferTask):
             if should_stop is not None and should_stop():
                 raise CancelledError("the request was cancelled while it waited in the queue")
 
-    def run(self, volume: CTVolume, params: DenoiseParams,
-            should_stop: Callable[[], bool] | None = None) -> DenoiseResult:
-        """Denoise ``volume`` (and explain ``params.level``) under the model lock; ``should_stop`` is checked
-        while queued and between batches (:class:`CancelledError`)."""
-        queued = time.perf_counter()
+    @contextmanager
+    def _model_lock(self, should_stop: Callable[[], bool] | None) -> Iterator[None]:
         self._acquire(should_stop)
         try:
-            started = time.perf_counter()
-            device = str(resolve_device(params.device))
-            denoised = denoise_volume(self.model, volume, blend=params.blend, batch_size=self.batch_size,
-                                      device=device, should_stop=should_stop)
-            denoise_s = time.perf_counter() - started
-            document = None
-            if should_stop is not None and should_stop():
-                raise CancelledError("the request was cancelled after denoising")
-            if params.explain:
-                document = explain_volume(self.model, volume.hu, denoised.hu, volume, levels=(params.level,),
-                                          top_k=params.top_k, batch_size=self.batch_size, device=device)
-            finished = time.perf_counter()
+            yield
         finally:
             self._lock.release()
+
+    def run(self, path: str | Path, params: DenoiseParams,
+            should_stop: Callable[[], bool] | None = None) -> DenoiseResult:
+        """Read the volume at ``path`` (a file or DICOM folder), denoise it and explain ``params.level`` under the
+        model lock, and write the results to new temporary files; ``should_stop`` is checked while queued and
+        between batches (:class:`CancelledError`)."""
+        stem = Path(tempfile.gettempdir()) / f"langmamba-result-{uuid.uuid4().hex}"
+        outputs = JobOutputs(stem.with_name(stem.name + ".nrrd"),
+                             stem.with_name(stem.name + ".explanations.json") if params.explain else None)
+        try:
+            done = self.job(params).run(path, outputs, should_stop=should_stop,
+                                        model_lock=self._model_lock(should_stop))
+        except BaseException:
+            for written in outputs.paths():
+                written.unlink(missing_ok=True)
+            raise
+        volume = done.source
+        timings = {stage: round(done.timings.get(stage, 0.0), 3)
+                   for stage in ("read", "queued", "denoise", "explain", "write")}
         summary = {
             "model": "langmamba_denoise",
             "blend": params.blend,
             "level": params.level,
             "explain": params.explain,
             "top_k": params.top_k,
-            "device": device,
+            "device": done.device,
             "shape_zyx": list(volume.shape),
             "spacing_mm": [float(s) for s in volume.spacing],
-            "timings_s": {
-                "queued": round(started - queued, 3),
-                "denoise": round(denoise_s, 3),
-                "explain": round(finished - started - denoise_s, 3),
-            },
+            "timings_s": timings,
         }
-        return DenoiseResult(volume, denoised, document, summary)
-
-    @staticmethod
-    def write_result(result: DenoiseResult) -> Path:
-        """The denoised volume as a new temporary ``.nrrd`` file (float32 HU, input geometry); the caller
-        removes it."""
-        denoised = result.denoised
-        # float32 always: write_volume would store int16 when every value happens to be integral
-        hu = denoised.hu.astype(np.float32)
-        return write_volume(CTVolume(hu=hu, spacing=denoised.spacing, origin=denoised.origin,
-                                     direction=denoised.direction),
-                            Path(tempfile.gettempdir()) / f"langmamba-result-{uuid.uuid4().hex}.nrrd")
+        return DenoiseResult(volume, done.denoised, Path(outputs.denoised),
+                             Path(outputs.explanations) if outputs.explanations else None, summary)
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict]:
-        """MONAI Label's task interface: ``request["image"]`` is a path; returns ``(nrrd path, params)``.
+        """MONAI Label's task interface: ``request["image"]`` is a path; returns ``(nrrd path, params)`` with the
+        explanation document (or ``None``) in ``params["explanations"]``.
 
         The NRRD is a temporary file that the caller removes.
         """
         params = DenoiseParams.from_request(request, self.levels)
-        result = self.run(self.read(request["image"]), params)
-        path = self.write_result(result)
-        return str(path), {**result.summary, "explanations": result.explanations}
+        result = self.run(request["image"], params)
+        document = None
+        if result.explanations_file is not None:
+            document = json.loads(result.explanations_file.read_text(encoding="utf-8"))
+            result.explanations_file.unlink()
+        return str(result.image_file), {**result.summary, "explanations": document}
