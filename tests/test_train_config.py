@@ -81,7 +81,8 @@ def test_missing_and_broken_files(tmp_path):
 def test_recorded_configs_with_retired_keys_load_with_a_warning():
     """The config of an earlier run (adversarial_* and fresh_noise_every, since removed) still loads."""
     with pytest.warns(FutureWarning) as caught:
-        config = load_config(Path(__file__).resolve().parents[1] / "weights/training/langae/config.yaml")
+        recorded = "weights/training/experiments/one_patient_v0.1/langae/config.yaml"
+        config = load_config(Path(__file__).resolve().parents[1] / recorded)
     messages = sorted(str(w.message) for w in caught if issubclass(w.category, FutureWarning))
     assert [m.split(" is ignored")[0] for m in messages] == [
         "config key data.fresh_noise_every", "config key langae.adversarial_start_step",
