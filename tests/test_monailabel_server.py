@@ -27,6 +27,8 @@ from langmamba.io import read_volume, write_volume
 from langmamba.sample_data import sample_path
 from tests.servers import MonaiLabelServer, crop
 
+pytestmark = pytest.mark.server  # every test here starts a real server
+
 UPLOAD_LIMIT_MB = 8
 
 
