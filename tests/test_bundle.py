@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from langmamba.checkpoint import load_checkpoint
@@ -16,6 +17,8 @@ from langmamba.io import read_volume, write_volume
 from langmamba.io.volume import CTVolume
 from langmamba.sample_data import sample_path
 from tests.servers import REPO, crop
+
+pytestmark = pytest.mark.slow  # each test exports and runs a whole MONAI Bundle (minutes)
 
 BUNDLE = REPO / "monailabel_app" / "bundle" / "langmamba_ct_denoise"
 
