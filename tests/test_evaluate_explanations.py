@@ -48,6 +48,7 @@ def test_fit_temperature_recovers_the_sharpness_of_the_labels():
     assert fit_temperature(logits, mask) == pytest.approx(2.5, rel=0.1)
 
 
+@pytest.mark.slow
 def test_erase_lesion_fills_with_the_surrounding_tissue():
     rng = np.random.default_rng(0)
     hu = (40 + rng.normal(0, 5, (2, 64, 64))).astype(np.float32)
@@ -91,6 +92,7 @@ def _tiny_langae() -> LangAE:
                   region_sizes=(4, 2, 1), detail_stages=2, detail_groups=2).eval()
 
 
+@pytest.mark.slow
 def test_evaluation_counts_and_known_answers():
     hu, lesion = _phantom()
     model = _tiny_langae()

@@ -112,6 +112,7 @@ def test_ss2d_mixes_information_along_its_scan_directions():
 # --- SEED / LangMamba -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_paper_size_langmamba_shapes_at_512():
     torch.manual_seed(0)
     model = LangMamba(LangAE(codebook_size=VOCAB, codebook_dim=384).get_config(), global_residual=False).eval()
