@@ -72,6 +72,7 @@ def _phantom(count: int = 2, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return hu, lesion
 
 
+@pytest.mark.slow
 def test_region_truth_of_a_phantom():
     hu, lesion = _phantom(1)
     truth = region_truth(torch.as_tensor(hu), torch.as_tensor(lesion).float(), 16, (4, 4))
@@ -124,6 +125,7 @@ def test_word_classes_of_old_weights_come_from_the_region_vocabulary():
     assert classes[vocabulary.index("fat")] == "fat" and classes[vocabulary.index("ct")] is None
 
 
+@pytest.mark.slow
 def test_fit_calibration_lowers_the_target_nll_and_is_saved(tmp_path):
     hu, lesion = _phantom()
     model = _tiny_langae()

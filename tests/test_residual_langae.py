@@ -232,6 +232,7 @@ def test_residual_langae_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded.quantizer.calibration, model.quantizer.calibration)
 
 
+@pytest.mark.slow
 def test_old_langae_weights_load_and_behave_as_before():
     model = load_checkpoint(ROOT / "weights" / "langae").float().eval()
     assert isinstance(model.quantizer, PyramidLanguageQuantizer)
