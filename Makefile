@@ -9,7 +9,7 @@ PIP_INSTALL := $(PIP) install -c requirements/constraints.txt
 # MONAI Label pins an old torch; its real imports are listed in requirements/base.in.
 MONAILABEL := monailabel==0.8.5
 
-.PHONY: run demo test lint-imports setup sample data prepare lock bench bundle clean
+.PHONY: run demo test test-quick lint lint-imports setup sample data prepare lock bench bundle clean
 
 setup: $(STAMP) $(SAMPLE_STAMP)
 
@@ -61,6 +61,16 @@ lint-imports: $(STAMP)
 test: setup
 	bash scripts/install_orthanc.sh  # the DICOMweb tests start a real Orthanc (Debian packages)
 	$(BIN)/python -m pytest -q
+
+# The fast lane while editing: every test but the slow, server and GPU ones (markers in pyproject.toml).
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow and not server and not gpu"
+
+# Lint, formatting and types (configured in pyproject.toml); .ci/run runs it before the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/langmamba bench simulate

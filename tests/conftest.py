@@ -14,6 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from langmamba import workers
 from langmamba.io.volume import CTVolume
+from tests import servers
 from tests.process_leaks import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (session hooks)
 
 
@@ -136,3 +137,9 @@ def in_process() -> Iterator[None]:
     workers.configure(0)
     yield
     workers.configure(None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tell :mod:`tests.servers` which test runs, so a server started by an unmarked test is refused."""
+    servers.running_test = item

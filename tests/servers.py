@@ -1,7 +1,8 @@
 """Real servers for tests: MONAI Label with the LangMamba app, and Orthanc with its DICOMweb plugin.
 
 Both run as child processes on loopback ports; their logs go to files in the test's temporary folder and are
-printed when a server fails to start.
+printed when a server fails to start. Only a test marked ``@pytest.mark.server`` may start one (``make test-quick``
+leaves those out); ``tests/conftest.py`` tells this module which test is running.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 
 from langmamba.io.volume import CTVolume
@@ -23,6 +25,18 @@ from langmamba.io.volume import CTVolume
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "monailabel_app"
 ORTHANC_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
+
+running_test: pytest.Item | None = None
+"""The test being set up or run (set by ``tests/conftest.py``); ``None`` outside pytest."""
+
+
+def require_server_marker(what: str) -> None:
+    """Raise if the running test starts ``what`` (a server) without the ``server`` marker."""
+    if running_test is not None and running_test.get_closest_marker("server") is None:
+        raise RuntimeError(
+            f"{running_test.nodeid} starts {what} but is not marked @pytest.mark.server; "
+            "mark it so that `make test-quick` leaves it out"
+        )
 
 
 def free_port() -> int:
@@ -48,7 +62,9 @@ def _wait(url: str, process: subprocess.Popen, log: Path, timeout: float, what: 
 
 def start_process(command: list[str], log: Path, url: str, what: str, timeout: float, **popen) -> subprocess.Popen:
     """Start ``command`` with its output in ``log`` and wait until ``url`` answers; stop it if it never does."""
-    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, **popen)
+    require_server_marker(what)
+    with open(log, "wb") as output:  # the child keeps its own descriptor
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, **popen)
     try:
         _wait(url, process, log, timeout, what)
     except Exception:

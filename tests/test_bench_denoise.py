@@ -25,6 +25,7 @@ def test_synthetic_volume_tiles_real_slices_back_and_forth():
     assert 20 < np.std(noisy.hu - volume.hu[:2]) < 30
 
 
+@pytest.mark.slow
 def test_bench_runs_the_pipeline_and_reports(tmp_path, capsys):
     assert main(["bench", "denoise", "--slices", "3", "--size", "64", "--device", "cpu", "--batch-size", "2",
                  "--format", "nrrd", "--labels", "--runs", "2", "--workdir", str(tmp_path), "--json"]) == 0

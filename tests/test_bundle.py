@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from langmamba.checkpoint import load_checkpoint
@@ -17,6 +18,8 @@ from langmamba.io.volume import CTVolume
 from langmamba.runtime import default_weights
 from langmamba.sample_data import sample_path
 from tests.servers import REPO, crop
+
+pytestmark = pytest.mark.slow  # each test exports and runs a whole MONAI Bundle (minutes)
 
 BUNDLE = REPO / "monailabel_app" / "bundle" / "langmamba_ct_denoise"
 

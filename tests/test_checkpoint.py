@@ -72,6 +72,7 @@ class TinyNet(nn.Module):
         return self.linear(x)
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_with_metadata(tmp_path):
     model = make_langae()
     save_checkpoint(model, tmp_path / "ckpt", extra={"step": 1200, "val_psnr": 31.5})

@@ -18,6 +18,7 @@ def test_info_describes_a_dicom_series(dicom_ct_series, capsys):
     assert "PatientName" not in text
 
 
+@pytest.mark.slow
 def test_simulate_writes_a_noisier_scan_with_the_same_geometry(tmp_path, tiny_ct_volume, capsys):
     source = write_volume(tiny_ct_volume, tmp_path / "normal.nrrd")
     out = tmp_path / "low.nii.gz"
@@ -58,6 +59,7 @@ def test_help_reads_well(capsys):
         assert command in text
 
 
+@pytest.mark.slow
 def test_demo_writes_volume_picture_and_summary(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--slices", "1", "--output", str(out), "--device", "cpu"]) == 0

@@ -114,6 +114,7 @@ def test_an_unreachable_npm_registry_names_the_package(tmp_path, monkeypatch):
 # --- readers on real pieces -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ct_folder_with_rt_structures_and_plan_reads_the_ct_only(cache):
     folder = cache / DICOMPYLER / "tests/testdata/example_data"
     assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in folder.iterdir()} == {"CT", "RTSTRUCT",
@@ -146,6 +147,7 @@ def test_rider_slices_beside_their_seg_and_rtstruct(cache, tmp_path):
         read_volume(tmp_path / "seg.dcm")
 
 
+@pytest.mark.slow
 def test_rider_seg_by_source_uid_equals_by_position(cache):
     volume = read_volume(cache / RIDER)
     by_uid = read_segmentation(cache / RIDER_SEG, volume)
@@ -182,6 +184,7 @@ def test_undeclared_minus_3024_padding_becomes_air(cache):
     np.testing.assert_array_equal(fixed[~outside], volume.hu[~outside])
 
 
+@pytest.mark.slow
 def test_int32_nifti_with_clipped_air_is_read_exactly_and_packs_losslessly(cache):
     path = case_path(CASES["platipy"])
     image = nib.load(str(path))
@@ -197,6 +200,7 @@ def test_int32_nifti_with_clipped_air_is_read_exactly_and_packs_losslessly(cache
     np.testing.assert_array_equal(_unpack_hu(blob, middle.shape), middle)
 
 
+@pytest.mark.slow
 def test_lesion_masks_of_lung1_and_rider():
     for case in ("lung1", "rider"):
         loaded = load_case(case)
@@ -260,6 +264,7 @@ def test_the_dicom_cases_are_different_people(cache):
 # --- the prepared set -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepared_set_holds_training_and_validation_cases_losslessly(cache, tmp_path):
     """Two slices per patient through ``langmamba prepare``'s path; read back in a process without pydicom,
     SimpleITK or nibabel (what a GPU machine has)."""

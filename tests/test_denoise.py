@@ -14,6 +14,7 @@ from langmamba.job import DenoiseJob, JobOutputs
 from langmamba.runtime import default_weights
 
 
+@pytest.mark.slow
 def test_dicom_in_dicom_out_with_explanations(dicom_ct_series, tmp_path, capsys):
     folder, volume = dicom_ct_series
     out, explain, labels = tmp_path / "denoised", tmp_path / "e.json", tmp_path / "labels.nrrd"
@@ -33,6 +34,7 @@ def test_dicom_in_dicom_out_with_explanations(dicom_ct_series, tmp_path, capsys)
     assert (tmp_path / "labels.ctbl").read_text().strip()
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_outputs(dicom_ct_series, tmp_path, worker_processes):
     """With workers the series is read, written (during the explanations) and explained by other processes."""
     folder, _ = dicom_ct_series
@@ -54,12 +56,14 @@ def test_worker_processes_give_the_same_outputs(dicom_ct_series, tmp_path, worke
     assert json.loads(parallel_text) == json.loads(serial_text)
 
 
+@pytest.mark.slow
 def test_blend_zero_returns_the_input(tmp_path, tiny_ct_volume):
     source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
     assert main(["denoise", str(source), str(tmp_path / "out.nrrd"), "--blend", "0", "--device", "cpu"]) == 0
     np.testing.assert_allclose(read_volume(tmp_path / "out.nrrd").hu, read_volume(source).hu, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_bad_blend_and_overwriting_the_input_are_refused(tmp_path, tiny_ct_volume, capsys):
     source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
     assert main(["denoise", str(source), str(tmp_path / "o.nrrd"), "--blend", "2", "--device", "cpu"]) == 2
@@ -68,6 +72,7 @@ def test_bad_blend_and_overwriting_the_input_are_refused(tmp_path, tiny_ct_volum
     assert "input" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_denoising_lowers_noise_on_real_ct(tmp_path):
     from langmamba.infer import denoise_ct_volume
     from langmamba.sample_data import sample_path
@@ -110,6 +115,7 @@ def test_slices_are_blended_and_masked_batch_by_batch_into_one_buffer():
         denoise_hu_array(model, hu, device="cpu", batch_size=0)
 
 
+@pytest.mark.slow
 def test_report_option_writes_one_html_file(tmp_path, tiny_ct_volume, capsys):
     source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
     assert main(["denoise", str(source), str(tmp_path / "out.nrrd"), "--report", str(tmp_path / "r.html"),

@@ -66,6 +66,7 @@ def test_studies_are_found_and_named(tmp_path):
         find_studies(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_folder_run_writes_every_study_survives_a_bad_one_and_resumes(tmp_path, capsys):
     studies, out = make_studies(tmp_path), tmp_path / "out"
     args = ["denoise", str(studies), str(out), "--explain", "--labels", "--report", "--level", "1",
@@ -150,6 +151,7 @@ def test_folder_options_are_checked(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (studies / "out").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_the_studies(tmp_path):
     studies, out = make_studies(tmp_path, bad=False), tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

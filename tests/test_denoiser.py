@@ -116,6 +116,7 @@ def test_ss2d_mixes_information_along_its_scan_directions():
 # --- LangMamba -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_paper_size_langmamba_shapes_at_512():
     torch.manual_seed(0)
     model = LangMamba(LangAE(codebook_size=VOCAB, codebook_dim=384).get_config(), global_residual=False).eval()
@@ -125,7 +126,9 @@ def test_paper_size_langmamba_shapes_at_512():
     assert out.shape == (1, 1, 512, 512) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("height,width", [(384, 448), (100, 130), (16, 16), (8, 20)])
+@pytest.mark.parametrize(
+    "height,width", [pytest.param(384, 448, marks=pytest.mark.slow), (100, 130), (16, 16), (8, 20)]
+)
 def test_langmamba_any_slice_size(height, width):
     model = small_langmamba(global_residual=False).eval()
     x = torch.rand(2, 1, height, width)
@@ -141,6 +144,7 @@ def test_global_residual_starts_as_identity():
         assert torch.equal(model(x), x)
 
 
+@pytest.mark.slow
 def test_only_decoder_gets_gradients_and_langae_stays_frozen():
     model = small_langmamba(global_residual=False)
     model.train()

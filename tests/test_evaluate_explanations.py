@@ -48,6 +48,7 @@ def test_fit_temperature_recovers_the_sharpness_of_the_labels():
     assert fit_temperature(logits, mask) == pytest.approx(2.5, rel=0.1)
 
 
+@pytest.mark.slow
 def test_erase_lesion_fills_with_the_surrounding_tissue():
     rng = np.random.default_rng(0)
     hu = (40 + rng.normal(0, 5, (2, 64, 64))).astype(np.float32)
@@ -71,6 +72,7 @@ def _phantom(count: int = 2, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return hu, lesion
 
 
+@pytest.mark.slow
 def test_region_truth_of_a_phantom():
     hu, lesion = _phantom(1)
     truth = region_truth(torch.as_tensor(hu), torch.as_tensor(lesion).float(), 16, (4, 4))
@@ -91,6 +93,7 @@ def _tiny_langae() -> LangAE:
                   region_sizes=(4, 2, 1), detail_stages=2, detail_groups=2).eval()
 
 
+@pytest.mark.slow
 def test_evaluation_counts_and_known_answers():
     hu, lesion = _phantom()
     model = _tiny_langae()
@@ -122,6 +125,7 @@ def test_word_classes_of_old_weights_come_from_the_region_vocabulary():
     assert classes[vocabulary.index("fat")] == "fat" and classes[vocabulary.index("ct")] is None
 
 
+@pytest.mark.slow
 def test_fit_calibration_lowers_the_target_nll_and_is_saved(tmp_path):
     hu, lesion = _phantom()
     model = _tiny_langae()

@@ -78,6 +78,7 @@ def test_lesion_crop_is_a_square_around_the_lesion():
     assert lesion_crop(np.zeros((10, 10), bool)) is None
 
 
+@pytest.mark.slow
 def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     hook_calls = []
 

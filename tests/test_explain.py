@@ -277,6 +277,7 @@ def test_streamed_text_is_json_dumps_of_the_entries(model, geometry_case):
     assert first_box[0] == first_box[1]  # top_k changes words, not boxes
 
 
+@pytest.mark.slow
 def test_worker_processes_write_the_same_file(model, geometry_case, tmp_path, worker_processes):
     input_hu, output_hu, volume, doc = geometry_case
     write_explanation(tmp_path / "parallel.json", model, input_hu, output_hu, volume, batch_size=1)
@@ -513,6 +514,7 @@ def test_percentages_and_confidence_bands():
     assert confidence_thresholds(4)["near_uniform_below"] == 0.25  # at most half the confident bound
 
 
+@pytest.mark.slow
 def test_scores_use_the_quantizers_calibration(model, padded_case):
     input_hu, output_hu, _ = padded_case
     scaled = copy.deepcopy(model)
@@ -561,6 +563,7 @@ def test_language_space_is_named_from_the_stored_description(model, tmp_path):
     assert language_space_record(anonymous)["description"] == "not recorded by the model"
 
 
+@pytest.mark.slow
 def test_word_classes_come_from_the_model_or_the_caller(model, padded_case):
     input_hu, output_hu, _ = padded_case
     classes = ["lung", "soft tissue", "bone", "air", "fat"] + ["structure"] * (len(WORDS) - 5)

@@ -271,6 +271,7 @@ def _nifti_with_extension(folder: Path, name: str, vox_offset: int, extension_si
     (0, 1 << 30, "inside the header"),  # nibabel would read extensions to the end of the file
     (352 + (1 << 30), 1 << 30, "declares voxels at byte"),
 ])
+@pytest.mark.slow
 def test_nifti_extensions_cannot_make_the_reader_load_gigabytes(tmp_path, vox_offset, extension_size, message):
     path = _nifti_with_extension(tmp_path, "ext.nii.gz", vox_offset, extension_size, unpacked=1 << 30)
     assert path.stat().st_size < 5 * MiB

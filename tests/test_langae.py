@@ -41,6 +41,7 @@ def model() -> LangAE:
     return small_langae()
 
 
+@pytest.mark.slow
 def test_paper_config_shapes_at_512():
     torch.manual_seed(0)
     paper = LangAE(codebook=torch.randn(64, 384)).eval()
@@ -64,6 +65,7 @@ def test_paper_config_shapes_at_512():
     assert torch.isfinite(reconstruction).all()
 
 
+@pytest.mark.slow
 def test_odd_multiple_of_16_and_token_range(model):
     x = torch.rand(2, 1, 384, 448)
     with torch.no_grad():
@@ -94,6 +96,7 @@ def test_small_patches_clamp_the_pyramid(model):
     assert [tuple(t.shape) for t in out.token_ids] == [(1, 2, 2), (1, 4, 7), (1, 4, 7)]
 
 
+@pytest.mark.slow
 def test_uneven_cells_partition_the_latent():
     idx = cell_index(28, 8)
     sizes = torch.bincount(idx, minlength=8)
@@ -145,6 +148,7 @@ def test_latents_are_scaled_to_the_codebook_norm(model):
     assert raw.shape == (2, DIM, 8, 8) and not torch.allclose(raw.norm(dim=1), norms)
 
 
+@pytest.mark.slow
 def test_straight_through_reaches_encoder_but_not_codebook(model):
     model.zero_grad(set_to_none=True)
     x = torch.rand(1, 1, 128, 128)
@@ -159,6 +163,7 @@ def test_straight_through_reaches_encoder_but_not_codebook(model):
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 def test_semantic_loss_pulls_toward_candidates():
     torch.manual_seed(2)
     codebook = torch.randn(20, 6)
@@ -212,6 +217,7 @@ def test_codebook_validation():
         LangAE(base_channels=8, z_channels=8, codebook=torch.randn(4, 4), vocabulary=["a", "b", "c"])
 
 
+@pytest.mark.slow
 def test_stage1_loss_sums_its_weighted_parts(model):
     torch.manual_seed(4)
     x = torch.rand(2, 1, 128, 128)

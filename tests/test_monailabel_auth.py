@@ -157,6 +157,7 @@ def _hmac_with_public_key(key, issuer: str) -> str:
     return (signing + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
 
 
+@pytest.mark.server
 def test_requests_without_a_valid_token_are_refused(server, realm):
     for what, headers, status in _cases(realm):
         assert requests.get(f"{server.url}/info/", headers=headers, timeout=30).status_code == status, what
@@ -166,6 +167,7 @@ def test_requests_without_a_valid_token_are_refused(server, realm):
     assert not (server.tmpdir.parent / "studies" / "tiny_langmamba.nrrd").exists()  # nothing ran
 
 
+@pytest.mark.server
 def test_a_valid_token_is_served_within_the_clock_skew(server, realm):
     url, key, _ = realm
     headers = _bearer(_token(key, ["monailabel-user"], url))
@@ -183,6 +185,7 @@ def test_a_valid_token_is_served_within_the_clock_skew(server, realm):
     assert any(r["user"] == "anonymous" for r in records) is False  # refused tokens never reach the route
 
 
+@pytest.mark.server
 def test_stock_write_routes_stay_off_for_every_role(server, realm):
     url, key, _ = realm
     admin = _bearer(_token(key, ["monailabel-user", "monailabel-admin", "monailabel-annotator"], url))

@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import requests
 import torch
 
 from langmamba.sample_data import sample_path
 from tests.servers import REPO, free_port, start_process, stop_process
+
+pytestmark = pytest.mark.server  # every test here starts a real server
 
 
 def _digest(path) -> str:

@@ -31,6 +31,8 @@ from langmamba.io import CTVolume, read_volume, write_volume
 from langmamba.sample_data import sample_path
 from tests.servers import MonaiLabelServer, crop
 
+pytestmark = pytest.mark.server  # every test here starts a real server
+
 SECRET = b"outside the studies folder: must never be read or written\n"
 PATIENT_FILE_NAME = "DOE^JANE_1957-03-02.nrrd"  # an upload's name, as a client might send it
 

@@ -29,6 +29,8 @@ from langmamba.runtime import default_weights
 from langmamba.sample_data import sample_path
 from tests.servers import MonaiLabelServer, crop
 
+pytestmark = pytest.mark.server  # every test here starts a real server
+
 UPLOAD_LIMIT_MB = 8
 
 

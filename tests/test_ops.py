@@ -30,6 +30,8 @@ if "triton" in available_backends():
 if "mamba_ssm" in available_backends() and HAS_CUDA:
     FAST_BACKENDS.append(("mamba_ssm", "cuda"))
 IDS = [f"{name}-{device}" for name, device in FAST_BACKENDS]
+# The CUDA cases carry the `gpu` marker (the `make test-quick` lane leaves them out).
+FAST_BACKENDS = [pytest.param(*case, marks=pytest.mark.gpu) if case[1] == "cuda" else case for case in FAST_BACKENDS]
 
 CASES = {
     # name: (batch, D, N, L, groups or None, with D/z/delta_bias/softplus)

@@ -18,6 +18,8 @@ from langmamba.sample_data import sample_path
 from tests.conftest import write_ct_series
 from tests.servers import MonaiLabelServer, Orthanc, crop
 
+pytestmark = pytest.mark.server  # every test here starts a real server
+
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):

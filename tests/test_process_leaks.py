@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests import process_leaks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,7 @@ def test_leaks_a_child_and_an_orphan(tmp_path):
 """
 
 
+@pytest.mark.slow
 def test_a_session_that_leaves_processes_fails_and_kills_them(tmp_path):
     (tmp_path / "conftest.py").write_text("from tests.process_leaks import pytest_sessionfinish, pytest_sessionstart\n")
     (tmp_path / "test_leak.py").write_text(_LEAKING_TEST)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from langmamba.baselines import REDCNN
@@ -12,6 +13,7 @@ def test_shapes_any_size_and_parameter_count():
         assert model(torch.rand(shape)).shape == shape
 
 
+@pytest.mark.slow
 def test_learns_to_remove_noise_on_a_tiny_problem():
     torch.manual_seed(0)
     model = REDCNN(channels=16)

@@ -95,6 +95,7 @@ def test_collector_picks_the_middle_and_the_most_flagged_slices(explained):
     assert collector.grid == tuple(document["levels"][2]["grid"])
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_html_with_images_and_flagged_rows(explained, tmp_path):
     input_hu, output_hu, collector, document = explained
     images = {z: (input_hu[z], output_hu[z]) for z in collector.choose_slices(2)}
@@ -129,6 +130,7 @@ def test_report_refuses_an_incomplete_collection(explained, tmp_path):
         partial.choose_slices()
 
 
+@pytest.mark.slow
 def test_report_names_the_language_space_and_is_honest_about_uniform_words(model, tmp_path):
     """The shipped weights read every region near 1 / V: the default rule flags nothing, the report says the words
     are close to uniform, shows percentages (never 0.00) and lists regions most confident first."""

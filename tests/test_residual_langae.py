@@ -65,6 +65,7 @@ def test_each_level_quantizes_the_residual_the_coarser_ones_left():
     assert torch.equal(out.token_ids[1].reshape(-1), expected)
 
 
+@pytest.mark.slow
 def test_more_detail_stages_leave_a_smaller_residual_and_gains_follow_it():
     errors = []
     for stages in (0, 2, 6):
@@ -191,6 +192,7 @@ def test_region_vocabulary_has_a_class_for_every_word(tmp_path):
         load_word_classes(unclassed)
 
 
+@pytest.mark.slow
 def test_packaged_token_codes_are_the_minilm_tables_principal_codes():
     codes, projection = minilm_codes(16, 4)
     assert codes.shape == (30522, 16) and projection.shape == (64, 384)
@@ -212,6 +214,7 @@ def _residual_langae(**kwargs) -> LangAE:
     return LangAE(**{**settings, **kwargs})
 
 
+@pytest.mark.slow
 def test_residual_langae_checkpoint_round_trip(tmp_path):
     model = _residual_langae()
     model.train()
@@ -229,6 +232,7 @@ def test_residual_langae_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded.quantizer.calibration, model.quantizer.calibration)
 
 
+@pytest.mark.slow
 def test_old_langae_weights_load_and_behave_as_before():
     model = load_checkpoint(ROOT / "weights" / "langae").float().eval()
     assert isinstance(model.quantizer, PyramidLanguageQuantizer)
@@ -275,6 +279,7 @@ def _task(overrides: list[str]) -> ResidualLangAETask:
     return build_task(config, SimpleNamespace(train=_slices()), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_residual_task_trains_words_and_reconstruction():
     task = _task([])
     assert isinstance(task, ResidualLangAETask) and task.low_count == 1 and task.crop_count == 3

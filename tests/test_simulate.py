@@ -127,6 +127,7 @@ def test_rebin_and_fbp_reconstruct_constant_disc():
 # ---------------------------------------------------------------- round trip and geometry conventions
 
 
+@pytest.mark.slow
 def test_noise_free_round_trip_default_geometry_512():
     """Project -> FBP with no noise on the full clinical geometry: the error left is FBP blur at edges."""
     size, spacing = 512, 360.0 / 512
@@ -368,6 +369,7 @@ def test_phantom_bench_reports_native_aware_noise_within_the_dose_bound():
 
 
 @pytest.mark.parametrize("dose", [0.5, 0.1])
+@pytest.mark.slow
 def test_native_noise_aware_dose_gives_variance_over_dose(dose):
     """Dose d multiplies the scan's own noise variance by 1 / d over the soft tissue it was measured in."""
     clean = _water_cylinder(128, 2.0, radius=110.0)
@@ -455,6 +457,7 @@ def test_added_noise_nps_has_the_shape_of_native_noise():
 # ---------------------------------------------------------------- batched tensor API (the training's GPU path)
 
 
+@pytest.mark.slow
 def test_tensor_batch_stays_tensor_and_matches_per_slice_calls():
     hu = np.stack([_water_cylinder(), _water_cylinder() + 20.0, _water_cylinder()])
     doses = torch.tensor([0.5, 0.25, 0.1])

@@ -145,6 +145,7 @@ def _close(parent, widget):
 # --- Logic ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_logic_denoises_on_the_server_into_a_linked_scalar_volume(shim, scene, server, lung2_crop, tmp_path):
     _, slicer, module = shim
     node = _add_ct(slicer, lung2_crop)
@@ -211,6 +212,7 @@ def test_logic_denoises_on_the_server_into_a_linked_scalar_volume(shim, scene, s
     np.testing.assert_allclose(logic.ijkToRasArray(label_node), logic.ijkToRasArray(output_node))
 
 
+@pytest.mark.server
 def test_logic_reports_server_errors(shim, scene, server, lung2_crop):
     _, slicer, module = shim
     from LangMambaDenoiseLib import client as lmclient
@@ -233,6 +235,7 @@ def test_logic_reports_server_errors(shim, scene, server, lung2_crop):
 # --- Widget -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_panel_denoise_and_browse_explanations(shim, scene, server, lung2_crop, tmp_path, monkeypatch):
     _, slicer, module = shim
     import qt
@@ -381,6 +384,7 @@ def _no_traceback(text):
     assert text and "Traceback" not in text and "File \"" not in text and "\n" not in text
 
 
+@pytest.mark.server
 def test_panel_shows_errors_as_messages(shim, scene, server, lung2_crop):
     _, slicer, module = shim
     import qt
@@ -440,6 +444,7 @@ def test_panel_shows_errors_as_messages(shim, scene, server, lung2_crop):
         _close(parent, widget)
 
 
+@pytest.mark.server
 def test_module_self_test_passes_against_the_server(shim, scene, server, monkeypatch):
     _, _, module = shim
     monkeypatch.setenv("LANGMAMBA_SERVER_URL", server.url)

@@ -23,6 +23,7 @@ def _losses(folder):
     return [float(r["loss"]) for r in csv.DictReader(open(folder / "log.csv")) if r["loss"]]
 
 
+@pytest.mark.slow
 def test_both_stages_train_and_reload(tmp_path):
     langae_dir = tmp_path / "langae"
     config = load_config(overrides=QUICK + ["model=langae", "optim.steps=16", "optim.lr=1e-3",
@@ -44,6 +45,7 @@ def test_both_stages_train_and_reload(tmp_path):
     assert any(r["val_psnr"] for r in csv.DictReader(open(denoiser_dir / "log.csv")))
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(tmp_path):
     out = tmp_path / "red"
     settings = QUICK + ["model=redcnn", "redcnn.channels=4", f"run.output={out}"]
@@ -57,6 +59,7 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), resumed.parameters()))
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
     out = tmp_path / "red"
     settings = QUICK + ["model=redcnn", "redcnn.channels=4", f"run.output={out}", "optim.steps=2"]
@@ -93,6 +96,7 @@ def _ddp_worker(rank: int, world: int, port: int, output: str, result_dir: str) 
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_replicas_identical(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path)),
                                 nprocs=2, join=True)
@@ -123,6 +127,7 @@ def test_training_needs_neither_pydicom_nor_simpleitk(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_fresh_run_from_exported_weights(tmp_path):
     settings = QUICK + ["model=redcnn", "redcnn.channels=4", "optim.steps=3"]
     first = train(load_config(overrides=settings + [f"run.output={tmp_path / 'first'}"]), progress=False)

@@ -44,6 +44,7 @@ def _data(monkeypatch, slices=None, **settings) -> train_data.TrainingData:
     return train_data.TrainingData.build(config, torch.device("cpu"), seed=0, validation_slices=1)
 
 
+@pytest.mark.slow
 def test_every_batch_gets_noise_never_seen_before(monkeypatch):
     data = _data(monkeypatch, patches_per_slice=1)
     first, second = data._low_dose([0, 0]), data._low_dose([0])
@@ -124,6 +125,7 @@ QUICK = ["model=redcnn", "redcnn.channels=4", "data.crop=128", "data.patch_size=
          "data.validation_doses=[0.25]"]
 
 
+@pytest.mark.slow
 def test_the_best_validated_average_is_exported(tmp_path, monkeypatch):
     scores = iter([20.0, 25.0, 22.0])
     calls = []
@@ -149,6 +151,7 @@ def test_the_best_validated_average_is_exported(tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), exported.parameters()))
 
 
+@pytest.mark.slow
 def test_resume_continues_weights_average_and_noise_exactly(tmp_path, monkeypatch):
     settings = QUICK + ["optim.steps=6", "run.validate_every=100", "run.checkpoint_every=100",
                         "run.max_minutes=100"]
@@ -203,6 +206,7 @@ def test_slices_of_different_sizes_are_simulated_together_and_cut_back(monkeypat
     assert lows[1].shape == big.full.shape
 
 
+@pytest.mark.slow
 def test_a_changed_validation_set_restarts_the_best_comparison(tmp_path, monkeypatch):
     scores = iter([30.0, 31.0, 25.0, 20.0])
     monkeypatch.setattr(engine, "validate", lambda task, model, data, device: {"val_psnr": next(scores),

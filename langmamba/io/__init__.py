@@ -10,6 +10,7 @@ with the input raises a subclass of :class:`langmamba.errors.InputError` that na
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 # Exports load on first use, so light submodules (atomic writes, formats) import without pydicom or SimpleITK:
 # training on a GPU machine needs neither.
@@ -27,12 +28,18 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AIR_HU", "CTVolume", "Format", "describe_volume", "extract_zip_series", "read_volume", "write_labels",
+    "AIR_HU",
+    "CTVolume",
+    "Format",
+    "describe_volume",
+    "extract_zip_series",
+    "read_volume",
+    "write_labels",
     "write_volume",
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'langmamba.io' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from langmamba.errors import EmptyInputError, InputError
 from langmamba.io.atomic import atomic_output, check_not_input
@@ -21,7 +23,7 @@ _INT16 = np.iinfo(np.int16)
 
 
 def read_volume(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     series_uid: str | None = None,
     check_hu: bool = True,
@@ -79,8 +81,9 @@ def read_volume(
     if fmt is Format.NIFTI:
         volume = itk_formats.read_nifti(path, max_bytes=max_bytes)
     else:
-        volume = itk_formats.read_sitk(path, fmt.value, max_bytes=max_bytes,
-                                       image_io=itk_io_name(fmt) if confined else None)
+        volume = itk_formats.read_sitk(
+            path, fmt.value, max_bytes=max_bytes, image_io=itk_io_name(fmt) if confined else None
+        )
     check_finite(volume.hu, str(path))
     if check_hu:
         check_hu_range(volume.hu, str(path))
@@ -89,7 +92,7 @@ def read_volume(
 
 def write_volume(
     volume: CTVolume,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     series_description: str = "LangMamba denoised",
     overwrite: bool = False,
@@ -142,9 +145,9 @@ def write_volume(
 
 
 def write_labels(
-    labels: np.ndarray,
+    labels: NDArray[Any],
     geometry: CTVolume,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     series_description: str = "LangMamba labels",
     overwrite: bool = False,
@@ -165,14 +168,12 @@ def write_labels(
         OverwriteError, UnsupportedFormatError: as for :func:`write_volume`.
     """
     if labels.shape != tuple(geometry.shape) or labels.dtype.kind not in "iu":
-        raise InputError(f"labels must be integers of shape {tuple(geometry.shape)}, got {labels.dtype} "
-                         f"{labels.shape}")
+        raise InputError(f"labels must be integers of shape {tuple(geometry.shape)}, got {labels.dtype} {labels.shape}")
     if labels.size and (int(labels.min()) < _INT16.min or int(labels.max()) > _INT16.max):
         raise InputError("label values must fit in int16")
     fmt = format_for_writing(path)
     if fmt is Format.DICOM:
-        return write_volume(geometry.with_hu(labels), path, series_description=series_description,
-                            overwrite=overwrite)
+        return write_volume(geometry.with_hu(labels), path, series_description=series_description, overwrite=overwrite)
     from langmamba.io import itk_formats
 
     output = Path(path).expanduser()

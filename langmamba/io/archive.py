@@ -16,7 +16,7 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from langmamba.errors import EmptyInputError, InputError, VolumeTooLargeError
 
@@ -100,7 +100,7 @@ def _is_link(member: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(member.external_attr >> 16)
 
 
-def copy_at_most(source: BinaryIO, target: BinaryIO, budget: int) -> int:
+def copy_at_most(source: IO[bytes], target: IO[bytes], budget: int) -> int:
     """Copy ``source`` to ``target`` in chunks and return the bytes copied, raising
     :class:`VolumeTooLargeError` as soon as they would exceed ``budget`` (nothing past it is written)."""
     copied = 0
@@ -113,8 +113,8 @@ def copy_at_most(source: BinaryIO, target: BinaryIO, budget: int) -> int:
 
 
 def extract_zip_series(
-    archive: str | os.PathLike,
-    folder: str | os.PathLike,
+    archive: str | os.PathLike[str],
+    folder: str | os.PathLike[str],
     max_bytes: int,
     max_members: int = MAX_ZIP_MEMBERS,
     max_ratio: float = MAX_ZIP_RATIO,

@@ -14,8 +14,10 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from langmamba.errors import OverwriteError
 from langmamba.io.formats import has_dicom_magic
@@ -26,7 +28,7 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_not_input(output: Path, sources: Iterable[str | os.PathLike | None]) -> None:
+def check_not_input(output: Path, sources: Iterable[str | os.PathLike[str] | None]) -> None:
     """Refuse an output that equals, lies inside, or contains an input path.
 
     Args:
@@ -156,7 +158,7 @@ def atomic_output(output: Path, *, as_folder: bool, overwrite: bool = False) -> 
 
 
 @contextmanager
-def atomic_folder(output: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(output: str | os.PathLike[str]) -> Iterator[Path]:
     """Give the writer a temporary folder that then replaces the folder ``output`` whole.
 
     For folders langmamba itself makes and owns (a training checkpoint, a data-cache entry, a bundle): an
@@ -178,17 +180,16 @@ def atomic_folder(output: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, compressed: bool = True) -> Path:
+def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, NDArray[Any]], *, compressed: bool = True) -> Path:
     """Write ``arrays`` to the ``.npz`` file ``path`` through :func:`atomic_output`, replacing an earlier file:
     readers never see half a file. ``compressed=False`` for arrays that are compressed already."""
     path = Path(path)
-    with atomic_output(path, as_folder=False, overwrite=True) as staging:
-        with open(staging / path.name, "wb") as handle:
-            (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+    with atomic_output(path, as_folder=False, overwrite=True) as staging, open(staging / path.name, "wb") as handle:
+        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
     return path
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_output`, replacing an earlier file."""
     path = Path(path)
     with atomic_output(path, as_folder=False, overwrite=True) as staging:

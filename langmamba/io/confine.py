@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from langmamba.errors import CorruptFileError, InputError, UnsafeInputError
@@ -52,7 +53,7 @@ def check_folder_entries(folder: Path) -> None:
             raise UnsafeInputError(f"{folder}: holds a special file (device, pipe or socket)")
 
 
-def _header_lines(path: Path, line_end: re.Pattern, until, what: str) -> list[bytes]:
+def _header_lines(path: Path, line_end: re.Pattern[bytes], until: Callable[[bytes], bool], what: str) -> list[bytes]:
     """The header lines of ``path`` (opened without following links, split at ``line_end`` as its reader splits
     them) up to and including the first line for which ``until(line)`` is true, or to the end of the file; at most
     :data:`MAX_HEADER_BYTES`.
@@ -66,7 +67,7 @@ def _header_lines(path: Path, line_end: re.Pattern, until, what: str) -> list[by
         raise UnsafeInputError(f"{path}: cannot be opened as a regular file ({err.strerror})") from err
     with os.fdopen(fd, "rb") as handle:
         head = handle.read(MAX_HEADER_BYTES + 1)
-    complete = head if len(head) <= MAX_HEADER_BYTES else head[:max(head.rfind(b"\n"), head.rfind(b"\r"), 0)]
+    complete = head if len(head) <= MAX_HEADER_BYTES else head[: max(head.rfind(b"\n"), head.rfind(b"\r"), 0)]
     lines = []
     for line in line_end.split(complete):
         lines.append(line)

@@ -23,9 +23,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 import pydicom
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -55,9 +57,7 @@ logger = logging.getLogger(__name__)
 AIR_HU = -1024.0
 """HU given to padding voxels (outside the reconstructed field of view)."""
 
-CT_SOP_CLASSES = frozenset(
-    {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
-)
+CT_SOP_CLASSES = frozenset({CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
 PRIVATE_GROUP = 0x0009
 PRIVATE_CREATOR = "LANGMAMBA 1"
 _SOURCE_UIDS = 0x01
@@ -65,16 +65,44 @@ _SOURCE_FRAMES = 0x02
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Objects with pixel data that are not images of the patient: segmentations and dose grids often share a folder
 # (and sometimes the series) with the CT they were drawn on, and must not be read as slices of it.
-_DERIVED_NON_IMAGE_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage (DICOM SEG)
-    "1.2.840.10008.5.1.4.1.1.66.5",  # Surface Segmentation Storage
-    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose Storage
-})
+_DERIVED_NON_IMAGE_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage (DICOM SEG)
+        "1.2.840.10008.5.1.4.1.1.66.5",  # Surface Segmentation Storage
+        "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose Storage
+    }
+)
 _DERIVED_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "REG"})
 # Files in a series folder that are certainly not DICOM and are not worth a forced parse.
 _NOT_DICOM_SUFFIXES = frozenset(
-    ".nii .nii.gz .nrrd .nhdr .mha .mhd .raw .zraw .gz .png .jpg .jpeg .bmp .gif .tif .tiff "
-    ".txt .xml .json .html .htm .pdf .zip .exe .ini .csv".split()
+    [
+        ".nii",
+        ".nii.gz",
+        ".nrrd",
+        ".nhdr",
+        ".mha",
+        ".mhd",
+        ".raw",
+        ".zraw",
+        ".gz",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".txt",
+        ".xml",
+        ".json",
+        ".html",
+        ".htm",
+        ".pdf",
+        ".zip",
+        ".exe",
+        ".ini",
+        ".csv",
+    ]
 )
 
 
@@ -106,9 +134,15 @@ def _may_be_dicom(path: Path) -> bool:
     return any(tag in head for tag in _IDENTITY_TAGS)
 
 
+@overload
+def _read_dataset(
+    path: Path, *, header_only: bool, strict: Literal[True], budget: ReadBudget | None = None
+) -> Dataset: ...
+@overload
 def _read_dataset(
     path: Path, *, header_only: bool, strict: bool, budget: ReadBudget | None = None
-) -> Dataset | None:
+) -> Dataset | None: ...
+def _read_dataset(path: Path, *, header_only: bool, strict: bool, budget: ReadBudget | None = None) -> Dataset | None:
     """Read a DICOM file; ``None`` when it is not DICOM and ``strict`` is False.
 
     Files without the Part 10 preamble are retried with ``force=True`` if their start holds the tag of a SOP Class
@@ -121,12 +155,16 @@ def _read_dataset(
     try:
         with _quiet_pydicom(path), open(path, "rb") as handle:
             source = handle if budget is None else budget.wrap(handle)
+            ds: Dataset
             try:
                 ds = pydicom.dcmread(source, stop_before_pixels=header_only)
             except InvalidDicomError:
                 handle.seek(0)
-                ds = pydicom.dcmread(source, stop_before_pixels=header_only, force=True) if _may_be_dicom(path) \
+                ds = (
+                    pydicom.dcmread(source, stop_before_pixels=header_only, force=True)
+                    if _may_be_dicom(path)
                     else Dataset()
+                )
             # Parsing is lazy: touching every element surfaces damaged values now.
             for _ in ds.iterall():
                 pass
@@ -136,9 +174,7 @@ def _read_dataset(
         raise InputError(f"{path}: cannot be opened (permission denied)") from err
     except Exception as err:  # pydicom raises many types for damaged files
         if strict or has_dicom_magic(path):
-            raise CorruptFileError(
-                f"{path}: damaged DICOM file ({type(err).__name__}: {err})"
-            ) from err
+            raise CorruptFileError(f"{path}: damaged DICOM file ({type(err).__name__}: {err})") from err
         return None
     if _sop_class(ds) is None and "Modality" not in ds:
         if strict or has_dicom_magic(path):
@@ -160,9 +196,7 @@ def _is_image(ds: Dataset, path: Path) -> bool:
     if any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise CorruptFileError(f"{path}: pixel data without Rows/Columns (damaged header)")
     if sop is not None and "Image" in sop.name:
-        raise CorruptFileError(
-            f"{path}: a {sop.name} object without its image attributes (truncated?)"
-        )
+        raise CorruptFileError(f"{path}: a {sop.name} object without its image attributes (truncated?)")
     return False
 
 
@@ -172,7 +206,7 @@ def _describe_object(ds: Dataset) -> str:
     return f"{name} (Modality {ds.get('Modality', '?')})"
 
 
-def _decode(ds: Dataset, path: Path) -> np.ndarray:
+def _decode(ds: Dataset, path: Path) -> NDArray[Any]:
     """Stored pixel values of every frame, shape ``(frames, rows, cols)``."""
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise CorruptFileError(f"{path}: the image has no pixel data (truncated file?)")
@@ -187,17 +221,13 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
             pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as err:
         name = syntax.name if syntax is not None else "unknown transfer syntax"
-        raise UnsupportedFormatError(
-            f"{path}: no installed decoder reads pixel data compressed as {name}"
-        ) from err
+        raise UnsupportedFormatError(f"{path}: no installed decoder reads pixel data compressed as {name}") from err
     except Exception as err:
-        raise CorruptFileError(
-            f"{path}: the pixel data cannot be decoded (truncated or damaged: {err})"
-        ) from err
+        raise CorruptFileError(f"{path}: the pixel data cannot be decoded (truncated or damaged: {err})") from err
     return pixels.reshape(-1, int(ds.Rows), int(ds.Columns))
 
 
-def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+def _padding_mask(ds: Dataset, stored: NDArray[Any]) -> NDArray[Any] | None:
     """Voxels marked as padding by PixelPaddingValue (and PixelPaddingRangeLimit)."""
     if "PixelPaddingValue" not in ds or ds.PixelPaddingValue is None:
         return None
@@ -216,13 +246,14 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return (stored >= lo) & (stored <= hi)
 
 
-def _to_hu(ds: Dataset, stored: np.ndarray, frames: list[Frame]) -> np.ndarray:
+def _to_hu(ds: Dataset, stored: NDArray[Any], frames: list[Frame]) -> NDArray[Any]:
     """HU of every frame of one object, float32 ``(frames, rows, cols)``."""
     if frames[0].rescale is None:
         hu = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32).reshape(stored.shape)
     else:
         hu = stored.astype(np.float32)
         for k, frame in enumerate(frames):
+            assert frame.rescale is not None, "frames_of gives every frame of a rescaled object its rescale"
             slope, intercept = frame.rescale
             hu[k] = hu[k] * np.float32(slope) + np.float32(intercept)
     padding = _padding_mask(ds, stored)
@@ -267,12 +298,12 @@ def source_references(header: Dataset | None) -> list[tuple[str, int | None]]:
     return list(zip(uids, frames))
 
 
-def _as_list(value) -> list:
+def _as_list(value: Any) -> list[Any]:
     """pydicom gives a single value for VM 1 and a MultiValue otherwise."""
     return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
-def _read_voxels(items: list[tuple[Path, list[Frame]]], slots: list[list[int]], target) -> list[np.ndarray]:
+def _read_voxels(items: list[tuple[Path, list[Frame]]], slots: list[list[int]], target: Any) -> list[NDArray[Any]]:
     """Read the HU ``(frames, rows, cols)`` of each ``(file, its frames)`` into the slices ``slots`` of the
     :func:`langmamba.workers.shared_empty` array ``target``, or return them when ``target`` is ``None``; run by
     :mod:`langmamba.workers` processes."""
@@ -282,9 +313,7 @@ def _read_voxels(items: list[tuple[Path, list[Frame]]], slots: list[list[int]], 
         ds = _read_dataset(path, header_only=False, strict=True)
         values = _to_hu(ds, _decode(ds, path), file_frames)
         if values.shape[0] != len(file_frames):
-            raise CorruptFileError(
-                f"{path}: {values.shape[0]} frames of pixel data for {len(file_frames)} declared"
-            )
+            raise CorruptFileError(f"{path}: {values.shape[0]} frames of pixel data for {len(file_frames)} declared")
         if volume is None:
             voxels.append(values)
         else:
@@ -310,11 +339,13 @@ def _volume(
     slots = [[slot[id(frame)] for frame in file_frames] for _, file_frames in items]
     parts = workers.split(len(items))
     with workers.shared_empty((len(frames), frames[0].rows, frames[0].cols), np.float32) as (hu, target):
-        futures = [workers.submit(_read_voxels, items[part.start:part.stop], slots[part.start:part.stop], target)
-                   for part in parts]
+        futures = [
+            workers.submit(_read_voxels, items[part.start : part.stop], slots[part.start : part.stop], target)
+            for part in parts
+        ]
         with tqdm(total=len(items), desc="Reading DICOM", unit="file", disable=not progress) as bar:
             for part, voxels in zip(parts, workers.results(futures)):
-                for file_slots, values in zip(slots[part.start:part.stop], voxels):
+                for file_slots, values in zip(slots[part.start : part.stop], voxels):
                     hu[file_slots] = values
                 bar.update(len(part))
     check_finite(hu, label)
@@ -349,14 +380,15 @@ def _scan_headers(paths: list[Path], reads: int, where: str) -> list[tuple[bool,
     """``(empty, header or None when not DICOM)`` of each file, parsed within ``reads`` reads in all (see
     :class:`langmamba.io.limits.ReadBudget`); run by :mod:`langmamba.workers` processes."""
     budget = ReadBudget(reads, where, MAX_DICOM_HEADER_READS)
-    scanned = []
+    scanned: list[tuple[bool, Dataset | None]] = []
     for path in paths:
         if path.stat().st_size == 0:
             scanned.append((True, None))
             continue
         maybe_dicom = suffix_of(path) not in _NOT_DICOM_SUFFIXES or has_dicom_magic(path)
-        scanned.append((False, _read_dataset(path, header_only=True, strict=False, budget=budget) if maybe_dicom
-                           else None))
+        scanned.append(
+            (False, _read_dataset(path, header_only=True, strict=False, budget=budget) if maybe_dicom else None)
+        )
     return scanned
 
 
@@ -378,22 +410,27 @@ def read_dicom_folder(
     Returns:
         CTVolume with ``hu`` of shape ``(Z, Y, X)`` in HU and the geometry of the series.
     """
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR"
-    )
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
     if not files:
         raise EmptyInputError(
-            f"{folder}: the folder holds no files (subfolders are not searched; give the series "
-            "folder itself)"
+            f"{folder}: the folder holds no files (subfolders are not searched; give the series folder itself)"
         )
     headers: dict[Path, Dataset] = {}
     seen: set[str] = set()
     parts = workers.split(len(files))
-    scans = [workers.submit(_scan_headers, files[part.start:part.stop],
-                            -(-MAX_DICOM_HEADER_READS * len(part) // len(files)), str(folder)) for part in parts]
+    scans = [
+        workers.submit(
+            _scan_headers,
+            files[part.start : part.stop],
+            -(-MAX_DICOM_HEADER_READS * len(part) // len(files)),
+            str(folder),
+        )
+        for part in parts
+    ]
     scanned = (result for part in workers.results(scans) for result in part)
-    for path, (empty, ds) in tqdm(zip(files, scanned), total=len(files), desc="Scanning DICOM", unit="file",
-                                  disable=not progress):
+    for path, (empty, ds) in tqdm(
+        zip(files, scanned), total=len(files), desc="Scanning DICOM", unit="file", disable=not progress
+    ):
         if empty:
             logger.warning("%s: skipping the empty file %s", folder, path.name)
             continue
@@ -420,9 +457,7 @@ def read_dicom_folder(
         series[str(ds.get("SeriesInstanceUID", ""))][path] = ds
     if series_uid is not None:
         if series_uid not in series:
-            raise EmptyInputError(
-                f"{folder}: holds no series {series_uid}; it holds:\n{_series_listing(series)}"
-            )
+            raise EmptyInputError(f"{folder}: holds no series {series_uid}; it holds:\n{_series_listing(series)}")
         chosen = series[series_uid]
     elif len(series) > 1:
         raise MixedSeriesError(

@@ -13,8 +13,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from langmamba.errors import CorruptFileError, IrregularSpacingError, MixedSeriesError, UnsupportedImageError
@@ -38,8 +40,8 @@ class Frame:
     index: int  # frame index inside the file, 0 for single-frame files
     rows: int
     cols: int
-    position: np.ndarray | None  # ImagePositionPatient, LPS mm
-    orientation: np.ndarray | None  # ImageOrientationPatient (row cosines, column cosines)
+    position: NDArray[Any] | None  # ImagePositionPatient, LPS mm
+    orientation: NDArray[Any] | None  # ImageOrientationPatient (row cosines, column cosines)
     pixel_spacing: tuple[float, float] | None  # (between rows, between columns) in mm
     rescale: tuple[float, float] | None  # (slope, intercept) of a multi-frame object's frame
     sop_uid: str
@@ -57,10 +59,10 @@ class Geometry:
     order: list[int]
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
-    direction: np.ndarray
+    direction: NDArray[Any]
 
 
-def functional(ds: Dataset, frame: int, sequence: str, keyword: str):
+def functional(ds: Dataset, frame: int, sequence: str, keyword: str) -> Any:
     """A frame's attribute from the per-frame, else the shared functional groups, else top level."""
     groups = []
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -76,7 +78,7 @@ def functional(ds: Dataset, frame: int, sequence: str, keyword: str):
     return ds.get(keyword)
 
 
-def _floats(value, count: int) -> np.ndarray | None:
+def _floats(value: Any, count: int) -> NDArray[Any] | None:
     if value is None:
         return None
     values = np.asarray([float(v) for v in value], dtype=np.float64)
@@ -95,8 +97,7 @@ def frames_of(ds: Dataset, path: Path) -> list[Frame]:
     multi = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     if count > 1 and not multi:
         raise UnsupportedImageError(
-            f"{path}: {count} frames without per-frame geometry (no functional groups), so their "
-            "positions are unknown"
+            f"{path}: {count} frames without per-frame geometry (no functional groups), so their positions are unknown"
         )
     frames = []
     for index in range(count):
@@ -134,14 +135,12 @@ def _check_same(frames: list[Frame], label: str) -> None:
     if len(sizes) > 1:
         listing = ", ".join(f"{c}x{r} ({n} slices)" for (c, r), n in sizes.most_common())
         raise MixedSeriesError(f"{label}: the slices have different sizes: {listing}")
-    known = [f for f in frames if f.orientation is not None]
-    differ = [
-        f for f in known if np.abs(f.orientation - known[0].orientation).max() > _ORIENTATION_TOLERANCE
-    ]
+    known = [(f, f.orientation) for f in frames if f.orientation is not None]
+    differ = [f for f, o in known if np.abs(o - known[0][1]).max() > _ORIENTATION_TOLERANCE]
     if differ:
         raise MixedSeriesError(
             f"{label}: the slices have different orientations ({len(differ)} of {len(frames)} differ "
-            f"from {known[0].label}, e.g. {differ[0].label}); a localizer or a reformat may be mixed "
+            f"from {known[0][0].label}, e.g. {differ[0].label}); a localizer or a reformat may be mixed "
             "into the series"
         )
     spacings = Counter(f.pixel_spacing for f in frames if f.pixel_spacing is not None)
@@ -152,7 +151,7 @@ def _check_same(frames: list[Frame], label: str) -> None:
             raise MixedSeriesError(f"{label}: the slices have different pixel sizes: {listing}")
 
 
-def _direction(orientation: np.ndarray, label: str) -> np.ndarray:
+def _direction(orientation: NDArray[Any], label: str) -> NDArray[Any]:
     """3×3 direction (columns: row direction, column direction, slice normal) from an IOP."""
     row = orientation[:3] / np.linalg.norm(orientation[:3])
     col = orientation[3:] / np.linalg.norm(orientation[3:])
@@ -163,7 +162,7 @@ def _direction(orientation: np.ndarray, label: str) -> np.ndarray:
     return np.column_stack([row, col, np.cross(row, col)])
 
 
-def _check_spacing(along: np.ndarray, frames: list[Frame], label: str) -> None:
+def _check_spacing(along: NDArray[Any], frames: list[Frame], label: str) -> None:
     """Raise for repeated positions, gaps (missing slices) and uneven spacing; ``along`` is sorted."""
     gaps = np.diff(along)
     if gaps.min() < _DUPLICATE_MM:
@@ -223,14 +222,15 @@ def series_geometry(frames: list[Frame], first: Dataset, label: str) -> Geometry
     _check_same(frames, label)
     if len(frames) == 1:
         return _single_frame(frames[0], first, label)
-    if any(f.orientation is None or f.position is None for f in frames):
+    orientation = frames[0].orientation
+    placed = [f.position for f in frames if f.position is not None]
+    if orientation is None or len(placed) < len(frames) or any(f.orientation is None for f in frames):
         raise UnsupportedImageError(
-            f"{label}: slices lack ImagePositionPatient/ImageOrientationPatient, so their order and "
-            "spacing are unknown"
+            f"{label}: slices lack ImagePositionPatient/ImageOrientationPatient, so their order and spacing are unknown"
         )
-    direction = _direction(frames[0].orientation, label)
+    direction = _direction(orientation, label)
     normal = direction[:, 2]
-    positions = np.stack([f.position for f in frames])
+    positions = np.stack(placed)
     order = np.argsort(positions @ normal, kind="stable")
     along = positions[order] @ normal
     _check_spacing(along, [frames[i] for i in order], label)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -88,7 +91,7 @@ _TYPE2_DEFAULTS = {
 }
 
 
-def stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
+def stored_values(hu: NDArray[Any]) -> tuple[NDArray[Any], int]:
     """int16 stored values and the RescaleIntercept that gives back the (rounded) HU.
 
     The intercept is 0 when the HU fit in int16, else shifted to fit the range; HU spanning more
@@ -114,12 +117,14 @@ def stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
     return rounded.astype(np.int16), intercept
 
 
-def _ds_numbers(values) -> list[str]:
+def _ds_numbers(values: Iterable[Any]) -> list[str]:
     return [format_number_as_ds(float(v)) for v in values]
 
 
 def _series_number(header: Dataset | None) -> int:
     source = header.get("SeriesNumber") if header is not None else None
+    if source is None:
+        return SERIES_NUMBER_OFFSET + 1
     try:
         number = int(source) + SERIES_NUMBER_OFFSET
     except (TypeError, ValueError):
@@ -251,20 +256,39 @@ def write_dicom_series(
     ds = _base_dataset(volume, header, series_description, intercept, datetime.now())
     references = _reference_items(volume, derived_from)
     width = max(4, len(str(volume.shape[0])))
-    placement = (np.asarray(volume.origin, dtype=np.float64), volume.spacing[2] * direction[:, 2],
-                 np.cross(direction[:, 0], direction[:, 1]))
+    placement = (
+        np.asarray(volume.origin, dtype=np.float64),
+        volume.spacing[2] * direction[:, 2],
+        np.cross(direction[:, 0], direction[:, 1]),
+    )
     # pydicom encodes in Python: worker processes (langmamba.workers) write slices side by side.
     with workers.shared_copy(stored) as handle:
-        tasks = [(ds, folder, width, placement, part, references[part.start:part.stop],
-                  (handle, 0) if handle is not None else (stored[part.start:part.stop], part.start))
-                 for part in workers.split(volume.shape[0])]
+        tasks = [
+            (
+                ds,
+                folder,
+                width,
+                placement,
+                part,
+                references[part.start : part.stop],
+                (handle, 0) if handle is not None else (stored[part.start : part.stop], part.start),
+            )
+            for part in workers.split(volume.shape[0])
+        ]
         with tqdm(total=volume.shape[0], desc="Writing DICOM", unit="slice", disable=not progress) as bar:
             for written in workers.results([workers.submit(_write_slices, *task) for task in tasks]):
                 bar.update(written)
 
 
-def _write_slices(ds: Dataset, folder: Path, width: int, placement: tuple[np.ndarray, np.ndarray, np.ndarray],
-                  part: range, references: list[_References | None], pixels: tuple) -> int:
+def _write_slices(
+    ds: Dataset,
+    folder: Path,
+    width: int,
+    placement: tuple[NDArray[Any], NDArray[Any], NDArray[Any]],
+    part: range,
+    references: list[_References | None],
+    pixels: tuple[Any, int],
+) -> int:
     """Write slices ``part`` of a series whose shared attributes are ``ds``, with their references; ``placement``
     is the origin, the step between slices and the slice normal in LPS mm. ``pixels`` is ``(values, first)``: the
     int16 stored values of slice ``k`` are row ``k - first`` of ``values``, an array or a
@@ -279,8 +303,9 @@ def _write_slices(ds: Dataset, folder: Path, width: int, placement: tuple[np.nda
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = _ds_numbers(position)
         ds.SliceLocation = format_number_as_ds(float(position @ normal))
-        if references[i] is not None:
-            series_item, source_item = references[i]
+        reference = references[i]
+        if reference is not None:
+            series_item, source_item = reference
             ds.ReferencedSeriesSequence = Sequence([series_item])
             if source_item is not None:
                 ds.SourceImageSequence = Sequence([source_item])

@@ -37,12 +37,11 @@ _SUFFIXES: dict[str, Format] = {
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 _DICM_OFFSET = 128
 SUPPORTED_TEXT = (
-    "a DICOM series folder or DICOM file, NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) "
-    "or MetaImage (.mha, .mhd)"
+    "a DICOM series folder or DICOM file, NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd)"
 )
 
 
-def suffix_of(path: str | os.PathLike) -> str:
+def suffix_of(path: str | os.PathLike[str]) -> str:
     """Lower-case extension of ``path``, with ``.nii.gz`` as one extension; ``""`` if none."""
     name = Path(path).name.lower()
     if name.endswith(".nii.gz"):
@@ -74,12 +73,10 @@ def format_for_reading(path: Path) -> Format:
         return _SUFFIXES[suffix]
     if has_dicom_magic(path) or suffix in _DICOM_SUFFIXES:
         return Format.DICOM
-    raise UnsupportedFormatError(
-        f"{path}: unknown file type {suffix!r}; langmamba reads {SUPPORTED_TEXT}"
-    )
+    raise UnsupportedFormatError(f"{path}: unknown file type {suffix!r}; langmamba reads {SUPPORTED_TEXT}")
 
 
-def format_for_writing(path: str | os.PathLike) -> Format:
+def format_for_writing(path: str | os.PathLike[str]) -> Format:
     """Format of an output path: by extension, or a DICOM series folder.
 
     A path ending in ``/``, an existing folder, or a name without extension is a DICOM series
@@ -96,9 +93,11 @@ def format_for_writing(path: str | os.PathLike) -> Format:
         return Format.DICOM
     fmt = _SUFFIXES.get(suffix)
     if fmt is None or fmt is Format.PICTURE:
-        hint = " (a DICOM series is written to a folder: give a path without extension)" if (
-            suffix in _DICOM_SUFFIXES
-        ) else ""
+        hint = (
+            " (a DICOM series is written to a folder: give a path without extension)"
+            if (suffix in _DICOM_SUFFIXES)
+            else ""
+        )
         raise UnsupportedFormatError(
             f"{text}: cannot write {suffix!r} files{hint}; langmamba writes NIfTI (.nii, .nii.gz), "
             "NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"

@@ -13,10 +13,13 @@ import gzip
 import logging
 import struct
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.spatialimages import SpatialImage
+from numpy.typing import NDArray
 
 from langmamba.errors import CorruptFileError, UnsupportedImageError
 from langmamba.io.limits import MAX_NIFTI_HEADER_BYTES, MAX_VOLUME_BYTES, check_volume_bytes
@@ -42,8 +45,7 @@ def _check_dimensions(path: Path, shape: tuple[int, ...], components: int) -> No
     spatial = tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
     if len(spatial) < 3:
         raise UnsupportedImageError(
-            f"{path}: a {len(spatial)}-D image of size {'x'.join(map(str, spatial))}; "
-            "langmamba needs a 3-D CT volume"
+            f"{path}: a {len(spatial)}-D image of size {'x'.join(map(str, spatial))}; langmamba needs a 3-D CT volume"
         )
     if len(spatial) > 3:
         raise UnsupportedImageError(
@@ -52,7 +54,7 @@ def _check_dimensions(path: Path, shape: tuple[int, ...], components: int) -> No
         )
 
 
-def _geometry_from_matrix(path: Path, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _geometry_from_matrix(path: Path, matrix: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
     """Split a 3×3 LPS matrix (columns = axis step vectors, mm) into spacing and unit directions."""
     spacing = np.linalg.norm(matrix, axis=0)
     if not np.all(spacing > 0):
@@ -85,21 +87,27 @@ def _check_nifti_extensions(path: Path) -> None:
             at, kind = _NIFTI_VOX_OFFSET[sizeof_hdr]
             vox_offset = struct.unpack_from(order + kind, head, at)[0]
             if not 0 <= vox_offset <= MAX_NIFTI_HEADER_BYTES:
-                raise CorruptFileError(f"{path}: the NIfTI header declares voxels at byte {vox_offset:g}; langmamba "
-                                       f"reads headers and extensions of at most {MAX_NIFTI_HEADER_BYTES:,} bytes")
-            if len(head) < sizeof_hdr + 4 or head[sizeof_hdr:sizeof_hdr + 1] == b"\0":
+                raise CorruptFileError(
+                    f"{path}: the NIfTI header declares voxels at byte {vox_offset:g}; langmamba "
+                    f"reads headers and extensions of at most {MAX_NIFTI_HEADER_BYTES:,} bytes"
+                )
+            if len(head) < sizeof_hdr + 4 or head[sizeof_hdr : sizeof_hdr + 1] == b"\0":
                 return  # no extensions
             left = int(vox_offset) - sizeof_hdr - 4
             if left < 0:  # nibabel would read extensions to the end of the file
-                raise CorruptFileError(f"{path}: the NIfTI header has extensions but declares voxels at byte "
-                                       f"{vox_offset:g}, inside the header")
+                raise CorruptFileError(
+                    f"{path}: the NIfTI header has extensions but declares voxels at byte "
+                    f"{vox_offset:g}, inside the header"
+                )
             handle.seek(sizeof_hdr + 4)
             while left >= 16:
                 step = handle.read(8)
                 size = struct.unpack_from(order + "i", step)[0] if len(step) == 8 else -1
                 if not 8 <= size <= left:
-                    raise CorruptFileError(f"{path}: damaged NIfTI header extension (size {size} where "
-                                           f"{left} bytes are left before the voxels)")
+                    raise CorruptFileError(
+                        f"{path}: damaged NIfTI header extension (size {size} where "
+                        f"{left} bytes are left before the voxels)"
+                    )
                 skip = size - 8
                 while skip > 0 and (chunk := handle.read(min(_EXTENSION_STEP, skip))):
                     skip -= len(chunk)
@@ -121,6 +129,8 @@ def read_nifti(path: Path, *, max_bytes: int | None = MAX_VOLUME_BYTES) -> CTVol
     _check_nifti_extensions(path)
     try:
         image = nib.load(str(path))
+        if not isinstance(image, SpatialImage):
+            raise TypeError(f"nibabel read a {type(image).__name__}, not an image with a voxel grid")
         dtype = image.get_data_dtype()
         shape = tuple(int(n) for n in image.shape)
     except Exception as err:  # nibabel raises many types for damaged headers
@@ -133,9 +143,7 @@ def read_nifti(path: Path, *, max_bytes: int | None = MAX_VOLUME_BYTES) -> CTVol
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as err:  # truncated or corrupt compressed data
-        raise CorruptFileError(
-            f"{path}: the voxel data cannot be read (truncated or damaged file: {err})"
-        ) from err
+        raise CorruptFileError(f"{path}: the voxel data cannot be read (truncated or damaged file: {err})") from err
     data = data.reshape(shape[:3])
     lps = _RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3, :]
     spacing, direction = _geometry_from_matrix(path, lps[:, :3])
@@ -175,14 +183,10 @@ def read_sitk(
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        raise CorruptFileError(
-            f"{path}: the voxel data cannot be read (truncated file or missing data file)"
-        ) from err
+        raise CorruptFileError(f"{path}: the voxel data cannot be read (truncated file or missing data file)") from err
     ndim = image.GetDimension()
     data = sitk.GetArrayViewFromImage(image).astype(np.float32).reshape(image.GetSize()[:3][::-1])
-    matrix = np.asarray(image.GetDirection()).reshape(ndim, ndim)[:3, :3] * np.asarray(
-        image.GetSpacing()[:3]
-    )
+    matrix = np.asarray(image.GetDirection()).reshape(ndim, ndim)[:3, :3] * np.asarray(image.GetSpacing()[:3])
     spacing, direction = _geometry_from_matrix(path, matrix)
     return CTVolume(
         hu=data,
@@ -222,11 +226,9 @@ def reject_picture(path: Path, *, inspect: bool = True) -> None:
     )
 
 
-def storage_array(hu: np.ndarray) -> np.ndarray:
+def storage_array(hu: NDArray[Any]) -> NDArray[Any]:
     """Values to store: int16 when every HU is an integer in range (exact, half the size), else float32."""
-    if hu.size and float(hu.min()) >= _INT16.min and float(hu.max()) <= _INT16.max and np.array_equal(
-        hu, np.rint(hu)
-    ):
+    if hu.size and float(hu.min()) >= _INT16.min and float(hu.max()) <= _INT16.max and np.array_equal(hu, np.rint(hu)):
         return hu.astype(np.int16)
     return hu.astype(np.float32, copy=False)
 
@@ -245,7 +247,7 @@ def write_sitk(volume: CTVolume, filename: Path) -> None:
     write_array(storage_array(volume.hu), volume, filename)
 
 
-def write_array(values: np.ndarray, geometry: CTVolume, filename: Path) -> None:
+def write_array(values: NDArray[Any], geometry: CTVolume, filename: Path) -> None:
     """Write ``values (Z, Y, X)``, stored in their own dtype, on the grid of ``geometry`` (its voxels are not
     read) to ``filename`` with SimpleITK; errors as :func:`write_sitk`."""
     image = sitk.GetImageFromArray(values)

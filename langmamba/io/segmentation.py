@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
 from langmamba.errors import CorruptFileError, InputError
 from langmamba.io.dicom import source_references
@@ -20,7 +23,7 @@ from langmamba.io.volume import CTVolume
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def _source_uid(frame) -> str | None:
+def _source_uid(frame: Dataset) -> str | None:
     for derivation in frame.get("DerivationImageSequence", []):
         for source in derivation.get("SourceImageSequence", []):
             if "ReferencedSOPInstanceUID" in source:
@@ -28,14 +31,16 @@ def _source_uid(frame) -> str | None:
     return None
 
 
-def _position(frame, shared) -> np.ndarray | None:
+def _position(frame: Dataset, shared: Dataset | None) -> NDArray[Any] | None:
     for group in (frame, shared):
         if group is not None and "PlanePositionSequence" in group:
             return np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
     return None
 
 
-def read_segmentation(path: str | os.PathLike, volume: CTVolume, segments: list[int] | None = None) -> np.ndarray:
+def read_segmentation(
+    path: str | os.PathLike[str], volume: CTVolume, segments: list[int] | None = None
+) -> NDArray[Any]:
     """Union of the chosen segments of a DICOM SEG file as a boolean mask on ``volume``'s grid.
 
     Args:
@@ -56,8 +61,10 @@ def read_segmentation(path: str | os.PathLike, volume: CTVolume, segments: list[
     if str(ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
         raise InputError(f"{path}: not a DICOM SEG object (SOP Class {ds.get('SOPClassUID', 'missing')})")
     if (int(ds.Rows), int(ds.Columns)) != volume.shape[1:]:
-        raise InputError(f"{path}: SEG frames of {ds.Rows}x{ds.Columns} do not match the CT slices of "
-                         f"{volume.shape[1]}x{volume.shape[2]}")
+        raise InputError(
+            f"{path}: SEG frames of {ds.Rows}x{ds.Columns} do not match the CT slices of "
+            f"{volume.shape[1]}x{volume.shape[2]}"
+        )
     try:
         frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
     except Exception as err:
@@ -72,7 +79,8 @@ def read_segmentation(path: str | os.PathLike, volume: CTVolume, segments: list[
         number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         if segments is not None and number not in segments:
             continue
-        z = slice_of_uid.get(_source_uid(frame))
+        uid = _source_uid(frame)
+        z = None if uid is None else slice_of_uid.get(uid)
         if z is None:
             position = _position(frame, shared)
             if position is None:

@@ -17,8 +17,10 @@ intercept) are accepted with a warning in the log, because a tightly cropped CT 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from langmamba.errors import NonFiniteVoxelsError, NotCTError
 
@@ -29,7 +31,7 @@ _MAX_PLAUSIBLE_HU = 65535.0
 _NORMALISED_SPAN = 4.0
 
 
-def check_finite(hu: np.ndarray, where: str) -> None:
+def check_finite(hu: NDArray[Any], where: str) -> None:
     """Raise :class:`NonFiniteVoxelsError` if ``hu`` holds NaN or ±inf values.
 
     Args:
@@ -46,7 +48,7 @@ def check_finite(hu: np.ndarray, where: str) -> None:
         )
 
 
-def check_hu_range(hu: np.ndarray, where: str) -> None:
+def check_hu_range(hu: NDArray[Any], where: str) -> None:
     """Raise :class:`NotCTError` if the values of ``hu`` cannot be Hounsfield units.
 
     See the module docstring for the rules. ``hu`` must be finite (call :func:`check_finite` first).
@@ -67,12 +69,12 @@ def check_hu_range(hu: np.ndarray, where: str) -> None:
             "not Hounsfield units. Give the CT in HU"
         )
     if lo < _MIN_PLAUSIBLE_HU or hi > _MAX_PLAUSIBLE_HU:
-        raise NotCTError(
-            f"{where}: values span [{lo:g}, {hi:g}], far outside any CT scanner's range of HU"
-        )
+        raise NotCTError(f"{where}: values span [{lo:g}, {hi:g}], far outside any CT scanner's range of HU")
     if lo >= 0.0:
         logger.warning(
             "%s: no value below 0 (range [%g, %g]); if this is a CT, it may be missing its rescale "
             "intercept (HU = stored value - 1024 on most scanners), or it may be an MR",
-            where, lo, hi,
+            where,
+            lo,
+            hi,
         )

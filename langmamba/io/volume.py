@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 
 @dataclass
@@ -24,10 +25,10 @@ class CTVolume:
     - ``source``: where the volume was read from (path as text), ``None`` if made in memory.
     """
 
-    hu: np.ndarray
+    hu: NDArray[np.float32]
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    direction: NDArray[np.float64] = field(default_factory=lambda: np.eye(3))
     dicom: Any = None
     source: str | None = None
 
@@ -35,30 +36,34 @@ class CTVolume:
         self.hu = np.asarray(self.hu, dtype=np.float32)
         if self.hu.ndim != 3:
             raise ValueError(f"CTVolume.hu must be 3-D (Z, Y, X), got shape {self.hu.shape}")
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.origin = tuple(float(o) for o in self.origin)
+        sx, sy, sz = (float(s) for s in self.spacing)
+        ox, oy, oz = (float(o) for o in self.origin)
+        self.spacing, self.origin = (sx, sy, sz), (ox, oy, oz)
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)
+        z, y, x = self.hu.shape
+        return z, y, x
 
-    def affine_lps(self) -> np.ndarray:
+    def affine_lps(self) -> NDArray[np.float64]:
         """4×4 matrix mapping voxel index ``(x, y, z, 1)`` (column, row, slice) to LPS mm."""
         affine = np.eye(4)
         affine[:3, :3] = self.direction @ np.diag(self.spacing)
         affine[:3, 3] = self.origin
         return affine
 
-    def affine_ras(self) -> np.ndarray:
+    def affine_ras(self) -> NDArray[np.float64]:
         """Same as :meth:`affine_lps` but to RAS mm (NIfTI, MONAI, 3D Slicer)."""
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine_lps()
+        flip: NDArray[np.float64] = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return flip @ self.affine_lps()
 
-    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+    def index_to_lps(self, ijk: NDArray[Any]) -> NDArray[np.float64]:
         """Voxel indices ``(..., 3)`` in (x, y, z) = (column, row, slice) order → LPS mm ``(..., 3)``."""
-        ijk = np.asarray(ijk, dtype=np.float64)
-        return ijk @ (self.direction @ np.diag(self.spacing)).T + np.asarray(self.origin)
+        index = np.asarray(ijk, dtype=np.float64)
+        lps: NDArray[np.float64] = index @ (self.direction @ np.diag(self.spacing)).T + np.asarray(self.origin)
+        return lps
 
-    def with_hu(self, hu: np.ndarray) -> "CTVolume":
+    def with_hu(self, hu: NDArray[Any]) -> CTVolume:
         """A copy with new voxel values and the same geometry and DICOM header."""
         return replace(self, hu=hu)

@@ -90,9 +90,7 @@ def selective_scan_chunked(
     C_j = _to_chunks(C_g, chunks, size, k_last=True).unsqueeze(3)
     A_g = A.float().view(groups, per_group, 1, state)
 
-    track = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias)
-    )
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
     scan = _scan_autograd if track else _scan_inplace
     y = scan(step_j, drive_j, B_j, C_j, A_g)  # (T, batch, G, Dg, n)
     y = y.permute(1, 2, 3, 4, 0).reshape(batch, dim, chunks * size)[..., :length]

@@ -29,8 +29,8 @@ BACKENDS: tuple[str, ...] = ("mamba_ssm", "triton", "chunked", "reference")
 """Every backend name :func:`selective_scan` understands (besides ``"auto"``)."""
 
 
-@functools.lru_cache(maxsize=None)
-def _mamba_ssm_scan() -> Callable | None:
+@functools.cache
+def _mamba_ssm_scan() -> Callable[..., torch.Tensor] | None:
     """mamba-ssm's ``selective_scan_fn`` if the package and its CUDA extension load, else ``None``."""
     try:
         # The compiled extension is what matters: mamba_ssm alone imports on machines where it cannot run.
@@ -39,10 +39,11 @@ def _mamba_ssm_scan() -> Callable | None:
     except (ImportError, OSError, RuntimeError) as error:
         logger.debug("mamba_ssm selective scan unavailable: %s", error)
         return None
-    return selective_scan_fn
+    scan: Callable[..., torch.Tensor] = selective_scan_fn
+    return scan
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
@@ -134,11 +135,16 @@ def selective_scan(
     """
     name = resolve_backend(backend, u.device)
     if name == "mamba_ssm":
-        return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        scan = _mamba_ssm_scan()
+        assert scan is not None, "resolve_backend names mamba_ssm only when it loads"
+        fused: torch.Tensor = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return fused
     if name == "triton":
         from langmamba.ops.selective_scan_triton import selective_scan_triton
 
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        # Typed as Any outside: torch.compiler.disable, its decorator, is untyped.
+        out: torch.Tensor = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return out
     if name == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -62,9 +62,9 @@ def check_scan_inputs(
         raise InputError(f"selective_scan: B has {B.shape[1]} groups but C has {C.shape[1]}")
     if dim % groups:
         raise InputError(f"selective_scan: D={dim} channels cannot be split into {groups} B/C groups")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and t.shape != (dim,):
-            raise InputError(f"selective_scan: {name} must have shape ({dim},), got {tuple(t.shape)}")
+    for name, vector in (("D", D), ("delta_bias", delta_bias)):
+        if vector is not None and vector.shape != (dim,):
+            raise InputError(f"selective_scan: {name} must have shape ({dim},), got {tuple(vector.shape)}")
     return groups
 
 
@@ -73,9 +73,7 @@ def as_grouped(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
-def discretization_step(
-    delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool
-) -> torch.Tensor:
+def discretization_step(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
     """fp32 ``softplus(delta + delta_bias)`` (each part optional): the step size of the ZOH discretisation."""
     delta = delta.float()
     if delta_bias is not None:
@@ -117,7 +115,7 @@ def selective_scan_ref(
     state = A.shape[1]
     per_group = dim // groups
     step = discretization_step(delta, delta_bias, delta_softplus).view(batch, groups, per_group, length)
-    drive = (step * u.float().view(batch, groups, per_group, length))
+    drive = step * u.float().view(batch, groups, per_group, length)
     A_g = A.float().view(groups, per_group, state)
     B_g = as_grouped(B).float()
     C_g = as_grouped(C).float()

@@ -16,12 +16,15 @@ this module is imported).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from langmamba.errors import InputError
 from langmamba.ops.selective_scan_ref import as_grouped, check_scan_inputs
+
 
 @triton.jit
 def _combine(a_left, x_left, a_right, x_right):
@@ -49,13 +52,51 @@ def _step(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
-    length, n_state, b_per_group, c_per_group,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
-    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-    sz_b, sz_d, sz_l, so_b, so_d, so_l, ss_b, ss_d, ss_c,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    state_ptr,
+    length,
+    n_state,
+    b_per_group,
+    c_per_group,
+    su_b,
+    su_d,
+    su_l,
+    sdt_b,
+    sdt_d,
+    sdt_l,
+    sA_d,
+    sA_n,
+    sB_b,
+    sB_g,
+    sB_n,
+    sB_l,
+    sC_b,
+    sC_g,
+    sC_n,
+    sC_l,
+    sz_b,
+    sz_d,
+    sz_l,
+    so_b,
+    so_d,
+    so_l,
+    ss_b,
+    ss_d,
+    ss_c,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
     SAVE_STATE: tl.constexpr,
 ):
     d = tl.program_id(0).to(tl.int64)
@@ -104,15 +145,65 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    length, n_state, b_per_group, c_per_group,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
-    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-    sz_b, sz_d, sz_l, sg_b, sg_d, sg_l, ss_b, ss_d, ss_c,
-    sdB_b, sdB_g, sdB_n, sdC_b, sdC_g, sdC_n,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    dout_ptr,
+    state_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dA_ptr,
+    dB_ptr,
+    dC_ptr,
+    dD_ptr,
+    dz_ptr,
+    dbias_ptr,
+    length,
+    n_state,
+    b_per_group,
+    c_per_group,
+    su_b,
+    su_d,
+    su_l,
+    sdt_b,
+    sdt_d,
+    sdt_l,
+    sA_d,
+    sA_n,
+    sB_b,
+    sB_g,
+    sB_n,
+    sB_l,
+    sC_b,
+    sC_g,
+    sC_n,
+    sC_l,
+    sz_b,
+    sz_d,
+    sz_l,
+    sg_b,
+    sg_d,
+    sg_l,
+    ss_b,
+    ss_d,
+    ss_c,
+    sdB_b,
+    sdB_g,
+    sdB_n,
+    sdC_b,
+    sdC_g,
+    sdC_n,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):
     # Gradient tensors du, ddelta, dz and dout share the strides sg_*; dB, dC are fp32 with unit L stride.
     d = tl.program_id(0).to(tl.int64)
@@ -236,7 +327,20 @@ def _warps(num_warps: int | None, block_l: int) -> int:
 
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_l, num_warps):
+    def forward(
+        ctx: Any,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None,
+        z: torch.Tensor | None,
+        delta_bias: torch.Tensor | None,
+        delta_softplus: bool,
+        block_l: int | None,
+        num_warps: int | None,
+    ) -> torch.Tensor:
         batch, dim, length = u.shape
         state = A.shape[1]
         block_n, block_l = _block_sizes(length, state, block_l)
@@ -245,15 +349,35 @@ class _SelectiveScanFn(torch.autograd.Function):
         out = torch.empty_like(u)
         states = u.new_empty((batch, dim, blocks, block_n) if save else (1, 1, 1, 1), dtype=torch.float32)
         _fwd_kernel[(dim, batch)](
-            u, delta, A, B, C,
-            D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, out, states,
-            length, state, dim // B.shape[1], dim // C.shape[1],
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-            *(z.stride() if z is not None else (0, 0, 0)), *out.stride(), *states.stride()[:3],
-            BLOCK_N=block_n, BLOCK_L=block_l,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), SAVE_STATE=save,
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D if D is not None else u,
+            z if z is not None else u,
+            delta_bias if delta_bias is not None else u,
+            out,
+            states,
+            length,
+            state,
+            dim // B.shape[1],
+            dim // C.shape[1],
+            *u.stride(),
+            *delta.stride(),
+            *A.stride(),
+            *B.stride(),
+            *C.stride(),
+            *(z.stride() if z is not None else (0, 0, 0)),
+            *out.stride(),
+            *states.stride()[:3],
+            BLOCK_N=block_n,
+            BLOCK_L=block_l,
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus),
+            SAVE_STATE=save,
             num_warps=_warps(num_warps, block_l),
         )
         if save:
@@ -264,7 +388,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         batch, dim, length = u.shape
         state = A.shape[1]
@@ -279,24 +403,58 @@ class _SelectiveScanFn(torch.autograd.Function):
         dD = torch.zeros(dim, device=u.device, dtype=torch.float32) if D is not None else None
         dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
         _bwd_kernel[(dim, batch)](
-            u, delta, A, B, C,
-            D if D is not None else u, z if z is not None else u,
-            delta_bias if delta_bias is not None else u, dout, states,
-            du, ddelta, dA, dB, dC,
-            dD if dD is not None else dA, dz if dz is not None else du, dbias if dbias is not None else dA,
-            length, state, dim // B.shape[1], dim // C.shape[1],
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-            *(z.stride() if z is not None else (0, 0, 0)), *dout.stride(), *states.stride()[:3],
-            *dB.stride()[:3], *dC.stride()[:3],
-            BLOCK_N=block_n, BLOCK_L=block_l,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D if D is not None else u,
+            z if z is not None else u,
+            delta_bias if delta_bias is not None else u,
+            dout,
+            states,
+            du,
+            ddelta,
+            dA,
+            dB,
+            dC,
+            dD if dD is not None else dA,
+            dz if dz is not None else du,
+            dbias if dbias is not None else dA,
+            length,
+            state,
+            dim // B.shape[1],
+            dim // C.shape[1],
+            *u.stride(),
+            *delta.stride(),
+            *A.stride(),
+            *B.stride(),
+            *C.stride(),
+            *(z.stride() if z is not None else (0, 0, 0)),
+            *dout.stride(),
+            *states.stride()[:3],
+            *dB.stride()[:3],
+            *dC.stride()[:3],
+            BLOCK_N=block_n,
+            BLOCK_L=block_l,
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.delta_softplus,
             num_warps=_warps(ctx.num_warps, block_l),
         )
         return (
-            du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            dD.to(D.dtype) if dD is not None else None, dz,
-            dbias.to(delta_bias.dtype) if dbias is not None else None, None, None, None,
+            du,
+            ddelta,
+            dA.to(A.dtype),
+            dB.to(B.dtype),
+            dC.to(C.dtype),
+            dD.to(D.dtype) if dD is not None else None,
+            dz,
+            dbias.to(delta_bias.dtype) if dbias is not None else None,
+            None,
+            None,
+            None,
         )
 
 
@@ -325,6 +483,7 @@ def selective_scan_triton(
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     # as_grouped is a view, so autograd maps the (batch, 1, N, L) gradient back to (batch, N, L).
-    return _SelectiveScanFn.apply(
+    out: torch.Tensor = _SelectiveScanFn.apply(
         u, delta, A, as_grouped(B), as_grouped(C), D, z, delta_bias, delta_softplus, block_l, num_warps
     )
+    return out
