@@ -50,6 +50,7 @@ _HEADER_BASE_BYTES = 1024
 _HEADER_PER_TENSOR_BYTES = 256
 _METADATA_KEYS = ("vocabulary", "vlm_backend", "vlm_id")
 
+
 def _registered_name(model: nn.Module) -> str:
     name = registered_name(model)
     if name is None:
@@ -183,7 +184,7 @@ def save_checkpoint(
         weight_map = {}
         for file_name, shard in zip(written, shards):
             save_file(shard, str(directory / file_name), metadata=metadata)
-            weight_map.update({key: file_name for key in shard})
+            weight_map.update(dict.fromkeys(shard, file_name))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map, "split_tensors": split}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=1))
         written.append(INDEX_NAME)

@@ -39,11 +39,24 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DICOM_FILE_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
-def denoise_study(source: str | Path, destination: str | Path, *, weights: str | Path | None = None,
-                  explain: str | Path | None = None, labels: str | Path | None = None,
-                  report: str | Path | None = None, level: int = 2, explain_levels: Sequence[int] = (0, 1, 2),
-                  top_k: int = 3, blend: float = 1.0, batch_size: int | None = None, device: str = "auto",
-                  overwrite: bool = False, progress: bool = True, model=None) -> dict[str, Path]:
+def denoise_study(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    weights: str | Path | None = None,
+    explain: str | Path | None = None,
+    labels: str | Path | None = None,
+    report: str | Path | None = None,
+    level: int = 2,
+    explain_levels: Sequence[int] = (0, 1, 2),
+    top_k: int = 3,
+    blend: float = 1.0,
+    batch_size: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    model=None,
+) -> dict[str, Path]:
     """Denoise one study (a volume file or DICOM series folder) into ``destination``; optionally the
     explanations JSON, a region label map of ``level`` with its colour table (``<labels without extension>.ctbl``)
     and an HTML report (:mod:`langmamba.report`).
@@ -57,9 +70,18 @@ def denoise_study(source: str | Path, destination: str | Path, *, weights: str |
     if model is None:
         weights = Path(weights or default_weights())
         model = load_checkpoint(weights)
-    job = DenoiseJob(model, blend=blend, batch_size=batch_size, device=device, explain_levels=explain_levels,
-                     top_k=top_k, level=level, overwrite=overwrite, progress=progress,
-                     run_info={"weights": str(weights) if weights else "given model"})
+    job = DenoiseJob(
+        model,
+        blend=blend,
+        batch_size=batch_size,
+        device=device,
+        explain_levels=explain_levels,
+        top_k=top_k,
+        level=level,
+        overwrite=overwrite,
+        progress=progress,
+        run_info={"weights": str(weights) if weights else "given model"},
+    )
     return job.run(source, JobOutputs(destination, explain, labels, report)).written
 
 
@@ -77,7 +99,8 @@ class Study:
     def outputs(self, folder: Path, *, explain: bool, labels: bool, report: bool) -> dict[str, Path | str]:
         """The study's output paths inside ``folder`` by caption (see the module docstring)."""
         paths: dict[str, Path | str] = {
-            "denoised": f"{folder / self.name}{os.sep}" if self.dicom else folder / self.path.name}
+            "denoised": f"{folder / self.name}{os.sep}" if self.dicom else folder / self.path.name
+        }
         if explain:
             paths["explanations"] = folder / f"{self.name}.explanations.json"
         if labels:
@@ -158,10 +181,12 @@ class FolderSummary:
 
     def line(self) -> str:
         total = len(self.done) + len(self.skipped) + len(self.failed)
-        return (f"{total} studies: {len(self.done)} done, {len(self.skipped)} skipped (finished earlier), "
-                f"{len(self.failed)} failed")
+        return (
+            f"{total} studies: {len(self.done)} done, {len(self.skipped)} skipped (finished earlier), "
+            f"{len(self.failed)} failed"
+        )
 
-    def merge(self, others: list["FolderSummary"]) -> "FolderSummary":
+    def merge(self, others: list[FolderSummary]) -> FolderSummary:
         merged = FolderSummary()
         for part in [self, *others]:
             merged.done += part.done
@@ -170,12 +195,26 @@ class FolderSummary:
         return merged
 
 
-def denoise_study_folder(source: str | Path, destination: str | Path, *, weights: str | Path | None = None,
-                         explain: bool = False, labels: bool = False, report: bool = False, level: int = 2,
-                         explain_levels: Sequence[int] = (0, 1, 2), top_k: int = 3, blend: float = 1.0,
-                         batch_size: int | None = None, device: str = "auto", overwrite: bool = False,
-                         progress: bool = True, rank: int = 0, world_size: int = 1,
-                         echo: Callable[[str], None] = print) -> FolderSummary:
+def denoise_study_folder(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    weights: str | Path | None = None,
+    explain: bool = False,
+    labels: bool = False,
+    report: bool = False,
+    level: int = 2,
+    explain_levels: Sequence[int] = (0, 1, 2),
+    top_k: int = 3,
+    blend: float = 1.0,
+    batch_size: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    echo: Callable[[str], None] = print,
+) -> FolderSummary:
     """Denoise every study of the folder ``source`` into the folder ``destination`` (naming: module docstring).
 
     A study whose requested outputs all exist is skipped unless ``overwrite``; a study that fails is reported
@@ -188,8 +227,9 @@ def denoise_study_folder(source: str | Path, destination: str | Path, *, weights
     if destination.exists() and not destination.is_dir():
         raise ConfigError(f"{destination} is a file; a folder of studies needs an output folder")
     if suffix_of(destination) in VOLUME_SUFFIXES:
-        raise ConfigError(f"{destination}: a folder of studies needs an output folder, not a {suffix_of(destination)} "
-                          "file")
+        raise ConfigError(
+            f"{destination}: a folder of studies needs an output folder, not a {suffix_of(destination)} file"
+        )
     check_not_input(destination, [source])
     if not 0.0 <= blend <= 1.0:
         raise ConfigError(f"blend must be between 0 and 1, got {blend}")
@@ -210,11 +250,24 @@ def denoise_study_folder(source: str | Path, destination: str | Path, *, weights
         try:
             if model is None:
                 model = load_checkpoint(weights)
-            job = DenoiseJob(model, blend=blend, batch_size=batch_size, device=device, explain_levels=explain_levels,
-                             top_k=top_k, level=level, overwrite=overwrite or partial, progress=progress,
-                             run_info={"weights": str(weights)})
-            job.run(study.path, JobOutputs(outputs["denoised"], outputs.get("explanations"),
-                                           outputs.get("label map"), outputs.get("report")))
+            job = DenoiseJob(
+                model,
+                blend=blend,
+                batch_size=batch_size,
+                device=device,
+                explain_levels=explain_levels,
+                top_k=top_k,
+                level=level,
+                overwrite=overwrite or partial,
+                progress=progress,
+                run_info={"weights": str(weights)},
+            )
+            job.run(
+                study.path,
+                JobOutputs(
+                    outputs["denoised"], outputs.get("explanations"), outputs.get("label map"), outputs.get("report")
+                ),
+            )
         except (LangMambaError, OSError) as error:
             summary.failed.append((study.name, str(error)))
             echo(f"{prefix}[{i}/{len(studies)}] {study.name}: FAILED: {error}")

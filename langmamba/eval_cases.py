@@ -38,7 +38,7 @@ def _central(array: np.ndarray, count: int | None) -> np.ndarray:
     if count is None or array.shape[0] <= count:
         return array
     start = (array.shape[0] - count) // 2
-    return array[start:start + count]
+    return array[start : start + count]
 
 
 def _spread(count_total: int, count: int | None) -> np.ndarray:
@@ -55,12 +55,18 @@ def held_out_case(max_slices: int | None = None) -> EvalCase:
 
     volume = read_volume(sample_path(TEST_CASE, "image"))
     label = read_volume(sample_path(TEST_CASE, "label"), check_hu=False).hu > 0
-    return EvalCase(TEST_CASE, _central(volume.hu.astype(np.float32), max_slices),
-                    (float(volume.spacing[1]), float(volume.spacing[0])), "test", _central(label, max_slices))
+    return EvalCase(
+        TEST_CASE,
+        _central(volume.hu.astype(np.float32), max_slices),
+        (float(volume.spacing[1]), float(volume.spacing[0])),
+        "test",
+        _central(label, max_slices),
+    )
 
 
-def validation_cases(prepared: str | Path, patients: list[str] | None = None,
-                     max_slices: int | None = None) -> list[EvalCase]:
+def validation_cases(
+    prepared: str | Path, patients: list[str] | None = None, max_slices: int | None = None
+) -> list[EvalCase]:
     """The validation patients of a prepared training set (by split role, or the named ``patients``), at most
     ``max_slices`` slices each, spread over the patient."""
     from .data.prepared import load_prepared
@@ -100,9 +106,9 @@ def _place(members: list) -> tuple[np.ndarray, np.ndarray | None]:
     label = np.zeros(hu.shape, bool) if has_label else None
     for z, ((top, left), s) in enumerate(zip(offsets, members)):
         rows, cols = s.full.shape
-        hu[z, top:top + rows, left:left + cols] = s.full
+        hu[z, top : top + rows, left : left + cols] = s.full
         if s.label is not None:
-            label[z, top:top + rows, left:left + cols] = s.label > 0
+            label[z, top : top + rows, left : left + cols] = s.label > 0
     return hu, label
 
 
@@ -132,15 +138,22 @@ def load_cases(path: str | Path) -> list[EvalCase]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise InputError(f"{path} is not an evaluation cases file (.npz from `langmamba evaluate --export-npz`): "
-                         f"{error}") from None
+        raise InputError(
+            f"{path} is not an evaluation cases file (.npz from `langmamba evaluate --export-npz`): {error}"
+        ) from None
     with archive:
         if "format" not in archive or int(archive["format"]) != FORMAT:
             raise InputError(f"{path} is not an evaluation cases file of format {FORMAT}")
         cases = []
         for name in (str(n) for n in archive["cases"]):
-            label = archive[f"{name}/label"] if f"{name}/label" in archive else None
-            cases.append(EvalCase(name, archive[f"{name}/hu"].astype(np.float32),
-                                  tuple(float(v) for v in archive[f"{name}/spacing_mm"]), str(archive[f"{name}/role"]),
-                                  label))
+            label = archive.get(f"{name}/label", None)
+            cases.append(
+                EvalCase(
+                    name,
+                    archive[f"{name}/hu"].astype(np.float32),
+                    tuple(float(v) for v in archive[f"{name}/spacing_mm"]),
+                    str(archive[f"{name}/role"]),
+                    label,
+                )
+            )
     return cases

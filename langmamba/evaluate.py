@@ -23,10 +23,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import zlib
 import multiprocessing
+import os
 import time
+import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
@@ -44,8 +44,14 @@ logger = logging.getLogger(__name__)
 
 METHOD_ORDER = ("ldct", "bm3d", "redcnn", "langmamba_no_langda", "langmamba")
 MODEL_METHODS = ("redcnn", "langmamba_no_langda", "langmamba")
-METHOD_TITLES = {"ndct": "normal dose", "ldct": "low dose (input)", "bm3d": "BM3D", "redcnn": "RED-CNN",
-                 "langmamba_no_langda": "LangMamba w/o LangDA", "langmamba": "LangMamba"}
+METHOD_TITLES = {
+    "ndct": "normal dose",
+    "ldct": "low dose (input)",
+    "bm3d": "BM3D",
+    "redcnn": "RED-CNN",
+    "langmamba_no_langda": "LangMamba w/o LangDA",
+    "langmamba": "LangMamba",
+}
 REFERENCE_METHOD = "langmamba"
 DOSES = (0.5, 0.25, 0.1)
 DRAWS = 3
@@ -58,8 +64,9 @@ TUNING_SLICES = (16, 24, 32)  # lung1 (training) slices for BM3D's σ when no va
 TUNING_SLICES_PER_CASE = 2
 
 
-def noise_roi(normal: np.ndarray, body: np.ndarray, size: int = NOISE_ROI_PX,
-              per_slice: int = NOISE_ROIS_PER_SLICE) -> np.ndarray:
+def noise_roi(
+    normal: np.ndarray, body: np.ndarray, size: int = NOISE_ROI_PX, per_slice: int = NOISE_ROIS_PER_SLICE
+) -> np.ndarray:
     """Up to ``per_slice`` non-overlapping uniform soft-tissue squares (``size`` px) per slice, (Z, H, W) bool.
 
     The squares are chosen on the normal-dose image smoothed by a Gaussian (σ = 2 px): inside the eroded body,
@@ -80,13 +87,18 @@ def noise_roi(normal: np.ndarray, body: np.ndarray, size: int = NOISE_ROI_PX,
             if not np.isfinite(score.flat[index]):
                 break
             row, col = np.unravel_index(index, score.shape)
-            roi[z, row - half:row - half + size, col - half:col - half + size] = True
-            score[max(0, row - size):row + size + 1, max(0, col - size):col + size + 1] = np.inf
+            roi[z, row - half : row - half + size, col - half : col - half + size] = True
+            score[max(0, row - size) : row + size + 1, max(0, col - size) : col + size + 1] = np.inf
     return roi
 
 
-def lesion_background(reference: np.ndarray, lesion: np.ndarray, body: np.ndarray,
-                      spacing_mm: tuple[float, float], lung_hu: float = -400.0) -> np.ndarray:
+def lesion_background(
+    reference: np.ndarray,
+    lesion: np.ndarray,
+    body: np.ndarray,
+    spacing_mm: tuple[float, float],
+    lung_hu: float = -400.0,
+) -> np.ndarray:
     """The lesion's background: a 2–8 mm ring around it, restricted to its dominant tissue on the normal dose.
 
     A lung nodule's ring holds lung and chest wall; mixing them would make σ measure anatomy, not noise, so the
@@ -107,8 +119,13 @@ def _roi_sigma(image: np.ndarray, roi: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def score_methods(outputs: dict[str, np.ndarray], reference: np.ndarray, *, label: np.ndarray | None = None,
-                  spacing_mm: tuple[float, float] = (1.0, 1.0)) -> dict:
+def score_methods(
+    outputs: dict[str, np.ndarray],
+    reference: np.ndarray,
+    *,
+    label: np.ndarray | None = None,
+    spacing_mm: tuple[float, float] = (1.0, 1.0),
+) -> dict:
     """Metrics of every method's output against the normal-dose ``reference`` (all (Z, H, W) HU).
 
     Returns ``{"window_-160_240": {method: {psnr, ssim, rmse}}, "window_-1000_1000": {...}, "noise_sigma_hu":
@@ -120,24 +137,34 @@ def score_methods(outputs: dict[str, np.ndarray], reference: np.ndarray, *, labe
     result: dict = {}
     for window_name, window in metrics.WINDOWS.items():
         result[f"window_{window_name}"] = {
-            name: {"psnr": metrics.psnr(out, reference, window), "ssim": metrics.ssim(out, reference, window),
-                   "rmse": metrics.rmse(out, reference, window)}
-            for name, out in outputs.items()}
-    result["noise_sigma_hu"] = {name: _roi_sigma(out, roi) for name, out in {"ndct": reference, **outputs}.items()
-                                } if roi.any() else {}
+            name: {
+                "psnr": metrics.psnr(out, reference, window),
+                "ssim": metrics.ssim(out, reference, window),
+                "rmse": metrics.rmse(out, reference, window),
+            }
+            for name, out in outputs.items()
+        }
+    result["noise_sigma_hu"] = (
+        {name: _roi_sigma(out, roi) for name, out in {"ndct": reference, **outputs}.items()} if roi.any() else {}
+    )
     if label is not None and np.asarray(label).any():
         lesion = np.asarray(label) > 0
         background = lesion_background(reference, lesion, body, spacing_mm)
-        result["lesion_cnr"] = {name: metrics.cnr(out, lesion, background)
-                                for name, out in {"ndct": reference, **outputs}.items()}
+        result["lesion_cnr"] = {
+            name: metrics.cnr(out, lesion, background) for name, out in {"ndct": reference, **outputs}.items()
+        }
     return result
 
 
 def per_slice_scores(output: np.ndarray, reference: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """``{window: {"psnr": (Z,), "ssim": (Z,)}}`` of one output against the reference, one value per slice."""
-    return {f"window_{name}": {"psnr": np.array([metrics.psnr(o, r, window) for o, r in zip(output, reference)]),
-                               "ssim": np.array([metrics.ssim(o, r, window) for o, r in zip(output, reference)])}
-            for name, window in metrics.WINDOWS.items()}
+    return {
+        f"window_{name}": {
+            "psnr": np.array([metrics.psnr(o, r, window) for o, r in zip(output, reference)]),
+            "ssim": np.array([metrics.ssim(o, r, window) for o, r in zip(output, reference)]),
+        }
+        for name, window in metrics.WINDOWS.items()
+    }
 
 
 def _scores_job(args: tuple[np.ndarray, np.ndarray]) -> dict:
@@ -152,7 +179,7 @@ def finest_words(model, hu: np.ndarray, batch_size: int = 4, device: str = "cpu"
     factor = langae.downsample_factor
     ids = []
     for start in range(0, hu.shape[0], batch_size):
-        x = torch.from_numpy(hu_to_model(np.asarray(hu[start:start + batch_size], np.float32)))[:, None].to(device)
+        x = torch.from_numpy(hu_to_model(np.asarray(hu[start : start + batch_size], np.float32)))[:, None].to(device)
         pad_h, pad_w = -x.shape[-2] % factor, -x.shape[-1] % factor
         x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
         out = langae.quantize(langae.encode(x), details=False)
@@ -166,8 +193,17 @@ def explanation_stability(model, denoised: np.ndarray, reference: np.ndarray, de
     return float(np.mean(finest_words(model, denoised, device=device) == finest_words(model, reference, device=device)))
 
 
-def explanation_metrics(weights: Path, model, normal: np.ndarray, low: np.ndarray, denoised: np.ndarray,
-                        label: np.ndarray, *, device: str, max_slices: int | None) -> dict:
+def explanation_metrics(
+    weights: Path,
+    model,
+    normal: np.ndarray,
+    low: np.ndarray,
+    denoised: np.ndarray,
+    label: np.ndarray,
+    *,
+    device: str,
+    max_slices: int | None,
+) -> dict:
     """The ``explanations`` section of metrics.json: :func:`langmamba.evaluate_explanations.evaluate_explanations`
     of the LangMamba's words on lung2 (headline dose, draw 0), with the reconstruction of the LangAE checkpoint
     ``weights/langae`` (the shipped LangMamba has no LangAE decoder)."""
@@ -177,8 +213,9 @@ def explanation_metrics(weights: Path, model, normal: np.ndarray, low: np.ndarra
     command = f"langmamba evaluate --weights {weights}" + (f" --slices {max_slices}" if max_slices else "")
     result = evaluate_explanations(model, normal, low, denoised, label, device=device, command=command)
     if (Path(weights) / "langae").is_dir():
-        langae = evaluate_explanations(load_checkpoint(Path(weights) / "langae"), normal, low, device=device,
-                                       flags=False)
+        langae = evaluate_explanations(
+            load_checkpoint(Path(weights) / "langae"), normal, low, device=device, flags=False
+        )
         result["reconstruction"] = {"checkpoint": "langae", **langae["reconstruction"]}
     return result
 
@@ -191,8 +228,9 @@ def _bm3d_slice(args: tuple[np.ndarray, float]) -> np.ndarray:
     return model_to_hu(bm3d.bm3d(hu_to_model(image.astype(np.float64)), sigma).astype(np.float32))
 
 
-def bm3d_denoise(hu: np.ndarray, sigma_hu: float, progress: bool = False, workers: int = 1,
-                 pool: Executor | None = None) -> np.ndarray:
+def bm3d_denoise(
+    hu: np.ndarray, sigma_hu: float, progress: bool = False, workers: int = 1, pool: Executor | None = None
+) -> np.ndarray:
     """BM3D (package ``bm3d``) slice by slice in the model's intensity range, noise σ given in HU; the slices
     are shared by ``pool`` (or by ``workers`` new processes)."""
     from tqdm.auto import tqdm
@@ -211,8 +249,9 @@ def bm3d_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def tune_bm3d_sigma(low: np.ndarray, normal: np.ndarray, candidates_hu=BM3D_SIGMAS_HU, workers: int = 1
-                    ) -> tuple[float, dict]:
+def tune_bm3d_sigma(
+    low: np.ndarray, normal: np.ndarray, candidates_hu=BM3D_SIGMAS_HU, workers: int = 1
+) -> tuple[float, dict]:
     """The BM3D σ (HU) with the best PSNR ([-160, 240] window) on tuning slices; also every score tried."""
     scores = {float(s): metrics.psnr(bm3d_denoise(low, s, workers=workers), normal) for s in candidates_hu}
     return max(scores, key=scores.get), scores
@@ -228,12 +267,22 @@ def simulate_case(case: EvalCase, dose: float, seed: int, device: str, chunk: in
     from .simulate import derive_slice_seeds, simulate_batch
 
     seeds = derive_slice_seeds(seed, case.hu.shape[0])
-    return np.concatenate([simulate_batch(case.hu[s:s + chunk], case.spacing_mm, dose, seed=seeds[s:s + chunk],
-                                          device=device) for s in range(0, case.hu.shape[0], chunk)])
+    return np.concatenate(
+        [
+            simulate_batch(case.hu[s : s + chunk], case.spacing_mm, dose, seed=seeds[s : s + chunk], device=device)
+            for s in range(0, case.hu.shape[0], chunk)
+        ]
+    )
 
 
-def comparison_figure_all(images: dict[str, np.ndarray], slice_index: int, spacing_mm: tuple[float, float], path: Path,
-                          crop: tuple[slice, slice] | None = None, title: str | None = None) -> Path:
+def comparison_figure_all(
+    images: dict[str, np.ndarray],
+    slice_index: int,
+    spacing_mm: tuple[float, float],
+    path: Path,
+    crop: tuple[slice, slice] | None = None,
+    title: str | None = None,
+) -> Path:
     """Rows: the whole slice in the soft-tissue and lung windows, then (with ``crop``) the zoomed crop in both;
     one column per method, the same slice everywhere. The crop is outlined on the whole-slice rows."""
     import matplotlib
@@ -253,16 +302,38 @@ def comparison_figure_all(images: dict[str, np.ndarray], slice_index: int, spaci
             image = images[name][slice_index]
             image = image[region] if region is not None else image
             ax = axes[row, col]
-            ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], aspect=spacing_mm[0] / spacing_mm[1],
-                      interpolation="nearest" if region is not None else "antialiased")
+            ax.imshow(
+                image,
+                cmap="gray",
+                vmin=window[0],
+                vmax=window[1],
+                aspect=spacing_mm[0] / spacing_mm[1],
+                interpolation="nearest" if region is not None else "antialiased",
+            )
             if region is None and crop is not None:
-                ax.add_patch(Rectangle((crop[1].start, crop[0].start), crop[1].stop - crop[1].start,
-                                       crop[0].stop - crop[0].start, fill=False, edgecolor="yellow", linewidth=1))
+                ax.add_patch(
+                    Rectangle(
+                        (crop[1].start, crop[0].start),
+                        crop[1].stop - crop[1].start,
+                        crop[0].stop - crop[0].start,
+                        fill=False,
+                        edgecolor="yellow",
+                        linewidth=1,
+                    )
+                )
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(METHOD_TITLES.get(name, name), fontsize=10)
-        axes[row, 0].text(-0.05, 0.5, window_name + (" (zoom)" if region is not None else ""),
-                          transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=10)
+        axes[row, 0].text(
+            -0.05,
+            0.5,
+            window_name + (" (zoom)" if region is not None else ""),
+            transform=axes[row, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=10,
+        )
     fig.suptitle(title or f"held-out lung2, slice {slice_index}", fontsize=12)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -321,11 +392,13 @@ def summarise(per_slice: dict[str, dict], *, resamples: int = 2000, seed: int = 
                 if REFERENCE_METHOD in per_slice and method != REFERENCE_METHOD:
                     reference = np.mean(per_slice[REFERENCE_METHOD][window][metric], axis=0)
                     differences.setdefault(method, {})[metric] = metrics.paired_bootstrap_ci(
-                        mine, reference, resamples=resamples, seed=seed)
+                        mine, reference, resamples=resamples, seed=seed
+                    )
                 if "ldct" in per_slice and method != "ldct":
                     baseline = np.mean(per_slice["ldct"][window][metric], axis=0)
                     gains.setdefault(method, {})[metric] = metrics.paired_bootstrap_ci(
-                        mine, baseline, resamples=resamples, seed=seed)
+                        mine, baseline, resamples=resamples, seed=seed
+                    )
         section["difference_to_langmamba"] = differences
         section["gain_over_input"] = gains
         out[window] = section
@@ -336,9 +409,13 @@ def _pool(blocks: list[dict]) -> dict:
     """Concatenate per-slice arrays of several cases along the slice axis."""
     pooled: dict = {}
     for method in blocks[0]:
-        pooled[method] = {window: {metric: np.concatenate([b[method][window][metric] for b in blocks], axis=1)
-                                   for metric in blocks[0][method][window]}
-                          for window in blocks[0][method]}
+        pooled[method] = {
+            window: {
+                metric: np.concatenate([b[method][window][metric] for b in blocks], axis=1)
+                for metric in blocks[0][method][window]
+            }
+            for window in blocks[0][method]
+        }
     return pooled
 
 
@@ -354,13 +431,22 @@ def _tuning_set(cases: list[EvalCase]) -> tuple[list[EvalCase], str]:
     from .sample_data import sample_path
 
     tuning = read_volume(sample_path("lung1", "image"))
-    return ([EvalCase("lung1", tuning.hu[list(TUNING_SLICES)].astype(np.float32),
-                      (float(tuning.spacing[1]), float(tuning.spacing[0])), "training")],
-            "lung1 training slices (no validation case given)")
+    return (
+        [
+            EvalCase(
+                "lung1",
+                tuning.hu[list(TUNING_SLICES)].astype(np.float32),
+                (float(tuning.spacing[1]), float(tuning.spacing[0])),
+                "training",
+            )
+        ],
+        "lung1 training slices (no validation case given)",
+    )
 
 
-def tune_bm3d_per_dose(cases: list[EvalCase], doses, seed: int, device: str, pool: Executor | None = None,
-                       candidates_hu=BM3D_SIGMAS_HU) -> tuple[dict, str]:
+def tune_bm3d_per_dose(
+    cases: list[EvalCase], doses, seed: int, device: str, pool: Executor | None = None, candidates_hu=BM3D_SIGMAS_HU
+) -> tuple[dict, str]:
     """BM3D σ per dose, tuned on the validation cases only (never on lung2); returns ``({dose: {"sigma_hu",
     "psnr_tried"}}, source)``."""
     tuning, source = _tuning_set(cases)
@@ -368,8 +454,12 @@ def tune_bm3d_per_dose(cases: list[EvalCase], doses, seed: int, device: str, poo
     mapper = pool.map if pool is not None else map
     for dose in doses:
         lows = [simulate_case(c, dose, case_seed(seed + 1, c.name, dose, 0), device) for c in tuning]
-        jobs = [(low[z], float(sigma), k, z) for sigma in candidates_hu for k, low in enumerate(lows)
-                for z in range(low.shape[0])]
+        jobs = [
+            (low[z], float(sigma), k, z)
+            for sigma in candidates_hu
+            for k, low in enumerate(lows)
+            for z in range(low.shape[0])
+        ]
         outputs = list(mapper(_bm3d_slice, [job[:2] for job in jobs]))
         scores: dict[float, list] = {}
         for (_, sigma, k, z), out in zip(jobs, outputs):
@@ -446,12 +536,27 @@ class UnitCache:
         write_npz(self._path(f"unit-{key}.npz"), arrays, compressed=False)
 
 
-def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: list[EvalCase] | None = None,
-                   doses=DOSES, draws: int = DRAWS, seed: int = EVALUATION_SEED,
-                   bm3d_sigma_hu: float | None = None, device: str = "auto", max_slices: int | None = None,
-                   progress: bool = True, workers: int | None = None, tta: bool = False, resamples: int = 2000,
-                   bm3d_candidates_hu=BM3D_SIGMAS_HU, cache: Path | None = None,
-                   max_minutes: float | None = None, partial: bool = False) -> dict:
+def run_evaluation(
+    weights: Path,
+    output_json: Path,
+    figure: Path,
+    *,
+    cases: list[EvalCase] | None = None,
+    doses=DOSES,
+    draws: int = DRAWS,
+    seed: int = EVALUATION_SEED,
+    bm3d_sigma_hu: float | None = None,
+    device: str = "auto",
+    max_slices: int | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+    tta: bool = False,
+    resamples: int = 2000,
+    bm3d_candidates_hu=BM3D_SIGMAS_HU,
+    cache: Path | None = None,
+    max_minutes: float | None = None,
+    partial: bool = False,
+) -> dict:
     """Evaluate every method on every case, dose and draw; write ``output_json``, ``figure`` and the figure's
     data (``<output_json stem>_figure.npz``, to draw elsewhere when matplotlib is missing).
 
@@ -473,16 +578,27 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
 
         cases = [held_out_case(max_slices)]
     elif max_slices is not None:
-        cases = [EvalCase(c.name, c.hu[:max_slices], c.spacing_mm, c.role,
-                          None if c.label is None else c.label[:max_slices]) for c in cases]
+        cases = [
+            EvalCase(c.name, c.hu[:max_slices], c.spacing_mm, c.role, None if c.label is None else c.label[:max_slices])
+            for c in cases
+        ]
     if not any(c.name == TEST_CASE for c in cases):
         logger.warning("no %s among the cases: no headline numbers", TEST_CASE)
     doses = [float(d) for d in doses]
     headline = HEADLINE_DOSE if HEADLINE_DOSE in doses else doses[0]
-    store = UnitCache(cache, {"weights": str(Path(weights).resolve()), "cases": [[c.name, list(c.hu.shape)]
-                                                                                for c in cases],
-                              "doses": doses, "draws": draws, "seed": seed, "tta": tta, "bm3d_sigma": bm3d_sigma_hu,
-                              "candidates": list(bm3d_candidates_hu)})
+    store = UnitCache(
+        cache,
+        {
+            "weights": str(Path(weights).resolve()),
+            "cases": [[c.name, list(c.hu.shape)] for c in cases],
+            "doses": doses,
+            "draws": draws,
+            "seed": seed,
+            "tta": tta,
+            "bm3d_sigma": bm3d_sigma_hu,
+            "candidates": list(bm3d_candidates_hu),
+        },
+    )
     figure_data = (store.folder or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
     pool = bm3d_pool(workers) if workers > 1 else None
     try:
@@ -526,14 +642,24 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
                         seconds[name] = time.perf_counter() - clock
                     mapper = pool.map if pool is not None else map
                     scores = dict(zip(outputs, mapper(_scores_job, [(out, case.hu) for out in outputs.values()])))
-                    sigmas = {name: _roi_sigma(out, roi) for name, out in {"ndct": case.hu, **outputs}.items()
-                              } if roi.any() else {}
+                    sigmas = (
+                        {name: _roi_sigma(out, roi) for name, out in {"ndct": case.hu, **outputs}.items()}
+                        if roi.any()
+                        else {}
+                    )
                     if is_headline:
                         headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
                         context = headline_result.pop("_context")
                         headline_result["explanations"] = explanation_metrics(
-                            Path(weights), context["model"], context["normal"], context["low"], context["denoised"],
-                            context["label"], device=device, max_slices=max_slices)
+                            Path(weights),
+                            context["model"],
+                            context["normal"],
+                            context["low"],
+                            context["denoised"],
+                            context["label"],
+                            device=device,
+                            max_slices=max_slices,
+                        )
                         _save_figure_data({"ndct": case.hu, **outputs}, case, figure_data, dose)
                         store.save_json("headline.json", headline_result)
                     store.save_unit(key, scores, sigmas, seconds)
@@ -550,43 +676,59 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
         per_case[case.name] = {"role": case.role, "slices": int(case.hu.shape[0]), "doses": {}}
         for dose in doses:
             if any((case.name, dose, draw) not in units for draw in range(draws)):
-                missing.append({"case": case.name, "dose": dose,
-                                "draws_done": sum((case.name, dose, d) in units for d in range(draws))})
+                missing.append(
+                    {
+                        "case": case.name,
+                        "dose": dose,
+                        "draws_done": sum((case.name, dose, d) in units for d in range(draws)),
+                    }
+                )
                 continue
             draws_of = [units[case.name, dose, draw] for draw in range(draws)]
-            per_slice = {m: {w: {k: np.stack([d[0][m][w][k] for d in draws_of]) for k in ks}
-                             for w, ks in ws.items()} for m, ws in draws_of[0][0].items()}
+            per_slice = {
+                m: {w: {k: np.stack([d[0][m][w][k] for d in draws_of]) for k in ks} for w, ks in ws.items()}
+                for m, ws in draws_of[0][0].items()
+            }
             summary = summarise(per_slice, resamples=resamples, seed=seed)
             summary["noise_sigma_hu"] = {m: _mean([d[1][m] for d in draws_of]) for m in draws_of[0][1]}
             summary["bm3d_sigma_hu"] = bm3d_tuned[dose]["sigma_hu"]
             per_case[case.name]["doses"][str(dose)] = summary
             if case.role == "validation":
                 pooled_blocks[dose].append(per_slice)
-    pooled = {str(d): summarise(_pool(blocks), resamples=resamples, seed=seed)
-              for d, blocks in pooled_blocks.items() if blocks}
+    pooled = {
+        str(d): summarise(_pool(blocks), resamples=resamples, seed=seed)
+        for d, blocks in pooled_blocks.items()
+        if blocks
+    }
     result = {
         "test_volume": TEST_CASE,
         "dose": headline,
         "seed": seed,
         **headline_result,
         "evaluation": {
-            "complete": not missing, "missing": missing,
-            "doses": doses, "draws": draws, "tta": tta, "methods": list(METHOD_ORDER),
+            "complete": not missing,
+            "missing": missing,
+            "doses": doses,
+            "draws": draws,
+            "tta": tta,
+            "methods": list(METHOD_ORDER),
             "reference_method": REFERENCE_METHOD,
-            "bm3d": {str(d): v for d, v in bm3d_tuned.items()}, "bm3d_tuned_on": tuning_source,
-            "per_case": per_case, "validation_pooled": pooled,
+            "bm3d": {str(d): v for d, v in bm3d_tuned.items()},
+            "bm3d_tuned_on": tuning_source,
+            "per_case": per_case,
+            "validation_pooled": pooled,
             "seconds_per_slice": _seconds_per_slice(units, cases),
             "timing_note": "wall time per slice of each method on this host (BM3D over all worker processes, "
-                           "models in batches of 8 incl. host-device copies; the first model call includes "
-                           "warm-up); with --tta the models run 8 times",
+            "models in batches of 8 incl. host-device copies; the first model call includes "
+            "warm-up); with --tta the models run 8 times",
         },
         "protocol": "per slice PSNR/SSIM in the window scaled to [0, 1] (data range 1), averaged over slices and "
-                    f"{draws} noise draws; RMSE in HU after window clipping; low dose simulated by "
-                    "langmamba.simulate (noise insertion) with seeds from evaluate.case_seed; differences and "
-                    "gains: paired percentile bootstrap 95 % intervals over slices (scores averaged over draws "
-                    "first); noise σ in uniform soft-tissue squares chosen on the smoothed normal dose; BM3D σ "
-                    "per dose tuned on the validation cases only; the top-level tables: lung2, headline dose, "
-                    "draw 0",
+        f"{draws} noise draws; RMSE in HU after window clipping; low dose simulated by "
+        "langmamba.simulate (noise insertion) with seeds from evaluate.case_seed; differences and "
+        "gains: paired percentile bootstrap 95 % intervals over slices (scores averaged over draws "
+        "first); noise σ in uniform soft-tissue squares chosen on the smoothed normal dose; BM3D σ "
+        "per dose tuned on the validation cases only; the top-level tables: lung2, headline dose, "
+        "draw 0",
     }
     if "explanations" in result:  # the language-space section goes last, after the denoising results
         result["explanations"] = result.pop("explanations")
@@ -596,8 +738,10 @@ def run_evaluation(weights: Path, output_json: Path, figure: Path, *, cases: lis
         if beside != figure_data:
             beside.write_bytes(figure_data.read_bytes())
         if importlib.util.find_spec("matplotlib") is None:
-            logger.warning("matplotlib is not installed: draw the figure elsewhere with "
-                           "`langmamba evaluate --draw-figure %s`", beside)
+            logger.warning(
+                "matplotlib is not installed: draw the figure elsewhere with `langmamba evaluate --draw-figure %s`",
+                beside,
+            )
         else:
             draw_figure(beside, figure)
     return result
@@ -622,16 +766,22 @@ def _headline(case: EvalCase, outputs: dict, models: dict, device: str, bm3d: di
         "slices": int(case.hu.shape[0]),
         **{key: scores[key] for key in ("window_-160_240", "window_-1000_1000")},
         "explanation_stability": explanation_stability(langmamba, outputs["langmamba"], case.hu, device=device),
-        "explanation_stability_no_langda": explanation_stability(langmamba, outputs["langmamba_no_langda"],
-                                                                 case.hu, device=device),
+        "explanation_stability_no_langda": explanation_stability(
+            langmamba, outputs["langmamba_no_langda"], case.hu, device=device
+        ),
         "explanation_stability_input": explanation_stability(langmamba, outputs["ldct"], case.hu, device=device),
         "noise_sigma_hu": scores.get("noise_sigma_hu", {}),
         "lesion_cnr": scores.get("lesion_cnr", {}),
         "bm3d_sigma_hu": bm3d["sigma_hu"],
         "bm3d_sigma_tuning_psnr": bm3d["psnr_tried"],
         "bm3d_sigma_tuned_on": tuning_source,
-        "_context": {"model": langmamba, "normal": case.hu, "low": outputs["ldct"], "denoised": outputs["langmamba"],
-                     "label": case.label},
+        "_context": {
+            "model": langmamba,
+            "normal": case.hu,
+            "low": outputs["ldct"],
+            "denoised": outputs["langmamba"],
+            "label": case.label,
+        },
     }
 
 
@@ -642,8 +792,12 @@ def _save_figure_data(images: dict, case: EvalCase, path: Path, dose: float) -> 
     shown = int(lesion_slices[len(lesion_slices) // 2]) if len(lesion_slices) else case.hu.shape[0] // 2
     crop = lesion_crop(label[shown])
     title = f"held-out {TEST_CASE}, slice {shown}, simulated dose {dose:g}, draw 0"
-    data = {"names": np.array(list(images)), "spacing_mm": np.asarray(case.spacing_mm), "title": np.array(title),
-            **{f"image/{n}": np.asarray(im[shown], np.float32) for n, im in images.items()}}
+    data = {
+        "names": np.array(list(images)),
+        "spacing_mm": np.asarray(case.spacing_mm),
+        "title": np.array(title),
+        **{f"image/{n}": np.asarray(im[shown], np.float32) for n, im in images.items()},
+    }
     if crop is not None:
         data["crop"] = np.array([[crop[0].start, crop[0].stop], [crop[1].start, crop[1].stop]])
     write_npz(path, data)
@@ -651,16 +805,23 @@ def _save_figure_data(images: dict, case: EvalCase, path: Path, dose: float) -> 
 
 def markdown_table(result: dict) -> str:
     """The model card's results table (markdown) from a ``metrics.json`` document (lung2, headline dose)."""
-    lines = ["| method | PSNR [-160,240] dB | SSIM [-160,240] | RMSE [-160,240] HU | PSNR [-1000,1000] dB | "
-             "SSIM [-1000,1000] | noise σ HU | lesion CNR |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | PSNR [-160,240] dB | SSIM [-160,240] | RMSE [-160,240] HU | PSNR [-1000,1000] dB | "
+        "SSIM [-1000,1000] | noise σ HU | lesion CNR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     noise, cnr = result.get("noise_sigma_hu", {}), result.get("lesion_cnr", {})
     for name in METHOD_ORDER:
         narrow, wide = result["window_-160_240"][name], result["window_-1000_1000"][name]
-        lines.append(f"| {METHOD_TITLES[name]} | {narrow['psnr']:.2f} | {narrow['ssim']:.4f} | {narrow['rmse']:.2f} | "
-                     f"{wide['psnr']:.2f} | {wide['ssim']:.4f} | {noise.get(name, float('nan')):.2f} | "
-                     f"{cnr.get(name, float('nan')):.2f} |")
-    lines.append(f"| {METHOD_TITLES['ndct']} (reference) | – | – | – | – | – | "
-                 f"{noise.get('ndct', float('nan')):.2f} | {cnr.get('ndct', float('nan')):.2f} |")
+        lines.append(
+            f"| {METHOD_TITLES[name]} | {narrow['psnr']:.2f} | {narrow['ssim']:.4f} | {narrow['rmse']:.2f} | "
+            f"{wide['psnr']:.2f} | {wide['ssim']:.4f} | {noise.get(name, float('nan')):.2f} | "
+            f"{cnr.get(name, float('nan')):.2f} |"
+        )
+    lines.append(
+        f"| {METHOD_TITLES['ndct']} (reference) | – | – | – | – | – | "
+        f"{noise.get('ndct', float('nan')):.2f} | {cnr.get('ndct', float('nan')):.2f} |"
+    )
     return "\n".join(lines)
 
 
@@ -668,8 +829,10 @@ def difference_table(result: dict, window: str = "window_-160_240") -> str:
     """Markdown: per case and dose, every method's PSNR/SSIM (mean over slices and draws) and its PSNR
     difference to LangMamba with the 95 % interval."""
     evaluation = result["evaluation"]
-    lines = [f"| case | dose | method | PSNR dB | SSIM | ΔPSNR vs LangMamba [95 % CI] | gain over input dB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | dose | method | PSNR dB | SSIM | ΔPSNR vs LangMamba [95 % CI] | gain over input dB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case, entry in evaluation["per_case"].items():
         for dose, summary in entry["doses"].items():
             section = summary[window]
@@ -678,6 +841,8 @@ def difference_table(result: dict, window: str = "window_-160_240") -> str:
                 gain = section["gain_over_input"].get(method, {}).get("psnr")
                 diff_text = f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]" if diff else "–"
                 gain_text = f"{gain['mean']:+.2f} [{gain['low']:+.2f}, {gain['high']:+.2f}]" if gain else "–"
-                lines.append(f"| {case} | {dose} | {METHOD_TITLES[method]} | {section[method]['psnr']:.2f} | "
-                             f"{section[method]['ssim']:.4f} | {diff_text} | {gain_text} |")
+                lines.append(
+                    f"| {case} | {dose} | {METHOD_TITLES[method]} | {section[method]['psnr']:.2f} | "
+                    f"{section[method]['ssim']:.4f} | {diff_text} | {gain_text} |"
+                )
     return "\n".join(lines)

@@ -57,6 +57,7 @@ BODY_MAJORITY = 0.5
 
 # --- small statistics -----------------------------------------------------------------------------
 
+
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     """``Σ_b n_b / n * |accuracy_b - confidence_b|`` over equal-width confidence bins on [0, 1]."""
     confidence = np.asarray(confidence, np.float64).ravel()
@@ -72,8 +73,9 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(total)
 
 
-def bootstrap_interval(per_slice: Sequence[tuple[float, float]], samples: int = BOOTSTRAP_SAMPLES,
-                       seed: int = 0) -> list[float]:
+def bootstrap_interval(
+    per_slice: Sequence[tuple[float, float]], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> list[float]:
     """95 % interval of a ratio ``Σ numerators / Σ denominators`` from per-slice ``(numerator, denominator)``
     pairs, resampling slices with replacement; ``[nan, nan]`` without data."""
     pairs = np.asarray(per_slice, np.float64).reshape(-1, 2)
@@ -107,6 +109,7 @@ def _difference(a: list[tuple[float, float]], b: list[tuple[float, float]], seed
 
 # --- ground truth and readings --------------------------------------------------------------------
 
+
 def _langae(model: torch.nn.Module) -> torch.nn.Module:
     langae = getattr(model, "langae", model)
     if not hasattr(langae, "quantizer") or not callable(getattr(langae, "encode", None)):
@@ -137,8 +140,7 @@ def region_truth(hu: torch.Tensor, lesion: torch.Tensor | None, factor: int, gri
     one_hot = F.one_hot(classes, len(REGION_CLASSES)).permute(0, 3, 1, 2).float()
     cells = F.avg_pool2d(one_hot, factor)
     fractions = pool_to_grid(cells, grid).permute(0, 2, 3, 1)
-    out = {"fractions": fractions, "dominant": fractions.argmax(dim=-1),
-           "body": fractions[..., 0] < BODY_MAJORITY}
+    out = {"fractions": fractions, "dominant": fractions.argmax(dim=-1), "body": fractions[..., 0] < BODY_MAJORITY}
     if lesion is not None:
         out["lesion_fraction"] = pool_to_grid(F.avg_pool2d(lesion.float()[:, None], factor), grid)[:, 0]
     return out
@@ -181,8 +183,9 @@ def erase_lesion(hu: np.ndarray, lesion: np.ndarray, margin_px: int = 2, iterati
     return x.numpy()
 
 
-def explainer_flags(model: torch.nn.Module, input_hu: np.ndarray, output_hu: np.ndarray, level: int,
-                    grid: tuple[int, int], device: str) -> np.ndarray:
+def explainer_flags(
+    model: torch.nn.Module, input_hu: np.ndarray, output_hu: np.ndarray, level: int, grid: tuple[int, int], device: str
+) -> np.ndarray:
     """The explainer's ``changed`` flag per region of one level, ``(Z, g_h, g_w)`` bool, through
     :func:`langmamba.explain.explain_volume` (its rule, whatever it is)."""
     from langmamba.explain import explain_volume
@@ -197,8 +200,10 @@ def explainer_flags(model: torch.nn.Module, input_hu: np.ndarray, output_hu: np.
 
 # --- calibration -----------------------------------------------------------------------------------
 
-def fit_temperature(logits: torch.Tensor, candidates: torch.Tensor, low: float = 0.05, high: float = 20.0,
-                    iterations: int = 60) -> float:
+
+def fit_temperature(
+    logits: torch.Tensor, candidates: torch.Tensor, low: float = 0.05, high: float = 20.0, iterations: int = 60
+) -> float:
     """The factor ``T`` minimising ``mean(-log Σ_{v∈S} softmax(T * logits)_v)`` over regions ``(N, V)`` with
     candidate masks ``(N, V)`` (golden-section search on ``log T``); rows without candidates are ignored."""
     keep = candidates.any(dim=-1)
@@ -228,9 +233,14 @@ def fit_temperature(logits: torch.Tensor, candidates: torch.Tensor, low: float =
 
 
 @torch.no_grad()
-def fit_calibration(model: torch.nn.Module, normal_hu: np.ndarray | Sequence[np.ndarray],
-                    lesion: np.ndarray | Sequence[np.ndarray | None] | None = None, *,
-                    batch_size: int = 4, device: str = "cpu") -> dict:
+def fit_calibration(
+    model: torch.nn.Module,
+    normal_hu: np.ndarray | Sequence[np.ndarray],
+    lesion: np.ndarray | Sequence[np.ndarray | None] | None = None,
+    *,
+    batch_size: int = 4,
+    device: str = "cpu",
+) -> dict:
     """Fit the residual quantizer's per-level ``calibration`` on validation slices (a ``(Z, H, W)`` HU volume
     or a list of ``(H, W)`` slices, with lesion masks or ``None``; never the test volume): a temperature on
     the learned logits that maximises the region targets' likelihood. Sets it in place and returns
@@ -249,12 +259,14 @@ def fit_calibration(model: torch.nn.Module, normal_hu: np.ndarray | Sequence[np.
     same_shape = isinstance(normal_hu, np.ndarray) and np.ndim(normal_hu) == 3
     step = batch_size if same_shape else 1
     for start in range(0, len(normal_hu), step):
-        chunk = np.stack([np.asarray(a, np.float32) for a in normal_hu[start:start + step]])
+        chunk = np.stack([np.asarray(a, np.float32) for a in normal_hu[start : start + step]])
         hu = _pad(torch.as_tensor(chunk, device=device), factor)
         les = None
         if lesion is not None:
-            masks = [np.zeros(a.shape, bool) if m is None else np.asarray(m) != 0
-                     for a, m in zip(chunk, lesion[start:start + step])]
+            masks = [
+                np.zeros(a.shape, bool) if m is None else np.asarray(m) != 0
+                for a, m in zip(chunk, lesion[start : start + step])
+            ]
             les = _pad(torch.as_tensor(np.stack(masks), device=device).float(), factor)
         out = langae.quantize(langae.encode(hu_to_model(hu)[:, None]), details=False)
         grids = quantizer.level_grids(out.quantized.shape[-2:])
@@ -268,7 +280,7 @@ def fit_calibration(model: torch.nn.Module, normal_hu: np.ndarray | Sequence[np.
         lg, tg = torch.cat(logits[level]), torch.cat(targets[level])
         t = fit_temperature(lg, tg)
 
-        def nll(scale: float) -> float:
+        def nll(scale: float, lg: torch.Tensor = lg, tg: torch.Tensor = tg) -> float:
             scaled = lg.double() * scale
             keep = tg.any(-1)
             picked = torch.logsumexp(scaled.masked_fill(~tg, float("-inf")), dim=-1)
@@ -284,10 +296,20 @@ def fit_calibration(model: torch.nn.Module, normal_hu: np.ndarray | Sequence[np.
 
 # --- the evaluation -------------------------------------------------------------------------------
 
-def evaluate_explanations(model: torch.nn.Module, normal_hu: np.ndarray, low_hu: np.ndarray | None = None,
-                          denoised_hu: np.ndarray | None = None, lesion: np.ndarray | None = None, *,
-                          slices: int | None = None, batch_size: int = 4, device: str = "cpu",
-                          flags: bool = True, command: str | None = None) -> dict:
+
+def evaluate_explanations(
+    model: torch.nn.Module,
+    normal_hu: np.ndarray,
+    low_hu: np.ndarray | None = None,
+    denoised_hu: np.ndarray | None = None,
+    lesion: np.ndarray | None = None,
+    *,
+    slices: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    flags: bool = True,
+    command: str | None = None,
+) -> dict:
     """Score a LangMamba's (or LangAE's) explanations on one volume; arrays ``(Z, H, W)`` in HU (lesion bool).
 
     ``slices`` keeps that many slices, spread evenly (for quick runs); ``flags=False`` skips the explainer
@@ -317,8 +339,9 @@ def evaluate_explanations(model: torch.nn.Module, normal_hu: np.ndarray, low_hu:
     word_class = torch.tensor([class_index.get(c, -1) for c in classes], device=device)
     lesion_word = torch.tensor([c == "lesion" for c in classes], device=device)
 
-    tallies: dict[str, list] = {k: [] for k in ("agree", "stab_out", "stab_in", "tumour", "false_lesion",
-                                               "rmse_q", "rmse_c", "rmse_low")}
+    tallies: dict[str, list] = {
+        k: [] for k in ("agree", "stab_out", "stab_in", "tumour", "false_lesion", "rmse_q", "rmse_c", "rmse_low")
+    }
     confidences, correct, dominant_all, coarse = [], [], [], []
     words = {"normal": [], "low": [], "denoised": []}
     body_regions, tumour_regions, grid = [], [], None
@@ -385,50 +408,76 @@ def evaluate_explanations(model: torch.nn.Module, normal_hu: np.ndarray, low_hu:
         "level": level,
         "grid": [int(g) for g in grid],
         "region_px": factor * math.ceil(latent[0] / grid[0]),
-        "language_space": {"backend": getattr(langae, "vlm_backend", None), "model": getattr(langae, "vlm_id", None),
-                           "quantizer": langae.get_config().get("quantizer", "average"),
-                           "vocabulary_size": quantizer.codebook_size},
-        "tissue_agreement": {**_ratio(tallies["agree"]),
-                             "majority_baseline": {"class": REGION_CLASSES[majority],
-                                                   "value": float(counts[majority] / max(counts.sum(), 1))}},
-        "calibration": {"ece": expected_calibration_error(confidences, correct),
-                        "mean_top_probability": float(confidences.mean()) if confidences.size else float("nan"),
-                        "uniform_probability": 1.0 / quantizer.codebook_size, "bins": ECE_BINS},
-        "reconstruction": {"rmse_body_hu_quantized": rmse("rmse_q"), "rmse_body_hu_continuous": rmse("rmse_c"),
-                           "rmse_body_hu_low_dose_input": rmse("rmse_low")},
-        "code_usage": {"coarse_distinct_words": int((usage > 0).sum()),
-                       "coarse_perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))},
+        "language_space": {
+            "backend": getattr(langae, "vlm_backend", None),
+            "model": getattr(langae, "vlm_id", None),
+            "quantizer": langae.get_config().get("quantizer", "average"),
+            "vocabulary_size": quantizer.codebook_size,
+        },
+        "tissue_agreement": {
+            **_ratio(tallies["agree"]),
+            "majority_baseline": {
+                "class": REGION_CLASSES[majority],
+                "value": float(counts[majority] / max(counts.sum(), 1)),
+            },
+        },
+        "calibration": {
+            "ece": expected_calibration_error(confidences, correct),
+            "mean_top_probability": float(confidences.mean()) if confidences.size else float("nan"),
+            "uniform_probability": 1.0 / quantizer.codebook_size,
+            "bins": ECE_BINS,
+        },
+        "reconstruction": {
+            "rmse_body_hu_quantized": rmse("rmse_q"),
+            "rmse_body_hu_continuous": rmse("rmse_c"),
+            "rmse_body_hu_low_dose_input": rmse("rmse_low"),
+        },
+        "code_usage": {
+            "coarse_distinct_words": int((usage > 0).sum()),
+            "coarse_perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
+        },
     }
     if lesion is not None:
-        result["lesion_grounding"] = {"tumour_read_as_lesion": _ratio(tallies["tumour"]),
-                                      "non_tumour_read_as_lesion": _ratio(tallies["false_lesion"]),
-                                      "baseline_never_lesion": {"tumour_read_as_lesion": 0.0,
-                                                                "non_tumour_read_as_lesion": 0.0}}
+        result["lesion_grounding"] = {
+            "tumour_read_as_lesion": _ratio(tallies["tumour"]),
+            "non_tumour_read_as_lesion": _ratio(tallies["false_lesion"]),
+            "baseline_never_lesion": {"tumour_read_as_lesion": 0.0, "non_tumour_read_as_lesion": 0.0},
+        }
     if low_hu is not None and denoised_hu is not None:
         reference = torch.cat(words["normal"])
         stab = {}
         for name in ("denoised", "low"):
             same = torch.cat(words[name]) == reference
             stab[name] = [(float(same[i][body_all[i]].sum()), float(body_all[i].sum())) for i in range(len(same))]
-        result["stability"] = {"denoised_vs_normal": _ratio(stab["denoised"]), "low_vs_normal": _ratio(stab["low"]),
-                               "gain": _difference(stab["denoised"], stab["low"])}
+        result["stability"] = {
+            "denoised_vs_normal": _ratio(stab["denoised"]),
+            "low_vs_normal": _ratio(stab["low"]),
+            "gain": _difference(stab["denoised"], stab["low"]),
+        }
         if flags:
             honest = explainer_flags(model, low_hu, denoised_hu, level, grid, device)
             body_np = body_all.numpy()
             result["change_flags"] = {
                 "rule": "langmamba.explain.explain_volume 'changed' (low-dose input against output)",
-                "honest_flag_rate": _ratio([(float(honest[i][body_np[i]].sum()), float(body_np[i].sum()))
-                                            for i in range(len(honest))]),
+                "honest_flag_rate": _ratio(
+                    [(float(honest[i][body_np[i]].sum()), float(body_np[i].sum())) for i in range(len(honest))]
+                ),
             }
             if lesion is not None and lesion.any():
                 erased = explainer_flags(model, low_hu, erase_lesion(denoised_hu, lesion), level, grid, device)
                 tumour_np = torch.cat(tumour_regions).numpy()
-                pairs = [(float(erased[i][tumour_np[i]].sum()), float(tumour_np[i].sum()))
-                         for i in range(len(erased)) if tumour_np[i].any()]
+                pairs = [
+                    (float(erased[i][tumour_np[i]].sum()), float(tumour_np[i].sum()))
+                    for i in range(len(erased))
+                    if tumour_np[i].any()
+                ]
                 result["change_flags"]["erased_tumour_sensitivity"] = _ratio(pairs)
                 result["change_flags"]["erased_tumour_flag_rate_outside_tumour"] = _ratio(
-                    [(float(erased[i][body_np[i] & ~tumour_np[i]].sum()), float((body_np[i] & ~tumour_np[i]).sum()))
-                     for i in range(len(erased))])
+                    [
+                        (float(erased[i][body_np[i] & ~tumour_np[i]].sum()), float((body_np[i] & ~tumour_np[i]).sum()))
+                        for i in range(len(erased))
+                    ]
+                )
     if command:
         result["command"] = command
     return result
@@ -447,10 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-flags", action="store_true", help="skip the explainer's change flags")
     parser.add_argument("--output", help="write the JSON here")
-    parser.add_argument("--calibrate", metavar="OUT",
-                        help="instead of evaluating: fit the word calibration on CASE (validation slices, never "
-                             "lung2: a case .npz or a prepared training set with --patients) and save the "
-                             "calibrated model to the new checkpoint folder OUT")
+    parser.add_argument(
+        "--calibrate",
+        metavar="OUT",
+        help="instead of evaluating: fit the word calibration on CASE (validation slices, never "
+        "lung2: a case .npz or a prepared training set with --patients) and save the "
+        "calibrated model to the new checkpoint folder OUT",
+    )
     parser.add_argument("--patients", nargs="*", help="with --calibrate on a prepared set: the patients to use")
     args = parser.parse_args(argv)
     if args.calibrate:
@@ -460,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with np.load(args.case) as case:
             prepared = "normal" not in case
             if not prepared:
-                normal, label = case["normal"], case["label"] if "label" in case else None
+                normal, label = case["normal"], case.get("label", None)
         if prepared:
             from langmamba.data.prepared import load_prepared
 
@@ -474,13 +526,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, indent=1))
         return 0
     with np.load(args.case) as case:
-        arrays = {k: case[k] if k in case else None for k in ("normal", "low", "denoised", "label")}
+        arrays = {k: case.get(k, None) for k in ("normal", "low", "denoised", "label")}
     if arrays["normal"] is None:
         raise InputError(f"{args.case} has no 'normal' array")
-    result = evaluate_explanations(load_checkpoint(args.model), arrays["normal"], arrays["low"], arrays["denoised"],
-                                   arrays["label"], slices=args.slices, device=args.device,
-                                   flags=not args.no_flags,
-                                   command="python -m langmamba.evaluate_explanations " + " ".join(argv or []))
+    result = evaluate_explanations(
+        load_checkpoint(args.model),
+        arrays["normal"],
+        arrays["low"],
+        arrays["denoised"],
+        arrays["label"],
+        slices=args.slices,
+        device=args.device,
+        flags=not args.no_flags,
+        command="python -m langmamba.evaluate_explanations " + " ".join(argv or []),
+    )
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:

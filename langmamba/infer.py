@@ -38,9 +38,18 @@ def dihedral_average(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoise_hu_array(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, device: str | torch.device = "auto",
-                     progress: bool = False, blend: float = 1.0, out: np.ndarray | None = None,
-                     should_stop: Callable[[], bool] | None = None, tta: bool = False) -> np.ndarray:
+def denoise_hu_array(
+    model: nn.Module,
+    hu: np.ndarray,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    blend: float = 1.0,
+    out: np.ndarray | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    tta: bool = False,
+) -> np.ndarray:
     """Denoise ``hu`` (Z, H, W) slice by slice in batches; returns float32 HU of the same shape.
 
     The model sees the paper's normalisation ([-1000, 2000] HU -> [0, 1]); voxels outside that range (metal,
@@ -77,7 +86,7 @@ def denoise_hu_array(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, d
             if should_stop is not None and should_stop():
                 raise CancelledError(f"denoising stopped on request after {start} of {hu.shape[0]} slices")
             # The HU arithmetic runs where the model does: on a GPU the host only copies voxels in and out.
-            chunk = torch.from_numpy(np.ascontiguousarray(hu[start:start + batch_size])).to(device).float()
+            chunk = torch.from_numpy(np.ascontiguousarray(hu[start : start + batch_size])).to(device).float()
             with autocast:
                 x = hu_to_model(chunk)[:, None]
                 y = dihedral_average(model, x) if tta else model(x)
@@ -85,19 +94,35 @@ def denoise_hu_array(model: nn.Module, hu: np.ndarray, *, batch_size: int = 4, d
             result = torch.where((chunk < HU_MIN) | (chunk > HU_MAX), chunk, result)
             if blend != 1.0:
                 result = blend * result + (1.0 - blend) * chunk
-            target[start:start + len(chunk)].copy_(result)  # straight into the output, no host temporary
+            target[start : start + len(chunk)].copy_(result)  # straight into the output, no host temporary
             bar.update(len(chunk))
     return out
 
 
-def denoise_ct_volume(model: nn.Module, volume: CTVolume, *, blend: float = 1.0, batch_size: int = 4,
-                      device: str | torch.device = "auto", progress: bool = False, out: np.ndarray | None = None,
-                      should_stop: Callable[[], bool] | None = None) -> CTVolume:
+def denoise_ct_volume(
+    model: nn.Module,
+    volume: CTVolume,
+    *,
+    blend: float = 1.0,
+    batch_size: int = 4,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    out: np.ndarray | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> CTVolume:
     """The denoised ``volume`` (same geometry and DICOM header); ``blend`` mixes output (1) and input (0).
 
     ``out``: an optional float32 ``(Z, Y, X)`` array to denoise into; ``should_stop``: checked between batches
     (:class:`CancelledError`); the rest as :func:`denoise_hu_array`.
     """
-    output = denoise_hu_array(model, volume.hu, batch_size=batch_size, device=device, progress=progress,
-                              blend=blend, out=out, should_stop=should_stop)
+    output = denoise_hu_array(
+        model,
+        volume.hu,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        blend=blend,
+        out=out,
+        should_stop=should_stop,
+    )
     return volume.with_hu(output)

@@ -62,8 +62,13 @@ class JobOutputs:
 
     def paths(self) -> list[Path]:
         """Every file or folder the job may write."""
-        paths = [self.denoised, self.explanations, self.labels, self.report,
-                 self.labels and color_table_path(self.labels)]
+        paths = [
+            self.denoised,
+            self.explanations,
+            self.labels,
+            self.report,
+            self.labels and color_table_path(self.labels),
+        ]
         return [Path(p) for p in paths if p]
 
 
@@ -130,8 +135,14 @@ class DenoiseJob:
             raise ConfigError(f"top_k must be at least 1, got {self.top_k}")
         self.explain_levels = tuple(int(level) for level in self.explain_levels)
 
-    def run(self, source: str | Path, outputs: JobOutputs, *, should_stop: Callable[[], bool] | None = None,
-            model_lock: AbstractContextManager | None = None) -> JobResult:
+    def run(
+        self,
+        source: str | Path,
+        outputs: JobOutputs,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        model_lock: AbstractContextManager | None = None,
+    ) -> JobResult:
         """Read ``source`` (a volume file or DICOM series folder), denoise, explain and write ``outputs``.
 
         ``should_stop`` is checked between batches of the denoiser and of the explainer
@@ -142,8 +153,10 @@ class DenoiseJob:
         ``report``; with :mod:`langmamba.workers` processes the denoised volume is written during ``explain``.
         """
         if (outputs.labels or outputs.report) and self.level not in self.explain_levels:
-            raise ConfigError(f"the label map and report show level {self.level}, which is not among the explained "
-                              f"levels {list(self.explain_levels)}")
+            raise ConfigError(
+                f"the label map and report show level {self.level}, which is not among the explained "
+                f"levels {list(self.explain_levels)}"
+            )
         for path in outputs.paths():
             check_not_input(path, [source])
         timings: dict[str, float] = {}
@@ -159,8 +172,15 @@ class DenoiseJob:
             with model_lock if model_lock is not None else nullcontext():
                 if model_lock is not None:
                     start = _timed(timings, "queued", start)
-                denoised = denoise_ct_volume(self.model, volume, blend=self.blend, batch_size=self.batch_size,
-                                             device=self.device, progress=self.progress, should_stop=should_stop)
+                denoised = denoise_ct_volume(
+                    self.model,
+                    volume,
+                    blend=self.blend,
+                    batch_size=self.batch_size,
+                    device=self.device,
+                    progress=self.progress,
+                    should_stop=should_stop,
+                )
                 start = _timed(timings, "denoise", start)
                 write_denoised = partial(self._write_denoised, denoised, Path(outputs.denoised))
                 # With worker processes, they write the denoised volume while the GPU and the other workers explain
@@ -186,18 +206,33 @@ class DenoiseJob:
         if outputs.report:
             from .report import write_report
 
-            info = {"input": Path(source).name, **self.run_info, "device": self.device,
-                    "batch size": self.batch_size, "blend": self.blend, "explained level": self.level,
-                    **{f"{stage} time": f"{seconds:.1f} s" for stage, seconds in timings.items()}}
-            written["report"] = write_report(outputs.report, collector, document, images, run_info=info,
-                                             overwrite=self.overwrite)
+            info = {
+                "input": Path(source).name,
+                **self.run_info,
+                "device": self.device,
+                "batch size": self.batch_size,
+                "blend": self.blend,
+                "explained level": self.level,
+                **{f"{stage} time": f"{seconds:.1f} s" for stage, seconds in timings.items()},
+            }
+            written["report"] = write_report(
+                outputs.report, collector, document, images, run_info=info, overwrite=self.overwrite
+            )
             _timed(timings, "report", start)
         order = ("denoised", "explanations", "label map", "colour table", "report")
-        return JobResult({key: written[key] for key in order if key in written}, volume, denoised, document,
-                         self.device, self.batch_size, timings)
+        return JobResult(
+            {key: written[key] for key in order if key in written},
+            volume,
+            denoised,
+            document,
+            self.device,
+            self.batch_size,
+            timings,
+        )
 
-    def _explain(self, volume: CTVolume, denoised: CTVolume, outputs: JobOutputs,
-                 should_stop: Callable[[], bool] | None) -> tuple[dict, Any]:
+    def _explain(
+        self, volume: CTVolume, denoised: CTVolume, outputs: JobOutputs, should_stop: Callable[[], bool] | None
+    ) -> tuple[dict, Any]:
         """Stream the explanation document to ``outputs.explanations`` (or nowhere, when only the label map or
         the report needs the words); returns it without its slices, and the report collector (or ``None``)."""
         from .explain import write_explanation
@@ -217,24 +252,42 @@ class DenoiseJob:
                 path = Path(outputs.explanations)
                 target = stack.enter_context(atomic_output(path, as_folder=False, overwrite=self.overwrite))
                 target = target / path.name
-            document = write_explanation(target, self.model, volume.hu, denoised.hu, volume,
-                                         levels=self.explain_levels, top_k=self.top_k,
-                                         batch_size=max(1, self.batch_size // 2), device=self.device,
-                                         progress=self.progress, on_batch=on_batch)
+            document = write_explanation(
+                target,
+                self.model,
+                volume.hu,
+                denoised.hu,
+                volume,
+                levels=self.explain_levels,
+                top_k=self.top_k,
+                batch_size=max(1, self.batch_size // 2),
+                device=self.device,
+                progress=self.progress,
+                on_batch=on_batch,
+            )
         return document, collector
 
     def _write_denoised(self, denoised: CTVolume, path: Path, *, derived_from: CTVolume, progress: bool) -> Path:
         if self.float32 and format_for_writing(path) is not Format.DICOM:
             return _write_float32(denoised, path, overwrite=self.overwrite)
-        return write_volume(denoised, path, series_description=SERIES_DESCRIPTION, overwrite=self.overwrite,
-                            derived_from=derived_from, progress=progress)
+        return write_volume(
+            denoised,
+            path,
+            series_description=SERIES_DESCRIPTION,
+            overwrite=self.overwrite,
+            derived_from=derived_from,
+            progress=progress,
+        )
 
     def _write_labels(self, collector: Any, geometry: CTVolume, path: Path) -> dict[str, Path]:
         from .explain import color_table, write_color_table
 
         label_map, words = collector.label_map(geometry.shape)
-        written = {"label map": write_labels(label_map, geometry, path, overwrite=self.overwrite,
-                                             series_description=LABELS_DESCRIPTION)}
+        written = {
+            "label map": write_labels(
+                label_map, geometry, path, overwrite=self.overwrite, series_description=LABELS_DESCRIPTION
+            )
+        }
         del label_map
         table = color_table_path(path)
         with atomic_output(table, as_folder=False, overwrite=self.overwrite) as staging:

@@ -139,10 +139,7 @@ def stage1_loss(
     commitment = quantizer_output.commitment_loss
     semantic = quantizer_output.semantic_loss
     total = (
-        l1_weight * l1
-        + perceptual_weight * perceptual
-        + commitment_weight * commitment
-        + semantic_weight * semantic
+        l1_weight * l1 + perceptual_weight * perceptual + commitment_weight * commitment + semantic_weight * semantic
     )
     parts = {
         "l1": l1,

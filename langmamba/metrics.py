@@ -47,8 +47,12 @@ def to_window(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return (np.clip(np.asarray(hu, dtype=np.float64), low, high) - low) / (high - low)
 
 
-def rmse(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float] = WINDOWS["-160_240"],
-         mask: np.ndarray | None = None) -> float:
+def rmse(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    window: tuple[float, float] = WINDOWS["-160_240"],
+    mask: np.ndarray | None = None,
+) -> float:
     """Root-mean-square error in HU between window-clipped images, averaged over slices."""
     prediction, reference, mask = _as_slices(prediction, reference, mask)
     scale = window[1] - window[0]
@@ -63,8 +67,12 @@ def rmse(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, flo
     return float(np.mean(errors)) if errors else float("nan")
 
 
-def psnr(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float] = WINDOWS["-160_240"],
-         mask: np.ndarray | None = None) -> float:
+def psnr(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    window: tuple[float, float] = WINDOWS["-160_240"],
+    mask: np.ndarray | None = None,
+) -> float:
     """PSNR in dB of window-scaled images (data range 1), averaged over slices; ``inf`` for identical slices."""
     prediction, reference, mask = _as_slices(prediction, reference, mask)
     values = []
@@ -85,8 +93,9 @@ def _gaussian_valid(image: np.ndarray) -> np.ndarray:
     return filtered[SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS]
 
 
-def ssim_map(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float] = WINDOWS["-160_240"]
-             ) -> np.ndarray:
+def ssim_map(
+    prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float] = WINDOWS["-160_240"]
+) -> np.ndarray:
     """SSIM map (Wang et al. 2004; 11×11 Gaussian, σ = 1.5, data range 1) of one 2-D slice.
 
     The map covers valid window positions only, so it is ``2 * 5`` pixels smaller than the input in each axis.
@@ -103,8 +112,12 @@ def ssim_map(prediction: np.ndarray, reference: np.ndarray, window: tuple[float,
     return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
 
-def ssim(prediction: np.ndarray, reference: np.ndarray, window: tuple[float, float] = WINDOWS["-160_240"],
-         mask: np.ndarray | None = None) -> float:
+def ssim(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    window: tuple[float, float] = WINDOWS["-160_240"],
+    mask: np.ndarray | None = None,
+) -> float:
     """Mean SSIM of window-scaled images, averaged over slices; ``mask`` restricts the mean of each map."""
     prediction, reference, mask = _as_slices(prediction, reference, mask)
     values = []
@@ -139,8 +152,9 @@ def cnr(hu: np.ndarray, lesion: np.ndarray, background: np.ndarray) -> float:
     return contrast / sigma if sigma > 0 else float("inf")
 
 
-def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, confidence: float = 0.95,
-                        seed: int = 0) -> dict[str, float]:
+def paired_bootstrap_ci(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
     """Mean of the paired differences ``a - b`` with a percentile bootstrap confidence interval.
 
     ``a`` and ``b`` hold one score per unit (e.g. per slice, already averaged over noise draws) of two methods
@@ -164,8 +178,13 @@ def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, 
     return {"mean": float(difference.mean()), "low": float(low), "high": float(high), "n": int(difference.size)}
 
 
-def background_ring(lesion: np.ndarray, inner_mm: float = 2.0, outer_mm: float = 8.0,
-                    spacing_mm: tuple[float, float] = (1.0, 1.0), within: np.ndarray | None = None) -> np.ndarray:
+def background_ring(
+    lesion: np.ndarray,
+    inner_mm: float = 2.0,
+    outer_mm: float = 8.0,
+    spacing_mm: tuple[float, float] = (1.0, 1.0),
+    within: np.ndarray | None = None,
+) -> np.ndarray:
     """A ring around a lesion (per slice, ``inner_mm`` to ``outer_mm`` from its edge) for lesion CNR."""
     shape = np.shape(lesion)
     (lesion, within) = _as_slices(lesion, within)
@@ -221,6 +240,8 @@ def soft_tissue_noise(hu: np.ndarray, window_px: int = 7, tissue_hu: tuple[float
         values.append(np.sqrt(np.clip(var[tissue], 0, None)))
     values = np.concatenate(values)
     if values.size == 0:
-        raise InputError("no soft-tissue pixels (local mean in "
-                         f"{tissue_hu[0]:g}..{tissue_hu[1]:g} HU inside the body) to measure noise in")
+        raise InputError(
+            "no soft-tissue pixels (local mean in "
+            f"{tissue_hu[0]:g}..{tissue_hu[1]:g} HU inside the body) to measure noise in"
+        )
     return float(np.median(values))

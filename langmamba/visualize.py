@@ -13,9 +13,15 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
-def comparison_figure(panels: list[tuple[str, np.ndarray]], *, window: tuple[float, float] = CT_WINDOWS["soft tissue"],
-                      difference: tuple[int, int] | None = None, difference_range_hu: float = 100.0,
-                      title: str | None = None, spacing_mm: tuple[float, float] = (1.0, 1.0)):
+def comparison_figure(
+    panels: list[tuple[str, np.ndarray]],
+    *,
+    window: tuple[float, float] = CT_WINDOWS["soft tissue"],
+    difference: tuple[int, int] | None = None,
+    difference_range_hu: float = 100.0,
+    title: str | None = None,
+    spacing_mm: tuple[float, float] = (1.0, 1.0),
+):
     """A matplotlib figure of 2-D HU slices side by side, and optionally the difference of two of them.
 
     Args:
@@ -39,8 +45,14 @@ def comparison_figure(panels: list[tuple[str, np.ndarray]], *, window: tuple[flo
         a, b = difference
         diff = np.asarray(panels[a][1], np.float32) - np.asarray(panels[b][1], np.float32)
         ax = axes[-1]
-        shown = ax.imshow(diff, cmap="RdBu_r", vmin=-difference_range_hu, vmax=difference_range_hu, aspect=aspect,
-                          interpolation="nearest")
+        shown = ax.imshow(
+            diff,
+            cmap="RdBu_r",
+            vmin=-difference_range_hu,
+            vmax=difference_range_hu,
+            aspect=aspect,
+            interpolation="nearest",
+        )
         ax.set_title(f"{panels[a][0]} − {panels[b][0]}", fontsize=11)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="HU")
     for ax in axes:

@@ -24,6 +24,7 @@ would only compete with torch's own threads.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import multiprocessing
@@ -106,11 +107,10 @@ def _set_parent_death_signal(signum: int) -> None:
     """Have the kernel send ``signum`` to this process when the thread that forked it ends (Linux only)."""
     if not sys.platform.startswith("linux"):
         return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum), ctypes.c_ulong(0),
-                                                ctypes.c_ulong(0), ctypes.c_ulong(0))
-    except (OSError, AttributeError):  # no prctl in this libc: the watcher thread still covers it
-        pass
+    with contextlib.suppress(OSError, AttributeError):  # no prctl in this libc: the watcher thread still covers it
+        ctypes.CDLL(None, use_errno=True).prctl(
+            _PR_SET_PDEATHSIG, ctypes.c_ulong(signum), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        )
 
 
 def _watch_parent(parent_pid: int, read_end: int) -> None:
@@ -135,8 +135,9 @@ def _start_worker(parent_pid: int, read_end: int, write_end: int, death_signal: 
         _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the death signal was set
         os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid, read_end), name="langmamba-parent-watch",
-                     daemon=True).start()
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid, read_end), name="langmamba-parent-watch", daemon=True
+    ).start()
 
 
 def _executor() -> ProcessPoolExecutor | None:
@@ -149,7 +150,9 @@ def _executor() -> ProcessPoolExecutor | None:
         read_end, write_end = os.pipe()
         # A fork pool starts every process at its first task, in this thread.
         pool = ProcessPoolExecutor(
-            max_workers=worker_count(), mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+            max_workers=worker_count(),
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_start_worker,
             initargs=(os.getpid(), read_end, write_end, threading.current_thread() is threading.main_thread()),
         )
         # The workers start with SIGTERM/SIGINT blocked, so that a stop sent before they reset their handlers waits
@@ -160,8 +163,9 @@ def _executor() -> ProcessPoolExecutor | None:
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _RESET_SIGNALS)
             try:
                 with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
-                                            category=DeprecationWarning)
+                    warnings.filterwarnings(
+                        "ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning
+                    )
                     started = pool.submit(int)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -236,8 +240,11 @@ def shared_empty(shape: tuple[int, ...], dtype: Any) -> Iterator[tuple[np.ndarra
         array = np.empty(shape, dtype)
         yield array, array
         return
-    if not (os.path.isdir(_SHARED_DIR) and os.path.isdir(f"/proc/{os.getpid()}/fd")) or nbytes == 0 \
-            or _free_bytes(_SHARED_DIR) < 2 * nbytes:
+    if (
+        not (os.path.isdir(_SHARED_DIR) and os.path.isdir(f"/proc/{os.getpid()}/fd"))
+        or nbytes == 0
+        or _free_bytes(_SHARED_DIR) < 2 * nbytes
+    ):
         yield np.empty(shape, dtype), None
         return
     fd, path = tempfile.mkstemp(prefix="langmamba-", dir=_SHARED_DIR)
@@ -283,5 +290,3 @@ def split(count: int, parts: int | None = None) -> list[range]:
     parts = min(parts, max(1, count))
     bounds = [round(i * count / parts) for i in range(parts + 1)]
     return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-

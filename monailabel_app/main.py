@@ -35,6 +35,21 @@ from typing import Any
 
 import pydicom
 from filelock import FileLock
+from lib import auth
+from lib.admission import Admission
+from lib.audit import AuditLog
+from lib.confine import (
+    ImageNotFoundError,
+    check_image_id,
+    check_servable,
+    not_found,
+    remove_stale_temporaries,
+    result_path,
+)
+from lib.endpoint import MODEL, install_route
+from lib.exposure import check_exposure
+from lib.routes import parse_origins, secure_app
+from lib.task import DenoiseParams, DenoiseResult, LangMambaDenoise
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -47,16 +62,6 @@ from langmamba.errors import ConfigError, OverwriteError
 from langmamba.io import write_volume
 from langmamba.io.atomic import atomic_output
 from langmamba.runtime import default_weights
-
-from lib import auth
-from lib.admission import Admission
-from lib.audit import AuditLog
-from lib.confine import (ImageNotFoundError, check_image_id, check_servable, not_found, remove_stale_temporaries,
-                         result_path)
-from lib.endpoint import MODEL, install_route
-from lib.exposure import check_exposure
-from lib.routes import parse_origins, secure_app
-from lib.task import DenoiseParams, DenoiseResult, LangMambaDenoise
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +185,13 @@ class LangMambaApp(MONAILabelApp):
             result.remove_files()
             raise
         explanations = str(result.explanations_file) if result.explanations_file is not None else None
-        return {"label": str(result.image_file), "tag": DefaultLabelTag.ORIGINAL, "file": str(result.image_file),
-                "params": summary, "explanations_file": explanations}
+        return {
+            "label": str(result.image_file),
+            "tag": DefaultLabelTag.ORIGINAL,
+            "file": str(result.image_file),
+            "params": summary,
+            "explanations_file": explanations,
+        }
 
     # --- persistence ------------------------------------------------------------------------------------------
 
@@ -196,34 +206,46 @@ class LangMambaApp(MONAILabelApp):
             return None
         source_info = datastore.get_image_info(image_id) or {}
         if image_id.endswith(DERIVED_SUFFIX) or source_info.get("derived_from"):
-            raise ConfigError(f"image {image_id!r} is itself a LangMamba result; denoise its source instead, or "
-                              "pass \"save\": false")
+            raise ConfigError(
+                f'image {image_id!r} is itself a LangMamba result; denoise its source instead, or pass "save": false'
+            )
         new_id = f"{image_id}{DERIVED_SUFFIX}"
         existing = datastore._datastore.objects.get(new_id)
-        replaceable = existing is not None and existing.image.ext == ".nrrd" \
+        replaceable = (
+            existing is not None
+            and existing.image.ext == ".nrrd"
             and existing.image.info.get("derived_from") == image_id
+        )
         studies = Path(datastore._datastore.image_path())
-        target = result_path(studies, new_id, listed=existing is not None, overwrite=params.overwrite,
-                             replaceable=replaceable)
+        target = result_path(
+            studies, new_id, listed=existing is not None, overwrite=params.overwrite, replaceable=replaceable
+        )
         explanations = target.with_name(f"{new_id}.explanations.json")
         if explanations.is_symlink() or (explanations.exists() and not (params.overwrite and replaceable)):
-            raise OverwriteError(f"the datastore folder already holds {explanations.name!r}; it is never replaced "
-                                 "by another image's result")
+            raise OverwriteError(
+                f"the datastore folder already holds {explanations.name!r}; it is never replaced "
+                "by another image's result"
+            )
         return target
 
-    def _persist(self, image_id: str, result: DenoiseResult, datastore: Any, target: Path | str,
-                 overwrite: bool) -> dict | None:
+    def _persist(
+        self, image_id: str, result: DenoiseResult, datastore: Any, target: Path | str, overwrite: bool
+    ) -> dict | None:
         if target == "dicomweb":
             return self._store_series(image_id, result, datastore)
         return self._store_image(image_id, result, datastore, Path(target), overwrite)
 
-    def _store_image(self, image_id: str, result: DenoiseResult, datastore: LocalDatastore, target: Path,
-                     overwrite: bool) -> dict:
+    def _store_image(
+        self, image_id: str, result: DenoiseResult, datastore: LocalDatastore, target: Path, overwrite: bool
+    ) -> dict:
         """Add the result as image ``<id>_langmamba`` (``target``, in the studies folder) with its explanations
         JSON beside it; each file is written to a temporary sibling and renamed into place, the JSON first."""
         new_id = target.name[: -len(".nrrd")]
-        info = {"derived_from": image_id, "model": MODEL,
-                "params": {k: result.summary[k] for k in ("blend", "level", "explain", "top_k", "device")}}
+        info = {
+            "derived_from": image_id,
+            "model": MODEL,
+            "params": {k: result.summary[k] for k in ("blend", "level", "explain", "top_k", "device")},
+        }
         if result.explanations_file is not None:
             explanations = _copy_file(result.explanations_file, target.with_name(f"{new_id}.explanations.json"))
             info["explanations"] = explanations.name
@@ -231,34 +253,44 @@ class LangMambaApp(MONAILabelApp):
             with atomic_output(target, as_folder=False, overwrite=overwrite) as staging:
                 shutil.copyfile(result.image_file, staging / target.name)
         except OverwriteError as err:  # another request saved the same result meanwhile
-            raise OverwriteError(f"the datastore already holds {new_id!r} (saved by another request meanwhile)") \
-                from err
+            raise OverwriteError(
+                f"the datastore already holds {new_id!r} (saved by another request meanwhile)"
+            ) from err
         if result.explanations_file is None:  # an earlier result's document would no longer match the image
             target.with_name(f"{new_id}.explanations.json").unlink(missing_ok=True)
         info.update({"ts": int(time.time()), "name": target.name})
         with FileLock(datastore._lock_file):
             datastore._datastore.objects[new_id] = ImageLabelModel(image=DataModel(info=info, ext=".nrrd"))
             datastore._update_datastore_file(lock=False)
-        return {"datastore": "local", "image_id": new_id, **({"explanations": info["explanations"]}
-                                                               if "explanations" in info else {})}
+        return {
+            "datastore": "local",
+            "image_id": new_id,
+            **({"explanations": info["explanations"]} if "explanations" in info else {}),
+        }
 
     def _store_series(self, image_id: str, result: DenoiseResult, datastore: DICOMWebDatastore) -> dict:
         """STOW-RS the result as a new derived CT series in the original's study; the explanations go to the
         DICOMweb cache beside the downloaded series."""
         with tempfile.TemporaryDirectory(prefix="langmamba-stow-") as tmp:
-            series = write_volume(result.denoised, Path(tmp) / "series", series_description=SERIES_DESCRIPTION,
-                                  derived_from=result.source)
+            series = write_volume(
+                result.denoised, Path(tmp) / "series", series_description=SERIES_DESCRIPTION, derived_from=result.source
+            )
             datasets = [pydicom.dcmread(str(p)) for p in sorted(series.iterdir())]
             # the datastore's own client carries its URL prefixes and credentials
             datastore._client.store_instances(datasets=datasets)
         series_uid = str(datasets[0].SeriesInstanceUID)
-        saved = {"datastore": "dicomweb", "series_uid": series_uid,
-                 "study_uid": str(datasets[0].StudyInstanceUID), "instances": len(datasets)}
+        saved = {
+            "datastore": "dicomweb",
+            "series_uid": series_uid,
+            "study_uid": str(datasets[0].StudyInstanceUID),
+            "instances": len(datasets),
+        }
         if result.explanations_file is not None:
             cache = Path(result.source.source).parent if result.source.source else None
             if cache is not None and cache.is_dir():
-                saved["explanations"] = str(_copy_file(result.explanations_file,
-                                                       cache / f"{series_uid}.explanations.json"))
+                saved["explanations"] = str(
+                    _copy_file(result.explanations_file, cache / f"{series_uid}.explanations.json")
+                )
         list_images = getattr(type(datastore).list_images, "cache_clear", None)
         if list_images is not None:
             list_images()

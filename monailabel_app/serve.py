@@ -60,7 +60,7 @@ Connect from 3D Slicer:
   Requests by datastore image id also save the result as a new image '<image>_langmamba' (an existing one
   is replaced only when params say "overwrite": true).
 From a shell:
-  curl -X POST '{url}/infer/langmamba_denoise?image=lung2&output=image' -F 'params={{"explain": false}}' -o denoised.nrrd
+  curl -X POST '{url}/infer/langmamba_denoise?image=lung2&output=image' -F 'params={{"explain": false}}' -o out.nrrd
 Stop the server with Ctrl+C.
 """
 
@@ -70,16 +70,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--studies", default="", help="studies folder or DICOMweb URL (default: the sample study)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="serve beyond loopback without authentication (anyone who reaches it reads every study)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve beyond loopback without authentication (anyone who reaches it reads every study)",
+    )
     args = parser.parse_args(argv)
     if not is_loopback(args.host) and not auth_enabled():
         if not args.insecure:
-            parser.error(f"refusing to serve on {args.host} without authentication: anyone who can reach it could "
-                         "read every study. Turn authentication on (MONAI_LABEL_AUTH_ENABLE=true, see SECURITY.md), "
-                         "keep --host 127.0.0.1 behind a TLS reverse proxy, or pass --insecure")
-        print(f"WARNING: --insecure: serving on {args.host} WITHOUT authentication; every client that reaches this "
-              "address can read every study and run the model.", file=sys.stderr, flush=True)
+            parser.error(
+                f"refusing to serve on {args.host} without authentication: anyone who can reach it could "
+                "read every study. Turn authentication on (MONAI_LABEL_AUTH_ENABLE=true, see SECURITY.md), "
+                "keep --host 127.0.0.1 behind a TLS reverse proxy, or pass --insecure"
+            )
+        print(
+            f"WARNING: --insecure: serving on {args.host} WITHOUT authentication; every client that reaches this "
+            "address can read every study and run the model.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     import torch
 
@@ -89,8 +98,20 @@ def main(argv: list[str] | None = None) -> None:
     print(banner(f"http://{host}:{args.port}", studies, device), flush=True)
     bin_dir = str(Path(sys.executable).parent)
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies,
-               "--host", args.host, "--port", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(APP_DIR),
+        "--studies",
+        studies,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     if args.insecure:
         command += ["--conf", "insecure", "true"]
     os.execv(sys.executable, command)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from langmamba.checkpoint import load_checkpoint  # noqa: E402
 from langmamba.infer import denoise_ct_volume  # noqa: E402
-from langmamba.runtime import default_weights  # noqa: E402
 from langmamba.io import read_volume, write_volume  # noqa: E402
+from langmamba.runtime import default_weights  # noqa: E402
 from langmamba.sample_data import sample_path  # noqa: E402
 from tests.servers import MonaiLabelServer, crop  # noqa: E402
 
@@ -49,8 +49,12 @@ def in_process(model, source: Path, output: Path, device: str) -> dict:
     done = time.perf_counter()
     write_volume(denoised, output, overwrite=True)
     end = time.perf_counter()
-    return {"wall": round(end - start, 2), "read": round(read - start, 2), "denoise": round(done - read, 2),
-            "write": round(end - done, 2)}
+    return {
+        "wall": round(end - start, 2),
+        "read": round(read - start, 2),
+        "denoise": round(done - read, 2),
+        "write": round(end - done, 2),
+    }
 
 
 def on_server(server: MonaiLabelServer, source: Path, params: dict) -> dict:
@@ -72,9 +76,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                 "torch_threads": torch.get_num_threads(), "device": args.device,
-                                 "load_average_at_start": os.getloadavg()}}
+    results: dict = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "device": args.device,
+            "load_average_at_start": os.getloadavg(),
+        }
+    }
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         tmp = Path(tmp)
         lung2 = read_volume(sample_path("lung2"))
@@ -93,12 +103,20 @@ def main() -> None:
                 local = in_process(model, full, tmp / "local.nrrd", args.device)
                 remote = on_server(server, full, params)
                 outside = (remote["wall"] - remote["server"]["denoise"]) - (local["wall"] - local["denoise"])
-                runs.append({"in_process_s": local, "server_s": remote,
-                             "overhead_wall_s": round(remote["wall"] - local["wall"], 2),
-                             "overhead_outside_model_s": round(outside, 2)})
-                print(f"512x512x61: in-process {local['wall']:.1f} s (model {local['denoise']:.1f} s), server "
-                      f"{remote['wall']:.1f} s (model {remote['server']['denoise']:.1f} s); overhead outside the "
-                      f"model {outside:+.2f} s", flush=True)
+                runs.append(
+                    {
+                        "in_process_s": local,
+                        "server_s": remote,
+                        "overhead_wall_s": round(remote["wall"] - local["wall"], 2),
+                        "overhead_outside_model_s": round(outside, 2),
+                    }
+                )
+                print(
+                    f"512x512x61: in-process {local['wall']:.1f} s (model {local['denoise']:.1f} s), server "
+                    f"{remote['wall']:.1f} s (model {remote['server']['denoise']:.1f} s); overhead outside the "
+                    f"model {outside:+.2f} s",
+                    flush=True,
+                )
             results["overhead"] = runs
 
             rounds = []
@@ -114,9 +132,16 @@ def main() -> None:
                     list(pool.map(client, range(clients)))
                 wall = time.perf_counter() - start
                 rate = count * args.slices / wall
-                rounds.append({"clients": clients, "requests": count, "slices_per_request": args.slices,
-                               "wall_s": round(wall, 2), "slices_per_s": round(rate, 2),
-                               "requests_per_min": round(60 * count / wall, 2)})
+                rounds.append(
+                    {
+                        "clients": clients,
+                        "requests": count,
+                        "slices_per_request": args.slices,
+                        "wall_s": round(wall, 2),
+                        "slices_per_s": round(rate, 2),
+                        "requests_per_min": round(60 * count / wall, 2),
+                    }
+                )
                 print(f"{clients} concurrent client(s): {wall:.1f} s, {rate:.2f} slices/s", flush=True)
             results["throughput"] = rounds
         finally:

@@ -27,11 +27,15 @@ def main() -> None:
         for z in range(hu.shape[0]):
             whole = hu[z].astype(np.int16)
             top, left, height, width = body_box(hu[z])
-            crop = whole[top:top + height, left:left + width]
+            crop = whole[top : top + height, left : left + width]
             thinned = case.id != "rider" or z % 4 == 0
-            sizes = {"whole raw": whole.nbytes, "whole zlib": len(zlib.compress(whole.tobytes(), 6)),
-                     "crop raw": crop.nbytes, "crop zlib": len(zlib.compress(crop.tobytes(), 6)),
-                     "crop lzma planes": len(lzma.compress(planes(crop), preset=6))}
+            sizes = {
+                "whole raw": whole.nbytes,
+                "whole zlib": len(zlib.compress(whole.tobytes(), 6)),
+                "crop raw": crop.nbytes,
+                "crop zlib": len(zlib.compress(crop.tobytes(), 6)),
+                "crop lzma planes": len(lzma.compress(planes(crop), preset=6)),
+            }
             for name, size in sizes.items():
                 totals[name] = totals.get(name, 0) + size
                 if thinned:

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.runtime import default_weights
 from langmamba.explain import Explainer
 from langmamba.explain.document import TextFormat, slice_texts
 from langmamba.infer import denoise_hu_array, prepare_model
 from langmamba.normalization import hu_to_model
-from langmamba.runtime import resolve_device
+from langmamba.runtime import default_weights, resolve_device
 
 
 def lung1_volume(npz: str | None, slices: int) -> np.ndarray:
@@ -59,8 +58,9 @@ def main() -> None:
         print(f"{label}: {time.perf_counter() - start:.3f} s", flush=True)
         return result
 
-    timed(f"denoise {n} slices, batch {bs}, first call",
-          lambda: denoise_hu_array(model, hu, batch_size=bs, device=device))
+    timed(
+        f"denoise {n} slices, batch {bs}, first call", lambda: denoise_hu_array(model, hu, batch_size=bs, device=device)
+    )
     denoised = timed(f"denoise {n} slices, warm", lambda: denoise_hu_array(model, hu, batch_size=bs, device=device))
     net = prepare_model(model, device)
     x = hu_to_model(torch.from_numpy(hu[:bs]).to(device))[:, None]
@@ -71,8 +71,10 @@ def main() -> None:
     half = max(1, bs // 2)  # what langmamba denoise uses: the encoder sees input and output of half a batch
     explainer = Explainer(model, hu, denoised, None, (0, 1, 2), 3, half, device)
     list(explainer.batches())
-    explained = timed(f"explanation encoder + word scores, batch {half} (input and output), prefetching",
-                      lambda: list(explainer.batches()))
+    explained = timed(
+        f"explanation encoder + word scores, batch {half} (input and output), prefetching",
+        lambda: list(explainer.batches()),
+    )
     timed("the same, one batch after the other", lambda: [explainer.encode_batch(s) for s in range(0, n, half)])
     x = hu_to_model(torch.from_numpy(np.concatenate([hu[:half], denoised[:half]])).to(device))[:, None]
     with torch.inference_mode():
@@ -92,13 +94,18 @@ def main() -> None:
         list(explainer.batches())
         timed("with cudnn.benchmark: explanation encoder + word scores", lambda: list(explainer.batches()))
         torch.backends.cudnn.benchmark = False
-    text_format = TextFormat.build(explainer.boxes, explainer.grids, explainer.affine, explainer.vocabulary,
-                                   explainer.top_k)
-    texts = timed("JSON text of the regions, one process",
-                  lambda: [t for batch in explained for t in slice_texts(text_format, batch.start, batch.levels)])
+    text_format = TextFormat.build(
+        explainer.boxes, explainer.grids, explainer.affine, explainer.vocabulary, explainer.top_k
+    )
+    texts = timed(
+        "JSON text of the regions, one process",
+        lambda: [t for batch in explained for t in slice_texts(text_format, batch.start, batch.levels)],
+    )
     print(f"explanation JSON: {sum(map(len, texts)) / 1e6:.1f} MB for {n} slices")
-    timed("region dicts of one batch (explain_volume parses the text)",
-          lambda: [json.loads(t) for t in texts[:len(explained[0].levels[0].change)]])
+    timed(
+        "region dicts of one batch (explain_volume parses the text)",
+        lambda: [json.loads(t) for t in texts[: len(explained[0].levels[0].change)]],
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,12 @@ def measured(setup: str, call: str, **env: str) -> dict:
         ``cpu_s``: CPU seconds of ``call``; ``memory_growth``: bytes by which it raised the peak resident memory;
         ``error``: ``[type name, message]`` of the exception it raised, or ``None``.
     """
-    run = subprocess.run([sys.executable, "-c", setup + _MEASURE.format(call=call)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    run = subprocess.run(
+        [sys.executable, "-c", setup + _MEASURE.format(call=call)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+    )
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.splitlines()[-1])

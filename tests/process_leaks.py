@@ -7,6 +7,7 @@ at the end of the session. Hooked into the session by ``tests/conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -26,8 +27,9 @@ _PROC = Path("/proc")
 def adopt_orphans() -> None:
     """Make this process the subreaper of its descendants (no-op outside Linux)."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), ctypes.c_ulong(0),
-                                                ctypes.c_ulong(0), ctypes.c_ulong(0))
+        ctypes.CDLL(None, use_errno=True).prctl(
+            _PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        )
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -36,7 +38,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
         text = (_PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name in parentheses may hold spaces
+    fields = text[text.rindex(")") + 2 :].split()  # the command name in parentheses may hold spaces
     return fields[0], int(fields[1])
 
 
@@ -49,10 +51,8 @@ def command_line(pid: int) -> str:
 
 def reap(pid: int) -> None:
     """Collect the exit status of ``pid`` if it is a finished child of this process."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def is_running(pid: int) -> bool:
@@ -98,10 +98,8 @@ def kill_leftovers(root: int, grace: float = _GRACE_S) -> dict[int, str]:
         time.sleep(0.1)
     named = {pid: command_line(pid) for pid in left}
     for pid in left:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace
     while any(is_running(pid) for pid in left) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -90,37 +90,71 @@ class MonaiLabelServer:
     behind; ``env`` adds MONAI Label settings (``MONAI_LABEL_*``); ``conf`` becomes ``--conf key value`` pairs.
     """
 
-    def __init__(self, studies: str | Path, tmp: Path, *, conf: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        studies: str | Path,
+        tmp: Path,
+        *,
+        conf: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 300.0,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmpdir = tmp / "server-tmp"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.log = tmp / "monailabel.log"
-        command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
-                   "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(APP_DIR),
+            "--studies",
+            str(studies),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         for key, value in (conf or {}).items():
             command += ["--conf", key, str(value)]
         environment = {**os.environ, "TMPDIR": str(self.tmpdir), **(env or {})}
         environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
         environment.setdefault("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp / "dicomweb-cache"))
         environment.setdefault("MONAI_LABEL_SESSION_PATH", str(tmp / "sessions"))
-        self.process = start_process(command, self.log, f"{self.url}/info/", "MONAI Label", timeout, cwd=tmp,
-                              env=environment)
+        self.process = start_process(
+            command, self.log, f"{self.url}/info/", "MONAI Label", timeout, cwd=tmp, env=environment
+        )
         # files made at start-up (MONAI Label's logging config, torch's compile cache), not by requests
         self.startup_files = self.temp_files()
 
-    def infer(self, *, image: str = "", output: str = "json", params: dict | None = None,
-              upload: Path | None = None, headers: dict | None = None, timeout: float = 600) -> requests.Response:
+    def infer(
+        self,
+        *,
+        image: str = "",
+        output: str = "json",
+        params: dict | None = None,
+        upload: Path | None = None,
+        headers: dict | None = None,
+        timeout: float = 600,
+    ) -> requests.Response:
         """``POST /infer/langmamba_denoise``; ``upload`` is sent as the form field ``file``."""
         data = {"params": json.dumps(params or {})}
         query = {"output": output, **({"image": image} if image else {})}
         files = None
         if upload is not None:
-            files = {"file": (upload.name, open(upload, "rb"), "application/octet-stream")}
+            files = {"file": (upload.name, open(upload, "rb"), "application/octet-stream")}  # noqa: SIM115  (closed below)
         try:
-            return requests.post(f"{self.url}/infer/langmamba_denoise", params=query, data=data, files=files,
-                                 headers=headers, timeout=timeout)
+            return requests.post(
+                f"{self.url}/infer/langmamba_denoise",
+                params=query,
+                data=data,
+                files=files,
+                headers=headers,
+                timeout=timeout,
+            )
         finally:
             if files:
                 files["file"][1].close()
@@ -137,8 +171,10 @@ def orthanc_plugin() -> Path:
     for folder in ORTHANC_PLUGIN_DIRS:
         for path in sorted(folder.glob("libOrthancDicomWeb.so*")):
             return path
-    raise RuntimeError("the Orthanc DICOMweb plugin is not installed: apt-get install -y orthanc orthanc-dicomweb "
-                       "(.ci/run installs it)")
+    raise RuntimeError(
+        "the Orthanc DICOMweb plugin is not installed: apt-get install -y orthanc orthanc-dicomweb "
+        "(.ci/run installs it)"
+    )
 
 
 class Orthanc:
@@ -147,8 +183,9 @@ class Orthanc:
     def __init__(self, tmp: Path, timeout: float = 60.0) -> None:
         executable = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
         if executable is None:
-            raise RuntimeError("Orthanc is not installed: apt-get install -y orthanc orthanc-dicomweb "
-                               "(.ci/run installs it)")
+            raise RuntimeError(
+                "Orthanc is not installed: apt-get install -y orthanc orthanc-dicomweb (.ci/run installs it)"
+            )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.url}/dicom-web"
@@ -163,8 +200,13 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [str(orthanc_plugin())],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "StudiesMetadata": "Full",
-                         "SeriesMetadata": "Full"},
+            "DicomWeb": {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            },
         }
         path = folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
@@ -183,5 +225,9 @@ def crop(volume: CTVolume, z: slice, y: slice, x: slice) -> CTVolume:
     """A sub-volume with its geometry (origin moved to the crop's first voxel)."""
     start = np.array([x.start or 0, y.start or 0, z.start or 0], dtype=float)
     origin = np.asarray(volume.origin) + volume.direction @ (start * np.asarray(volume.spacing))
-    return CTVolume(hu=np.ascontiguousarray(volume.hu[z, y, x]), spacing=volume.spacing,
-                    origin=tuple(float(v) for v in origin), direction=volume.direction)
+    return CTVolume(
+        hu=np.ascontiguousarray(volume.hu[z, y, x]),
+        spacing=volume.spacing,
+        origin=tuple(float(v) for v in origin),
+        direction=volume.direction,
+    )

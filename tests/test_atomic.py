@@ -24,10 +24,9 @@ def test_atomic_folder_keeps_the_old_folder_when_the_writer_fails(tmp_path):
     target = tmp_path / "entry"
     target.mkdir()
     (target / "kept.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="half-way"):
-        with atomic_folder(target) as staging:
-            (staging / "partial.txt").write_text("new")
-            raise RuntimeError("failed half-way")
+    with pytest.raises(RuntimeError, match="half-way"), atomic_folder(target) as staging:
+        (staging / "partial.txt").write_text("new")
+        raise RuntimeError("failed half-way")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
     assert sorted(p.name for p in target.iterdir()) == ["kept.txt"]
 

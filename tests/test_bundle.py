@@ -25,11 +25,28 @@ BUNDLE = REPO / "monailabel_app" / "bundle" / "langmamba_ct_denoise"
 
 
 def _run_bundle(bundle: Path, source: Path, output: Path, cwd: Path, *extra: str, env: dict | None = None) -> None:
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-               "--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle),
-               "--input_file", str(source), "--output_file", str(output), "--device", "cpu", *extra]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, **(env or {})})
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(bundle / "configs" / "inference.json"),
+        "--meta_file",
+        str(bundle / "configs" / "metadata.json"),
+        "--bundle_root",
+        str(bundle),
+        "--input_file",
+        str(source),
+        "--output_file",
+        str(output),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -62,12 +79,21 @@ def test_exported_bundle_carries_its_weights_and_runs(tmp_path):
 
     exported = export_bundle(tmp_path / "shared")
     assert sorted(p.name for p in (exported / "models" / "langmamba").iterdir()) == sorted(
-        p.name for p in default_weights().iterdir() if p.is_file())
+        p.name for p in default_weights().iterdir() if p.is_file()
+    )
     source, volume = _oblique_crop(tmp_path)
     output = tmp_path / "half.nrrd"
     # no fallback to the repository's weights: the bundle must use its own copy
-    _run_bundle(exported, source, output, tmp_path, "--blend", "0.5",
-                env={"LANGMAMBA_WEIGHTS": str(tmp_path / "no-weights-here")})
+    _run_bundle(
+        exported,
+        source,
+        output,
+        tmp_path,
+        "--blend",
+        "0.5",
+        env={"LANGMAMBA_WEIGHTS": str(tmp_path / "no-weights-here")},
+    )
     denoised = denoise_ct_volume(load_checkpoint(default_weights()), volume, device="cpu").hu
-    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(output))), 0.5 * denoised + 0.5 * volume.hu,
-                               atol=0.5)
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(output))), 0.5 * denoised + 0.5 * volume.hu, atol=0.5
+    )

@@ -9,8 +9,11 @@ from langmamba.errors import ConfigError, InputError
 
 
 def _slices(patients, per_patient=3, size=32):
-    return [CTSlice(full=np.full((size, size), i, np.float32), spacing_mm=(1.0, 1.0), patient=p)
-            for p in patients for i in range(per_patient)]
+    return [
+        CTSlice(full=np.full((size, size), i, np.float32), spacing_mm=(1.0, 1.0), patient=p)
+        for p in patients
+        for i in range(per_patient)
+    ]
 
 
 def test_split_keeps_patients_apart():

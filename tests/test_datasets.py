@@ -18,14 +18,24 @@ import pydicom
 import pytest
 
 from langmamba.data import cases as cases_module
-from langmamba.data.cases import (CASES, TEST, TRAINING, VALIDATION, Case, case_path, cases_in, fov_to_air,
-                                  load_case, role_of_patient)
+from langmamba.data.cases import (
+    CASES,
+    TEST,
+    TRAINING,
+    VALIDATION,
+    Case,
+    case_path,
+    cases_in,
+    fov_to_air,
+    load_case,
+    role_of_patient,
+)
+from langmamba.data.prepared import _pack_hu, _pack_mask, _unpack_hu, _unpack_mask
 from langmamba.data.sources import SOURCES, DataFetchError, checksums, fetch_source, is_complete, unpack, verify_folder
 from langmamba.errors import ConfigError, NotAnImageError
 from langmamba.io import read_volume
 from langmamba.io.segmentation import read_segmentation
 from langmamba.sample_data import data_home
-from langmamba.data.prepared import _pack_hu, _pack_mask, _unpack_hu, _unpack_mask
 
 RIDER = CASES["rider"].location.partition(":")[2]
 RIDER_SEG = CASES["rider"].lesion.partition(":")[2]
@@ -117,13 +127,17 @@ def test_an_unreachable_npm_registry_names_the_package(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ct_folder_with_rt_structures_and_plan_reads_the_ct_only(cache):
     folder = cache / DICOMPYLER / "tests/testdata/example_data"
-    assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in folder.iterdir()} == {"CT", "RTSTRUCT",
-                                                                                                 "RTPLAN"}
+    assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in folder.iterdir()} == {
+        "CT",
+        "RTSTRUCT",
+        "RTPLAN",
+    }
     volume = read_volume(folder)
     reference = pydicom.dcmread(folder / "ct.0.dcm")
     assert volume.shape == (1, 512, 512)
-    np.testing.assert_array_equal(volume.hu[0], reference.pixel_array * float(reference.RescaleSlope)
-                                  + float(reference.RescaleIntercept))
+    np.testing.assert_array_equal(
+        volume.hu[0], reference.pixel_array * float(reference.RescaleSlope) + float(reference.RescaleIntercept)
+    )
 
 
 def test_rider_slices_beside_their_seg_and_rtstruct(cache, tmp_path):
@@ -235,8 +249,10 @@ def test_training_keeps_the_fixed_split_of_prepared_slices():
     from langmamba.train.data import split_by_role
 
     image = np.zeros((4, 4), np.float32)
-    slices = [CTSlice(full=image, spacing_mm=(1, 1), patient=c.patient, case=c.id, role=c.role)
-              for c in cases_in(TRAINING, VALIDATION)]
+    slices = [
+        CTSlice(full=image, spacing_mm=(1, 1), patient=c.patient, case=c.id, role=c.role)
+        for c in cases_in(TRAINING, VALIDATION)
+    ]
     train, validation = split_by_role(slices)
     assert {s.case for s in train} == {"lung1", "rider", "platipy"}
     assert {s.role for s in validation} == {VALIDATION} and len(validation) == len(slices) - 3
@@ -273,8 +289,8 @@ def test_prepared_set_holds_training_and_validation_cases_losslessly(cache, tmp_
     import sys
 
     from langmamba.data.cases import case_slices
-    from langmamba.train import load_config
     from langmamba.data.prepared import load_prepared
+    from langmamba.train import load_config
     from langmamba.train.prepare import prepare_dataset
 
     config = load_config(None, ["data.source=cases", "data.max_slices_per_patient=2"], model="langae")
@@ -296,9 +312,11 @@ def test_prepared_set_holds_training_and_validation_cases_losslessly(cache, tmp_
     rider = [s.index for s in slices if s.case == "rider"]
     assert rider == [0, 4]  # every 4th RIDER slice
     assert len(language["vocabulary"]) == language["codebook"].shape[0]
-    script = ("import sys\nfor name in ('pydicom', 'SimpleITK', 'nibabel'): sys.modules[name] = None\n"
-              "from langmamba.data.prepared import load_prepared\n"
-              f"slices, _ = load_prepared({str(path)!r})\nprint(len(slices), sorted({{s.role for s in slices}}))")
+    script = (
+        "import sys\nfor name in ('pydicom', 'SimpleITK', 'nibabel'): sys.modules[name] = None\n"
+        "from langmamba.data.prepared import load_prepared\n"
+        f"slices, _ = load_prepared({str(path)!r})\nprint(len(slices), sorted({{s.role for s in slices}}))"
+    )
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
@@ -312,10 +330,19 @@ def test_prepared_sets_of_format_1_still_load(tmp_path):
     full = np.arange(-1000, -1000 + 12 * 10, dtype=np.int16).reshape(12, 10)
     label = full > -950
     words = {f"words{level}_0": np.array([level, 7], np.int64) for level in range(3)}
-    np.savez_compressed(tmp_path / "old.npz", format=np.array(1), spacing_mm=np.array([[0.5, 0.6]]),
-                        patients=np.array(["lung1"]), codebook=np.eye(3, dtype=np.float32),
-                        vocabulary=np.array(["a", "b", "c"]), language_space=np.array('{"backend": "offline"}'),
-                        thresholds=np.array([0.9, 0.8, 0.7]), full_0=full, label_0=label, **words)
+    np.savez_compressed(
+        tmp_path / "old.npz",
+        format=np.array(1),
+        spacing_mm=np.array([[0.5, 0.6]]),
+        patients=np.array(["lung1"]),
+        codebook=np.eye(3, dtype=np.float32),
+        vocabulary=np.array(["a", "b", "c"]),
+        language_space=np.array('{"backend": "offline"}'),
+        thresholds=np.array([0.9, 0.8, 0.7]),
+        full_0=full,
+        label_0=label,
+        **words,
+    )
     (s,), language = load_prepared(tmp_path / "old.npz")
     np.testing.assert_array_equal(s.full, full.astype(np.float32))
     np.testing.assert_array_equal(s.label, label)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from langmamba import workers
-from langmamba.cli import main
 from langmamba.checkpoint import load_checkpoint
+from langmamba.cli import main
 from langmamba.errors import ConfigError
 from langmamba.io import read_volume, write_volume
 from langmamba.job import DenoiseJob, JobOutputs
@@ -18,8 +18,24 @@ from langmamba.runtime import default_weights
 def test_dicom_in_dicom_out_with_explanations(dicom_ct_series, tmp_path, capsys):
     folder, volume = dicom_ct_series
     out, explain, labels = tmp_path / "denoised", tmp_path / "e.json", tmp_path / "labels.nrrd"
-    assert main(["denoise", str(folder), str(out), "--explain", str(explain), "--labels", str(labels),
-                 "--level", "1", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "denoise",
+                str(folder),
+                str(out),
+                "--explain",
+                str(explain),
+                "--labels",
+                str(labels),
+                "--level",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     source, denoised = read_volume(folder), read_volume(out)
     assert denoised.shape == source.shape
     np.testing.assert_allclose(denoised.origin, source.origin, atol=1e-4)
@@ -48,8 +64,11 @@ def test_worker_processes_give_the_same_outputs(dicom_ct_series, tmp_path, worke
         written = result.written
         assert set(written) == {"denoised", "explanations", "label map", "colour table"}
         assert set(result.timings) == {"read", "denoise", "explain", "write"}
-        outputs[mode] = (read_volume(written["denoised"]), (out / "e.json").read_text(),
-                         read_volume(written["label map"], check_hu=False).hu)
+        outputs[mode] = (
+            read_volume(written["denoised"]),
+            (out / "e.json").read_text(),
+            read_volume(written["label map"], check_hu=False).hu,
+        )
     (parallel, parallel_text, parallel_labels), (serial, serial_text, serial_labels) = outputs.values()
     np.testing.assert_array_equal(parallel.hu, serial.hu)
     np.testing.assert_array_equal(parallel_labels, serial_labels)
@@ -118,8 +137,21 @@ def test_slices_are_blended_and_masked_batch_by_batch_into_one_buffer():
 @pytest.mark.slow
 def test_report_option_writes_one_html_file(tmp_path, tiny_ct_volume, capsys):
     source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
-    assert main(["denoise", str(source), str(tmp_path / "out.nrrd"), "--report", str(tmp_path / "r.html"),
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "denoise",
+                str(source),
+                str(tmp_path / "out.nrrd"),
+                "--report",
+                str(tmp_path / "r.html"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "report: " in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd", "out.nrrd", "r.html"]
     assert (tmp_path / "r.html").read_text().count("data:image/png;base64,") >= 2
@@ -147,7 +179,8 @@ def test_job_refuses_a_label_level_it_does_not_explain_and_keeps_float32_when_as
     model = load_checkpoint(default_weights())
     with pytest.raises(ConfigError, match="not among the explained levels"):
         DenoiseJob(model, device="cpu", explain_levels=(0,), level=2).run(
-            source, JobOutputs(tmp_path / "out.nrrd", labels=tmp_path / "labels.nrrd"))
+            source, JobOutputs(tmp_path / "out.nrrd", labels=tmp_path / "labels.nrrd")
+        )
     assert not (tmp_path / "out.nrrd").exists()
     import SimpleITK as sitk
 

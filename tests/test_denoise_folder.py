@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import _phantom, write_ct_series
 
 from langmamba.cli import main
 from langmamba.denoise import find_studies, is_study_folder
@@ -18,8 +19,6 @@ from langmamba.errors import InputError
 from langmamba.explain import explanation_label_map, validate_explanation
 from langmamba.io import read_volume, write_volume
 from langmamba.io.volume import CTVolume
-
-from conftest import _phantom, write_ct_series
 
 ROOT = Path(__file__).resolve().parents[1]
 # A rotated, anisotropic geometry a NIfTI study must keep (columns: LPS directions of the x, y, z axes).
@@ -31,10 +30,13 @@ def make_studies(root: Path, *, bad: bool = True) -> Path:
     a sub-folder ``c`` whose only file is not DICOM."""
     studies = root / "in"
     write_ct_series(studies / "a", _phantom((3, 32, 48), seed=1), spacing=(0.8, 0.7, 2.5), origin=(-10.0, 5.0, 40.0))
-    write_volume(CTVolume(_phantom((2, 48, 32), seed=2), spacing=(0.9, 0.6, 3.0), origin=(1.0, 2.0, 3.0)),
-                 studies / "b.nrrd")
-    write_volume(CTVolume(_phantom((2, 32, 32), seed=3), spacing=(0.7, 0.75, 2.0), origin=(-5.0, 9.0, 1.5),
-                          direction=ROTATED), studies / "d.nii.gz")
+    write_volume(
+        CTVolume(_phantom((2, 48, 32), seed=2), spacing=(0.9, 0.6, 3.0), origin=(1.0, 2.0, 3.0)), studies / "b.nrrd"
+    )
+    write_volume(
+        CTVolume(_phantom((2, 32, 32), seed=3), spacing=(0.7, 0.75, 2.0), origin=(-5.0, 9.0, 1.5), direction=ROTATED),
+        studies / "d.nii.gz",
+    )
     (studies / "notes.txt").write_text("not a study\n")
     if bad:
         (studies / "c").mkdir()
@@ -43,9 +45,23 @@ def make_studies(root: Path, *, bad: bool = True) -> Path:
 
 
 def outputs_of(out: Path) -> dict[str, Path]:
-    names = ["a", "a.explanations.json", "a.labels.nrrd", "a.labels.ctbl", "a.report.html",
-             "b.nrrd", "b.explanations.json", "b.labels.nrrd", "b.labels.ctbl", "b.report.html",
-             "d.nii.gz", "d.explanations.json", "d.labels.nrrd", "d.labels.ctbl", "d.report.html"]
+    names = [
+        "a",
+        "a.explanations.json",
+        "a.labels.nrrd",
+        "a.labels.ctbl",
+        "a.report.html",
+        "b.nrrd",
+        "b.explanations.json",
+        "b.labels.nrrd",
+        "b.labels.ctbl",
+        "b.report.html",
+        "d.nii.gz",
+        "d.explanations.json",
+        "d.labels.nrrd",
+        "d.labels.ctbl",
+        "d.report.html",
+    ]
     return {name: out / name for name in names}
 
 
@@ -56,7 +72,11 @@ def mtimes(paths) -> dict:
 def test_studies_are_found_and_named(tmp_path):
     studies = make_studies(tmp_path)
     assert [(s.name, s.path.name, s.dicom) for s in find_studies(studies)] == [
-        ("a", "a", True), ("b", "b.nrrd", False), ("c", "c", True), ("d", "d.nii.gz", False)]
+        ("a", "a", True),
+        ("b", "b.nrrd", False),
+        ("c", "c", True),
+        ("d", "d.nii.gz", False),
+    ]
     assert is_study_folder(studies) and not is_study_folder(studies / "a") and not is_study_folder(studies / "b.nrrd")
     write_volume(CTVolume(_phantom((1, 16, 16))), studies / "b.nii.gz")
     with pytest.raises(InputError, match="several studies would be named b"):
@@ -69,8 +89,19 @@ def test_studies_are_found_and_named(tmp_path):
 @pytest.mark.slow
 def test_folder_run_writes_every_study_survives_a_bad_one_and_resumes(tmp_path, capsys):
     studies, out = make_studies(tmp_path), tmp_path / "out"
-    args = ["denoise", str(studies), str(out), "--explain", "--labels", "--report", "--level", "1",
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "denoise",
+        str(studies),
+        str(out),
+        "--explain",
+        "--labels",
+        "--report",
+        "--level",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 1  # study c failed
     captured = capsys.readouterr()
     assert "3 done, 0 skipped (finished earlier), 1 failed" in captured.out
@@ -155,8 +186,23 @@ def test_folder_options_are_checked(tmp_path, capsys):
 def test_torchrun_ranks_share_the_studies(tmp_path):
     studies, out = make_studies(tmp_path, bad=False), tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "langmamba", "denoise", str(studies), str(out), "--explain", "--device", "cpu", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "langmamba",
+        "denoise",
+        str(studies),
+        str(out),
+        "--explain",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -167,5 +213,7 @@ def test_torchrun_ranks_share_the_studies(tmp_path):
     assert any(line.startswith("[rank 1] [1/1] b: done") for line in lines)
     assert any(line.startswith("[rank 0] [2/2] d: done") for line in lines)
     assert sum("3 studies: 3 done, 0 skipped (finished earlier), 0 failed" in line for line in lines) == 1
-    assert all((out / name).exists() for name in ("a", "b.nrrd", "d.nii.gz", "a.explanations.json",
-                                                  "b.explanations.json", "d.explanations.json"))
+    assert all(
+        (out / name).exists()
+        for name in ("a", "b.nrrd", "d.nii.gz", "a.explanations.json", "b.explanations.json", "d.explanations.json")
+    )

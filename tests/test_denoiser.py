@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from langmamba.checkpoint import load_checkpoint, save_checkpoint
-from langmamba.models.registry import MODEL_REGISTRY
 from langmamba.errors import ConfigError, InputError
-from langmamba.models.langae import LangAE
 from langmamba.models.config import DECODER_PRESETS, DecoderConfig, LangMambaConfig
 from langmamba.models.denoiser import DenoiserDecoder, LangMamba
+from langmamba.models.langae import LangAE
+from langmamba.models.registry import MODEL_REGISTRY
 from langmamba.models.ss2d import SS2D, cross_merge, cross_scan
 
 VOCAB, DIM = 16, 8
@@ -239,7 +239,8 @@ def test_checkpoint_stores_the_config_dataclass_and_the_first_flat_form_still_lo
     # The first checkpoints kept the decoder's fields beside langae_config; the same weights load from it.
     flat = {"langae_config": stored["langae_config"], **stored["decoder"], "langae_decoder": True}
     (tmp_path / "new" / "config.json").write_text(
-        json.dumps(json.loads((tmp_path / "new" / "config.json").read_text()) | {"model_config": flat}))
+        json.dumps(json.loads((tmp_path / "new" / "config.json").read_text()) | {"model_config": flat})
+    )
     old = load_checkpoint(tmp_path / "new")
     assert old.config == model.config
     x = torch.rand(1, 1, 32, 32)

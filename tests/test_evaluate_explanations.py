@@ -11,9 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from langmamba.checkpoint import load_checkpoint, save_checkpoint
-from langmamba.evaluate_explanations import (bootstrap_interval, erase_lesion, evaluate_explanations,
-                                             expected_calibration_error, fit_calibration, fit_temperature, main,
-                                             region_truth, word_classes)
+from langmamba.evaluate_explanations import (
+    bootstrap_interval,
+    erase_lesion,
+    evaluate_explanations,
+    expected_calibration_error,
+    fit_calibration,
+    fit_temperature,
+    main,
+    region_truth,
+    word_classes,
+)
 from langmamba.models.langae import LangAE
 from langmamba.vlm.regions import REGION_CLASSES
 from langmamba.vlm.token_codes import principal_codes
@@ -65,8 +73,8 @@ def _phantom(count: int = 2, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[:size, :size]
     hu = np.full((count, size, size), -1000.0, np.float32)
     hu[:, (yy - 32) ** 2 + (xx - 32) ** 2 < 28**2] = -100.0  # fat body
-    hu[:, 16:32, 16:32] = -850.0                             # lung
-    hu[:, 32:48, 32:48] = 45.0                               # soft tissue = the tumour
+    hu[:, 16:32, 16:32] = -850.0  # lung
+    hu[:, 32:48, 32:48] = 45.0  # soft tissue = the tumour
     lesion = np.zeros(hu.shape, bool)
     lesion[:, 32:48, 32:48] = True
     return hu, lesion
@@ -87,10 +95,21 @@ def _tiny_langae() -> LangAE:
     classes = load_word_classes()
     codebook = F.normalize(torch.randn(len(classes), 16), dim=1)
     codes, projection = principal_codes(torch.randn(300, 16), 4, 2)
-    return LangAE(codebook=codebook, vocabulary=list(classes), word_classes=list(classes.values()),
-                  detail_codebook=codes, detail_projection=projection, base_channels=8,
-                  channel_multipliers=(1, 1, 2), z_channels=8, quantizer="residual", normalize_latent=False,
-                  region_sizes=(4, 2, 1), detail_stages=2, detail_groups=2).eval()
+    return LangAE(
+        codebook=codebook,
+        vocabulary=list(classes),
+        word_classes=list(classes.values()),
+        detail_codebook=codes,
+        detail_projection=projection,
+        base_channels=8,
+        channel_multipliers=(1, 1, 2),
+        z_channels=8,
+        quantizer="residual",
+        normalize_latent=False,
+        region_sizes=(4, 2, 1),
+        detail_stages=2,
+        detail_groups=2,
+    ).eval()
 
 
 @pytest.mark.slow
@@ -134,12 +153,37 @@ def test_fit_calibration_lowers_the_target_nll_and_is_saved(tmp_path):
     assert torch.allclose(model.quantizer.calibration, torch.tensor(report["temperature"], dtype=torch.float32))
     np.savez(tmp_path / "case.npz", normal=hu, label=lesion)
     save_checkpoint(_tiny_langae(), tmp_path / "model")
-    assert main([str(tmp_path / "case.npz"), "--model", str(tmp_path / "model"), "--device", "cpu",
-                 "--calibrate", str(tmp_path / "calibrated")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "case.npz"),
+                "--model",
+                str(tmp_path / "model"),
+                "--device",
+                "cpu",
+                "--calibrate",
+                str(tmp_path / "calibrated"),
+            ]
+        )
+        == 0
+    )
     calibrated = load_checkpoint(tmp_path / "calibrated")
     assert torch.allclose(calibrated.quantizer.calibration, model.quantizer.calibration, rtol=1e-3)
-    assert main([str(tmp_path / "case.npz"), "--model", str(tmp_path / "calibrated"), "--device", "cpu",
-                 "--no-flags", "--output", str(tmp_path / "out.json")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "case.npz"),
+                "--model",
+                str(tmp_path / "calibrated"),
+                "--device",
+                "cpu",
+                "--no-flags",
+                "--output",
+                str(tmp_path / "out.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "out.json").read_text())["slices"] == 2
 
 

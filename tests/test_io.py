@@ -192,8 +192,12 @@ def test_dicom_rounds_fractional_hu(tmp_path, tiny_ct_volume):
 def test_unsorted_slices_are_ordered_by_position(tmp_path, dicom_series_writer, oblique_volume):
     folder = tmp_path / "shuffled"
     paths = dicom_series_writer(
-        folder, oblique_volume.hu, spacing=oblique_volume.spacing, origin=oblique_volume.origin,
-        direction=oblique_volume.direction, shuffle=True,
+        folder,
+        oblique_volume.hu,
+        spacing=oblique_volume.spacing,
+        origin=oblique_volume.origin,
+        direction=oblique_volume.direction,
+        shuffle=True,
     )
     numbers = [int(pydicom.dcmread(p).InstanceNumber) for p in paths]
     assert numbers != sorted(numbers) and [p.name for p in paths] != sorted(p.name for p in paths)

@@ -41,15 +41,18 @@ def secret_file(folder: Path) -> Path:
 
 
 def nrrd_header(fields: str, sizes: str = "4 2 2", kind: str = "short") -> bytes:
-    return (f"NRRD0004\ntype: {kind}\ndimension: 3\nspace: left-posterior-superior\nsizes: {sizes}\n"
-            "space directions: (1,0,0) (0,1,0) (0,0,1)\nkinds: domain domain domain\nendian: little\n"
-            f"encoding: raw\nspace origin: (0,0,0)\n{fields}").encode()
+    return (
+        f"NRRD0004\ntype: {kind}\ndimension: 3\nspace: left-posterior-superior\nsizes: {sizes}\n"
+        "space directions: (1,0,0) (0,1,0) (0,0,1)\nkinds: domain domain domain\nendian: little\n"
+        f"encoding: raw\nspace origin: (0,0,0)\n{fields}"
+    ).encode()
 
 
 def metaimage_header(data_file: str, sizes: str = "4 2 2", kind: str = "MET_SHORT") -> bytes:
-    return (f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-            f"ElementSpacing = 1 1 1\nDimSize = {sizes}\nElementType = {kind}\nElementDataFile = {data_file}\n"
-            ).encode()
+    return (
+        f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        f"ElementSpacing = 1 1 1\nDimSize = {sizes}\nElementType = {kind}\nElementDataFile = {data_file}\n"
+    ).encode()
 
 
 def upload(folder: Path, name: str, data: bytes) -> Path:
@@ -221,18 +224,24 @@ def _dicom_frames_bomb(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (_nrrd_bomb, "512x512x1900 voxels of 8 byte"),
-    (_metaimage_bomb, "512x512x1900 voxels of 8 byte"),
-    (_nifti_bomb, "512x512x1900 voxels of 8 byte"),
-    (_dicom_bomb, "100x4096x4096 voxels of 2 byte"),
-    (_dicom_frames_bomb, f"50,000,000 frames; the limit is {MAX_SLICES:,}"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_nrrd_bomb, "512x512x1900 voxels of 8 byte"),
+        (_metaimage_bomb, "512x512x1900 voxels of 8 byte"),
+        (_nifti_bomb, "512x512x1900 voxels of 8 byte"),
+        (_dicom_bomb, "100x4096x4096 voxels of 2 byte"),
+        (_dicom_frames_bomb, f"50,000,000 frames; the limit is {MAX_SLICES:,}"),
+    ],
+)
 def test_a_small_header_declaring_a_huge_volume_is_refused_before_allocating(tmp_path, make, message):
     path = make(tmp_path)
     assert path.stat().st_size < 20_000
-    result = measured("from langmamba.io import itk_formats, read_volume",
-                      f"read_volume({str(path)!r}, confined=True)", LANGMAMBA_WORKERS="0")
+    result = measured(
+        "from langmamba.io import itk_formats, read_volume",
+        f"read_volume({str(path)!r}, confined=True)",
+        LANGMAMBA_WORKERS="0",
+    )
     assert result["error"][0] == "VolumeTooLargeError" and message in result["error"][1], result["error"]
     assert result["cpu_s"] < 2.0
     assert result["memory_growth"] < 200 * MiB
@@ -241,8 +250,12 @@ def test_a_small_header_declaring_a_huge_volume_is_refused_before_allocating(tmp
 def test_the_size_limit_is_a_parameter(tmp_path, tiny_ct_volume, dicom_ct_series):
     needed = int(np.prod(tiny_ct_volume.shape)) * 4  # float32 HU
     assert MAX_VOLUME_BYTES == 512 * 512 * 2000 * 4
-    for path in (write_volume(tiny_ct_volume, tmp_path / "ct.nrrd"), write_volume(tiny_ct_volume, tmp_path / "ct.nii"),
-                 write_volume(tiny_ct_volume, tmp_path / "ct.mha"), dicom_ct_series[0]):
+    for path in (
+        write_volume(tiny_ct_volume, tmp_path / "ct.nrrd"),
+        write_volume(tiny_ct_volume, tmp_path / "ct.nii"),
+        write_volume(tiny_ct_volume, tmp_path / "ct.mha"),
+        dicom_ct_series[0],
+    ):
         with pytest.raises(VolumeTooLargeError, match=f"the limit \\(max_bytes\\) is {needed - 1:,} bytes"):
             read_volume(path, max_bytes=needed - 1)
         np.testing.assert_array_equal(read_volume(path, max_bytes=needed).hu, tiny_ct_volume.hu)
@@ -266,11 +279,14 @@ def _nifti_with_extension(folder: Path, name: str, vox_offset: int, extension_si
     return path
 
 
-@pytest.mark.parametrize("vox_offset, extension_size, message", [
-    (368, 1 << 30, "damaged NIfTI header extension"),  # an extension larger than the room before the voxels
-    (0, 1 << 30, "inside the header"),  # nibabel would read extensions to the end of the file
-    (352 + (1 << 30), 1 << 30, "declares voxels at byte"),
-])
+@pytest.mark.parametrize(
+    "vox_offset, extension_size, message",
+    [
+        (368, 1 << 30, "damaged NIfTI header extension"),  # an extension larger than the room before the voxels
+        (0, 1 << 30, "inside the header"),  # nibabel would read extensions to the end of the file
+        (352 + (1 << 30), 1 << 30, "declares voxels at byte"),
+    ],
+)
 @pytest.mark.slow
 def test_nifti_extensions_cannot_make_the_reader_load_gigabytes(tmp_path, vox_offset, extension_size, message):
     path = _nifti_with_extension(tmp_path, "ext.nii.gz", vox_offset, extension_size, unpacked=1 << 30)
@@ -312,8 +328,10 @@ def test_headers_of_filler_elements_are_refused_within_a_read_budget(dicom_ct_se
     np.testing.assert_array_equal(read_volume(folder).hu, volume.hu)  # a few hundred reads
     filler = _header_then_filler(sorted(folder.iterdir())[0], folder.parent / "filler.dcm", MiB)
     start = time.process_time()
-    with pytest.raises(VolumeTooLargeError, match="filler.dcm: the DICOM headers hold more elements than langmamba "
-                                                  "parses \\(at most 100,000 reads"):
+    with pytest.raises(
+        VolumeTooLargeError,
+        match="filler.dcm: the DICOM headers hold more elements than langmamba parses \\(at most 100,000 reads",
+    ):
         read_volume(filler)
     filler.rename(folder / "filler.dcm")
     with pytest.raises(VolumeTooLargeError, match=f"{folder}: the DICOM headers hold more elements"):

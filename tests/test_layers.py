@@ -70,8 +70,13 @@ def private_imports(path: Path) -> list[tuple[str, str, int]]:
                 if source.startswith("langmamba"):
                     aliases[alias.asname or alias.name] = target
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name)
-                and node.value.id in aliases and aliases[node.value.id] != module):
+        if (
+            isinstance(node, ast.Attribute)
+            and _private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and aliases[node.value.id] != module
+        ):
             found.append((module, f"{aliases[node.value.id]}.{node.attr}", node.lineno))
     return found
 
@@ -79,10 +84,12 @@ def private_imports(path: Path) -> list[tuple[str, str, int]]:
 def test_no_private_names_cross_modules():
     found = [hit for source in SOURCES for path in sorted(source.rglob("*.py")) for hit in private_imports(path)]
     pairs = {(importer, imported) for importer, imported, _ in found}
-    unexpected = [f"{importer} imports {imported} (line {line})" for importer, imported, line in found
-                  if (importer, imported) not in KNOWN]
-    assert not unexpected, "private names used across modules; make them public or move them:\n" + "\n".join(
-        unexpected)
+    unexpected = [
+        f"{importer} imports {imported} (line {line})"
+        for importer, imported, line in found
+        if (importer, imported) not in KNOWN
+    ]
+    assert not unexpected, "private names used across modules; make them public or move them:\n" + "\n".join(unexpected)
     assert not KNOWN - pairs, f"no longer imported, remove from KNOWN: {sorted(KNOWN - pairs)}"
 
 
@@ -93,15 +100,19 @@ def test_the_checker_sees_each_kind_of_private_import(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("from langmamba.pkg._helpers import shared\n")
     (package / "user.py").write_text(
         "from . import _helpers\nfrom .other import _hidden, visible\nimport langmamba.pkg.other as other\n"
-        "other._secret()\nfrom langmamba.pkg.other import __all__\n")
+        "other._secret()\nfrom langmamba.pkg.other import __all__\n"
+    )
     outside = tmp_path / "langmamba" / "front.py"
     outside.write_text("from langmamba.pkg._helpers import shared\nfrom .pkg import other\nother._x = 1\n")
     assert private_imports(package / "__init__.py") == []
     assert private_imports(package / "user.py") == [
         ("langmamba.pkg.user", "langmamba.pkg.other._hidden", 2),
-        ("langmamba.pkg.user", "langmamba.pkg.other._secret", 4)]
+        ("langmamba.pkg.user", "langmamba.pkg.other._secret", 4),
+    ]
     assert private_imports(outside) == [
-        ("langmamba.front", "langmamba.pkg._helpers", 1), ("langmamba.front", "langmamba.pkg.other._x", 3)]
+        ("langmamba.front", "langmamba.pkg._helpers", 1),
+        ("langmamba.front", "langmamba.pkg.other._x", 3),
+    ]
 
 
 def test_import_contracts_hold():

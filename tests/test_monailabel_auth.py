@@ -40,16 +40,23 @@ def _key():
 def _certificate(tmp, key) -> tuple:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp / "realm.crt", tmp / "realm.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -82,10 +89,23 @@ def realm(tmp_path_factory):
     httpd.shutdown()
 
 
-def _token(key, roles: list[str], issuer: str, *, expires_in: float | None = 600, audience: str = AUDIENCE,
-           algorithm: str = "RS256", **claims) -> str:
-    payload = {"preferred_username": "radiologist", "realm_access": {"roles": roles}, "iss": issuer,
-               "aud": audience, **claims}
+def _token(
+    key,
+    roles: list[str],
+    issuer: str,
+    *,
+    expires_in: float | None = 600,
+    audience: str = AUDIENCE,
+    algorithm: str = "RS256",
+    **claims,
+) -> str:
+    payload = {
+        "preferred_username": "radiologist",
+        "realm_access": {"roles": roles},
+        "iss": issuer,
+        "aud": audience,
+        **claims,
+    }
     if expires_in is not None:
         payload["exp"] = int(time.time() + expires_in)
     return jwt.encode(payload, key, algorithm=algorithm)
@@ -95,8 +115,13 @@ def _unsigned(issuer: str) -> str:
     def part(data: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
-    claims = {"preferred_username": "radiologist", "realm_access": {"roles": ["monailabel-user"]}, "iss": issuer,
-              "aud": AUDIENCE, "exp": int(time.time() + 600)}
+    claims = {
+        "preferred_username": "radiologist",
+        "realm_access": {"roles": ["monailabel-user"]},
+        "iss": issuer,
+        "aud": AUDIENCE,
+        "exp": int(time.time() + 600),
+    }
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
@@ -109,11 +134,20 @@ def server(tmp_path_factory, realm):
     tmp = tmp_path_factory.mktemp("auth")
     studies = tmp / "studies"
     studies.mkdir()
-    write_volume(crop(read_volume(sample_path("lung2")), slice(30, 31), slice(192, 256), slice(160, 224)),
-                 studies / "tiny.nrrd")
-    srv = MonaiLabelServer(studies, tmp, conf={"audit_log": str(tmp / "audit.jsonl")},
-                           env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm[0],
-                                "REQUESTS_CA_BUNDLE": str(realm[2]), "LANGMAMBA_WORKERS": "0"})
+    write_volume(
+        crop(read_volume(sample_path("lung2")), slice(30, 31), slice(192, 256), slice(160, 224)), studies / "tiny.nrrd"
+    )
+    srv = MonaiLabelServer(
+        studies,
+        tmp,
+        conf={"audit_log": str(tmp / "audit.jsonl")},
+        env={
+            "MONAI_LABEL_AUTH_ENABLE": "true",
+            "MONAI_LABEL_AUTH_REALM_URI": realm[0],
+            "REQUESTS_CA_BUNDLE": str(realm[2]),
+            "LANGMAMBA_WORKERS": "0",
+        },
+    )
     srv.audit = tmp / "audit.jsonl"
     yield srv
     srv.stop()
@@ -134,8 +168,22 @@ def _cases(realm) -> list[tuple[str, dict, int]]:
         ("no exp", _bearer(_token(key, user, url, expires_in=None)), 401),
         ("foreign audience", _bearer(_token(key, user, url, audience="another-app")), 401),
         ("foreign issuer", _bearer(_token(key, user, "https://evil.example/realms/monailabel")), 401),
-        ("no issuer", _bearer(jwt.encode({"preferred_username": "x", "realm_access": {"roles": user}, "aud": AUDIENCE,
-                                           "exp": int(time.time() + 600)}, key, algorithm="RS256")), 401),
+        (
+            "no issuer",
+            _bearer(
+                jwt.encode(
+                    {
+                        "preferred_username": "x",
+                        "realm_access": {"roles": user},
+                        "aud": AUDIENCE,
+                        "exp": int(time.time() + 600),
+                    },
+                    key,
+                    algorithm="RS256",
+                )
+            ),
+            401,
+        ),
         ("unsigned", _bearer(_unsigned(url)), 401),
         ("HMAC with the public key", _bearer(_hmac_with_public_key(key, url)), 401),
         ("no role", _bearer(_token(key, ["guest"], url)), 403),
@@ -150,8 +198,13 @@ def _hmac_with_public_key(key, issuer: str) -> str:
     def part(data: dict) -> bytes:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=")
 
-    claims = {"preferred_username": "radiologist", "realm_access": {"roles": ["monailabel-user"]}, "iss": issuer,
-              "aud": AUDIENCE, "exp": int(time.time() + 600)}
+    claims = {
+        "preferred_username": "radiologist",
+        "realm_access": {"roles": ["monailabel-user"]},
+        "iss": issuer,
+        "aud": AUDIENCE,
+        "exp": int(time.time() + 600),
+    }
     signing = part({"alg": "HS256", "typ": "JWT"}) + b"." + part(claims)
     signature = hmac.new(_public_pem(key), signing, hashlib.sha256).digest()
     return (signing + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
@@ -189,8 +242,12 @@ def test_a_valid_token_is_served_within_the_clock_skew(server, realm):
 def test_stock_write_routes_stay_off_for_every_role(server, realm):
     url, key, _ = realm
     admin = _bearer(_token(key, ["monailabel-user", "monailabel-admin", "monailabel-annotator"], url))
-    for method, path in (("PUT", "/datastore/image?image=x"), ("DELETE", "/datastore/image?id=tiny"),
-                         ("GET", "/logs/"), ("POST", "/batch/infer/langmamba_denoise")):
+    for method, path in (
+        ("PUT", "/datastore/image?image=x"),
+        ("DELETE", "/datastore/image?id=tiny"),
+        ("GET", "/logs/"),
+        ("POST", "/batch/infer/langmamba_denoise"),
+    ):
         response = requests.request(method, f"{server.url}{path}", headers=admin, timeout=30)
         assert response.status_code == 404, (path, response.text)
 
@@ -205,8 +262,12 @@ def auth_module(monkeypatch):
     from monailabel.config import settings
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
-    for name in ("LANGMAMBA_AUTH_PUBLIC_KEY", "LANGMAMBA_AUTH_ISSUER", "LANGMAMBA_AUTH_AUDIENCE",
-                 "LANGMAMBA_AUTH_LEEWAY_S"):
+    for name in (
+        "LANGMAMBA_AUTH_PUBLIC_KEY",
+        "LANGMAMBA_AUTH_ISSUER",
+        "LANGMAMBA_AUTH_AUDIENCE",
+        "LANGMAMBA_AUTH_LEEWAY_S",
+    ):
         monkeypatch.delenv(name, raising=False)
     return auth, settings
 

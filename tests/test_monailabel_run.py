@@ -37,8 +37,15 @@ def test_serve_starts_the_server_on_the_sample_study_and_says_how_to_connect(tmp
     log = tmp_path / "serve.log"
     env = {**os.environ, "TMPDIR": str(tmp_path), "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
     url = f"http://127.0.0.1:{port}"
-    process = start_process([sys.executable, str(REPO / "monailabel_app" / "serve.py"), "--port", str(port),
-                             "--studies", str(studies)], log, f"{url}/info/", "serve.py", 300, cwd=tmp_path, env=env)
+    process = start_process(
+        [sys.executable, str(REPO / "monailabel_app" / "serve.py"), "--port", str(port), "--studies", str(studies)],
+        log,
+        f"{url}/info/",
+        "serve.py",
+        300,
+        cwd=tmp_path,
+        env=env,
+    )
     try:
         info = requests.get(f"{url}/info/", timeout=30).json()
         assert "langmamba_denoise" in info["models"]
@@ -52,9 +59,14 @@ def test_serve_starts_the_server_on_the_sample_study_and_says_how_to_connect(tmp
 
 def _serve(*args: str, tmp_path, **env) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "MONAI_LABEL_AUTH_ENABLE"}
-    return subprocess.run([sys.executable, str(REPO / "monailabel_app" / "serve.py"), *args], cwd=tmp_path,
-                          env={**environment, "TMPDIR": str(tmp_path), **env}, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "monailabel_app" / "serve.py"), *args],
+        cwd=tmp_path,
+        env={**environment, "TMPDIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_serve_refuses_to_bind_beyond_loopback_without_auth(tmp_path):
@@ -69,12 +81,27 @@ def test_the_app_refuses_a_plain_start_server_on_all_interfaces(tmp_path):
     """MONAI Label's own default host is 0.0.0.0: without auth the app stops the start."""
     studies = tmp_path / "studies"
     studies.mkdir()
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "monailabel_app"),
-               "--studies", str(studies), "--port", str(free_port())]
+    command = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(REPO / "monailabel_app"),
+        "--studies",
+        str(studies),
+        "--port",
+        str(free_port()),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "MONAI_LABEL_AUTH_ENABLE"}
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**env, "TMPDIR": str(tmp_path), "MONAI_LABEL_SESSION_PATH": str(tmp_path / "s"),
-                               "LANGMAMBA_WORKERS": "0"})
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "TMPDIR": str(tmp_path), "MONAI_LABEL_SESSION_PATH": str(tmp_path / "s"), "LANGMAMBA_WORKERS": "0"},
+    )
     assert done.returncode != 0
     assert "refusing to serve on 0.0.0.0 without authentication" in done.stdout + done.stderr
 
@@ -82,14 +109,34 @@ def test_the_app_refuses_a_plain_start_server_on_all_interfaces(tmp_path):
 def test_serve_insecure_starts_with_a_warning(tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "TMPDIR": str(tmp_path), "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
-           "LANGMAMBA_WORKERS": "0"}
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path),
+        "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
+        "LANGMAMBA_WORKERS": "0",
+    }
     env.pop("MONAI_LABEL_AUTH_ENABLE", None)
     studies = tmp_path / "studies"
     studies.mkdir()
-    process = start_process([sys.executable, str(REPO / "monailabel_app" / "serve.py"), "--host", "0.0.0.0",
-                             "--port", str(port), "--studies", str(studies), "--insecure"], log,
-                            f"http://127.0.0.1:{port}/info/", "serve.py", 300, cwd=tmp_path, env=env)
+    process = start_process(
+        [
+            sys.executable,
+            str(REPO / "monailabel_app" / "serve.py"),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--studies",
+            str(studies),
+            "--insecure",
+        ],
+        log,
+        f"http://127.0.0.1:{port}/info/",
+        "serve.py",
+        300,
+        cwd=tmp_path,
+        env=env,
+    )
     try:
         text = log.read_text()
         assert "WARNING: --insecure" in text and "WITHOUT authentication" in text

@@ -9,6 +9,7 @@ its own servers (one is killed with SIGKILL while it saves).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import http.client
@@ -44,8 +45,9 @@ def lung2():
 
 def _tiled(volume: CTVolume, slices: int) -> CTVolume:
     hu = np.concatenate([volume.hu] * (slices // volume.shape[0] + 1))[:slices]
-    return CTVolume(hu=np.ascontiguousarray(hu), spacing=volume.spacing, origin=volume.origin,
-                    direction=volume.direction)
+    return CTVolume(
+        hu=np.ascontiguousarray(hu), spacing=volume.spacing, origin=volume.origin, direction=volume.direction
+    )
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -72,9 +74,12 @@ def server(tmp_path_factory, lung2):
     stale = studies / ".chest_langmamba.nrrd.tmp-0123abcd"
     stale.mkdir()
     (stale / "chest_langmamba.nrrd").write_bytes(b"half a file")
-    srv = MonaiLabelServer(studies, tmp, conf={"max_queue": "3", "max_per_client": "2",
-                                               "audit_log": str(tmp / "audit.jsonl")},
-                           env={"LANGMAMBA_WORKERS": "0"})
+    srv = MonaiLabelServer(
+        studies,
+        tmp,
+        conf={"max_queue": "3", "max_per_client": "2", "audit_log": str(tmp / "audit.jsonl")},
+        env={"LANGMAMBA_WORKERS": "0"},
+    )
     srv.studies, srv.outside, srv.audit = studies, outside, tmp / "audit.jsonl"
     yield srv
     srv.stop()
@@ -93,16 +98,46 @@ def _audit(server) -> list[dict]:
 
 # --- confinement ------------------------------------------------------------------------------------------------
 
+
 def test_start_up_removed_the_stale_temporary(server):
     assert not any(p.name.startswith(".chest_langmamba") for p in server.studies.iterdir())
 
 
-@pytest.mark.parametrize("image", [
-    "no-such-image", "{outside}/secret.nrrd", "../outside/secret", "../../../../etc/passwd", "/etc/passwd",
-    "{studies}/chest.nrrd", "chest.nrrd", "chest/../chest", "./chest", "..", "chest\\..\\chest", "~root", "empty",
-    "labels/final/chest",
-], ids=["unknown", "absolute-outside", "dotdot-outside", "dotdot-etc", "etc-passwd", "absolute-inside",
-        "with-extension", "dotdot-inside", "dot-slash", "dotdot", "backslashes", "home", "zero-byte", "labels-path"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        "no-such-image",
+        "{outside}/secret.nrrd",
+        "../outside/secret",
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "{studies}/chest.nrrd",
+        "chest.nrrd",
+        "chest/../chest",
+        "./chest",
+        "..",
+        "chest\\..\\chest",
+        "~root",
+        "empty",
+        "labels/final/chest",
+    ],
+    ids=[
+        "unknown",
+        "absolute-outside",
+        "dotdot-outside",
+        "dotdot-etc",
+        "etc-passwd",
+        "absolute-inside",
+        "with-extension",
+        "dotdot-inside",
+        "dot-slash",
+        "dotdot",
+        "backslashes",
+        "home",
+        "zero-byte",
+        "labels-path",
+    ],
+)
 def test_image_ids_name_datastore_entries_only_with_one_error(server, image):
     image = image.format(outside=server.outside, studies=server.studies)
     before = _snapshot(server.studies)
@@ -168,20 +203,37 @@ def test_stored_files_have_the_servers_extension_only(server):
 
 # --- routes, CORS, docs -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("PUT", "/datastore/image?image=../outside/x"), ("PUT", "/datastore/image?image=x"),
-    ("DELETE", "/datastore/image?id=chest"), ("PUT", "/datastore/label?image=chest&tag=../../x"),
-    ("DELETE", "/datastore/label?id=chest&tag=final"), ("GET", "/datastore/image?image=chest"),
-    ("GET", "/datastore/dataset"), ("POST", "/batch/infer/langmamba_denoise?run_sync=true"),
-    ("POST", "/train/"), ("PUT", "/model/langmamba_denoise"), ("GET", "/model/langmamba_denoise"),
-    ("PUT", "/session/"), ("GET", "/logs/"), ("POST", "/activelearning/random"), ("POST", "/scoring/"),
-    ("POST", "/infer/other_model?image=chest"), ("GET", "/proxy/dicom/studies"), ("POST", "/reload"),
-    ("GET", "/ohif/"),
-], ids=lambda v: str(v))
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/datastore/image?image=../outside/x"),
+        ("PUT", "/datastore/image?image=x"),
+        ("DELETE", "/datastore/image?id=chest"),
+        ("PUT", "/datastore/label?image=chest&tag=../../x"),
+        ("DELETE", "/datastore/label?id=chest&tag=final"),
+        ("GET", "/datastore/image?image=chest"),
+        ("GET", "/datastore/dataset"),
+        ("POST", "/batch/infer/langmamba_denoise?run_sync=true"),
+        ("POST", "/train/"),
+        ("PUT", "/model/langmamba_denoise"),
+        ("GET", "/model/langmamba_denoise"),
+        ("PUT", "/session/"),
+        ("GET", "/logs/"),
+        ("POST", "/activelearning/random"),
+        ("POST", "/scoring/"),
+        ("POST", "/infer/other_model?image=chest"),
+        ("GET", "/proxy/dicom/studies"),
+        ("POST", "/reload"),
+        ("GET", "/ohif/"),
+    ],
+    ids=lambda v: str(v),
+)
 def test_stock_routes_the_product_does_not_need_are_off(server, method, path):
     before = _snapshot(server.studies)
-    response = requests.request(method, f"{server.url}{path}", files={"file": ("x.nrrd.sh", b"#!/bin/sh\n")},
-                                timeout=30)
+    response = requests.request(
+        method, f"{server.url}{path}", files={"file": ("x.nrrd.sh", b"#!/bin/sh\n")}, timeout=30
+    )
     assert response.status_code == 404, (path, response.text)
     assert _snapshot(server.studies) == before
     assert not (server.tmpdir.parent / "x.nrrd.sh").exists()
@@ -200,21 +252,35 @@ def test_cors_is_off_without_an_origin_allow_list(server):
     assert response.status_code == 200
     assert "access-control-allow-origin" not in response.headers
     assert "access-control-allow-credentials" not in response.headers
-    preflight = requests.options(f"{server.url}/infer/langmamba_denoise", timeout=30,
-                                 headers={**evil, "Access-Control-Request-Method": "POST"})
+    preflight = requests.options(
+        f"{server.url}/infer/langmamba_denoise", timeout=30, headers={**evil, "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in preflight.headers
 
 
 # --- parameters, result names, audit ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("params", "words"), [
-    ("{not json", "JSON"), ("[1, 2]", "JSON object"), ("[" * 100_000, "longer than"),
-    ("[" * 1500 + "]" * 1500, "JSON object"), (json.dumps({"blend": 0.5, "pirate": True}), "unknown params key"),
-    (json.dumps({"image": "/etc/passwd"}), "unknown params key"), (json.dumps({"upload": "/etc/passwd"}), "unknown"),
-], ids=["malformed", "array", "too-long", "too-deep", "unknown-key", "image-key", "upload-key"])
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ("{not json", "JSON"),
+        ("[1, 2]", "JSON object"),
+        ("[" * 100_000, "longer than"),
+        ("[" * 1500 + "]" * 1500, "JSON object"),
+        (json.dumps({"blend": 0.5, "pirate": True}), "unknown params key"),
+        (json.dumps({"image": "/etc/passwd"}), "unknown params key"),
+        (json.dumps({"upload": "/etc/passwd"}), "unknown"),
+    ],
+    ids=["malformed", "array", "too-long", "too-deep", "unknown-key", "image-key", "upload-key"],
+)
 def test_bad_params_are_422_never_500(server, params, words):
-    response = requests.post(f"{server.url}/infer/langmamba_denoise", params={"image": "chest", "output": "json"},
-                             data={"params": params}, timeout=60)
+    response = requests.post(
+        f"{server.url}/infer/langmamba_denoise",
+        params={"image": "chest", "output": "json"},
+        data={"params": params},
+        timeout=60,
+    )
     assert response.status_code == 422, response.text
     assert words in response.json()["detail"]
 
@@ -241,14 +307,21 @@ def test_stock_client_results_do_not_collide_and_audit_has_no_file_names(server,
 
 # --- queue, per-client limit, cancellation ----------------------------------------------------------------------
 
+
 def _hold(server, image: str, source: str) -> http.client.HTTPConnection:
     """Send a denoise request by id from ``source`` (a loopback address) without reading the answer."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
-            f"{json.dumps({'explain': False, 'save': False})}\r\n--{boundary}--\r\n").encode()
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'
+        f"{json.dumps({'explain': False, 'save': False})}\r\n--{boundary}--\r\n"
+    ).encode()
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120, source_address=(source, 0))
-    connection.request("POST", f"/infer/langmamba_denoise?image={image}&output=json", body=body,
-                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    connection.request(
+        "POST",
+        f"/infer/langmamba_denoise?image={image}&output=json",
+        body=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     return connection
 
 
@@ -279,8 +352,9 @@ def test_queue_limits_and_cancellation_on_disconnect(server):
         connection.sock.shutdown(2)
         connection.close()
     disconnected = time.perf_counter()
-    while (response := server.infer(image="chest", output="json", params={"explain": False, "save": False},
-                                    timeout=300)).status_code == 429:
+    while (
+        response := server.infer(image="chest", output="json", params={"explain": False, "save": False}, timeout=300)
+    ).status_code == 429:
         time.sleep(0.2)  # the cancelled requests give their places back as they stop
     waited = time.perf_counter() - disconnected
     assert response.status_code == 200, response.text
@@ -316,8 +390,8 @@ class CreationWatch:
             data = os.read(self.fd, 65536)
             while data:
                 _, _, _, length = struct.unpack_from("iIII", data)
-                self._pending.append(data[16:16 + length].rstrip(b"\0").decode())
-                data = data[16 + length:]
+                self._pending.append(data[16 : 16 + length].rstrip(b"\0").decode())
+                data = data[16 + length :]
         return self._pending.pop(0)
 
     def close(self) -> None:
@@ -325,11 +399,10 @@ class CreationWatch:
 
 
 def _overwrite_quietly(server, blend: float) -> None:
-    try:
-        server.infer(image="crash", output="json", timeout=300,
-                     params={"explain": False, "blend": blend, "overwrite": True})
-    except requests.RequestException:
-        pass  # the server was killed under it
+    with contextlib.suppress(requests.RequestException):  # the server was killed under it
+        server.infer(
+            image="crash", output="json", timeout=300, params={"explain": False, "blend": blend, "overwrite": True}
+        )
 
 
 def _kill(process) -> None:
@@ -378,8 +451,12 @@ def test_kill_9_during_save_leaves_the_previous_result_and_restart_cleans_up(tmp
         watch.close()
         first.stop()
 
-    second = MonaiLabelServer(studies, tmp_path / "second", env=env,
-                              conf={"cors_origins": "http://viewer.example, https://other.example:8443"})
+    second = MonaiLabelServer(
+        studies,
+        tmp_path / "second",
+        env=env,
+        conf={"cors_origins": "http://viewer.example, https://other.example:8443"},
+    )
     try:
         assert not (studies / name).exists()  # start-up removed the interrupted write's temporaries
         assert not [p for p in studies.iterdir() if ".tmp-" in p.name]
@@ -399,6 +476,7 @@ def test_kill_9_during_save_leaves_the_previous_result_and_restart_cleans_up(tmp
 
 
 # --- uploads: zip bombs, detached data files, declared sizes ----------------------------------------------------
+
 
 def _peak_rss(server) -> int:
     process = psutil.Process(server.process.pid)
@@ -424,13 +502,15 @@ def test_zip_bomb_upload_is_refused_quickly_without_unpacking(server, tmp_path):
     assert response.status_code == 413, response.text
     assert elapsed < 10 and (after_cpu.user + after_cpu.system) - (before_cpu.user + before_cpu.system) < 10
     assert _peak_rss(server) - before_rss < 1 << 30
-    assert not [p for p in server.tmpdir.rglob("*.dcm")], "nothing of the archive may stay on disk"
+    assert not list(server.tmpdir.rglob("*.dcm")), "nothing of the archive may stay on disk"
 
 
 def test_detached_header_upload_cannot_read_another_file(server, tmp_path):
     header = tmp_path / "scan.nhdr"
-    header.write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 1\nencoding: raw\n"
-                      f"data file: {server.outside / 'secret.nrrd'}\n\n")
+    header.write_text(
+        "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 1\nencoding: raw\n"
+        f"data file: {server.outside / 'secret.nrrd'}\n\n"
+    )
     response = server.infer(upload=header, params={"explain": False, "blend": 0.0}, output="image")
     assert response.status_code == 400, response.text
     assert SECRET not in response.content and b"secret" not in response.content
@@ -438,7 +518,9 @@ def test_detached_header_upload_cannot_read_another_file(server, tmp_path):
 
 def test_a_tiny_header_declaring_gigabytes_is_refused_before_allocating(server, tmp_path):
     header = tmp_path / "huge.nrrd"
-    header.write_bytes(b"NRRD0004\ntype: double\ndimension: 3\nsizes: 512 512 1900\nencoding: raw\nendian: little\n\n" + bytes(64))
+    header.write_bytes(
+        b"NRRD0004\ntype: double\ndimension: 3\nsizes: 512 512 1900\nencoding: raw\nendian: little\n\n" + bytes(64)
+    )
     before = _peak_rss(server)
     response = server.infer(upload=header, params={"explain": False})
     assert response.status_code == 413, response.text

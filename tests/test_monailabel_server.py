@@ -22,8 +22,8 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from langmamba.checkpoint import load_checkpoint
 from langmamba.cli import main as cli_main
-from langmamba.infer import denoise_ct_volume
 from langmamba.explain import validate_explanation
+from langmamba.infer import denoise_ct_volume
 from langmamba.io import read_volume, write_volume
 from langmamba.runtime import default_weights
 from langmamba.sample_data import sample_path
@@ -47,9 +47,12 @@ def server(tmp_path_factory, lung2):
     write_volume(crop(lung2, slice(28, 31), slice(160, 288), slice(128, 256)), studies / "chest.nrrd")
     # Two langmamba.workers processes, forked inside the server, read and write the DICOM of the requests.
     # max_per_client 8: the concurrency test sends 8 requests at once from this one client
-    srv = MonaiLabelServer(studies, tmp, conf={"max_upload_mb": str(UPLOAD_LIMIT_MB), "max_voxels": "4000000",
-                                               "max_per_client": "8"},
-                           env={"LANGMAMBA_WORKERS": "2"})
+    srv = MonaiLabelServer(
+        studies,
+        tmp,
+        conf={"max_upload_mb": str(UPLOAD_LIMIT_MB), "max_voxels": "4000000", "max_per_client": "8"},
+        env={"LANGMAMBA_WORKERS": "2"},
+    )
     srv.studies = studies
     yield srv
     srv.stop()
@@ -139,8 +142,9 @@ def test_save_false_stores_nothing(server):
 
 def test_zipped_dicom_series_upload(server, lung2, tmp_path, dicom_series_writer):
     volume = crop(lung2, slice(30, 32), slice(192, 256), slice(160, 240))
-    files = dicom_series_writer(tmp_path / "series", volume.hu, spacing=volume.spacing, origin=volume.origin,
-                                direction=volume.direction)
+    files = dicom_series_writer(
+        tmp_path / "series", volume.hu, spacing=volume.spacing, origin=volume.origin, direction=volume.direction
+    )
     archive = tmp_path / "series.zip"
     with zipfile.ZipFile(archive, "w") as zipped:
         for path in files:
@@ -177,9 +181,29 @@ def test_server_and_cli_give_the_same_outputs_for_the_same_volume(server, small_
     out = tmp_path / "cli"
     out.mkdir()
     # the server's task denoises 4 slices per batch on the CPU ("auto" here)
-    assert cli_main(["denoise", str(small_upload), str(out / "denoised.nrrd"), "--explain", str(out / "e.json"),
-                     "--explain-levels", "1", "--top-k", "2", "--blend", "0.8", "--batch-size", "4",
-                     "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "denoise",
+                str(small_upload),
+                str(out / "denoised.nrrd"),
+                "--explain",
+                str(out / "e.json"),
+                "--explain-levels",
+                "1",
+                "--top-k",
+                "2",
+                "--blend",
+                "0.8",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     cli_hu = read_volume(out / "denoised.nrrd").hu
     document = json.loads((out / "e.json").read_text())
 
@@ -209,9 +233,10 @@ def _truncated(tmp: Path, source: Path) -> Path:
 
 def _huge_header(tmp: Path) -> Path:
     path = tmp / "huge.nrrd"
-    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4096 4096 4096\nencoding: raw\n"
-                     b"endian: little\nspace: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n\n"
-                     + b"\0" * 1024)
+    path.write_bytes(
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4096 4096 4096\nencoding: raw\n"
+        b"endian: little\nspace: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n\n" + b"\0" * 1024
+    )
     return path
 
 
@@ -234,8 +259,9 @@ def _huge_body(tmp: Path) -> Path:
     ],
     ids=["not-an-image", "mr", "2d-picture", "empty", "truncated", "huge-volume", "huge-upload"],
 )
-def test_bad_upload_is_a_clear_4xx_and_the_server_keeps_serving(server, small_upload, tmp_path, dicom_series_writer,
-                                                                make, status, words):
+def test_bad_upload_is_a_clear_4xx_and_the_server_keeps_serving(
+    server, small_upload, tmp_path, dicom_series_writer, make, status, words
+):
     response = server.infer(upload=make(tmp_path, small_upload, dicom_series_writer), output="image")
     assert response.status_code == status, response.text
     body = response.json()
@@ -262,8 +288,9 @@ def _write(path: Path, content: bytes) -> Path:
     ids=["blend", "level", "output", "save", "unknown-id", "nothing"],
 )
 def test_bad_request_is_a_clear_4xx(server, query, params, status, words):
-    response = requests.post(f"{server.url}/infer/langmamba_denoise", params=query,
-                             data={"params": json.dumps(params)}, timeout=60)
+    response = requests.post(
+        f"{server.url}/infer/langmamba_denoise", params=query, data={"params": json.dumps(params)}, timeout=60
+    )
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
 
@@ -285,8 +312,9 @@ def test_concurrent_requests_all_complete_while_info_stays_responsive(server, sm
     poller.start()
     try:
         with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(
-                lambda _: server.infer(upload=small_upload, output="all", params={"explain": False}), range(8)))
+            responses = list(
+                pool.map(lambda _: server.infer(upload=small_upload, output="all", params={"explain": False}), range(8))
+            )
     finally:
         done.set()
         poller.join()
@@ -298,8 +326,10 @@ def test_concurrent_requests_all_complete_while_info_stays_responsive(server, sm
         denoise_s.append(params["timings_s"]["denoise"])
         np.testing.assert_allclose(sitk.GetArrayFromImage(_image(parts[1].content, tmp_path)), expected, atol=1e-3)
     # requests queue behind the model lock: the last one waited for several others
-    assert max(json.loads(MultipartDecoder(r.content, r.headers["content-type"]).parts[0].content)
-               ["timings_s"]["queued"] for r in responses) >= 2 * min(denoise_s)
+    assert max(
+        json.loads(MultipartDecoder(r.content, r.headers["content-type"]).parts[0].content)["timings_s"]["queued"]
+        for r in responses
+    ) >= 2 * min(denoise_s)
     # /info/ kept answering during the queue, each time faster than one inference (a blocked server cannot)
     assert len(info_latencies) >= 8
     assert np.median(info_latencies) < np.median(denoise_s)

@@ -27,8 +27,15 @@ def pacs(tmp_path_factory):
     orthanc = Orthanc(tmp)
     source = crop(read_volume(sample_path("lung2")), slice(28, 32), slice(128, 384), slice(128, 384))
     study_uid, series_uid = generate_uid(), generate_uid()
-    files = write_ct_series(tmp / "series", source.hu, spacing=source.spacing, origin=source.origin,
-                                       direction=source.direction, study_uid=study_uid, series_uid=series_uid)
+    files = write_ct_series(
+        tmp / "series",
+        source.hu,
+        spacing=source.spacing,
+        origin=source.origin,
+        direction=source.direction,
+        study_uid=study_uid,
+        series_uid=series_uid,
+    )
     orthanc.upload(files)
     orthanc.study_uid, orthanc.series_uid, orthanc.source = study_uid, series_uid, source
     yield orthanc

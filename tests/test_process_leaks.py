@@ -39,8 +39,11 @@ def test_a_session_that_leaves_processes_fails_and_kills_them(tmp_path):
     (tmp_path / "test_leak.py").write_text(_LEAKING_TEST)
     leaked = tmp_path / "leaked.txt"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO), "LEAKED_PIDS": str(leaked)}, capture_output=True, text=True,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LEAKED_PIDS": str(leaked)},
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     pids = [int(p) for p in leaked.read_text().split()]
@@ -56,8 +59,13 @@ def test_a_clean_session_passes(tmp_path):
     (tmp_path / "test_clean.py").write_text(
         "import subprocess, sys\n\ndef test_waits():\n    subprocess.run([sys.executable, '-c', 'pass'], check=True)\n"
     )
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "running" not in run.stdout

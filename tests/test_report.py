@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.runtime import default_weights
 from langmamba.errors import InputError
 from langmamba.explain import ChangeRule, format_percent, write_explanation
 from langmamba.io.volume import CTVolume
 from langmamba.report import MAX_CONFIDENCE_ROWS, MAX_FLAGGED_ROWS, ReportCollector, write_report
+from langmamba.runtime import default_weights
 
 
 class Page(HTMLParser):
@@ -80,8 +80,9 @@ def explained(model):
     input_hu, output_hu = phantom_pair()
     volume = CTVolume(input_hu, spacing=(0.7, 0.8, 2.0))
     collector = ReportCollector(level=2, depth=3)
-    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector,
-                                 change_rule=ChangeRule(0.0, 0.0))
+    document = write_explanation(
+        io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector, change_rule=ChangeRule(0.0, 0.0)
+    )
     return input_hu, output_hu, collector, document
 
 
@@ -139,8 +140,9 @@ def test_report_names_the_language_space_and_is_honest_about_uniform_words(model
     collector = ReportCollector(level=1, depth=3)
     vocabulary = model.langae.vocabulary
     classes = {word: "fat" if i % 2 else "soft tissue" for i, word in enumerate(vocabulary[:-1])}  # all but one
-    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector,
-                                 word_classes=classes)
+    document = write_explanation(
+        io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector, word_classes=classes
+    )
     assert document["summary"]["flagged_count"] == 0
     assert document["summary"]["levels"][1]["top_word_differs"] > 0  # top words flip, but not confidently
     images = {z: (input_hu[z], output_hu[z]) for z in collector.choose_slices(1)}

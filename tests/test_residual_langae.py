@@ -18,23 +18,42 @@ from langmamba.models.quantizer import PyramidLanguageQuantizer, expand_from_gri
 from langmamba.models.residual_quantizer import ResidualLanguageQuantizer
 from langmamba.train import load_config
 from langmamba.train.tasks import ResidualLangAETask, build_task, code_perplexity
-from langmamba.vlm.regions import (REGION_CLASSES, body_mask, candidate_words, class_word_masks, classify_hu,
-                                   region_fractions)
+from langmamba.vlm.regions import (
+    REGION_CLASSES,
+    body_mask,
+    candidate_words,
+    class_word_masks,
+    classify_hu,
+    region_fractions,
+)
 from langmamba.vlm.token_codes import minilm_codes, principal_codes
 from langmamba.vlm.vocabulary import load_vocabulary, load_word_classes
-
 from tests.test_vlm import tiny_clip_dir  # noqa: F401  (the tiny random CLIP saved with save_pretrained)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _quantizer(words: int = 12, dim: int = 24, tokens: int = 200, detail_dim: int = 4, groups: int = 2,
-               stages: int = 3, sizes=(4, 2, 1), seed: int = 0) -> ResidualLanguageQuantizer:
+def _quantizer(
+    words: int = 12,
+    dim: int = 24,
+    tokens: int = 200,
+    detail_dim: int = 4,
+    groups: int = 2,
+    stages: int = 3,
+    sizes=(4, 2, 1),
+    seed: int = 0,
+) -> ResidualLanguageQuantizer:
     g = torch.Generator().manual_seed(seed)
     codebook = F.normalize(torch.randn(words, dim, generator=g), dim=1)
     codes, projection = principal_codes(torch.randn(tokens, dim, generator=g), detail_dim, groups)
-    return ResidualLanguageQuantizer(codebook, detail_codebook=codes, detail_projection=projection,
-                                     region_sizes=sizes, detail_stages=stages, detail_groups=groups)
+    return ResidualLanguageQuantizer(
+        codebook,
+        detail_codebook=codes,
+        detail_projection=projection,
+        region_sizes=sizes,
+        detail_stages=stages,
+        detail_groups=groups,
+    )
 
 
 def test_levels_and_detail_stages_add_up_to_the_quantized_latent():
@@ -149,13 +168,13 @@ def test_semantic_loss_gathers_mass_on_one_candidate_and_trains_the_scale():
 def test_region_candidates_of_a_synthetic_slice():
     hu = torch.full((1, 64, 64), -1000.0)
     yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
-    hu[0][(yy - 32) ** 2 + (xx - 32) ** 2 < 30**2] = -100.0   # fat disk (the body)
-    hu[0, 16:32, 16:32] = -850.0                               # lung inside the body
-    hu[0, 32:48, 16:32] = 50.0                                 # soft tissue
-    hu[0, 16:32, 32:48] = 700.0                                # bone
-    hu[0, 32:48, 32:48] = 10.0                                 # fluid
+    hu[0][(yy - 32) ** 2 + (xx - 32) ** 2 < 30**2] = -100.0  # fat disk (the body)
+    hu[0, 16:32, 16:32] = -850.0  # lung inside the body
+    hu[0, 32:48, 16:32] = 50.0  # soft tissue
+    hu[0, 16:32, 32:48] = 700.0  # bone
+    hu[0, 32:48, 32:48] = 10.0  # fluid
     classes = classify_hu(hu, smoothing_px=0)
-    assert body_mask(hu, smoothing_px=0)[0, 20, 20]            # enclosed air is inside
+    assert body_mask(hu, smoothing_px=0)[0, 20, 20]  # enclosed air is inside
     assert classes[0, 0, 0] == 0 and classes[0, 20, 20] == 1
     fractions = region_fractions(classes, 16, len(REGION_CLASSES))
     dominant = fractions.argmax(-1)[0]
@@ -165,8 +184,8 @@ def test_region_candidates_of_a_synthetic_slice():
     word_classes = ["air", "lung", "lung", "fat", "soft tissue", "bone", "fluid", "lesion", "structure"]
     per_class, lesion_words = class_word_masks(word_classes)
     lesion = torch.zeros(1, 64, 64)
-    lesion[0, 32:48, 16:32] = 1.0          # the soft-tissue region is all tumour
-    lesion[0, 16:20, 32:48] = 1.0          # a quarter of the bone region
+    lesion[0, 32:48, 16:32] = 1.0  # the soft-tissue region is all tumour
+    lesion[0, 16:20, 32:48] = 1.0  # a quarter of the bone region
     mask = candidate_words(fractions, region_fractions(lesion, 16), per_class, lesion_words)[0]
     words = lambda r, c: {word_classes[i] for i in torch.nonzero(mask[r, c]).ravel().tolist()}  # noqa: E731
     assert words(1, 1) == {"lung"}
@@ -207,10 +226,21 @@ def test_packaged_token_codes_are_the_minilm_tables_principal_codes():
 
 def _residual_langae(**kwargs) -> LangAE:
     q = _quantizer()
-    settings = dict(codebook=q.codebook, detail_codebook=q.detail_codebook, detail_projection=q.detail_projection,
-                    base_channels=8, channel_multipliers=(1, 1, 2), z_channels=8, quantizer="residual",
-                    normalize_latent=False, region_sizes=(4, 2, 1), detail_stages=3, detail_groups=2,
-                    vocabulary=[f"w{i}" for i in range(12)], word_classes=["fat"] * 12)
+    settings = dict(
+        codebook=q.codebook,
+        detail_codebook=q.detail_codebook,
+        detail_projection=q.detail_projection,
+        base_channels=8,
+        channel_multipliers=(1, 1, 2),
+        z_channels=8,
+        quantizer="residual",
+        normalize_latent=False,
+        region_sizes=(4, 2, 1),
+        detail_stages=3,
+        detail_groups=2,
+        vocabulary=[f"w{i}" for i in range(12)],
+        word_classes=["fat"] * 12,
+    )
     return LangAE(**{**settings, **kwargs})
 
 
@@ -246,9 +276,12 @@ def test_old_langae_weights_load_and_behave_as_before():
     assert torch.allclose(probs.max(-1).values, top[:, 0], atol=1e-6)
     assert torch.equal(probs.argmax(-1), ids[:, 0])
     # The averaging path: the quantized latent is the mean of the three levels' words.
-    assert torch.allclose(out.quantized, sum(
-        expand_from_grid(model.codebook[t].permute(0, 3, 1, 2), out.quantized.shape[-2:]) for t in out.token_ids
-    ) / 3, atol=1e-5)
+    assert torch.allclose(
+        out.quantized,
+        sum(expand_from_grid(model.codebook[t].permute(0, 3, 1, 2), out.quantized.shape[-2:]) for t in out.token_ids)
+        / 3,
+        atol=1e-5,
+    )
 
 
 def test_langae_rejects_an_unknown_quantizer():
@@ -262,19 +295,26 @@ def _slices(count: int = 3, size: int = 64) -> list[CTSlice]:
     for i in range(count):
         hu = np.full((size, size), -1000.0, np.float32)
         hu[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.45) ** 2] = -80.0
-        hu[size // 4:size // 2, size // 4:size // 2] = -800.0
-        hu[size // 2:3 * size // 4, size // 2:3 * size // 4] = 40.0 + 5 * i
+        hu[size // 4 : size // 2, size // 4 : size // 2] = -800.0
+        hu[size // 2 : 3 * size // 4, size // 2 : 3 * size // 4] = 40.0 + 5 * i
         label = np.zeros((size, size), bool)
-        label[size // 2:3 * size // 4, size // 2:3 * size // 4] = True
+        label[size // 2 : 3 * size // 4, size // 2 : 3 * size // 4] = True
         out.append(CTSlice(full=hu, spacing_mm=(0.7, 0.7), patient=f"p{i}", label=label if i else None))
     return out
 
 
 def _task(overrides: list[str]) -> ResidualLangAETask:
-    config = load_config(ROOT / "langmamba/configs/langae.yaml", [
-        "data.patch_size=128", "optim.batch_size=4", "langae.base_channels=8", "langae.detail_stages=2",
-        "langae.low_dose_fraction=0.25",
-        *overrides])
+    config = load_config(
+        ROOT / "langmamba/configs/langae.yaml",
+        [
+            "data.patch_size=128",
+            "optim.batch_size=4",
+            "langae.base_channels=8",
+            "langae.detail_stages=2",
+            "langae.low_dose_fraction=0.25",
+            *overrides,
+        ],
+    )
     config.data.patch_size = 64  # below the config minimum of 128 to keep the test fast
     return build_task(config, SimpleNamespace(train=_slices()), torch.device("cpu"))
 
@@ -300,10 +340,16 @@ def test_residual_task_trains_words_and_reconstruction():
     assert has.all() and (lesion.flatten(1).amax(1) == 1).all()
 
 
-def test_clip_backend_trains_the_residual_langae(tiny_clip_dir, tmp_path, monkeypatch):
+def test_clip_backend_trains_the_residual_langae(tiny_clip_dir, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("LANGMAMBA_CACHE", str(tmp_path / "cache"))
-    task = _task(["langae.vlm_backend=clip", f"langae.vlm_model={tiny_clip_dir}", "langae.detail_dim=4",
-                  "langae.detail_groups=2"])
+    task = _task(
+        [
+            "langae.vlm_backend=clip",
+            f"langae.vlm_model={tiny_clip_dir}",
+            "langae.detail_dim=4",
+            "langae.detail_groups=2",
+        ]
+    )
     assert task.model.vlm_backend == "clip" and task.model.quantizer.codebook_dim == 32
     assert task.model.quantizer.detail_projection.shape == (8, 32)
     low = torch.rand(4, 1, 64, 64)
@@ -319,10 +365,12 @@ def test_region_truth_needs_only_numpy_and_torch():
     from langmamba.vlm import regions, tissue
 
     assert regions.BODY_THRESHOLD_HU == tissue.BODY_THRESHOLD_HU
-    code = ("import sys\n"
-            "for name in ('scipy', 'pydicom', 'SimpleITK', 'nibabel', 'transformers'): sys.modules[name] = None\n"
-            "import langmamba.evaluate_explanations, langmamba.vlm.regions, langmamba.vlm.token_codes\n"
-            "import langmamba.vlm.region_vocabulary\n")
+    code = (
+        "import sys\n"
+        "for name in ('scipy', 'pydicom', 'SimpleITK', 'nibabel', 'transformers'): sys.modules[name] = None\n"
+        "import langmamba.evaluate_explanations, langmamba.vlm.regions, langmamba.vlm.token_codes\n"
+        "import langmamba.vlm.region_vocabulary\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
 
 

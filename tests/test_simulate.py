@@ -11,8 +11,6 @@ import torch
 from langmamba.bench.noise import phantom_run, wide_body_phantom
 from langmamba.errors import ConfigError
 from langmamba.io.volume import CTVolume
-from langmamba.simulate.calibration import flat_soft_tissue, window_pixels
-from langmamba.simulate.nps import compare_nps, noise_power_spectrum, roi_corners
 from langmamba.simulate import (
     BowtieFilter,
     FanBeamGeometry,
@@ -33,6 +31,8 @@ from langmamba.simulate import (
     simulate_volume,
     z_modulation,
 )
+from langmamba.simulate.calibration import flat_soft_tissue, window_pixels
+from langmamba.simulate.nps import compare_nps, noise_power_spectrum, roi_corners
 
 # Same fan and field of view as the default scanner, sampled half as finely: keeps the physics, 8x faster.
 SMALL = FanBeamGeometry(n_channels=368, detector_element_mm=2 * 1.2858, n_views=576)
@@ -154,7 +154,12 @@ def test_round_trip_anisotropic_non_square_image():
     hu[(x / 100.0) ** 2 + (y / 80.0) ** 2 <= 1.0] = 50.0
     hu[np.hypot(x - 50.0, y - 25.0) <= 15.0] = 400.0  # off-axis insert: a transposition would move it
     out = simulate_slice(
-        hu, spacing, 1.0, geometry=SMALL, incident_photons=math.inf, input_is_noise_free=True,
+        hu,
+        spacing,
+        1.0,
+        geometry=SMALL,
+        incident_photons=math.inf,
+        input_is_noise_free=True,
         reconstruction="full",
     )
     assert out.shape == shape and out.dtype == np.float32
@@ -194,8 +199,14 @@ def test_noise_free_input_sigma_scales_as_inverse_sqrt_dose(reconstruction):
     sigmas = {}
     for dose in (1.0, 0.5, 0.25, 0.1):
         out = simulate_batch(
-            hu, PIXEL_MM, dose, geometry=SMALL, electronic_noise=0.0, input_is_noise_free=True,
-            reconstruction=reconstruction, seed=11,
+            hu,
+            PIXEL_MM,
+            dose,
+            geometry=SMALL,
+            electronic_noise=0.0,
+            input_is_noise_free=True,
+            reconstruction=reconstruction,
+            seed=11,
         )
         sigmas[dose] = float(np.mean([(o - h)[roi].std() for o, h in zip(out, hu)]))
         # Mean HU preserved in the uniform region.
@@ -288,8 +299,9 @@ def _wide_body(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
 
 def _native_scan(clean: np.ndarray, photons: float, seed: int = 2, geometry: FanBeamGeometry = SMALL) -> np.ndarray:
     """A 'real' full-dose scan of a phantom: the full noise model at dose 1 (FBP-correlated noise)."""
-    return simulate_slice(clean, WIDE_MM, 1.0, geometry=geometry, seed=seed, input_is_noise_free=True,
-                          incident_photons=photons)
+    return simulate_slice(
+        clean, WIDE_MM, 1.0, geometry=geometry, seed=seed, input_is_noise_free=True, incident_photons=photons
+    )
 
 
 def test_bowtie_transmission_falls_off_to_the_edges():
@@ -345,16 +357,16 @@ def test_wide_body_quarter_dose_adds_the_noise_the_dose_implies():
     native = _native_scan(clean, 1e6)
     native_var = float((native - clean)[interior].var())
     calibration = native_incident_photons(native, WIDE_MM, 0.25, geometry=SMALL)
-    out = simulate_slice(native, WIDE_MM, 0.25, geometry=SMALL, seed=5,
-                         incident_photons=float(calibration.incident_photons[0]))
+    out = simulate_slice(
+        native, WIDE_MM, 0.25, geometry=SMALL, seed=5, incident_photons=float(calibration.incident_photons[0])
+    )
     added = (out - native)[interior]
     implied = math.sqrt(native_var * (1 / 0.25 - 1))
     assert implied / 1.5 < added.std() < 1.5 * implied, (added.std(), implied)
     assert np.percentile(np.abs(added), 99.9) < 8.0 * added.std()
     assert abs(float(added.mean())) < 0.2 * implied  # no bias from the log of starved rays
     # The scanner without bowtie, modulation and low-signal correction, at the default photons, fails.
-    raw = simulate_slice(native, WIDE_MM, 0.25, geometry=SMALL, seed=5, bowtie=None, modulation=None,
-                         low_signal=None)
+    raw = simulate_slice(native, WIDE_MM, 0.25, geometry=SMALL, seed=5, bowtie=None, modulation=None, low_signal=None)
     assert (raw - native)[interior].std() > 3.0 * implied
 
 
@@ -373,12 +385,19 @@ def test_phantom_bench_reports_native_aware_noise_within_the_dose_bound():
 def test_native_noise_aware_dose_gives_variance_over_dose(dose):
     """Dose d multiplies the scan's own noise variance by 1 / d over the soft tissue it was measured in."""
     clean = _water_cylinder(128, 2.0, radius=110.0)
-    native = simulate_slice(clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True,
-                            incident_photons=3e4)
+    native = simulate_slice(
+        clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True, incident_photons=3e4
+    )
     calibration = native_incident_photons(native, PIXEL_MM, dose, geometry=SMALL, seed=1)
     assert calibration.variance_ratio[0].item() == pytest.approx(1 / dose, rel=0.1)
-    out = simulate_batch(np.stack([native] * 2), PIXEL_MM, dose, geometry=SMALL, seed=[21, 22],
-                         incident_photons=calibration.incident_photons.expand(2))
+    out = simulate_batch(
+        np.stack([native] * 2),
+        PIXEL_MM,
+        dose,
+        geometry=SMALL,
+        seed=[21, 22],
+        incident_photons=calibration.incident_photons.expand(2),
+    )
     tissue = estimate_noise(native, PIXEL_MM).mask[0].numpy()
     assert tissue.sum() > 2000
     ratio = float(np.mean([(o - clean)[tissue].var() for o in out])) / float((native - clean)[tissue].var())
@@ -437,8 +456,9 @@ def test_nps_roi_corners_stay_inside_the_mask():
 
 def test_added_noise_nps_has_the_shape_of_native_noise():
     clean = _water_cylinder(128, 2.0, radius=110.0)
-    native = simulate_slice(clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True,
-                            incident_photons=3e5)  # quantum noise dominates: added variance = 3x native
+    native = simulate_slice(
+        clean, PIXEL_MM, 1.0, geometry=SMALL, seed=8, input_is_noise_free=True, incident_photons=3e5
+    )  # quantum noise dominates: added variance = 3x native
     low = simulate_slice(native, PIXEL_MM, 0.25, geometry=SMALL, seed=9, incident_photons=3e5)
     tissue = flat_soft_tissue(torch.from_numpy(native)[None], window_pixels(PIXEL_MM))[0].numpy()
     corners = [roi_corners(tissue, 16)]
@@ -462,12 +482,14 @@ def test_tensor_batch_stays_tensor_and_matches_per_slice_calls():
     hu = np.stack([_water_cylinder(), _water_cylinder() + 20.0, _water_cylinder()])
     doses = torch.tensor([0.5, 0.25, 0.1])
     photons = torch.tensor([1e5, 2e5, 4e5])
-    out = simulate_batch(torch.from_numpy(hu), PIXEL_MM, doses, geometry=SMALL, incident_photons=photons,
-                         seed=[1, 2, 3])
+    out = simulate_batch(
+        torch.from_numpy(hu), PIXEL_MM, doses, geometry=SMALL, incident_photons=photons, seed=[1, 2, 3]
+    )
     assert isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.shape == hu.shape
     for i in range(3):
-        one = simulate_slice(hu[i], PIXEL_MM, float(doses[i]), geometry=SMALL, seed=i + 1,
-                             incident_photons=float(photons[i]))
+        one = simulate_slice(
+            hu[i], PIXEL_MM, float(doses[i]), geometry=SMALL, seed=i + 1, incident_photons=float(photons[i])
+        )
         assert isinstance(one, np.ndarray)
         np.testing.assert_allclose(out[i].numpy(), one, atol=1e-3)
     # One generator on the compute device draws the whole batch in one call.
@@ -476,11 +498,13 @@ def test_tensor_batch_stays_tensor_and_matches_per_slice_calls():
     assert again.shape == hu.shape and torch.isfinite(again).all()
     # Per-slice spacings: slices that share one are simulated together, the result is the same.
     spacings = torch.tensor([PIXEL_MM, 1.8, PIXEL_MM])
-    mixed = simulate_batch(torch.from_numpy(hu), spacings, doses, geometry=SMALL, incident_photons=photons,
-                           seed=[1, 2, 3])
+    mixed = simulate_batch(
+        torch.from_numpy(hu), spacings, doses, geometry=SMALL, incident_photons=photons, seed=[1, 2, 3]
+    )
     np.testing.assert_allclose(mixed[0].numpy(), out[0].numpy(), atol=1e-3)
-    np.testing.assert_allclose(mixed[1].numpy(), simulate_slice(hu[1], 1.8, 0.25, geometry=SMALL, seed=2,
-                               incident_photons=2e5), atol=1e-3)
+    np.testing.assert_allclose(
+        mixed[1].numpy(), simulate_slice(hu[1], 1.8, 0.25, geometry=SMALL, seed=2, incident_photons=2e5), atol=1e-3
+    )
     with pytest.raises(ConfigError, match="dose"):
         simulate_batch(torch.from_numpy(hu), PIXEL_MM, torch.tensor([0.5, 0.0, 0.1]), geometry=SMALL)
     with pytest.raises(ConfigError, match="3 slices"):
@@ -520,8 +544,16 @@ def test_bad_arguments_raise_config_error(kwargs, match):
 def test_scan_protocol_gives_the_same_scan_as_single_settings_and_round_trips():
     hu = _water_cylinder()
     protocol = ScanProtocol(geometry=SMALL, window="hamming", bowtie=None, low_signal=LowSignalFilter(max_channels=9))
-    single = simulate_slice(hu, PIXEL_MM, 0.25, seed=5, geometry=SMALL, window="hamming", bowtie=None,
-                            low_signal=LowSignalFilter(max_channels=9))
+    single = simulate_slice(
+        hu,
+        PIXEL_MM,
+        0.25,
+        seed=5,
+        geometry=SMALL,
+        window="hamming",
+        bowtie=None,
+        low_signal=LowSignalFilter(max_channels=9),
+    )
     np.testing.assert_array_equal(simulate_slice(hu, PIXEL_MM, 0.25, seed=5, protocol=protocol), single)
     stored = protocol.to_dict()
     assert stored["bowtie"] is None and stored["geometry"]["n_views"] == 576 and stored["window"] == "hamming"
@@ -559,8 +591,9 @@ def test_cli_simulate_reports_native_calibration_or_takes_explicit_photons(tmp_p
     rng = np.random.default_rng(5)
     clean = np.stack([_water_cylinder(96, 2.5, radius=100.0) + 40.0] * 2)
     hu = clean + (clean > -900) * rng.normal(0.0, 8.0, clean.shape).astype(np.float32)
-    source = write_volume(CTVolume(hu=hu, spacing=(2.5, 2.5, 5.0), origin=(0.0, 0.0, 0.0), source="memory"),
-                          tmp_path / "normal.nrrd")
+    source = write_volume(
+        CTVolume(hu=hu, spacing=(2.5, 2.5, 5.0), origin=(0.0, 0.0, 0.0), source="memory"), tmp_path / "normal.nrrd"
+    )
     out = tmp_path / "low.nrrd"
     assert main(["simulate", str(source), str(out), "--dose", "0.25", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
@@ -569,7 +602,8 @@ def test_cli_simulate_reports_native_calibration_or_takes_explicit_photons(tmp_p
     native_sd = estimate_noise(hu, 2.5)
     low_sd = estimate_noise(low, 2.5, mask=native_sd.mask)
     assert float(((low_sd.sigma_hu / native_sd.sigma_hu) ** 2).mean()) == pytest.approx(4.0, rel=0.2)
-    assert main(["simulate", str(source), str(tmp_path / "b.nrrd"), "--incident-photons", "1e5",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["simulate", str(source), str(tmp_path / "b.nrrd"), "--incident-photons", "1e5", "--device", "cpu"]) == 0
+    )
     assert main(["simulate", str(source), str(tmp_path / "c.nrrd"), "--incident-photons", "many"]) == 2
     assert "--incident-photons" in capsys.readouterr().err

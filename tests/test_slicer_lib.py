@@ -24,10 +24,17 @@ import pytest
 import SimpleITK as sitk
 
 from langmamba.checkpoint import load_checkpoint
-from langmamba.runtime import default_weights
-from langmamba.explain import ChangeRule, confidence_band, confidence_thresholds, explain_volume, explanation_label_map
-from langmamba.explain import format_percent, language_space_record
+from langmamba.explain import (
+    ChangeRule,
+    confidence_band,
+    confidence_thresholds,
+    explain_volume,
+    explanation_label_map,
+    format_percent,
+    language_space_record,
+)
 from langmamba.explain import word_color as langmamba_word_color
+from langmamba.runtime import default_weights
 from tests.slicer_shim.helpers import MODULE_DIR, SlowServer
 
 sys.path.insert(0, str(MODULE_DIR))
@@ -78,8 +85,13 @@ def test_nrrd_from_simpleitk_and_pynrrd_decodes_exactly(tmp_path, encoding):
     # pynrrd in RAS space, big-endian floats: converted to LPS
     floats = array.astype(">f4").T  # pynrrd takes (X, Y, Z) in Fortran-like index order
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
-    header = {"space": "right-anterior-superior", "space directions": ras[:3, :3].T, "space origin": ras[:3, 3],
-              "encoding": encoding, "endian": "big"}
+    header = {
+        "space": "right-anterior-superior",
+        "space directions": ras[:3, :3].T,
+        "space origin": ras[:3, 3],
+        "encoding": encoding,
+        "endian": "big",
+    }
     pynrrd.write(str(tmp_path / "ras.nrrd"), floats, header, index_order="F")
     volume = lmnrrd.decode((tmp_path / "ras.nrrd").read_bytes())
     assert volume.array.dtype == np.float32 and volume.array.dtype.isnative
@@ -137,8 +149,13 @@ def test_client_times_out_and_can_be_cancelled_while_the_server_hangs():
         threading.Timer(0.5, token.cancel).start()
         start = time.monotonic()
         with pytest.raises(lmclient.RequestCancelled):
-            client.infer("langmamba_denoise", {}, file_bytes=b"x" * (3 << 20), cancel=token,
-                         progress=lambda phase, fraction: phases.append((phase, fraction)))
+            client.infer(
+                "langmamba_denoise",
+                {},
+                file_bytes=b"x" * (3 << 20),
+                cancel=token,
+                progress=lambda phase, fraction: phases.append((phase, fraction)),
+            )
         assert time.monotonic() - start < 10
         uploads = [f for p, f in phases if p == "upload"]
         assert uploads == sorted(uploads) and uploads[-1] == pytest.approx(1.0) and ("server", None) in phases
@@ -150,8 +167,12 @@ def test_multipart_answers_keep_binary_parts_exact():
     from requests_toolbelt import MultipartEncoder
 
     payload = bytes(range(256)) * 40 + b"\r\n--\r\n\n\r" + np.random.default_rng(2).bytes(50_000)
-    encoder = MultipartEncoder(fields={"params": (None, json.dumps({"a": [1, 2]}), "application/json"),
-                                       "image": ("denoised.nrrd", payload, "application/octet-stream")})
+    encoder = MultipartEncoder(
+        fields={
+            "params": (None, json.dumps({"a": [1, 2]}), "application/json"),
+            "image": ("denoised.nrrd", payload, "application/octet-stream"),
+        }
+    )
     parts = lmclient.parse_multipart(encoder.to_string(), encoder.content_type)
     assert parts["image"] == ("denoised.nrrd", "application/octet-stream", payload)
     assert json.loads(parts["params"][2]) == {"a": [1, 2]}
@@ -176,8 +197,16 @@ def document(tiny_volume_module, shipped_model):
     low = tiny_volume_module
     output = low + np.random.default_rng(3).normal(0, 200, low.shape).astype(np.float32)
     vocabulary = shipped_model.langae.vocabulary
-    return explain_volume(shipped_model, low, output, None, levels=(0, 2), top_k=3, change_rule=ChangeRule(0.0, 0.0),
-                          word_classes={word: "soft tissue" for word in vocabulary[::2]})
+    return explain_volume(
+        shipped_model,
+        low,
+        output,
+        None,
+        levels=(0, 2),
+        top_k=3,
+        change_rule=ChangeRule(0.0, 0.0),
+        word_classes=dict.fromkeys(vocabulary[::2], "soft tissue"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +226,9 @@ def test_rows_follow_the_document(document):
     assert row.changed == first["changed"] and row.change_score == first["change_score"]
     assert row.confidence == first["output"]["scores"][0] and row.input_confidence == first["input"]["scores"][0]
     assert row.output_class == document["word_classes"].get(first["output"]["words"][0])
-    assert row.words_text("output") == ", ".join(f"{w} {format_percent(p)}" for w, p in
-                                                 zip(first["output"]["words"], first["output"]["scores"]))
+    assert row.words_text("output") == ", ".join(
+        f"{w} {format_percent(p)}" for w, p in zip(first["output"]["words"], first["output"]["scores"])
+    )
     lps = np.array(first["bbox_mm"]["lps"])
     assert np.allclose(lps.mean(axis=0), [row.center_ijk[0], row.center_ijk[1], row.center_ijk[2]])
     assert lmexplanation.levels(document) == [0, 2]
@@ -315,10 +345,16 @@ def test_module_cmakelists_installs_every_script_and_resource():
     import re
 
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
-    listed = {line.strip().replace("${MODULE_NAME}", "LangMambaDenoise") for line in text.splitlines()
-              if re.fullmatch(r"\s+\S+\.(py|png|ui)", line)}
-    shipped = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*") if p.suffix in (".py", ".png", ".ui")
-               and "__pycache__" not in p.parts}
+    listed = {
+        line.strip().replace("${MODULE_NAME}", "LangMambaDenoise")
+        for line in text.splitlines()
+        if re.fullmatch(r"\s+\S+\.(py|png|ui)", line)
+    }
+    shipped = {
+        str(p.relative_to(MODULE_DIR))
+        for p in MODULE_DIR.rglob("*")
+        if p.suffix in (".py", ".png", ".ui") and "__pycache__" not in p.parts
+    }
     assert listed == shipped
     top = (MODULE_DIR.parents[1] / "CMakeLists.txt").read_text()
     assert "add_subdirectory(slicer_extension/LangMambaDenoise)" in top and "find_package(Slicer REQUIRED)" in top

@@ -182,7 +182,9 @@ def test_logic_denoises_on_the_server_into_a_linked_scalar_volume(shim, scene, s
     document = logic.explanation
     assert [entry["level"] for entry in document["levels"]] == [2] and document["top_k"] == 3
     assert len(logic.regions) == 3 * 6 * 7
-    regions = {(entry["z"], r["row"], r["col"]): r for entry in document["slices"] for r in entry["levels"][0]["regions"]}
+    regions = {
+        (entry["z"], r["row"], r["col"]): r for entry in document["slices"] for r in entry["levels"][0]["regions"]
+    }
     for region in logic.regions[::17]:
         ras = np.array(regions[(region.z, region.row, region.col)]["bbox_mm"]["ras"]).mean(axis=0)
         np.testing.assert_allclose(logic.regionCenterRAS(region), ras, atol=2e-3)
@@ -196,15 +198,16 @@ def test_logic_denoises_on_the_server_into_a_linked_scalar_volume(shim, scene, s
     np.testing.assert_allclose(roi_center, center, atol=1e-6)
     size = logic.highlightNode.GetSize()
     spacing = lung2_crop.spacing
-    np.testing.assert_allclose(size, [(region.x1 - region.x0) * spacing[0], (region.y1 - region.y0) * spacing[1],
-                                      spacing[2]], atol=1e-6)
+    np.testing.assert_allclose(
+        size, [(region.x1 - region.x0) * spacing[0], (region.y1 - region.y0) * spacing[1], spacing[2]], atol=1e-6
+    )
 
     label_node = logic.updateLabelMap(2, "input")
     labels = slicer.util.arrayFromVolume(label_node)
     reference_labels, table = explanation_label_map(document, 2, output.shape, "input")
     np.testing.assert_array_equal(labels, reference_labels)
     color = logic.colorNode
-    for value, word, rgb in table:
+    for value, word, _rgb in table:
         assert color.GetColorName(value) == word
         rgba = [0.0] * 4
         color.GetColor(value, rgba)
@@ -223,7 +226,9 @@ def test_logic_reports_server_errors(shim, scene, server, lung2_crop):
         logic.denoise(node, level=7)
     assert caught.value.status == 422
     logic.server.requestDenoiseById("chest", module.lmserver.request_parameters(level=0, device="cpu", blend=0.5))
-    result = logic.server.requestDenoiseById("chest", module.lmserver.request_parameters(level=0, device="cpu"))  # a second run
+    result = logic.server.requestDenoiseById(
+        "chest", module.lmserver.request_parameters(level=0, device="cpu")
+    )  # a second run
     output_node = logic.applyResult(node, result)
     assert [entry["level"] for entry in logic.explanation["levels"]] == [0]
     assert slicer.util.arrayFromVolume(output_node).shape == lung2_crop.hu.shape
@@ -277,7 +282,9 @@ def test_panel_denoise_and_browse_explanations(shim, scene, server, lung2_crop, 
         assert table.item(0, 6).text().startswith(lmformat(first.input_confidence))
         assert "126 regions on 3 slices" in ui.explanationSummaryLabel.text()
         space = logic.explanation["model"]["language_space"]["description"]
-        assert f"Words from: {space}." in ui.languageSpaceLabel.text() and "uniform over" in ui.languageSpaceLabel.text()
+        assert (
+            f"Words from: {space}." in ui.languageSpaceLabel.text() and "uniform over" in ui.languageSpaceLabel.text()
+        )
 
         word = logic.regions[40].input_words[0]
         ui.wordFilterEdit.setText(word)
@@ -306,13 +313,15 @@ def test_panel_denoise_and_browse_explanations(shim, scene, server, lung2_crop, 
         ui.minConfidenceSpinBox.setValue(0.0)
         _click_header(table, 0)
         assert [(r.z, r.level, r.row, r.col) for r in widget.shownRegions] == sorted(
-            (r.z, r.level, r.row, r.col) for r in logic.regions)
+            (r.z, r.level, r.row, r.col) for r in logic.regions
+        )
 
         row = 100
         table.scrollToItem(table.item(row, 0))
         qt.QApplication.processEvents()
-        QTest.mouseClick(table.viewport(), qt.Qt.LeftButton, qt.Qt.NoModifier,
-                         table.visualItemRect(table.item(row, 1)).center())
+        QTest.mouseClick(
+            table.viewport(), qt.Qt.LeftButton, qt.Qt.NoModifier, table.visualItemRect(table.item(row, 1)).center()
+        )
         region = widget.shownRegions[row]
         center = logic.regionCenterRAS(region)
         assert _slice_offset(slicer, "Red") == pytest.approx(center[2], abs=1e-6)
@@ -381,7 +390,7 @@ def test_panel_remembers_its_settings(shim, scene):
 
 
 def _no_traceback(text):
-    assert text and "Traceback" not in text and "File \"" not in text and "\n" not in text
+    assert text and "Traceback" not in text and 'File "' not in text and "\n" not in text
 
 
 @pytest.mark.server
@@ -464,8 +473,8 @@ def test_panel_opens_saved_explanations_of_both_versions(shim, scene, lung2_crop
     from PySide6.QtTest import QTest
 
     from langmamba.checkpoint import load_checkpoint
-    from langmamba.runtime import default_weights
     from langmamba.explain import explain_volume
+    from langmamba.runtime import default_weights
 
     model = load_checkpoint(default_weights())
     noisy = lung2_crop.hu + np.random.default_rng(0).normal(0, 40, lung2_crop.hu.shape).astype(np.float32)
@@ -529,7 +538,8 @@ def test_panel_opens_saved_explanations_of_both_versions(shim, scene, lung2_crop
         chosen["path"] = str(classed_path)
         QTest.mouseClick(ui.openJsonButton, qt.Qt.LeftButton)
         assert [table.item(i, 3).text() for i in range(table.rowCount())] == [
-            classes[r.output_words[0]] for r in widget.shownRegions]
+            classes[r.output_words[0]] for r in widget.shownRegions
+        ]
         _click_header(table, 3)
         shown = [table.item(i, 3).text() for i in range(table.rowCount())]
         assert shown == sorted(shown) and len(set(shown)) > 1

@@ -77,11 +77,25 @@ def test_parameter_node_values_survive_saving_and_loading_the_scene(shim, scene,
     logic.outputVolumeNode = denoised
     logic.setExplanation(document)
     region = logic.regions[7]
-    values = {"serverUrl": "http://10.0.0.7:8123", "inputVolume": ct, "outputVolume": denoised, "blend": 0.35,
-              "level": 1, "device": "cpu", "explain": False, "topK": 4, "explanation": logic.explanationNode,
-              "wordFilter": "lung", "changedOnly": True, "minConfidence": 12.5, "sortColumn": 2,
-              "sortDescending": True, "showOverlay": True, "overlayWords": "input",
-              "shownRegion": module.regionKey(region)}
+    values = {
+        "serverUrl": "http://10.0.0.7:8123",
+        "inputVolume": ct,
+        "outputVolume": denoised,
+        "blend": 0.35,
+        "level": 1,
+        "device": "cpu",
+        "explain": False,
+        "topK": 4,
+        "explanation": logic.explanationNode,
+        "wordFilter": "lung",
+        "changedOnly": True,
+        "minConfidence": 12.5,
+        "sortColumn": 2,
+        "sortDescending": True,
+        "showOverlay": True,
+        "overlayWords": "input",
+        "shownRegion": module.regionKey(region),
+    }
     for name, value in values.items():
         setattr(parameters, name, value)
     with pytest.raises(ValueError, match="within"):
@@ -226,15 +240,30 @@ first = b.regions[9]
 print(json.dumps({"unreachable": unreachable, "malformed": malformed, "url": logic.serverUrl, "blend": blend,
                   "garbage": garbage, "regions": len(b.regions), "flagged": [r.change_score for r in flagged],
                   "found": b.findRegion(first.z, first.level, first.row, first.col).index, "summary": b.summary(),
-                  "csv": b.exportCSV(sys.argv[4], flagged), "params": server.request_parameters(0.5, 1, "cpu", True, 2)}))
+                  "csv": b.exportCSV(sys.argv[4], flagged),
+                  "params": server.request_parameters(0.5, 1, "cpu", True, 2)}))
 """
 
 
 def test_server_logic_and_browser_run_without_qt_or_mrml(tmp_path):
     document = json.loads(V1_DOCUMENT.read_text(encoding="utf-8"))
     port = free_port()
-    answer = subprocess.run([sys.executable, "-c", LOGICS_ALONE, str(MODULE_DIR), str(port), str(V1_DOCUMENT),
-                             str(tmp_path / "flagged.csv")], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    answer = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOGICS_ALONE,
+            str(MODULE_DIR),
+            str(port),
+            str(V1_DOCUMENT),
+            str(tmp_path / "flagged.csv"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert answer.returncode == 0, answer.stderr
     result = json.loads(answer.stdout)
     assert str(port) in result["unreachable"] and "ftp" in result["malformed"]

@@ -9,14 +9,23 @@ import torch
 
 from langmamba.checkpoint import load_checkpoint
 from langmamba.errors import ConfigError
-from langmamba.models.langae import LangAE
 from langmamba.models.denoiser import LangMamba
+from langmamba.models.langae import LangAE
 from langmamba.train import load_config, train
 from langmamba.train.export import export_checkpoint
 
-QUICK = ["data.crop=128", "data.patch_size=128", "data.max_slices_per_patient=3", "optim.batch_size=2",
-         "optim.warmup_steps=2", "run.log_every=1", "run.validation_slices=1", "run.checkpoint_every=5",
-         "data.validation_patients=['pydicom:explicit_VR-UN']", "data.include_pydicom=true"]
+QUICK = [
+    "data.crop=128",
+    "data.patch_size=128",
+    "data.max_slices_per_patient=3",
+    "optim.batch_size=2",
+    "optim.warmup_steps=2",
+    "run.log_every=1",
+    "run.validation_slices=1",
+    "run.checkpoint_every=5",
+    "data.validation_patients=['pydicom:explicit_VR-UN']",
+    "data.include_pydicom=true",
+]
 
 
 def _losses(folder):
@@ -26,8 +35,10 @@ def _losses(folder):
 @pytest.mark.slow
 def test_both_stages_train_and_reload(tmp_path):
     langae_dir = tmp_path / "langae"
-    config = load_config(overrides=QUICK + ["model=langae", "optim.steps=16", "optim.lr=1e-3",
-                                            "langae.base_channels=8", f"run.output={langae_dir}"])
+    config = load_config(
+        overrides=QUICK
+        + ["model=langae", "optim.steps=16", "optim.lr=1e-3", "langae.base_channels=8", f"run.output={langae_dir}"]
+    )
     final = train(config, progress=False)
     losses = _losses(langae_dir)
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -35,14 +46,22 @@ def test_both_stages_train_and_reload(tmp_path):
     assert isinstance(langae, LangAE) and langae.vocabulary and len(langae.vocabulary) == langae.codebook.shape[0]
 
     denoiser_dir = tmp_path / "langmamba"
-    config = load_config(overrides=QUICK + ["model=langmamba", "optim.steps=6", "optim.lr=1e-3",
-                                            f"denoiser.langae={final}", f"run.output={denoiser_dir}"])
+    config = load_config(
+        overrides=QUICK
+        + [
+            "model=langmamba",
+            "optim.steps=6",
+            "optim.lr=1e-3",
+            f"denoiser.langae={final}",
+            f"run.output={denoiser_dir}",
+        ]
+    )
     model = load_checkpoint(train(config, progress=False))
     assert isinstance(model, LangMamba)
     # Stage 2 trains only the decoder: the frozen LangAE is bit-identical to the stage-1 checkpoint.
     for name, tensor in langae.state_dict().items():
         assert torch.equal(model.langae.state_dict()[name], tensor), name
-    assert any(r["val_psnr"] for r in csv.DictReader(open(denoiser_dir / "log.csv")))
+    assert any(r["val_psnr"] for r in csv.DictReader((denoiser_dir / "log.csv").read_text().splitlines()))
 
 
 @pytest.mark.slow
@@ -52,7 +71,7 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     train(load_config(overrides=settings + ["optim.steps=5"]), progress=False)
     first = load_checkpoint(out / "checkpoints" / "step-0000005" / "model")
     train(load_config(overrides=settings + ["optim.steps=10"]), progress=False)
-    steps = [int(r["step"]) for r in csv.DictReader(open(out / "log.csv")) if r["loss"]]
+    steps = [int(r["step"]) for r in csv.DictReader((out / "log.csv").read_text().splitlines()) if r["loss"]]
     assert steps == list(range(1, 11))  # steps 1-5 once, then 6-10 after the resume
     resumed = load_checkpoint(out / "model")
     assert resumed.checkpoint_config["extra"]["steps"] == 10
@@ -76,8 +95,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, output: str, result_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from langmamba.train.engine import run_training
     from langmamba.train.tasks import build_task
@@ -88,8 +108,9 @@ def _ddp_worker(rank: int, world: int, port: int, output: str, result_dir: str) 
         tasks.append(build_task(config, data, device))
         return tasks[-1]
 
-    config = load_config(overrides=QUICK + ["model=redcnn", "redcnn.channels=4", "optim.steps=4",
-                                            f"run.output={output}"])
+    config = load_config(
+        overrides=QUICK + ["model=redcnn", "redcnn.channels=4", "optim.steps=4", f"run.output={output}"]
+    )
     run_training(config, capture, progress=False)
     flat = torch.cat([p.detach().flatten() for p in tasks[0].model.parameters()])
     torch.save(flat, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -98,8 +119,9 @@ def _ddp_worker(rank: int, world: int, port: int, output: str, result_dir: str) 
 
 @pytest.mark.slow
 def test_two_process_ddp_keeps_replicas_identical(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path)),
-                                nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True
+    )
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(rank0, rank1)
     saved = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model")
@@ -132,9 +154,19 @@ def test_init_from_starts_a_fresh_run_from_exported_weights(tmp_path):
     settings = QUICK + ["model=redcnn", "redcnn.channels=4", "optim.steps=3"]
     first = train(load_config(overrides=settings + [f"run.output={tmp_path / 'first'}"]), progress=False)
     exported = export_checkpoint(first, tmp_path / "exported", half=True)
-    seeded = train(load_config(overrides=settings + ["optim.steps=1", "optim.lr=1e-12", "optim.ema_decay=0",
-                                                     f"run.init_from={exported}",
-                                                     f"run.output={tmp_path / 'second'}"]), progress=False)
+    seeded = train(
+        load_config(
+            overrides=settings
+            + [
+                "optim.steps=1",
+                "optim.lr=1e-12",
+                "optim.ema_decay=0",
+                f"run.init_from={exported}",
+                f"run.output={tmp_path / 'second'}",
+            ]
+        ),
+        progress=False,
+    )
     # One step at a negligible learning rate: the second run's weights are the (half-precision) first ones.
     for a, b in zip(load_checkpoint(exported).parameters(), load_checkpoint(seeded).parameters()):
         assert torch.allclose(a.float(), b.float(), atol=1e-3)

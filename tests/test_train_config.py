@@ -45,25 +45,29 @@ def test_shipped_configs_load_without_warnings():
 def test_decoder_config_of_the_denoiser_section():
     from langmamba.train.config import decoder_config
 
-    config = load_config(overrides=["denoiser.decoder_preset=medium", "denoiser.decoder={d_state: 4}",
-                                    "denoiser.global_residual=false"])
+    config = load_config(
+        overrides=["denoiser.decoder_preset=medium", "denoiser.decoder={d_state: 4}", "denoiser.global_residual=false"]
+    )
     decoder = decoder_config(config.denoiser)
     assert decoder.widths == (32, 64, 96, 128, 128) and decoder.d_state == 4 and not decoder.global_residual
     with pytest.raises(ConfigError, match="denoiser.decoder: .*unknown key.*width"):
         load_config(overrides=["denoiser.decoder={width: 3}"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.stepz=3", "unknown key optim.stepz"),
-    ("optim.steps=many", "optim.steps: expected an integer"),
-    ("run.bf16=maybe", "run.bf16: expected true or false"),
-    ("data.dose=1.5", "data.dose must be in"),
-    ("data.patch_size=100", "multiple of 16"),
-    ("model=unet", "expected langae, langmamba, redcnn"),
-    ("data.source=npy", "data.root is required"),
-    ("langae.word_thresholds=[0.9]", "one threshold per pyramid level"),
-    ("steps=3", "unknown key steps"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.stepz=3", "unknown key optim.stepz"),
+        ("optim.steps=many", "optim.steps: expected an integer"),
+        ("run.bf16=maybe", "run.bf16: expected true or false"),
+        ("data.dose=1.5", "data.dose must be in"),
+        ("data.patch_size=100", "multiple of 16"),
+        ("model=unet", "expected langae, langmamba, redcnn"),
+        ("data.source=npy", "data.root is required"),
+        ("langae.word_thresholds=[0.9]", "one threshold per pyramid level"),
+        ("steps=3", "unknown key steps"),
+    ],
+)
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
@@ -85,8 +89,10 @@ def test_recorded_configs_with_retired_keys_load_with_a_warning():
         config = load_config(Path(__file__).resolve().parents[1] / recorded)
     messages = sorted(str(w.message) for w in caught if issubclass(w.category, FutureWarning))
     assert [m.split(" is ignored")[0] for m in messages] == [
-        "config key data.fresh_noise_every", "config key langae.adversarial_start_step",
-        "config key langae.adversarial_weight"]
+        "config key data.fresh_noise_every",
+        "config key langae.adversarial_start_step",
+        "config key langae.adversarial_weight",
+    ]
     assert config.model == "langae" and not hasattr(config.langae, "adversarial_weight")
     with pytest.raises(ConfigError, match="unknown key langae.adversarial_wieght"):
         load_config(overrides=["langae.adversarial_wieght=0.1"])

@@ -10,8 +10,8 @@ import torch
 from langmamba.data import CTSlice
 from langmamba.data.patches import augment
 from langmamba.errors import ConfigError
-from langmamba.train import engine, load_config, train
 from langmamba.train import data as train_data
+from langmamba.train import engine, load_config, train
 from langmamba.train.config import DataConfig
 from langmamba.train.ema import ModelEMA
 
@@ -119,10 +119,21 @@ def test_split_uses_roles_and_never_the_test_case(monkeypatch):
         train_data.split_slices(plain, DataConfig(validation_patients=["lung2"]), seed=0)
 
 
-QUICK = ["model=redcnn", "redcnn.channels=4", "data.crop=128", "data.patch_size=64", "optim.batch_size=2",
-         "data.max_slices_per_patient=2", "optim.warmup_steps=2", "run.log_every=1", "run.validation_slices=1",
-         "data.validation_patients=['pydicom:explicit_VR-UN']", "data.include_pydicom=true", "optim.ema_decay=0.5",
-         "data.validation_doses=[0.25]"]
+QUICK = [
+    "model=redcnn",
+    "redcnn.channels=4",
+    "data.crop=128",
+    "data.patch_size=64",
+    "optim.batch_size=2",
+    "data.max_slices_per_patient=2",
+    "optim.warmup_steps=2",
+    "run.log_every=1",
+    "run.validation_slices=1",
+    "data.validation_patients=['pydicom:explicit_VR-UN']",
+    "data.include_pydicom=true",
+    "optim.ema_decay=0.5",
+    "data.validation_doses=[0.25]",
+]
 
 
 @pytest.mark.slow
@@ -136,8 +147,12 @@ def test_the_best_validated_average_is_exported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "validate", scripted)
     out = tmp_path / "run"
-    train(load_config(overrides=QUICK + ["optim.steps=6", "run.validate_every=2", "run.checkpoint_every=2",
-                                         f"run.output={out}"]), progress=False)
+    train(
+        load_config(
+            overrides=QUICK + ["optim.steps=6", "run.validate_every=2", "run.checkpoint_every=2", f"run.output={out}"]
+        ),
+        progress=False,
+    )
     status = json.loads((out / "status.json").read_text())
     assert status["best_step"] == 4 and status["best_val_psnr"] == 25.0 and status["finished"]
     from langmamba.checkpoint import load_checkpoint
@@ -153,8 +168,7 @@ def test_the_best_validated_average_is_exported(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_resume_continues_weights_average_and_noise_exactly(tmp_path, monkeypatch):
-    settings = QUICK + ["optim.steps=6", "run.validate_every=100", "run.checkpoint_every=100",
-                        "run.max_minutes=100"]
+    settings = QUICK + ["optim.steps=6", "run.validate_every=100", "run.checkpoint_every=100", "run.max_minutes=100"]
     straight = tmp_path / "straight"
     train(load_config(overrides=settings + [f"run.output={straight}"]), progress=False)
 
@@ -209,8 +223,9 @@ def test_slices_of_different_sizes_are_simulated_together_and_cut_back(monkeypat
 @pytest.mark.slow
 def test_a_changed_validation_set_restarts_the_best_comparison(tmp_path, monkeypatch):
     scores = iter([30.0, 31.0, 25.0, 20.0])
-    monkeypatch.setattr(engine, "validate", lambda task, model, data, device: {"val_psnr": next(scores),
-                                                                               "val_ssim": 0.5})
+    monkeypatch.setattr(
+        engine, "validate", lambda task, model, data, device: {"val_psnr": next(scores), "val_ssim": 0.5}
+    )
     out = tmp_path / "run"
     settings = QUICK + ["run.validate_every=2", "run.checkpoint_every=2", f"run.output={out}"]
     train(load_config(overrides=settings + ["optim.steps=4"]), progress=False)

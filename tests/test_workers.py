@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -115,8 +116,12 @@ def _written(folder):
     files = {}
     for path in sorted(folder.iterdir()):
         ds = pydicom.dcmread(path)
-        files[path.name] = (int(ds.InstanceNumber), [float(v) for v in ds.ImagePositionPatient],
-                            float(ds.SliceLocation), ds.PixelData)
+        files[path.name] = (
+            int(ds.InstanceNumber),
+            [float(v) for v in ds.ImagePositionPatient],
+            float(ds.SliceLocation),
+            ds.PixelData,
+        )
     return files
 
 
@@ -159,10 +164,8 @@ def test_sigterm_ends_a_worker_whatever_its_parent_does_with_it(worker_processes
         victim = next(iter(workers._pool._processes))
         os.kill(victim, signal.SIGTERM)
         assert _wait_ended([victim], timeout=15) == []
-        try:
+        with contextlib.suppress(BrokenProcessPool):  # tasks submitted before the pool saw its worker end fail
             workers.map_ordered(pow, [(2, 3)] * 4)
-        except BrokenProcessPool:
-            pass  # tasks submitted before the pool saw its worker end fail with it
         assert workers.map_ordered(pow, [(2, 3)] * 4) == [8] * 4  # on a new pool: the broken one is replaced
         assert victim not in workers._pool._processes
     finally:
@@ -202,8 +205,12 @@ time.sleep(120)
 
 
 def _start_pool_owner(how: str, pipe: str = "free") -> tuple[subprocess.Popen, list[int]]:
-    owner = subprocess.Popen([sys.executable, "-c", _POOL_OWNER, how, pipe], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": REPO})
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _POOL_OWNER, how, pipe],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     pids = [int(p) for p in owner.stdout.readline().split()]
     assert len(pids) == 2, "the pool owner did not start its workers"
     return owner, pids

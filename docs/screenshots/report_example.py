@@ -28,13 +28,24 @@ def main(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     full = read_volume(sample_path("lung2"))
     offset = np.asarray(full.direction) @ (np.array([0.0, 0.0, SLICES.start]) * np.asarray(full.spacing))
-    part = CTVolume(hu=np.ascontiguousarray(full.hu[SLICES]), spacing=full.spacing,
-                    origin=tuple(float(v) for v in np.asarray(full.origin) + offset), direction=full.direction)
+    part = CTVolume(
+        hu=np.ascontiguousarray(full.hu[SLICES]),
+        spacing=full.spacing,
+        origin=tuple(float(v) for v in np.asarray(full.origin) + offset),
+        direction=full.direction,
+    )
     low = simulate_volume(part, dose=0.25, seed=0, device="cpu")
     write_volume(low, folder / "lung2_quarter_dose.nrrd")
-    written = denoise_study(folder / "lung2_quarter_dose.nrrd", folder / "denoised.nrrd",
-                            explain=folder / "explanations.json", report=folder / "report.html", level=1,
-                            device="cpu", overwrite=True, progress=False)
+    written = denoise_study(
+        folder / "lung2_quarter_dose.nrrd",
+        folder / "denoised.nrrd",
+        explain=folder / "explanations.json",
+        report=folder / "report.html",
+        level=1,
+        device="cpu",
+        overwrite=True,
+        progress=False,
+    )
     print("\n".join(f"{key}: {path}" for key, path in written.items()))
 
 

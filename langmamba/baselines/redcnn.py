@@ -27,10 +27,10 @@ class REDCNN(nn.Module):
         super().__init__()
         self.channels = channels
         self.kernel_size = kernel_size
-        self.encoder = nn.ModuleList(
-            [nn.Conv2d(1 if i == 0 else channels, channels, kernel_size) for i in range(5)])
+        self.encoder = nn.ModuleList([nn.Conv2d(1 if i == 0 else channels, channels, kernel_size) for i in range(5)])
         self.decoder = nn.ModuleList(
-            [nn.ConvTranspose2d(channels, 1 if i == 4 else channels, kernel_size) for i in range(5)])
+            [nn.ConvTranspose2d(channels, 1 if i == 4 else channels, kernel_size) for i in range(5)]
+        )
         self.relu = nn.ReLU(inplace=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

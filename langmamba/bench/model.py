@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from langmamba.errors import ConfigError
-from langmamba.models.langae import LangAE
 from langmamba.models.denoiser import LangMamba
+from langmamba.models.langae import LangAE
 from langmamba.models.ss2d import SS2D, cross_scan
 from langmamba.ops import resolve_backend, selective_scan
 
@@ -287,8 +287,14 @@ def run_scan(
                 torch.cuda.synchronize(dev)
         ms = (time.perf_counter() - start) / steps * 1e3
         results[label] = {"ms_per_forward": ms, "ms_per_slice": ms / batch}
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "size": size,
-            "batch": batch, "backward": backward, "shapes": shapes, "results": results}
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "size": size,
+        "batch": batch,
+        "backward": backward,
+        "shapes": shapes,
+        "results": results,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

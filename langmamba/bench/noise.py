@@ -35,10 +35,10 @@ def run(
     nps_dose: float = 0.25,
 ) -> dict:
     """The noise report of ``volume_path`` (default: the lung1 sample) as a JSON-ready dict."""
-    from langmamba.io import read_volume
-    from langmamba.sample_data import sample_path
     import torch
 
+    from langmamba.io import read_volume
+    from langmamba.sample_data import sample_path
     from langmamba.simulate import calibrate_volume, derive_slice_seeds, estimate_noise, simulate_batch
     from langmamba.simulate.calibration import flat_soft_tissue, window_pixels
 
@@ -52,21 +52,37 @@ def run(
     slices = sorted(set(calibrated) | set(roi_slices))
     native = np.asarray(volume.hu[slices], dtype=np.float32)
     simulated = {
-        dose: simulate_batch(native, spacing, dose, incident_photons=calibrations[dose].incident_photons[slices],
-                             device=device, seed=[seeds[z] for z in slices])
+        dose: simulate_batch(
+            native,
+            spacing,
+            dose,
+            incident_photons=calibrations[dose].incident_photons[slices],
+            device=device,
+            seed=[seeds[z] for z in slices],
+        )
         for dose in all_doses
     }
-    result: dict = {"volume": volume_path or "lung1", "seed": seed,
-                    "calibration": {str(dose): c.line() for dose, c in calibrations.items()}}
+    result: dict = {
+        "volume": volume_path or "lung1",
+        "seed": seed,
+        "calibration": {str(dose): c.line() for dose, c in calibrations.items()},
+    }
 
     if calibrated:
         at = [slices.index(z) for z in calibrated]
         reference = estimate_noise(native[at], spacing)
         result["native_sigma_hu"] = {str(z): round(float(s), 2) for z, s in zip(calibrated, reference.sigma_hu)}
         result["variance_ratio_in_soft_tissue"] = {
-            str(dose): {"target": round(1.0 / dose, 3), "per_slice": [round(float(r), 3) for r in _ratios(
-                estimate_noise(out[at], spacing, mask=reference.mask).sigma_hu.numpy(),
-                reference.sigma_hu.numpy())]}
+            str(dose): {
+                "target": round(1.0 / dose, 3),
+                "per_slice": [
+                    round(float(r), 3)
+                    for r in _ratios(
+                        estimate_noise(out[at], spacing, mask=reference.mask).sigma_hu.numpy(),
+                        reference.sigma_hu.numpy(),
+                    )
+                ],
+            }
             for dose, out in simulated.items()
         }
         tissue = flat_soft_tissue(torch.from_numpy(native[at]), window_pixels(spacing)).numpy()
@@ -110,16 +126,21 @@ def phantom_run(
     from langmamba.simulate import native_incident_photons, simulate_slice
 
     clean, interior, spacing = wide_body_phantom(size)
-    native = simulate_slice(clean, spacing, 1.0, seed=seed + 1, input_is_noise_free=True,
-                            incident_photons=native_photons, device=device)
+    native = simulate_slice(
+        clean, spacing, 1.0, seed=seed + 1, input_is_noise_free=True, incident_photons=native_photons, device=device
+    )
     native_var = float((native - clean)[interior].var())
     calibration = native_incident_photons(native, spacing, dose, device=device)
     solved = float(calibration.incident_photons[0])
     runs = {
         "fixed photons 2e5": {},
         f"native-aware photons {solved:.3g}": {"incident_photons": solved},
-        "native-aware, no bowtie/modulation/low-signal": {"incident_photons": solved, "bowtie": None,
-                                                          "modulation": None, "low_signal": None},
+        "native-aware, no bowtie/modulation/low-signal": {
+            "incident_photons": solved,
+            "bowtie": None,
+            "modulation": None,
+            "low_signal": None,
+        },
     }
     rows = {}
     for name, options in runs.items():
@@ -130,10 +151,14 @@ def phantom_run(
             "p99_9_abs_added_hu": round(float(np.percentile(np.abs(added), 99.9)), 1),
             "variance_ratio": round(float((out - clean)[interior].var()) / native_var, 3),
         }
-    return {"phantom": f"wide body with arms, {size}² over 500 mm", "dose": dose,
-            "native_sigma_hu": round(native_var**0.5, 2),
-            "implied_added_sigma_hu": round((native_var * (1.0 / dose - 1.0)) ** 0.5, 2),
-            "target_variance_ratio": round(1.0 / dose, 3), "runs": rows}
+    return {
+        "phantom": f"wide body with arms, {size}² over 500 mm",
+        "dose": dose,
+        "native_sigma_hu": round(native_var**0.5, 2),
+        "implied_added_sigma_hu": round((native_var * (1.0 / dose - 1.0)) ** 0.5, 2),
+        "target_variance_ratio": round(1.0 / dose, 3),
+        "runs": rows,
+    }
 
 
 def _ratios(out_sigma: np.ndarray, native_sigma: np.ndarray) -> np.ndarray:
@@ -147,19 +172,33 @@ def _roi_table(native: np.ndarray, simulated: dict, slices: list[int], doses: Se
     for name, (z, x, y) in ROIS.items():
         disc = (yy - y) ** 2 + (xx - x) ** 2 <= RADIUS_PX**2
         original = native[slices.index(z)][disc]
-        rows = [{"dose": 1.0, "sigma_hu": round(float(np.std(original, ddof=1)), 2),
-                 "mean_hu": round(float(original.mean()), 1)}]
+        rows = [
+            {
+                "dose": 1.0,
+                "sigma_hu": round(float(np.std(original, ddof=1)), 2),
+                "mean_hu": round(float(original.mean()), 1),
+            }
+        ]
         for dose in doses:
             values = simulated[dose][slices.index(z)][disc]
-            rows.append({"dose": dose, "sigma_hu": round(float(np.std(values, ddof=1)), 2),
-                         "mean_hu": round(float(values.mean()), 1),
-                         "expected_sigma_hu": round(rows[0]["sigma_hu"] / np.sqrt(dose), 2)})
+            rows.append(
+                {
+                    "dose": dose,
+                    "sigma_hu": round(float(np.std(values, ddof=1)), 2),
+                    "mean_hu": round(float(values.mean()), 1),
+                    "expected_sigma_hu": round(rows[0]["sigma_hu"] / np.sqrt(dose), 2),
+                }
+            )
         table[f"{name} (slice {z}, x={x}, y={y})"] = rows
     return table
 
 
 def _nps_report(
-    native: np.ndarray, simulated: np.ndarray, spacing: tuple[float, float], tissue: np.ndarray, dose: float,
+    native: np.ndarray,
+    simulated: np.ndarray,
+    spacing: tuple[float, float],
+    tissue: np.ndarray,
+    dose: float,
     figure: str | None,
 ) -> dict:
     """NPS of the added noise (simulated - native) against the native noise, in the same soft-tissue ROIs."""
@@ -193,8 +232,10 @@ def _nps_figure(added, native, dose: float, path: Path) -> Path:
     from langmamba.visualize import save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (a, b), unit in ((left, (added.nps, native.nps), "HU² mm²"),
-                             (right, (added.normalised(), native.normalised()), "normalised")):
+    for ax, (a, b), unit in (
+        (left, (added.nps, native.nps), "HU² mm²"),
+        (right, (added.normalised(), native.normalised()), "normalised"),
+    ):
         ax.plot(added.frequency, a, label=f"added at dose {dose:g} ({added.n_rois} ROIs)")
         ax.plot(native.frequency, b, label="native (same ROIs)")
         ax.set_xlabel("spatial frequency (cycles/mm)")
@@ -214,8 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", default=None, help="a normal-dose CT volume (default: the lung1 sample)")
     parser.add_argument("--nps", default=None, metavar="FIGURE.png", help="draw the noise power spectra here")
     parser.add_argument("--nps-dose", type=float, default=0.25, help="dose of the NPS comparison (default 0.25)")
-    parser.add_argument("--phantom", action="store_true",
-                        help="instead: the wide-body phantom with arms at --nps-dose (added σ, streaks, ratio)")
+    parser.add_argument(
+        "--phantom",
+        action="store_true",
+        help="instead: the wide-body phantom with arms at --nps-dose (added σ, streaks, ratio)",
+    )
     args = parser.parse_args(argv)
     if args.phantom:
         print(json.dumps(phantom_run(args.nps_dose, device=args.device), indent=2))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from langmamba.runtime import resolve_device
 from langmamba.simulate import (
     ELECTRONIC_NOISE,
     FULL_DOSE_PHOTONS,
@@ -20,7 +21,6 @@ from langmamba.simulate import (
     FanBeamGeometry,
     simulate_slice,
 )
-from langmamba.runtime import resolve_device
 
 
 def _phantom(size: int, spacing_mm: float) -> np.ndarray:

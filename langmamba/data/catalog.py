@@ -7,8 +7,10 @@ import numpy as np
 from .cases import CASES, Case, load_case
 
 NOISE_SLICES = 16
-NOISE_METHOD = ("median over soft-tissue pixels (inside the body, local mean 0-100 HU) of the 7x7-pixel local "
-                f"standard deviation, on up to {NOISE_SLICES} evenly spaced slices")
+NOISE_METHOD = (
+    "median over soft-tissue pixels (inside the body, local mean 0-100 HU) of the 7x7-pixel local "
+    f"standard deviation, on up to {NOISE_SLICES} evenly spaced slices"
+)
 
 
 def _header_value(volume, keyword: str):
@@ -56,9 +58,19 @@ def catalog(cases: list[Case] | None = None) -> list[dict]:
 
 def text_table(rows: list[dict], markdown: bool = False) -> str:
     """The rows as an aligned text table, or a Markdown table."""
-    columns = [("id", "case"), ("role", "role"), ("source", "source"), ("slices", "slices"), ("shape", "shape"),
-               ("spacing_mm", "spacing x,y,z mm"), ("slice_thickness_mm", "thickness mm"), ("kernel", "kernel"),
-               ("noise_sigma_hu", "noise σ HU"), ("lesion_mask", "lesion voxels"), ("license", "package licence")]
+    columns = [
+        ("id", "case"),
+        ("role", "role"),
+        ("source", "source"),
+        ("slices", "slices"),
+        ("shape", "shape"),
+        ("spacing_mm", "spacing x,y,z mm"),
+        ("slice_thickness_mm", "thickness mm"),
+        ("kernel", "kernel"),
+        ("noise_sigma_hu", "noise σ HU"),
+        ("lesion_mask", "lesion voxels"),
+        ("license", "package licence"),
+    ]
 
     def cell(row, key):
         value = row[key]

@@ -22,9 +22,13 @@ def montage_slice(case: Case) -> tuple[int, np.ndarray, np.ndarray | None, tuple
     return z, volume.hu[z], None if lesion is None else lesion[z], (volume.spacing[1], volume.spacing[0])
 
 
-def data_montage(path: str | Path, cases: list[Case] | None = None, columns: int = 4,
-                 window: tuple[float, float] = CT_WINDOWS["soft tissue"], noise: dict[str, float] | None = None
-                 ) -> Path:
+def data_montage(
+    path: str | Path,
+    cases: list[Case] | None = None,
+    columns: int = 4,
+    window: tuple[float, float] = CT_WINDOWS["soft tissue"],
+    noise: dict[str, float] | None = None,
+) -> Path:
     """Write a PNG montage of one slice per case (default: every case) in ``window`` (HU); returns ``path``.
 
     ``noise`` (case id -> σ HU) adds the measured noise to the captions.
@@ -41,15 +45,18 @@ def data_montage(path: str | Path, cases: list[Case] | None = None, columns: int
         ax.set_axis_off()
     for ax, case in zip(axes.ravel(), cases):
         z, hu, lesion, spacing = montage_slice(case)
-        ax.imshow(hu, cmap="gray", vmin=window[0], vmax=window[1], aspect=spacing[0] / spacing[1],
-                  interpolation="nearest")
+        ax.imshow(
+            hu, cmap="gray", vmin=window[0], vmax=window[1], aspect=spacing[0] / spacing[1], interpolation="nearest"
+        )
         if lesion is not None and lesion.any():
             ax.contour(lesion.astype(float), levels=[0.5], colors="red", linewidths=0.8)
         caption = f"{case.id} [{case.role}]\n{case.region}, slice {z}"
         if noise and case.id in noise:
             caption += f", σ {noise[case.id]:.0f} HU"
         ax.set_title(caption, fontsize=9)
-    fig.suptitle(f"langmamba training data, one slice per case, window [{window[0]:g}, {window[1]:g}] HU "
-                 "(red: lesion mask)", fontsize=11)
+    fig.suptitle(
+        f"langmamba training data, one slice per case, window [{window[0]:g}, {window[1]:g}] HU (red: lesion mask)",
+        fontsize=11,
+    )
     fig.tight_layout()
     return save_figure(fig, path, dpi=90)

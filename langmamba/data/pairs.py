@@ -15,8 +15,14 @@ def _patient_of(name: str) -> str:
     return name.split("_", 1)[0]
 
 
-def load_npy_pairs(root: str | Path, split: str = "train", low_dir: str = "quarter_1mm", full_dir: str = "full_1mm",
-                   hu_offset: float = 0.0, spacing_mm: tuple[float, float] = (1.0, 1.0)) -> list[CTSlice]:
+def load_npy_pairs(
+    root: str | Path,
+    split: str = "train",
+    low_dir: str = "quarter_1mm",
+    full_dir: str = "full_1mm",
+    hu_offset: float = 0.0,
+    spacing_mm: tuple[float, float] = (1.0, 1.0),
+) -> list[CTSlice]:
     """Pairs stored as ``<root>/<split>/{quarter_1mm,full_1mm}/*.npy`` (one 2-D slice per file).
 
     Files are paired by identical name. ``hu_offset`` is subtracted from the stored values (some preprocessing
@@ -30,8 +36,9 @@ def load_npy_pairs(root: str | Path, split: str = "train", low_dir: str = "quart
     full_files = {p.name: p for p in sorted(full_folder.glob("*.npy"))}
     if not low_files or low_files.keys() != full_files.keys():
         only = sorted(set(low_files) ^ set(full_files))[:5]
-        raise InputError(f"{low_folder} and {full_folder} must hold .npy files of the same names; "
-                         f"unmatched: {only or 'none found'}")
+        raise InputError(
+            f"{low_folder} and {full_folder} must hold .npy files of the same names; unmatched: {only or 'none found'}"
+        )
     slices = []
     for name in low_files:
         low = np.load(low_files[name]).astype(np.float32) - hu_offset
@@ -42,8 +49,9 @@ def load_npy_pairs(root: str | Path, split: str = "train", low_dir: str = "quart
     return slices
 
 
-def load_mayo_dicom_pairs(root: str | Path, low_pattern: str = "quarter*", full_pattern: str = "full*"
-                          ) -> list[CTSlice]:
+def load_mayo_dicom_pairs(
+    root: str | Path, low_pattern: str = "quarter*", full_pattern: str = "full*"
+) -> list[CTSlice]:
     """AAPM-Mayo folders ``<root>/<patient>/{quarter_*,full_*}/`` of DICOM/IMA slices, paired by position."""
     from ..io import read_volume
 
@@ -52,8 +60,10 @@ def load_mayo_dicom_pairs(root: str | Path, low_pattern: str = "quarter*", full_
     for patient in patients:
         lows, fulls = sorted(patient.glob(low_pattern)), sorted(patient.glob(full_pattern))
         if len(lows) != 1 or len(fulls) != 1:
-            raise InputError(f"{patient}: expected one {low_pattern} and one {full_pattern} folder, "
-                             f"found {len(lows)} and {len(fulls)}")
+            raise InputError(
+                f"{patient}: expected one {low_pattern} and one {full_pattern} folder, "
+                f"found {len(lows)} and {len(fulls)}"
+            )
         full, low = read_volume(fulls[0]), read_volume(lows[0])
         slices += slices_from_volume(full, patient=patient.name, low=low)
     if not slices:

@@ -34,8 +34,14 @@ class PatchSampler:
         pad_value: what padding adds, in the images' units (default: air, -1000 HU).
     """
 
-    def __init__(self, images: list[torch.Tensor], body_hu: list[np.ndarray], patch_size: int = 128,
-                 seed: int = 0, pad_value: float = -1000.0) -> None:
+    def __init__(
+        self,
+        images: list[torch.Tensor],
+        body_hu: list[np.ndarray],
+        patch_size: int = 128,
+        seed: int = 0,
+        pad_value: float = -1000.0,
+    ) -> None:
         if not images or len(images) != len(body_hu):
             raise ConfigError("PatchSampler needs one body image per slice and at least one slice")
         self.patch_size = patch_size
@@ -49,14 +55,17 @@ class PatchSampler:
                 image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=pad_value)
                 hu = np.pad(hu, ((0, pad_h), (0, pad_w)), constant_values=-1000.0)
             mask = np.zeros(image.shape[-2:], dtype=bool)
-            mask[half:image.shape[-2] - (patch_size - half) + 1, half:image.shape[-1] - (patch_size - half) + 1] = True
+            mask[half : image.shape[-2] - (patch_size - half) + 1, half : image.shape[-1] - (patch_size - half) + 1] = (
+                True
+            )
             inside = mask & body_mask(hu)
             rows, cols = np.nonzero(inside if inside.any() else mask)
             self.images.append(image)
             self.centres.append(torch.as_tensor(np.stack([rows, cols], 1)))
 
-    def sample(self, batch_size: int, augment_patches: bool = True, return_index: bool = False
-               ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+    def sample(
+        self, batch_size: int, augment_patches: bool = True, return_index: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
         """A (batch_size, C, patch, patch) batch on the images' device (and the slice index of each patch)."""
         half = self.patch_size // 2
         which = torch.randint(0, len(self.images), (batch_size,), generator=self.generator).tolist()
@@ -64,8 +73,11 @@ class PatchSampler:
         for index in which:
             centres = self.centres[index]
             row, col = centres[torch.randint(0, len(centres), (1,), generator=self.generator)].tolist()[0]
-            patches.append(self.images[index][:, row - half:row - half + self.patch_size,
-                                              col - half:col - half + self.patch_size])
+            patches.append(
+                self.images[index][
+                    :, row - half : row - half + self.patch_size, col - half : col - half + self.patch_size
+                ]
+            )
         batch = torch.stack(patches)
         if augment_patches:
             batch = augment(batch, self.generator)

@@ -27,9 +27,15 @@ FORMAT = 2
 READABLE_FORMATS = (1, 2)
 
 
-def write_prepared(output: str | Path, slices: Sequence[CTSlice], words: Sequence[Sequence[np.ndarray]],
-                   codebook: np.ndarray, vocabulary: Sequence[str], language_space: dict,
-                   thresholds: Sequence[float]) -> Path:
+def write_prepared(
+    output: str | Path,
+    slices: Sequence[CTSlice],
+    words: Sequence[Sequence[np.ndarray]],
+    codebook: np.ndarray,
+    vocabulary: Sequence[str],
+    language_space: dict,
+    thresholds: Sequence[float],
+) -> Path:
     """Write a prepared set of format :data:`FORMAT` atomically to ``output`` (.npz); returns its path.
 
     Args:
@@ -70,9 +76,12 @@ def _origin(extra: dict[str, np.ndarray], i: int) -> dict:
     if "cases" not in extra:
         return {}
     index = int(extra["indices"][i])
-    return {"case": str(extra["cases"][i]) or None, "role": str(extra["roles"][i]) or None,
-            "offset": (int(extra["offsets"][i][0]), int(extra["offsets"][i][1])),
-            "index": index if index >= 0 else None}
+    return {
+        "case": str(extra["cases"][i]) or None,
+        "role": str(extra["roles"][i]) or None,
+        "offset": (int(extra["offsets"][i][0]), int(extra["offsets"][i][1])),
+        "index": index if index >= 0 else None,
+    }
 
 
 def _pack_hu(hu: np.ndarray) -> np.ndarray:
@@ -116,8 +125,9 @@ def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise InputError(f"{path} is not a prepared training set (.npz written by `langmamba prepare-data`): "
-                         f"{error}") from None
+        raise InputError(
+            f"{path} is not a prepared training set (.npz written by `langmamba prepare-data`): {error}"
+        ) from None
     with archive:
         version = int(archive["format"]) if "format" in archive else None
         if version not in READABLE_FORMATS:
@@ -129,7 +139,7 @@ def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
         slices = []
         for i, (spacing, patient) in enumerate(zip(archive["spacing_mm"], archive["patients"])):
             if version == 1:
-                get = lambda name: archive[f"{name}_{i}"] if f"{name}_{i}" in names else None  # noqa: E731
+                get = lambda name, i=i: archive[f"{name}_{i}"] if f"{name}_{i}" in names else None  # noqa: E731
                 full, low, label = get("full").astype(np.float32), get("low"), get("label")
                 low = None if low is None else low.astype(np.float32)
             else:
@@ -137,10 +147,22 @@ def load_prepared(path: str | Path) -> tuple[list[CTSlice], dict]:
                 full = _unpack_hu(archive[f"full_{i}"], shape)
                 low = _unpack_hu(archive[f"low_{i}"], shape) if f"low_{i}" in names else None
                 label = _unpack_mask(archive[f"label_{i}"], shape) if f"label_{i}" in names else None
-            slices.append(CTSlice(full=full, spacing_mm=tuple(spacing), patient=str(patient), low=low, label=label,
-                                  words=[archive[f"words{level}_{i}"] for level in range(3)], **_origin(extra, i)))
+            slices.append(
+                CTSlice(
+                    full=full,
+                    spacing_mm=tuple(spacing),
+                    patient=str(patient),
+                    low=low,
+                    label=label,
+                    words=[archive[f"words{level}_{i}"] for level in range(3)],
+                    **_origin(extra, i),
+                )
+            )
         if len(slices) != count:
             raise InputError(f"{path}: damaged prepared set ({len(slices)} of {count} slices)")
-        language = {"codebook": archive["codebook"], "vocabulary": [str(v) for v in archive["vocabulary"]],
-                    "describe": json.loads(str(archive["language_space"]))}
+        language = {
+            "codebook": archive["codebook"],
+            "vocabulary": [str(v) for v in archive["vocabulary"]],
+            "describe": json.loads(str(archive["language_space"])),
+        }
     return slices, language

@@ -46,16 +46,23 @@ class CTSlice:
     index: int | None = None
 
 
-def slices_from_volume(volume: "CTVolume", patient: str, label: np.ndarray | None = None,
-                       low: "CTVolume | None" = None) -> list[CTSlice]:
+def slices_from_volume(
+    volume: CTVolume, patient: str, label: np.ndarray | None = None, low: CTVolume | None = None
+) -> list[CTSlice]:
     """Split a volume (and its optional low-dose partner and label, same grid) into slices."""
     spacing = (volume.spacing[1], volume.spacing[0])
     if low is not None and low.shape != volume.shape:
         raise ConfigError(f"low-dose volume of {patient} has shape {low.shape}, normal dose {volume.shape}")
-    return [CTSlice(full=volume.hu[z], spacing_mm=spacing, patient=patient,
-                    low=None if low is None else low.hu[z],
-                    label=None if label is None else np.asarray(label[z]) > 0)
-            for z in range(volume.shape[0])]
+    return [
+        CTSlice(
+            full=volume.hu[z],
+            spacing_mm=spacing,
+            patient=patient,
+            low=None if low is None else low.hu[z],
+            label=None if label is None else np.asarray(label[z]) > 0,
+        )
+        for z in range(volume.shape[0])
+    ]
 
 
 def builtin_training_slices(include_pydicom: bool = True) -> list[CTSlice]:
@@ -80,8 +87,9 @@ def builtin_training_slices(include_pydicom: bool = True) -> list[CTSlice]:
     return slices
 
 
-def split_by_patient(slices: list[CTSlice], validation_patients: list[str] | None = None,
-                     validation_fraction: float = 0.2, seed: int = 0) -> tuple[list[CTSlice], list[CTSlice]]:
+def split_by_patient(
+    slices: list[CTSlice], validation_patients: list[str] | None = None, validation_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[CTSlice], list[CTSlice]]:
     """Patient-level split: no patient has slices on both sides.
 
     Either name the validation patients, or draw ``validation_fraction`` of the patients at random (at least

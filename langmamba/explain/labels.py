@@ -35,8 +35,9 @@ def word_color(word: str) -> tuple[int, int, int]:
     return red, green, blue
 
 
-def paint_regions(labels: npt.NDArray[np.integer[Any]], boxes: IntArray | Sequence[Sequence[int]],
-                  values: IntArray) -> None:
+def paint_regions(
+    labels: npt.NDArray[np.integer[Any]], boxes: IntArray | Sequence[Sequence[int]], values: IntArray
+) -> None:
     """Fill every region's box with its label value, in place.
 
     Args:
@@ -88,7 +89,7 @@ def explanation_label_map(
             for region in regions:
                 words[int(region[which]["ids"][0]) + 1] = region[which]["words"][0]
             z = regions[0]["bbox_voxel"]["z"] if regions else entry["z"]
-            paint_regions(labels[z:z + 1], boxes, values)
+            paint_regions(labels[z : z + 1], boxes, values)
     return labels, color_table(words)
 
 

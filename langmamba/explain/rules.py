@@ -82,13 +82,21 @@ def rule_flags(p: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     """``(N,)`` :class:`ChangeRule` flags of output and input probabilities ``p``, ``q`` ``(N, V)`` given their top
     word ids ``a`` and ``b`` ``(N, 1)`` (e.g. from ``topk``, so ties resolve as the listed top words do)."""
     pa, pb, qa, qb = p.gather(1, a), p.gather(1, b), q.gather(1, a), q.gather(1, b)
-    flags = ((a != b) & (pa >= rule.min_probability) & (qb >= rule.min_probability)
-             & (pa - pb >= rule.min_margin) & (qb - qa >= rule.min_margin))
+    flags = (
+        (a != b)
+        & (pa >= rule.min_probability)
+        & (qb >= rule.min_probability)
+        & (pa - pb >= rule.min_margin)
+        & (qb - qa >= rule.min_margin)
+    )
     return flags[:, 0]
 
 
-def change_flags(output_probabilities: npt.ArrayLike | torch.Tensor, input_probabilities: npt.ArrayLike | torch.Tensor,
-                 rule: ChangeRule = DEFAULT_CHANGE_RULE) -> npt.NDArray[np.bool_] | torch.Tensor:
+def change_flags(
+    output_probabilities: npt.ArrayLike | torch.Tensor,
+    input_probabilities: npt.ArrayLike | torch.Tensor,
+    rule: ChangeRule = DEFAULT_CHANGE_RULE,
+) -> npt.NDArray[np.bool_] | torch.Tensor:
     """Which regions :class:`ChangeRule` flags as changed by denoising.
 
     Args:
@@ -103,8 +111,10 @@ def change_flags(output_probabilities: npt.ArrayLike | torch.Tensor, input_proba
     p = torch.as_tensor(output_probabilities).detach().float()
     q = torch.as_tensor(input_probabilities).detach().float().to(p.device)
     if p.shape != q.shape or p.ndim < 1 or p.shape[-1] < 1:
-        raise InputError(f"output and input probabilities must have the same (..., V) shape, got "
-                         f"{tuple(p.shape)} and {tuple(q.shape)}")
+        raise InputError(
+            f"output and input probabilities must have the same (..., V) shape, got "
+            f"{tuple(p.shape)} and {tuple(q.shape)}"
+        )
     lead = p.shape[:-1]
     p, q = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
     flags = rule_flags(p, q, p.argmax(dim=1, keepdim=True), q.argmax(dim=1, keepdim=True), rule).reshape(lead)
@@ -118,8 +128,9 @@ def _logit_scale(quantizer: nn.Module) -> float | None:
     return float(scale.detach().float().reshape(()).item()) if isinstance(scale, torch.Tensor) else float(scale)
 
 
-def word_probabilities(quantizer: nn.Module, vectors: torch.Tensor, codebook: torch.Tensor | None = None,
-                       level: int = 0) -> torch.Tensor:
+def word_probabilities(
+    quantizer: nn.Module, vectors: torch.Tensor, codebook: torch.Tensor | None = None, level: int = 0
+) -> torch.Tensor:
     """Word probabilities of pyramid level ``level``'s region latents ``vectors (N, E)`` -> ``(N, V)``, rows
     summing to 1.
 
@@ -144,8 +155,11 @@ def score_record(quantizer: nn.Module) -> dict[str, Any]:
         calibration = "model"
     else:
         calibration = "none" if scale is None else "logit_scale"
-    return {"method": "softmax_negative_squared_distance", "calibration": calibration,
-            "logit_scale": None if scale is None else round(scale, 6)}
+    return {
+        "method": "softmax_negative_squared_distance",
+        "calibration": calibration,
+        "logit_scale": None if scale is None else round(scale, 6),
+    }
 
 
 def language_space_record(model: nn.Module) -> dict[str, Any]:
@@ -185,13 +199,19 @@ def language_space_record(model: nn.Module) -> dict[str, Any]:
         description = f"{backend} ({model_id})" if model_id else backend
     name = described.get("name") or (f"{backend}:{model_id}" if backend and model_id else backend)
     sha = described.get("vocabulary_sha256")
-    return {"backend": backend, "model": model_id, "name": None if name is None else str(name),
-            "description": description, "tissue_supervision": bool(tissue),
-            "vocabulary_sha256": None if sha is None else str(sha)}
+    return {
+        "backend": backend,
+        "model": model_id,
+        "name": None if name is None else str(name),
+        "description": description,
+        "tissue_supervision": bool(tissue),
+        "vocabulary_sha256": None if sha is None else str(sha),
+    }
 
 
-def resolve_word_classes(model: nn.Module, langae: nn.Module, vocabulary: list[str],
-                  given: Mapping[str, str] | Sequence[str] | None) -> dict[str, str] | None:
+def resolve_word_classes(
+    model: nn.Module, langae: nn.Module, vocabulary: list[str], given: Mapping[str, str] | Sequence[str] | None
+) -> dict[str, str] | None:
     """Each word's tissue class: ``given``, else what the LangAE, the model or the checkpoint config holds under
     :data:`WORD_CLASS_KEYS` (a word -> class mapping, or a list in vocabulary order); ``None`` when none does."""
     candidates = [given]

@@ -28,8 +28,7 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
-    or (isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
 }
 
 
@@ -45,8 +44,21 @@ class _Validator:
     ``minItems``, ``maxItems``, ``minimum``, ``maximum``, ``minLength``. Other keywords raise
     :class:`ConfigError`, so a schema edit cannot silently go unchecked."""
 
-    keywords = {"$ref", "type", "enum", "const", "properties", "required", "additionalProperties", "items",
-                "minItems", "maxItems", "minimum", "maximum", "minLength"}
+    keywords = {
+        "$ref",
+        "type",
+        "enum",
+        "const",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "minItems",
+        "maxItems",
+        "minimum",
+        "maximum",
+        "minLength",
+    }
 
     def __init__(self, schema: dict[str, Any], limit: int = 20) -> None:
         self.root = schema

@@ -31,17 +31,31 @@ class SummaryTally:
         thresholds: the document's ``confidence`` entry (:func:`langmamba.explain.confidence_thresholds`).
     """
 
-    def __init__(self, levels: Sequence[int], grids: Mapping[int, tuple[int, int]], vocabulary: Sequence[str],
-                 thresholds: Mapping[str, float]) -> None:
+    def __init__(
+        self,
+        levels: Sequence[int],
+        grids: Mapping[int, tuple[int, int]],
+        vocabulary: Sequence[str],
+        thresholds: Mapping[str, float],
+    ) -> None:
         self.levels = list(levels)
         self.columns = {level: int(grids[level][1]) for level in self.levels}
         self.vocabulary = list(vocabulary)
         size = len(self.vocabulary)
         self.top1_counts: dict[int, dict[str, Counts]] = {
-            level: {"output": np.zeros(size, np.int64), "input": np.zeros(size, np.int64)} for level in self.levels}
+            level: {"output": np.zeros(size, np.int64), "input": np.zeros(size, np.int64)} for level in self.levels
+        }
         self.counts: dict[int, dict[str, int]] = {
-            level: {"regions": 0, "changed": 0, "differs": 0, "score_units": 0, "output_top_units": 0,
-                    "input_top_units": 0} for level in self.levels}
+            level: {
+                "regions": 0,
+                "changed": 0,
+                "differs": 0,
+                "score_units": 0,
+                "output_top_units": 0,
+                "input_top_units": 0,
+            }
+            for level in self.levels
+        }
         self.bands: dict[int, Counts] = {level: np.zeros(len(BANDS), np.int64) for level in self.levels}
         # the band of every top-word score in units, so a region's band is the one its rounded score gives
         self.band_of_units = np.array([BANDS.index(confidence_band(k / SCALE, thresholds)) for k in range(SCALE + 1)])
@@ -57,23 +71,28 @@ class SummaryTally:
             counts["score_units"] += int(words.change.sum(dtype=np.int64))
             counts["output_top_units"] += int(words.output_scores[..., 0].sum(dtype=np.int64))
             counts["input_top_units"] += int(words.input_scores[..., 0].sum(dtype=np.int64))
-            self.bands[words.level] += np.bincount(self.band_of_units[words.output_scores[..., 0].ravel()],
-                                                   minlength=len(BANDS))
+            self.bands[words.level] += np.bincount(
+                self.band_of_units[words.output_scores[..., 0].ravel()], minlength=len(BANDS)
+            )
             for which, ids in (("output", words.output_ids), ("input", words.input_ids)):
-                self.top1_counts[words.level][which] += np.bincount(ids[..., 0].ravel(),
-                                                                    minlength=len(self.vocabulary))
+                self.top1_counts[words.level][which] += np.bincount(ids[..., 0].ravel(), minlength=len(self.vocabulary))
         for b in range(batch.count):
             for words in batch.levels:
                 for n in np.flatnonzero(words.changed[b]).tolist():
                     row, col = divmod(n, self.columns[words.level])
-                    self.flagged.append({
-                        "z": batch.start + b, "level": words.level, "row": row, "col": col,
-                        "output_word": self.vocabulary[words.output_ids[b, n, 0]],
-                        "input_word": self.vocabulary[words.input_ids[b, n, 0]],
-                        "output_score": int(words.output_scores[b, n, 0]) / SCALE,
-                        "input_score": int(words.input_scores[b, n, 0]) / SCALE,
-                        "change_score": int(words.change[b, n]) / SCALE,
-                    })
+                    self.flagged.append(
+                        {
+                            "z": batch.start + b,
+                            "level": words.level,
+                            "row": row,
+                            "col": col,
+                            "output_word": self.vocabulary[words.output_ids[b, n, 0]],
+                            "input_word": self.vocabulary[words.input_ids[b, n, 0]],
+                            "output_score": int(words.output_scores[b, n, 0]) / SCALE,
+                            "input_score": int(words.input_scores[b, n, 0]) / SCALE,
+                            "change_score": int(words.change[b, n]) / SCALE,
+                        }
+                    )
 
     def record(self) -> dict[str, Any]:
         """The document's ``summary`` of the batches added so far."""
@@ -84,19 +103,21 @@ class SummaryTally:
             def mean(units: int, regions: int = c["regions"]) -> float:
                 return round(units / SCALE / regions, DECIMALS) if regions else 0.0
 
-            per_level.append({
-                "level": level,
-                "regions": c["regions"],
-                "changed": c["changed"],
-                "changed_fraction": round(c["changed"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
-                "top_word_differs": c["differs"],
-                "mean_change_score": mean(c["score_units"]),
-                "mean_top_score": {"output": mean(c["output_top_units"]), "input": mean(c["input_top_units"])},
-                "output_confidence": {band: int(n) for band, n in zip(BANDS, self.bands[level])},
-                "word_frequencies": {
-                    which: self._frequencies(self.top1_counts[level][which]) for which in ("output", "input")
-                },
-            })
+            per_level.append(
+                {
+                    "level": level,
+                    "regions": c["regions"],
+                    "changed": c["changed"],
+                    "changed_fraction": round(c["changed"] / c["regions"], DECIMALS) if c["regions"] else 0.0,
+                    "top_word_differs": c["differs"],
+                    "mean_change_score": mean(c["score_units"]),
+                    "mean_top_score": {"output": mean(c["output_top_units"]), "input": mean(c["input_top_units"])},
+                    "output_confidence": {band: int(n) for band, n in zip(BANDS, self.bands[level])},
+                    "word_frequencies": {
+                        which: self._frequencies(self.top1_counts[level][which]) for which in ("output", "input")
+                    },
+                }
+            )
         return {
             "regions": sum(self.counts[level]["regions"] for level in self.levels),
             "flagged_count": len(self.flagged),

@@ -155,8 +155,9 @@ def explain_volume(
             ``top_k`` or ``batch_size`` below 1, or a model without a LangAE quantizer.
         NonFiniteVoxelsError: NaN or infinite HU values.
     """
-    explainer = Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule,
-                          word_classes)
+    explainer = Explainer(
+        model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule, word_classes
+    )
     header = document_header(explainer)
     summary = SummaryTally(explainer.levels, explainer.grids, explainer.vocabulary, header["confidence"])
     slices = [json.loads(text) for text in _slice_texts(explainer, summary, progress, None, parallel=False)]
@@ -193,16 +194,18 @@ def write_explanation(
     Returns:
         The document without ``"slices"`` (header and summary), e.g. for a report.
     """
-    explainer = Explainer(model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule,
-                          word_classes)
+    explainer = Explainer(
+        model, input_hu, output_hu, volume, levels, top_k, batch_size, device, change_rule, word_classes
+    )
     if isinstance(destination, (str, Path)):
         with open(destination, "w", encoding="utf-8") as stream:
             return _stream(explainer, stream, progress, on_batch)
     return _stream(explainer, destination, progress, on_batch)
 
 
-def _stream(explainer: Explainer, stream: TextIO, progress: bool,
-            on_batch: Callable[[ExplainedBatch], None] | None) -> dict[str, Any]:
+def _stream(
+    explainer: Explainer, stream: TextIO, progress: bool, on_batch: Callable[[ExplainedBatch], None] | None
+) -> dict[str, Any]:
     """Write the document with ``"slices"`` filled one batch at a time; returns it without the slices."""
     header = document_header(explainer)
     summary = SummaryTally(explainer.levels, explainer.grids, explainer.vocabulary, header["confidence"])
@@ -216,14 +219,20 @@ def _stream(explainer: Explainer, stream: TextIO, progress: bool,
     return {**header, "summary": record}
 
 
-def _slice_texts(explainer: Explainer, summary: SummaryTally, progress: bool,
-                 on_batch: Callable[[ExplainedBatch], None] | None, parallel: bool) -> Iterator[str]:
+def _slice_texts(
+    explainer: Explainer,
+    summary: SummaryTally,
+    progress: bool,
+    on_batch: Callable[[ExplainedBatch], None] | None,
+    parallel: bool,
+) -> Iterator[str]:
     """The JSON text of every slice entry in order, each batch added to ``summary`` and handed to ``on_batch``.
 
     With ``parallel``, the text of a few batches is formatted by :mod:`langmamba.workers` processes while the
     next ones are encoded."""
-    text_format = TextFormat.build(explainer.boxes, explainer.grids, explainer.affine, explainer.vocabulary,
-                                   explainer.top_k)
+    text_format = TextFormat.build(
+        explainer.boxes, explainer.grids, explainer.affine, explainer.vocabulary, explainer.top_k
+    )
     pending: deque[Future[list[str]]] = deque()
     limit = 2 * workers.worker_count() if parallel else 0
     for batch in chain(explainer.batches(progress), [None]):

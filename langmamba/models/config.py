@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 from langmamba.errors import ConfigError
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; the annotations are strings (PEP 563), so 3.10 never needs it
+    from typing_extensions import Self
 
 LEVELS = 5
 """Resolution levels of the denoiser's decoder: H, H/2, H/4, H/8, H/16 (the LangAE encoder's)."""
@@ -173,11 +176,13 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
     # The speed-first decoder of the first shipped weights (the defaults).
     "fast": DecoderConfig(),
     # Wider, SS2D from half resolution down, state 16.
-    "medium": DecoderConfig(widths=(32, 64, 96, 128, 128), depths=(1, 1, 2, 2, 2),
-                            ssm_levels=(False, True, True, True, True), d_state=16),
+    "medium": DecoderConfig(
+        widths=(32, 64, 96, 128, 128), depths=(1, 1, 2, 2, 2), ssm_levels=(False, True, True, True, True), d_state=16
+    ),
     # The paper's configuration: 64-128 channels and Mamba (SS2D) blocks at every level.
-    "paper": DecoderConfig(widths=(64, 64, 128, 128, 128), depths=(1, 1, 2, 2, 2),
-                           ssm_levels=(True, True, True, True, True), d_state=16),
+    "paper": DecoderConfig(
+        widths=(64, 64, 128, 128, 128), depths=(1, 1, 2, 2, 2), ssm_levels=(True, True, True, True, True), d_state=16
+    ),
 }
 """Named decoders (training's ``denoiser.decoder_preset``)."""
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from langmamba.models.registry import register_model
 from langmamba.errors import ConfigError, InputError
 from langmamba.models.config import DECODER_PRESETS, LEVELS, DecoderConfig, LangAEConfig, LangMambaConfig
 from langmamba.models.langae import LangAE
+from langmamba.models.registry import register_model
 from langmamba.models.ss2d import SS2D, LayerNorm2d
 
 __all__ = ["DECODER_PRESETS", "LEVELS", "DecoderConfig", "DenoiserBlock", "DenoiserDecoder", "LangMamba"]
@@ -163,20 +163,29 @@ class DenoiserDecoder(nn.Module):
         super().__init__()
         config = (config or DecoderConfig()).replace(**overrides)
         if len(feature_channels) != LEVELS:
-            raise ConfigError(f"DenoiserDecoder feature_channels must have {LEVELS} entries (H ... H/16), "
-                              f"got {len(feature_channels)}")
+            raise ConfigError(
+                f"DenoiserDecoder feature_channels must have {LEVELS} entries (H ... H/16), got {len(feature_channels)}"
+            )
         self.config = config
         self.feature_channels = tuple(int(c) for c in feature_channels)
         self.global_residual = config.global_residual
         widths = config.widths
 
         def blocks(level: int) -> nn.Sequential:
-            return nn.Sequential(*(
-                DenoiserBlock(widths[level], use_ssm=bool(config.ssm_levels[level]), d_state=config.d_state,
-                              expand=config.expand, step=config.step, ffn_ratio=config.ffn_ratio,
-                              scan_backend=scan_backend)
-                for _ in range(config.depths[level])
-            ))
+            return nn.Sequential(
+                *(
+                    DenoiserBlock(
+                        widths[level],
+                        use_ssm=bool(config.ssm_levels[level]),
+                        d_state=config.d_state,
+                        expand=config.expand,
+                        step=config.step,
+                        ffn_ratio=config.ffn_ratio,
+                        scan_backend=scan_backend,
+                    )
+                    for _ in range(config.depths[level])
+                )
+            )
 
         deepest = LEVELS - 1
         self.stem = nn.Conv2d(feature_channels[deepest], widths[deepest], kernel_size=1)
@@ -254,7 +263,9 @@ class LangMamba(nn.Module):
         self.langae.requires_grad_(False)
         self.langae.eval()
         self.decoder = DenoiserDecoder(
-            self.langae.feature_channels, config.decoder, out_channels=self.langae.config.in_channels,
+            self.langae.feature_channels,
+            config.decoder,
+            out_channels=self.langae.config.in_channels,
             scan_backend=scan_backend,
         )
         self.config = LangMambaConfig(self.langae.config, config.decoder, config.langae_decoder)
@@ -263,15 +274,24 @@ class LangMamba(nn.Module):
     @classmethod
     def from_config(cls, config: LangMambaConfig, scan_backend: str = "auto") -> LangMamba:
         """A LangMamba of ``config`` with untrained weights (an empty codebook)."""
-        return cls(config.langae_config, config.decoder, langae_decoder=config.langae_decoder,
-                   scan_backend=scan_backend)
+        return cls(
+            config.langae_config, config.decoder, langae_decoder=config.langae_decoder, scan_backend=scan_backend
+        )
 
     @classmethod
-    def from_langae(cls, langae: LangAE, decoder: DecoderConfig | None = None, *, langae_decoder: bool = True,
-                    scan_backend: str = "auto", **decoder_overrides: Any) -> LangMamba:
+    def from_langae(
+        cls,
+        langae: LangAE,
+        decoder: DecoderConfig | None = None,
+        *,
+        langae_decoder: bool = True,
+        scan_backend: str = "auto",
+        **decoder_overrides: Any,
+    ) -> LangMamba:
         """A LangMamba around a copy of a trained ``langae`` (weights and vocabulary metadata)."""
-        model = cls(langae.config, decoder, langae_decoder=langae_decoder, scan_backend=scan_backend,
-                    **decoder_overrides)
+        model = cls(
+            langae.config, decoder, langae_decoder=langae_decoder, scan_backend=scan_backend, **decoder_overrides
+        )
         keep = model.langae.state_dict()  # without the image decoder when langae_decoder=False
         model.langae.load_state_dict({k: v for k, v in langae.state_dict().items() if k in keep})
         for key in ("vocabulary", "vlm_backend", "vlm_id"):

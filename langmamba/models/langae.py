@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from langmamba.errors import ConfigError, InputError
-from langmamba.models.registry import register_model
 from langmamba.models.blocks import AttnBlock, Downsample, MidBlock, ResnetBlock, Upsample, normalization
 from langmamba.models.config import LangAEConfig
 from langmamba.models.quantizer import CandidateSpec, PyramidLanguageQuantizer, QuantizerOutput
+from langmamba.models.registry import register_model
 from langmamba.models.residual_quantizer import ResidualLanguageQuantizer
 
 QUANTIZERS = ("average", "residual")
@@ -204,22 +204,34 @@ class LangAE(nn.Module):
             raise InputError(str(error)) from error
         if config.quantizer == "average":
             self.quantizer: PyramidLanguageQuantizer | ResidualLanguageQuantizer = PyramidLanguageQuantizer(
-                codebook, codebook_size=config.codebook_size, codebook_dim=config.codebook_dim,
-                grids=config.quantizer_grids, beta=config.beta,
+                codebook,
+                codebook_size=config.codebook_size,
+                codebook_dim=config.codebook_dim,
+                grids=config.quantizer_grids,
+                beta=config.beta,
             )
-            config = config.replace(codebook_size=self.quantizer.codebook_size,
-                                    codebook_dim=self.quantizer.codebook_dim)
+            config = config.replace(
+                codebook_size=self.quantizer.codebook_size, codebook_dim=self.quantizer.codebook_dim
+            )
         else:
             residual = ResidualLanguageQuantizer(
-                codebook, codebook_size=config.codebook_size, codebook_dim=config.codebook_dim,
-                detail_codebook=detail_codebook, detail_projection=detail_projection,
-                detail_codebook_size=config.detail_codebook_size, detail_dim=config.detail_dim,
-                region_sizes=config.region_sizes, detail_stages=config.detail_stages,
-                detail_groups=config.detail_groups, beta=config.beta, logit_scale=config.logit_scale,
+                codebook,
+                codebook_size=config.codebook_size,
+                codebook_dim=config.codebook_dim,
+                detail_codebook=detail_codebook,
+                detail_projection=detail_projection,
+                detail_codebook_size=config.detail_codebook_size,
+                detail_dim=config.detail_dim,
+                region_sizes=config.region_sizes,
+                detail_stages=config.detail_stages,
+                detail_groups=config.detail_groups,
+                beta=config.beta,
+                logit_scale=config.logit_scale,
             )
             self.quantizer = residual
             config = config.replace(
-                codebook_size=residual.codebook_size, codebook_dim=residual.codebook_dim,
+                codebook_size=residual.codebook_size,
+                codebook_dim=residual.codebook_dim,
                 region_sizes=list(residual.region_sizes),
                 detail_codebook_size=int(residual.detail_codebook.shape[0]),
                 detail_dim=int(residual.detail_codebook.shape[1]),
@@ -231,9 +243,7 @@ class LangAE(nn.Module):
         """The architecture, with the codebook sizes of the tensors it was built from."""
         self.word_classes: list[str] | None = None if config.word_classes is None else list(config.word_classes)
         if vocabulary is not None and len(vocabulary) != codebook_size:
-            raise InputError(
-                f"the vocabulary has {len(vocabulary)} words but the codebook has {codebook_size} rows"
-            )
+            raise InputError(f"the vocabulary has {len(vocabulary)} words but the codebook has {codebook_size} rows")
         self.vocabulary: list[str] | None = None if vocabulary is None else [str(v) for v in vocabulary]
         self.vlm_backend = vlm_backend
         self.vlm_id = vlm_id

@@ -109,16 +109,12 @@ def squared_distances(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Te
     vectors = vectors.float()
     codebook = codebook.float()
     dist = (
-        vectors.pow(2).sum(dim=1, keepdim=True)
-        - 2.0 * vectors @ codebook.T
-        + codebook.pow(2).sum(dim=1).unsqueeze(0)
+        vectors.pow(2).sum(dim=1, keepdim=True) - 2.0 * vectors @ codebook.T + codebook.pow(2).sum(dim=1).unsqueeze(0)
     )
     return dist.clamp_min(0.0)
 
 
-def word_scores(
-    region_latents: torch.Tensor, codebook: torch.Tensor, k: int = 5
-) -> tuple[torch.Tensor, torch.Tensor]:
+def word_scores(region_latents: torch.Tensor, codebook: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k words of region latents ``(..., E)``: ``(ids (..., k) long, probabilities (..., k))``.
 
     Probabilities are the softmax over the whole vocabulary of negative squared codebook distances
@@ -175,8 +171,10 @@ class PyramidLanguageQuantizer(nn.Module):
                 codebook = codebook.float()
             if not torch.isfinite(codebook).all():
                 raise InputError("the codebook contains NaN or infinite values")
-            for name, given, actual in (("codebook_size", codebook_size, codebook.shape[0]),
-                                        ("codebook_dim", codebook_dim, codebook.shape[1])):
+            for name, given, actual in (
+                ("codebook_size", codebook_size, codebook.shape[0]),
+                ("codebook_dim", codebook_dim, codebook.shape[1]),
+            ):
                 if given is not None and int(given) != actual:
                     raise InputError(
                         f"{name}={given} does not match the codebook tensor's shape {tuple(codebook.shape)}"
@@ -217,8 +215,10 @@ class PyramidLanguageQuantizer(nn.Module):
         """Probabilities ``(..., V)`` of region latents ``(..., E)``: softmax of negative squared distances
         (this quantizer's scores, the same at every level; the residual quantizer calibrates them)."""
         if region_latents.shape[-1] != self.codebook_dim:
-            raise InputError(f"region latents have dimension {region_latents.shape[-1]} but the codebook rows have "
-                             f"{self.codebook_dim}")
+            raise InputError(
+                f"region latents have dimension {region_latents.shape[-1]} but the codebook rows have "
+                f"{self.codebook_dim}"
+            )
         lead = region_latents.shape[:-1]
         dist = squared_distances(region_latents.reshape(-1, self.codebook_dim), self.codebook)
         return torch.softmax(-dist, dim=-1).reshape(*lead, self.codebook_size)
@@ -247,9 +247,7 @@ class PyramidLanguageQuantizer(nn.Module):
                 mask[b, ids] = True
         return mask.float() if mask.any() else None
 
-    def forward(
-        self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None
-    ) -> QuantizerOutput:
+    def forward(self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None) -> QuantizerOutput:
         """Quantize ``z (B, E, h, w)``; ``candidates`` holds one :data:`CandidateSpec` (or None) per level."""
         if z.ndim != 4 or z.shape[1] != self.codebook_dim:
             raise InputError(

@@ -67,7 +67,7 @@ def _nearest(vectors: torch.Tensor, codes: torch.Tensor, gain: torch.Tensor) -> 
     penalty = gain * codes.pow(2).sum(dim=1)
     out = []
     for start in range(0, vectors.shape[0], _CHUNK):
-        score = 2.0 * vectors[start:start + _CHUNK] @ codes.T - penalty
+        score = 2.0 * vectors[start : start + _CHUNK] @ codes.T - penalty
         out.append(score.argmax(dim=1))
     return torch.cat(out) if out else vectors.new_zeros(0, dtype=torch.long)
 
@@ -116,18 +116,23 @@ class ResidualLanguageQuantizer(nn.Module):
         gain_momentum: float = 0.9,
     ) -> None:
         super().__init__()
-        words = _frozen_buffer(codebook, None if codebook is not None else
-                               (int(codebook_size or 0), int(codebook_dim or 0)), "codebook")
+        words = _frozen_buffer(
+            codebook, None if codebook is not None else (int(codebook_size or 0), int(codebook_dim or 0)), "codebook"
+        )
         self.register_buffer("codebook", words)
         dim = words.shape[1]
-        details = _frozen_buffer(detail_codebook, None if detail_codebook is not None else
-                                 (int(detail_codebook_size or 0), int(detail_dim or 0)), "detail codebook")
+        details = _frozen_buffer(
+            detail_codebook,
+            None if detail_codebook is not None else (int(detail_codebook_size or 0), int(detail_dim or 0)),
+            "detail codebook",
+        )
         self.register_buffer("detail_codebook", details)
         if detail_groups < 1:
             raise InputError(f"detail_groups must be at least 1, got {detail_groups}")
         self.detail_groups = int(detail_groups)
-        projection = _frozen_buffer(detail_projection, (details.shape[1] * self.detail_groups, dim),
-                                    "detail projection")
+        projection = _frozen_buffer(
+            detail_projection, (details.shape[1] * self.detail_groups, dim), "detail projection"
+        )
         self.register_buffer("detail_projection", projection)
         self.region_sizes = tuple(int(s) for s in region_sizes)
         if not self.region_sizes or min(self.region_sizes) < 1:
@@ -173,8 +178,10 @@ class ResidualLanguageQuantizer(nn.Module):
     def word_logits(self, region_latents: torch.Tensor, level: int) -> torch.Tensor:
         """Logits ``(..., V)`` of region latents ``(..., E)`` at a word level (float32)."""
         if region_latents.shape[-1] != self.codebook_dim:
-            raise InputError(f"region latents have dimension {region_latents.shape[-1]} but the codebook rows have "
-                             f"{self.codebook_dim}")
+            raise InputError(
+                f"region latents have dimension {region_latents.shape[-1]} but the codebook rows have "
+                f"{self.codebook_dim}"
+            )
         cosine = F.normalize(region_latents.float(), dim=-1) @ F.normalize(self.codebook.float(), dim=-1).T
         return cosine * self.logit_scales()[level]
 
@@ -191,8 +198,10 @@ class ResidualLanguageQuantizer(nn.Module):
             if mask.shape == (batch, vocab):
                 mask = mask[:, None, None, :].expand(batch, *grid, vocab)
             elif mask.shape != (batch, *grid, vocab):
-                raise InputError(f"candidates must be (batch, vocabulary) or (batch, g_h, g_w, vocabulary) = "
-                                 f"({batch}, {grid[0]}, {grid[1]}, {vocab}), got {tuple(mask.shape)}")
+                raise InputError(
+                    f"candidates must be (batch, vocabulary) or (batch, g_h, g_w, vocabulary) = "
+                    f"({batch}, {grid[0]}, {grid[1]}, {vocab}), got {tuple(mask.shape)}"
+                )
         else:
             if len(spec) != batch:
                 raise InputError(f"got candidate id lists for {len(spec)} images but the batch has {batch}")
@@ -218,15 +227,17 @@ class ResidualLanguageQuantizer(nn.Module):
         momentum = self.gain_momentum if bool(self.gains_set) else 0.0
         gains[index] = momentum * gains[index] + (1.0 - momentum) * best
 
-    def forward(self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None, details: bool = True
-                ) -> QuantizerOutput:
+    def forward(
+        self, z: torch.Tensor, candidates: Sequence[CandidateSpec | None] | None = None, details: bool = True
+    ) -> QuantizerOutput:
         """Quantize ``z (B, E, h, w)``; ``candidates`` holds one candidate mask (or None) per word level.
 
         ``details=False`` stops after the word levels (all an explanation reads; ``quantized`` then holds
         only the words' sum, and no gains are updated)."""
         if z.ndim != 4 or z.shape[1] != self.codebook_dim:
-            raise InputError(f"the quantizer expects latents (B, {self.codebook_dim}, h, w), got shape "
-                             f"{tuple(z.shape)}")
+            raise InputError(
+                f"the quantizer expects latents (B, {self.codebook_dim}, h, w), got shape {tuple(z.shape)}"
+            )
         batch, dim, h, w = z.shape
         grids = self.level_grids((h, w))
         if candidates is not None and len(candidates) != len(grids):

@@ -33,8 +33,8 @@ from langmamba.simulate.geometry import FanBeamGeometry
 from langmamba.simulate.noise import LowSignalFilter, added_count_variance, low_dose_counts, projection_noise
 from langmamba.simulate.nps import NoisePowerSpectrum, compare_nps, noise_power_spectrum
 from langmamba.simulate.projector import fan_beam_project
-from langmamba.simulate.rebin import rebin_fan_to_parallel
 from langmamba.simulate.protocol import ELECTRONIC_NOISE, MU_WATER_PER_MM, RECONSTRUCTIONS, ScanProtocol
+from langmamba.simulate.rebin import rebin_fan_to_parallel
 from langmamba.simulate.simulator import (
     FULL_DOSE_PHOTONS,
     derive_slice_seeds,

@@ -253,8 +253,12 @@ def native_incident_photons(
         group = todo.repeat(draws)  # every slice `draws` times, each draw with its own fixed seed
         group_spacing = spacing_arg[group] if isinstance(spacing_arg, torch.Tensor) else spacing_arg
         noise = simulate_batch(
-            images[group], group_spacing, doses[group], incident_photons=photons[group],
-            seed=[draw_seeds[d * n + i] for d in range(draws) for i in index], **simulate_kwargs
+            images[group],
+            group_spacing,
+            doses[group],
+            incident_photons=photons[group],
+            seed=[draw_seeds[d * n + i] for d in range(draws) for i in index],
+            **simulate_kwargs,
         ) - images[group].to(_device_of(simulate_kwargs, images))
         for k, i in enumerate(index):
             mask = native[i].mask.to(noise.device)
@@ -360,10 +364,12 @@ def calibrate_volume(
     spacing = (volume.spacing[1], volume.spacing[0])
     total = volume.hu.shape[0]
     candidates = np.unique(np.linspace(0, total - 1, min(total, 40)).round().astype(int))
-    sigma = np.concatenate([
-        estimate_noise(np.asarray(volume.hu[candidates[i:i + 8]], dtype=np.float32), spacing).sigma_hu.numpy()
-        for i in range(0, len(candidates), 8)
-    ])
+    sigma = np.concatenate(
+        [
+            estimate_noise(np.asarray(volume.hu[candidates[i : i + 8]], dtype=np.float32), spacing).sigma_hu.numpy()
+            for i in range(0, len(candidates), 8)
+        ]
+    )
     valid = candidates[np.isfinite(sigma)]
     if valid.size == 0 or dose >= 1.0:
         if valid.size == 0:

@@ -122,9 +122,7 @@ def _normalised(log_current: torch.Tensor, max_ratio: float, dim: int) -> torch.
     return current / current.mean(dim=dim, keepdim=True)
 
 
-def water_equivalent_diameter(
-    hu: torch.Tensor, pixel_area_mm2: float, threshold_hu: float = -500.0
-) -> torch.Tensor:
+def water_equivalent_diameter(hu: torch.Tensor, pixel_area_mm2: float, threshold_hu: float = -500.0) -> torch.Tensor:
     """AAPM Report 220 water-equivalent diameter of each slice, ``(N, H, W)`` HU → ``(N,)`` mm.
 
     ``D_w = 2 √(Σ (HU / 1000 + 1) · a / π)`` over the pixels above ``threshold_hu`` (the patient; the

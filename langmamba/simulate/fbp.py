@@ -62,9 +62,7 @@ def ramp_filter_response(
     return (response * apod).float()
 
 
-def ramp_filter(
-    sinogram: torch.Tensor, spacing_mm: float, window: str = "hann", cutoff: float = 1.0
-) -> torch.Tensor:
+def ramp_filter(sinogram: torch.Tensor, spacing_mm: float, window: str = "hann", cutoff: float = 1.0) -> torch.Tensor:
     """Filter every parallel view ``(..., n_rays)`` along its last axis; same shape out, float32, 1/mm."""
     n_rays = sinogram.shape[-1]
     response = ramp_filter_response(n_rays, spacing_mm, window, cutoff, sinogram.device)
@@ -150,8 +148,7 @@ def fbp_parallel(
     sino = sinogram[None] if squeeze else sinogram
     if sino.ndim != 3 or sino.shape[1] != angles_rad.numel():
         raise ConfigError(
-            f"sinogram must be (V, S) or (N, V, S) with V = {angles_rad.numel()} angles, "
-            f"got {tuple(sinogram.shape)}"
+            f"sinogram must be (V, S) or (N, V, S) with V = {angles_rad.numel()} angles, got {tuple(sinogram.shape)}"
         )
     filtered = ramp_filter(sino, ray_spacing_mm, window, cutoff)
     image = backproject_parallel(filtered, angles_rad, ray_spacing_mm, image_shape, pixel_spacing_mm)

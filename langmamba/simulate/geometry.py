@@ -109,7 +109,7 @@ class FanBeamGeometry:
         k = torch.arange(self.n_parallel_rays, dtype=torch.float64, device=device)
         return (k - 0.5 * (self.n_parallel_rays - 1)) * self.parallel_spacing_mm
 
-    def downsampled(self, view_factor: int = 1, channel_factor: int = 1) -> "FanBeamGeometry":
+    def downsampled(self, view_factor: int = 1, channel_factor: int = 1) -> FanBeamGeometry:
         """The same fan sampled by every ``view_factor``-th view and ``channel_factor``-wide channels.
 
         Used to compute the clean projection cheaply where only a smooth quantity (the noise

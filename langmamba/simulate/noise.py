@@ -197,7 +197,11 @@ def projection_noise(
         return torch.zeros_like(clean_projection, dtype=torch.float32)
     expected = incident_photons * torch.exp(-clean_projection.float())
     counts = low_dose_counts(
-        expected, dose, electronic_noise, input_is_noise_free=input_is_noise_free, generator=generator,
+        expected,
+        dose,
+        electronic_noise,
+        input_is_noise_free=input_is_noise_free,
+        generator=generator,
         low_signal=low_signal,
     )
     # p_low - p = -log(I_low / (a I0)) + log(I / I0) = -log(I_low / (a I)). A real full-dose input

@@ -148,10 +148,18 @@ def compare_nps(added: NoisePowerSpectrum, native: NoisePowerSpectrum) -> dict:
     step = float(added.frequency[1] - added.frequency[0])
     overlap = 1.0 - 0.5 * float((np.abs(a - b) * 2.0 * math.pi * added.frequency * step).sum())
     return {
-        "added": {"peak_frequency": added.peak_frequency, "mean_frequency": added.mean_frequency,
-                  "variance": added.variance, "n_rois": added.n_rois},
-        "native": {"peak_frequency": native.peak_frequency, "mean_frequency": native.mean_frequency,
-                   "variance": native.variance, "n_rois": native.n_rois},
+        "added": {
+            "peak_frequency": added.peak_frequency,
+            "mean_frequency": added.mean_frequency,
+            "variance": added.variance,
+            "n_rois": added.n_rois,
+        },
+        "native": {
+            "peak_frequency": native.peak_frequency,
+            "mean_frequency": native.mean_frequency,
+            "variance": native.variance,
+            "n_rois": native.n_rois,
+        },
         "shape_correlation": float(np.corrcoef(a, b)[0, 1]),
         "shape_overlap": overlap,
         "variance_ratio": added.variance / native.variance,

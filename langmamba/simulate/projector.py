@@ -142,9 +142,7 @@ def _project_family(
         sino[:, rays.index[hit]] += partial * weight[hit]
 
 
-def _sample_lines(
-    lines: torch.Tensor, u: torch.Tensor, offset: torch.Tensor, gain: torch.Tensor
-) -> torch.Tensor:
+def _sample_lines(lines: torch.Tensor, u: torch.Tensor, offset: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """``Σ_l lines[l](offset + u_l · gain)`` per ray (normalised coordinates); float32 ``(N, rays)``."""
     n_lines, n = lines.shape[:2]
     n_rays = offset.numel()

@@ -43,9 +43,7 @@ def _rebin_grid(geometry: FanBeamGeometry, device: torch.device) -> torch.Tensor
 _GRID_CACHE: dict[tuple[FanBeamGeometry, str], torch.Tensor] = {}
 
 
-def rebin_fan_to_parallel(
-    fan_sinogram: torch.Tensor, geometry: FanBeamGeometry | None = None
-) -> torch.Tensor:
+def rebin_fan_to_parallel(fan_sinogram: torch.Tensor, geometry: FanBeamGeometry | None = None) -> torch.Tensor:
     """Resample a full-rotation fan-beam sinogram onto a parallel-beam grid over [0, π).
 
     Bilinear interpolation in (view, channel), periodic in the view angle, to the parallel grid

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from langmamba.errors import ConfigError, NonFiniteVoxelsError
 from langmamba.runtime import resolve_device
 from langmamba.simulate._tensor import per_slice, spacing_pairs
+from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter
 from langmamba.simulate.fbp import fbp_parallel
 from langmamba.simulate.geometry import FanBeamGeometry
-from langmamba.simulate.exposure import BowtieFilter, TubeCurrentModulation, water_equivalent_diameter
 from langmamba.simulate.noise import Generators, LowSignalFilter, check_noise_args, projection_noise
 from langmamba.simulate.projector import fan_beam_project
 from langmamba.simulate.protocol import ELECTRONIC_NOISE, MU_WATER_PER_MM, ScanProtocol
@@ -93,9 +93,7 @@ def _check_fov(shape: tuple[int, int], spacing: tuple[float, float], geometry: F
         )
 
 
-def _coarse_projection(
-    mu: torch.Tensor, spacing: tuple[float, float], geometry: FanBeamGeometry
-) -> torch.Tensor:
+def _coarse_projection(mu: torch.Tensor, spacing: tuple[float, float], geometry: FanBeamGeometry) -> torch.Tensor:
     """Clean fan sinogram ``(N, V, C)`` from a coarse projection, bilinearly interpolated to every ray."""
     # The largest coarsening up to (4 views, 2 channels) that divides this geometry's sampling.
     view_factor = next(f for f in (_COARSE_VIEWS, 2, 1) if geometry.n_views % (2 * f) == 0)
@@ -244,9 +242,17 @@ def simulate_batch(
         ``(N, H, W)`` float32 HU: a tensor on the compute device for a tensor input, else a numpy array.
     """
     scanner = _make_scanner(
-        protocol, geometry=geometry, electronic_noise=electronic_noise, input_is_noise_free=input_is_noise_free,
-        reconstruction=reconstruction, window=window, cutoff=cutoff, mu_water_per_mm=mu_water_per_mm,
-        bowtie=bowtie, modulation=modulation, low_signal=low_signal,
+        protocol,
+        geometry=geometry,
+        electronic_noise=electronic_noise,
+        input_is_noise_free=input_is_noise_free,
+        reconstruction=reconstruction,
+        window=window,
+        cutoff=cutoff,
+        mu_water_per_mm=mu_water_per_mm,
+        bowtie=bowtie,
+        modulation=modulation,
+        low_signal=low_signal,
     )
     as_tensor = isinstance(hu, torch.Tensor)
     if as_tensor and (device is None or device == "auto"):
@@ -348,9 +354,7 @@ def simulate_slice(
     """
     array = hu if isinstance(hu, torch.Tensor) else np.asarray(hu)
     if array.ndim != 2:
-        raise ConfigError(
-            f"hu must be one slice (H, W), got shape {tuple(array.shape)}; use simulate_batch for stacks"
-        )
+        raise ConfigError(f"hu must be one slice (H, W), got shape {tuple(array.shape)}; use simulate_batch for stacks")
     return simulate_batch(
         array[None],
         pixel_spacing_mm,
@@ -380,8 +384,10 @@ def z_modulation(
     if modulation is None or n_slices == 1:
         return np.ones(n_slices)
     pixel_area = float(volume.spacing[0] * volume.spacing[1])
-    diameters = torch.cat([
-        water_equivalent_diameter(torch.from_numpy(np.asarray(volume.hu[z:z + 16], dtype=np.float32)), pixel_area)
-        for z in range(0, n_slices, 16)
-    ])
+    diameters = torch.cat(
+        [
+            water_equivalent_diameter(torch.from_numpy(np.asarray(volume.hu[z : z + 16], dtype=np.float32)), pixel_area)
+            for z in range(0, n_slices, 16)
+        ]
+    )
     return modulation.longitudinal(diameters, mu_water_per_mm).double().numpy()

@@ -77,8 +77,13 @@ def simulate_volume(
     for start in starts:
         stop = min(start + batch_size, n_slices)
         out[start:stop] = simulate_batch(
-            volume.hu[start:stop], spacing, dose, seed=list(seeds[start:stop]),
-            incident_photons=photons[start:stop], modulation=modulation, **kwargs,
+            volume.hu[start:stop],
+            spacing,
+            dose,
+            seed=list(seeds[start:stop]),
+            incident_photons=photons[start:stop],
+            modulation=modulation,
+            **kwargs,
         )
         logger.debug("simulated slices %d-%d of %d", start, stop - 1, n_slices)
     return volume.with_hu(out)
@@ -97,9 +102,7 @@ def slice_photons(
     n_slices = volume.hu.shape[0]
     if isinstance(incident_photons, str):
         if incident_photons != "native":
-            raise ConfigError(
-                f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}"
-            )
+            raise ConfigError(f"incident_photons must be 'native', a number or one per slice, got {incident_photons!r}")
         calibration = calibrate_volume(volume, dose, modulation=modulation, seed=seed, **kwargs)
         logger.info("%s", calibration.line())
         return calibration.incident_photons

@@ -212,13 +212,14 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in sorted(k for k in values if prefix + str(k) in RETIRED_KEYS):
-        warnings.warn(f"config key {prefix}{key} is ignored: {RETIRED_KEYS[prefix + key]}", FutureWarning,
-                      stacklevel=3)
+        warnings.warn(f"config key {prefix}{key} is ignored: {RETIRED_KEYS[prefix + key]}", FutureWarning, stacklevel=3)
     values = {k: v for k, v in values.items() if prefix + str(k) not in RETIRED_KEYS}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
@@ -271,8 +272,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.model not in MODELS:
         raise ConfigError(f"model: expected {', '.join(MODELS)}, got {config.model!r}")
     if config.data.source not in ("cases", "builtin", "volumes", "npy", "mayo", "prepared"):
-        raise ConfigError(f"data.source: expected cases, builtin, volumes, npy, mayo or prepared, got "
-                          f"{config.data.source!r}")
+        raise ConfigError(
+            f"data.source: expected cases, builtin, volumes, npy, mayo or prepared, got {config.data.source!r}"
+        )
     if config.data.source in ("npy", "mayo", "prepared") and not config.data.root:
         raise ConfigError(f"data.root is required for data.source={config.data.source}")
     if config.data.source == "volumes" and not config.data.volumes:
@@ -292,8 +294,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     from ..models.config import DECODER_PRESETS
 
     if config.denoiser.decoder_preset not in DECODER_PRESETS:
-        raise ConfigError(f"denoiser.decoder_preset: expected one of {', '.join(DECODER_PRESETS)}, "
-                          f"got {config.denoiser.decoder_preset!r}")
+        raise ConfigError(
+            f"denoiser.decoder_preset: expected one of {', '.join(DECODER_PRESETS)}, "
+            f"got {config.denoiser.decoder_preset!r}"
+        )
     try:
         decoder_config(config.denoiser)
     except ConfigError as error:
@@ -314,8 +318,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None
-                ) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, model: str | None = None
+) -> TrainConfig:
     """Build a :class:`TrainConfig` from an optional YAML file, then apply ``section.key=value`` overrides."""
     values: dict = {}
     if path is not None:

@@ -18,8 +18,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..data import CTSlice, PatchSampler, builtin_training_slices, load_mayo_dicom_pairs, load_npy_pairs
-from ..data import slices_from_volume, split_by_patient
+from ..data import (
+    CTSlice,
+    PatchSampler,
+    builtin_training_slices,
+    load_mayo_dicom_pairs,
+    load_npy_pairs,
+    slices_from_volume,
+    split_by_patient,
+)
 from ..data.cases import TEST, cases_in
 from ..data.patches import augment
 from ..errors import ConfigError
@@ -44,8 +51,7 @@ def load_slices(config: DataConfig) -> tuple[list[CTSlice], dict | None]:
     elif config.source == "cases":
         from ..data.cases import case_slices
 
-        slices = case_slices(slice_step=config.slice_step, margin_px=config.crop_margin_px,
-                             min_size=config.crop_min_px)
+        slices = case_slices(slice_step=config.slice_step, margin_px=config.crop_margin_px, min_size=config.crop_min_px)
     elif config.source == "builtin":
         slices = builtin_training_slices(include_pydicom=config.include_pydicom)
     elif config.source == "npy":
@@ -74,10 +80,11 @@ def _centre_crop(s: CTSlice, size: int) -> CTSlice:
     top, left = max(0, (s.full.shape[0] - size) // 2), max(0, (s.full.shape[1] - size) // 2)
 
     def crop(image):
-        return None if image is None else image[top:top + size, left:left + size]
+        return None if image is None else image[top : top + size, left : left + size]
 
-    return dataclasses.replace(s, full=crop(s.full), low=crop(s.low), label=crop(s.label),
-                               offset=(s.offset[0] + top, s.offset[1] + left))
+    return dataclasses.replace(
+        s, full=crop(s.full), low=crop(s.low), label=crop(s.label), offset=(s.offset[0] + top, s.offset[1] + left)
+    )
 
 
 def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[list[CTSlice], list[CTSlice]]:
@@ -87,16 +94,19 @@ def split_slices(slices: list[CTSlice], config: DataConfig, seed: int) -> tuple[
     validation patient is refused."""
     named = set(config.validation_patients or [])
     if named & set(TEST_PATIENTS):
-        raise ConfigError(f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
-                          "it is held out for the final evaluation")
+        raise ConfigError(
+            f"data.validation_patients names the test case {sorted(named & set(TEST_PATIENTS))}; "
+            "it is held out for the final evaluation"
+        )
     if slices and all(s.role for s in slices):
         return split_by_role(slices, config.validation_patients)
     slices = [s for s in slices if s.patient not in TEST_PATIENTS]
     return split_by_patient(slices, config.validation_patients, config.validation_fraction, seed)
 
 
-def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None = None
-                  ) -> tuple[list[CTSlice], list[CTSlice]]:
+def split_by_role(
+    slices: list[CTSlice], validation_patients: list[str] | None = None
+) -> tuple[list[CTSlice], list[CTSlice]]:
     """The fixed patient-level split carried by prepared slices (``role``): training and validation slices by
     their role; test slices and test patients are never used. ``validation_patients`` may narrow validation to
     some of its patients, never move a training patient into it."""
@@ -106,8 +116,10 @@ def split_by_role(slices: list[CTSlice], validation_patients: list[str] | None =
         known = {s.patient for s in validation}
         wrong = sorted(set(validation_patients) - known)
         if wrong:
-            raise ConfigError(f"data.validation_patients {wrong} are not validation patients of the fixed split; "
-                              f"validation patients: {sorted(known)} (or leave the setting unset)")
+            raise ConfigError(
+                f"data.validation_patients {wrong} are not validation patients of the fixed split; "
+                f"validation patients: {sorted(known)} (or leave the setting unset)"
+            )
         validation = [s for s in validation if s.patient in set(validation_patients)]
     if not train:
         raise ConfigError("the data has split roles but no slice with the training role")
@@ -120,7 +132,7 @@ def pick_validation(validation: list[CTSlice], count: int) -> list[CTSlice]:
     by_patient: dict[str, list[CTSlice]] = {}
     for s in validation:
         by_patient.setdefault(s.patient, []).append(s)
-    quota = {p: 0 for p in by_patient}
+    quota = dict.fromkeys(by_patient, 0)
     remaining = min(count, len(validation))
     while remaining:
         for p in sorted(by_patient, key=lambda p: (quota[p], p)):
@@ -135,8 +147,9 @@ def pick_validation(validation: list[CTSlice], count: int) -> list[CTSlice]:
     return picked
 
 
-def simulate_low_dose(slices: list[CTSlice], config: DataConfig, seed: int, device: str,
-                      dose: float | None = None) -> list[np.ndarray]:
+def simulate_low_dose(
+    slices: list[CTSlice], config: DataConfig, seed: int, device: str, dose: float | None = None
+) -> list[np.ndarray]:
     """Low-dose partner of every slice: the real one when present, else simulated (at ``dose``, or a dose
     drawn per slice from the config's range)."""
     rng = np.random.default_rng(seed)
@@ -157,8 +170,7 @@ def draw_dose(config: DataConfig, rng: np.random.Generator) -> float:
     return float(rng.uniform(config.dose, config.dose_max))
 
 
-def simulate_on_device(full_hu: torch.Tensor, spacing_mm: tuple[float, float], dose: float, seed: int
-                       ) -> torch.Tensor:
+def simulate_on_device(full_hu: torch.Tensor, spacing_mm: tuple[float, float], dose: float, seed: int) -> torch.Tensor:
     """Low-dose realisation of ``full_hu (N, H, W)`` HU on its own device, returned there, ``(N, H, W)`` HU.
 
     The one place training calls the simulator. One generator on the slices' own device draws the whole batch:
@@ -193,28 +205,44 @@ class TrainingData:
     batches: int = 0
 
     @classmethod
-    def build(cls, config: DataConfig, device: torch.device, seed: int, rank: int = 0,
-              validation_slices: int = 8) -> "TrainingData":
+    def build(
+        cls, config: DataConfig, device: torch.device, seed: int, rank: int = 0, validation_slices: int = 8
+    ) -> TrainingData:
         slices, language = load_slices(config)
         train, validation = split_slices(slices, config, seed)
         validation = pick_validation(validation, validation_slices)
-        logger.info("training on %d slices of %d patients; validating on %d slices of %d patients", len(train),
-                    len({s.patient for s in train}), len(validation), len({s.patient for s in validation}))
+        logger.info(
+            "training on %d slices of %d patients; validating on %d slices of %d patients",
+            len(train),
+            len({s.patient for s in train}),
+            len(validation),
+            len({s.patient for s in validation}),
+        )
         simulation_device = "cuda" if device.type == "cuda" else "cpu"
         # Validation noise is drawn once per dose with a fixed seed so scores are comparable across steps.
         val_slices, val_low, val_dose = [], [], []
         for k, dose in enumerate(config.validation_doses):
-            val_low += simulate_low_dose(validation, config, seed=10_000 + 17 * k + seed, device=simulation_device,
-                                         dose=dose)
+            val_low += simulate_low_dose(
+                validation, config, seed=10_000 + 17 * k + seed, device=simulation_device, dose=dose
+            )
             val_slices += validation
             val_dose += [dose] * len(validation)
         # The sampler holds the normal-dose slices (HU, padded to at least one patch) and body patch centres.
         images = [torch.as_tensor(s.full, dtype=torch.float32)[None].to(device) for s in train]
         sampler = PatchSampler(images, [s.full for s in train], config.patch_size, seed=seed * 1000 + rank)
         rng = np.random.default_rng([seed, rank, 7919])
-        return cls(train=train, validation=val_slices, validation_low=val_low, validation_dose=val_dose,
-                   sampler=sampler, language=language, config=config, device=device, seed=seed * 1000 + rank,
-                   rng=rng)
+        return cls(
+            train=train,
+            validation=val_slices,
+            validation_low=val_low,
+            validation_dose=val_dose,
+            sampler=sampler,
+            language=language,
+            config=config,
+            device=device,
+            seed=seed * 1000 + rank,
+            rng=rng,
+        )
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """``(low, full, slice_indices)``: patches (B, 1, P, P) in model range with noise never used before, and
@@ -260,7 +288,7 @@ class TrainingData:
             boxes = []
             for n, image in enumerate(images):
                 top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
-                stack[n, top:top + image.shape[0], left:left + image.shape[1]] = image
+                stack[n, top : top + image.shape[0], left : left + image.shape[1]] = image
                 boxes.append((slice(top, top + image.shape[0]), slice(left, left + image.shape[1])))
             dose = draw_dose(self.config, self.rng)
             seed = int(self.rng.integers(0, 2**62))
@@ -288,8 +316,12 @@ class TrainingData:
 
     def state(self) -> dict:
         """What resuming needs to continue the same stream of patches and noise."""
-        return {"sampler_rng": self.sampler.generator.get_state(), "noise_rng": self.rng.bit_generator.state,
-                "batches": self.batches, "validation": self.validation_fingerprint()}
+        return {
+            "sampler_rng": self.sampler.generator.get_state(),
+            "noise_rng": self.rng.bit_generator.state,
+            "batches": self.batches,
+            "validation": self.validation_fingerprint(),
+        }
 
     def restore(self, state: dict) -> None:
         self.sampler.generator.set_state(torch.as_tensor(state["sampler_rng"]).cpu())

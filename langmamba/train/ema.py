@@ -39,14 +39,17 @@ class ModelEMA:
         sources = [params[name].detach() for name in self._names]
         if targets:
             torch._foreach_lerp_(targets, sources, 1.0 - decay)
-        for (name, buffer), (_, source) in zip(self.model.named_buffers(), model.named_buffers()):
+        for (_name, buffer), (_, source) in zip(self.model.named_buffers(), model.named_buffers()):
             buffer.copy_(source)
         self.updates += 1
 
     def state_dict(self) -> dict:
         params = dict(self.model.named_parameters())
-        return {"updates": self.updates, "decay": self.decay,
-                "weights": {name: params[name].detach().clone() for name in self._names}}
+        return {
+            "updates": self.updates,
+            "decay": self.decay,
+            "weights": {name: params[name].detach().clone() for name in self._names},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         params = dict(self.model.named_parameters())

@@ -16,9 +16,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,8 +58,9 @@ class Distributed:
 def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment (if any) and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = Distributed(rank=int(os.environ.get("RANK", "0")), world_size=world_size,
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    dist = Distributed(
+        rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     device = torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -70,7 +72,7 @@ def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (the legacy global generator that libraries still draw from)
     torch.manual_seed(seed)
 
 
@@ -80,8 +82,9 @@ class Task(Protocol):
     model: nn.Module  # saved in checkpoints
     metric_name: str
 
-    def loss(self, module: nn.Module, low: torch.Tensor, full: torch.Tensor, which: list[int], step: int
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def loss(
+        self, module: nn.Module, low: torch.Tensor, full: torch.Tensor, which: list[int], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def predict(self, model: nn.Module, low: torch.Tensor, full: torch.Tensor) -> torch.Tensor: ...
 
@@ -111,7 +114,7 @@ class CheckpointStore:
         with atomic_folder(final) as staging:
             save_checkpoint(model, staging / "model", extra={"step": step})
             torch.save(state, staging / "training_state.pt")
-        for old in sorted(self.root.glob("step-*"))[:-self.keep]:
+        for old in sorted(self.root.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -132,8 +135,10 @@ def validate(task: Task, model: nn.Module, data: TrainingData, device: torch.dev
     model.train(was_training)
     if not outputs:
         return {}
-    return {"val_psnr": float(np.mean([metrics.psnr(o, r) for o, r in zip(outputs, references)])),
-            "val_ssim": float(np.mean([metrics.ssim(o, r) for o, r in zip(outputs, references)]))}
+    return {
+        "val_psnr": float(np.mean([metrics.psnr(o, r) for o, r in zip(outputs, references)])),
+        "val_ssim": float(np.mean([metrics.ssim(o, r) for o, r in zip(outputs, references)])),
+    }
 
 
 def plot_log(log_path: Path, figure_path: Path) -> None:
@@ -176,8 +181,10 @@ def initialise_from(model: nn.Module, folder: Path) -> None:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(name for name in trainable if name not in tensors or tensors[name].shape != state[name].shape)
     if missing:
-        raise ConfigError(f"run.init_from={folder} does not fit this model: {len(missing)} trainable tensors "
-                          f"missing or of another shape, e.g. {missing[:3]}")
+        raise ConfigError(
+            f"run.init_from={folder} does not fit this model: {len(missing)} trainable tensors "
+            f"missing or of another shape, e.g. {missing[:3]}"
+        )
     with torch.no_grad():
         for name, value in state.items():
             if name in tensors and tensors[name].shape == value.shape:
@@ -185,8 +192,12 @@ def initialise_from(model: nn.Module, folder: Path) -> None:
     logger.info("initialised %d of %d tensors from %s", sum(n in tensors for n in state), len(state), folder)
 
 
-def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, TrainingData, torch.device], Task],
-                 progress: bool = True, resume: bool = True) -> Path:
+def run_training(
+    config: TrainConfig,
+    build_task: Callable[[TrainConfig, TrainingData, torch.device], Task],
+    progress: bool = True,
+    resume: bool = True,
+) -> Path:
     """Train the task's model; returns the folder of the exported model (``<output>/model``).
 
     The exponential moving average of the weights (``optim.ema_decay``) is what is validated; the best average
@@ -204,10 +215,12 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
     trainable = [p for p in model.parameters() if p.requires_grad]
     module = model
     if dist.active:
-        module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None)
-    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-                                  betas=(0.9, 0.99))
+        module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=(0.9, 0.99)
+    )
     ema = ModelEMA(model, config.optim.ema_decay)
     store = CheckpointStore(output)
     best = {"val_psnr": -math.inf, "step": 0}
@@ -222,13 +235,20 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
             _truncate_csv(log_path, fields, start)
     elif dist.is_main:
         if store.root.exists() or log_path.exists():
-            raise ConfigError(f"{output} already holds a training run; resume it (leave resume on) or choose "
-                              "another run.output")
+            raise ConfigError(
+                f"{output} already holds a training run; resume it (leave resume on) or choose another run.output"
+            )
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.run.bf16)
-    bar = tqdm(range(start, config.optim.steps), initial=start, total=config.optim.steps, desc=f"train {config.model}",
-               disable=not (progress and dist.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        range(start, config.optim.steps),
+        initial=start,
+        total=config.optim.steps,
+        desc=f"train {config.model}",
+        disable=not (progress and dist.is_main),
+        dynamic_ncols=True,
+    )
     started, last_parts, done = time.time(), {}, start
     for step in bar:
         for group in optimizer.param_groups:
@@ -251,14 +271,20 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
         if done % config.run.log_every == 0 or last:
             last_parts = {k: float(v) for k, v in parts.items()}
             bar.set_postfix(loss=f"{loss.item():.4g}")
-            row = {"step": done, "loss": loss.item(), "lr": learning_rate(step, config),
-                   "seconds": round(time.time() - started, 1)}
+            row = {
+                "step": done,
+                "loss": loss.item(),
+                "lr": learning_rate(step, config),
+                "seconds": round(time.time() - started, 1),
+            }
         if dist.is_main and (done % config.run.validate_every == 0 or last):
             scores = validate(task, ema.model, data, device)
             row = (row or {"step": done}) | scores
             if scores:
-                bar.write(f"step {done}: validation PSNR {scores['val_psnr']:.2f} dB, SSIM {scores['val_ssim']:.4f}"
-                          f" (moving average of the weights)")
+                bar.write(
+                    f"step {done}: validation PSNR {scores['val_psnr']:.2f} dB, SSIM {scores['val_ssim']:.4f}"
+                    f" (moving average of the weights)"
+                )
                 if scores["val_psnr"] > best["val_psnr"]:
                     best = {"val_psnr": scores["val_psnr"], "val_ssim": scores["val_ssim"], "step": done}
                     _save_model(ema.model, output / "best", {"step": done, "validation": scores})
@@ -275,8 +301,12 @@ def run_training(config: TrainConfig, build_task: Callable[[TrainConfig, Trainin
     bar.close()
     final = output / "model"
     if dist.is_main:
-        extra = {"steps": done, "train_config": config.to_dict(), "final_losses": last_parts,
-                 "ema_decay": config.optim.ema_decay}
+        extra = {
+            "steps": done,
+            "train_config": config.to_dict(),
+            "final_losses": last_parts,
+            "ema_decay": config.optim.ema_decay,
+        }
         if (output / "best").is_dir() and best["step"]:
             chosen = load_checkpoint(output / "best")
             extra |= {"best_step": best["step"], "validation": {k: v for k, v in best.items() if k != "step"}}
@@ -299,10 +329,15 @@ def _save_model(model: nn.Module, folder: Path, extra: dict) -> None:
 
 def _write_status(output: Path, config: TrainConfig, step: int, best: dict, finished: bool) -> None:
     """``status.json``: steps done of the planned total and the best validation so far (read by scripts)."""
-    status = {"model": config.model, "step": step, "steps": config.optim.steps, "finished": finished,
-              "best_step": best.get("step") or None,
-              "best_val_psnr": best["val_psnr"] if math.isfinite(best["val_psnr"]) else None,
-              "best_val_ssim": best.get("val_ssim")}
+    status = {
+        "model": config.model,
+        "step": step,
+        "steps": config.optim.steps,
+        "finished": finished,
+        "best_step": best.get("step") or None,
+        "best_val_psnr": best["val_psnr"] if math.isfinite(best["val_psnr"]) else None,
+        "best_val_ssim": best.get("val_ssim"),
+    }
     write_text(output / "status.json", json.dumps(status, indent=1))
 
 
@@ -336,17 +371,31 @@ def _truncate_csv(path: Path, fields: list[str], last_step: int) -> None:
 
 
 def _state(optimizer: torch.optim.Optimizer, ema: ModelEMA, data: TrainingData, step: int, best: dict) -> dict:
-    return {"step": step, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "best": best,
-            "data": data.state(), "torch_rng": torch.get_rng_state()}
+    return {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict(),
+        "best": best,
+        "data": data.state(),
+        "torch_rng": torch.get_rng_state(),
+    }
 
 
-def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA, data: TrainingData,
-             device: torch.device) -> tuple[int, dict]:
+def _restore(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEMA,
+    data: TrainingData,
+    device: torch.device,
+) -> tuple[int, dict]:
     state_dict = read_weights(folder / "model")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if not k.endswith("codebook")]:
-        raise CheckpointError(f"cannot resume from {folder}: it was written by another architecture "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"cannot resume from {folder}: it was written by another architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     state = torch.load(folder / "training_state.pt", map_location=device, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     if "ema" in state:
@@ -360,7 +409,11 @@ def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, e
     if state.get("data", {}).get("validation") not in (None, data.validation_fingerprint()):
         # Other validation slices or noise than when the best was scored (code or data changed between calls):
         # the next validation starts the comparison afresh (<output>/best is replaced then).
-        logger.warning("the validation set changed since %s; the best score so far (%.2f dB at step %d) is "
-                       "no longer compared", folder, best["val_psnr"], best["step"])
+        logger.warning(
+            "the validation set changed since %s; the best score so far (%.2f dB at step %d) is no longer compared",
+            folder,
+            best["val_psnr"],
+            best["step"],
+        )
         best = {"val_psnr": -math.inf, "step": 0}
     return int(state["step"]), best

@@ -10,8 +10,14 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError
 
 
-def export_checkpoint(source: str | Path, destination: str | Path, *, half: bool = False,
-                      inference_only: bool = False, max_shard_mb: float | None = None) -> Path:
+def export_checkpoint(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    half: bool = False,
+    inference_only: bool = False,
+    max_shard_mb: float | None = None,
+) -> Path:
     """Load ``source`` and save it to ``destination`` (fp16 weights with ``half``; a LangMamba without its
     LangAE image decoder with ``inference_only``; weight files of at most ``max_shard_mb`` MiB), keeping the
     training record under ``extra``."""

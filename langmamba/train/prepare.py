@@ -22,8 +22,13 @@ def prepare_dataset(config: TrainConfig, output: str | Path, progress: bool = Tr
     slices, _ = load_slices(config.data)
     c = config.langae
     space = load_language_space(c.vlm_backend, c.vlm_model, c.vocabulary)
-    words = select_words(space, [s.full for s in slices], c.word_thresholds,
-                         labels=[s.label if s.label is not None else np.zeros(s.full.shape, bool) for s in slices],
-                         progress=progress)
-    return write_prepared(output, slices, words, space.codebook().numpy(), space.vocabulary, space.describe(),
-                          c.word_thresholds)
+    words = select_words(
+        space,
+        [s.full for s in slices],
+        c.word_thresholds,
+        labels=[s.label if s.label is not None else np.zeros(s.full.shape, bool) for s in slices],
+        progress=progress,
+    )
+    return write_prepared(
+        output, slices, words, space.codebook().numpy(), space.vocabulary, space.describe(), c.word_thresholds
+    )

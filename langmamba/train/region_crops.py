@@ -41,8 +41,14 @@ class RegionCrops:
             any): lesions are rare, and their words are learnt only there.
     """
 
-    def __init__(self, slices: Sequence[CTSlice], patch_size: int, device: torch.device, seed: int = 0,
-                 lesion_share: float = 0.25) -> None:
+    def __init__(
+        self,
+        slices: Sequence[CTSlice],
+        patch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        lesion_share: float = 0.25,
+    ) -> None:
         self.patch_size = int(patch_size)
         self.lesion_share = float(lesion_share)
         self.device = device
@@ -51,16 +57,25 @@ class RegionCrops:
         for s in slices:
             hu = torch.as_tensor(np.asarray(s.full, np.float32), device=device)
             classes = classify_hu(hu[None])[0]
-            label = torch.zeros_like(hu) if s.label is None else torch.as_tensor(np.asarray(s.label) != 0,
-                                                                                  device=device).float()
+            label = (
+                torch.zeros_like(hu)
+                if s.label is None
+                else torch.as_tensor(np.asarray(s.label) != 0, device=device).float()
+            )
             stack = torch.stack([hu_to_model(hu), classes.float(), label])
             stack = _pad_to(stack, self.patch_size)
             self.stacks.append(stack)
             self.has_label.append(s.label is not None)
             # Crop corners whose centre lies in the body (any corner when none does).
             half = self.patch_size // 2
-            body = stack[1, half:stack.shape[1] - self.patch_size + half + 1,
-                         half:stack.shape[2] - self.patch_size + half + 1] > 0
+            body = (
+                stack[
+                    1,
+                    half : stack.shape[1] - self.patch_size + half + 1,
+                    half : stack.shape[2] - self.patch_size + half + 1,
+                ]
+                > 0
+            )
             corners = torch.nonzero(body).cpu() if body.any() else torch.nonzero(torch.ones_like(body)).cpu()
             self.starts.append(corners)
         self.with_lesion = [i for i, s in enumerate(slices) if s.label is not None and np.asarray(s.label).any()]
@@ -80,7 +95,7 @@ class RegionCrops:
         for index in which:
             corners = self.starts[index]
             top, left = corners[torch.randint(0, len(corners), (1,), generator=self.generator)].tolist()[0]
-            crop = self.stacks[index][:, top:top + p, left:left + p]
+            crop = self.stacks[index][:, top : top + p, left : left + p]
             flips = torch.randint(0, 2, (3,), generator=self.generator).tolist()
             if flips[0]:
                 crop = crop.flip(-1)

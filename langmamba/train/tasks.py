@@ -26,10 +26,15 @@ logger = logging.getLogger(__name__)
 def langae_architecture(section: LangAETrainConfig) -> LangAEConfig:
     """The LangAE architecture of a ``langae`` training section (codebook sizes come from the tensors)."""
     return LangAEConfig(
-        base_channels=section.base_channels, channel_multipliers=tuple(section.channel_multipliers),
-        num_res_blocks=section.num_res_blocks, z_channels=section.z_channels, quantizer=section.quantizer,
-        region_sizes=tuple(section.region_sizes), detail_stages=section.detail_stages,
-        detail_groups=section.detail_groups, logit_scale=section.logit_scale,
+        base_channels=section.base_channels,
+        channel_multipliers=tuple(section.channel_multipliers),
+        num_res_blocks=section.num_res_blocks,
+        z_channels=section.z_channels,
+        quantizer=section.quantizer,
+        region_sizes=tuple(section.region_sizes),
+        detail_stages=section.detail_stages,
+        detail_groups=section.detail_groups,
+        logit_scale=section.logit_scale,
     )
 
 
@@ -52,17 +57,26 @@ class LangAETask:
             from ..vlm import load_language_space, select_words
 
             space = load_language_space(c.vlm_backend, c.vlm_model, c.vocabulary)
-            words = select_words(space, [s.full for s in data.train], c.word_thresholds,
-                                 labels=[s.label if s.label is not None else np.zeros(s.full.shape, bool)
-                                         for s in data.train], progress=True)
+            words = select_words(
+                space,
+                [s.full for s in data.train],
+                c.word_thresholds,
+                labels=[s.label if s.label is not None else np.zeros(s.full.shape, bool) for s in data.train],
+                progress=True,
+            )
             for s, per_level in zip(data.train, words):
                 s.words = per_level
             codebook, vocabulary, identity = space.codebook(), space.vocabulary, space.describe()
         else:
             codebook = torch.as_tensor(data.language["codebook"])
             vocabulary, identity = data.language["vocabulary"], data.language["describe"]
-        self.model = LangAE(langae_architecture(c), codebook=codebook, vocabulary=vocabulary,
-                            vlm_backend=identity.get("backend"), vlm_id=identity.get("model"))
+        self.model = LangAE(
+            langae_architecture(c),
+            codebook=codebook,
+            vocabulary=vocabulary,
+            vlm_backend=identity.get("backend"),
+            vlm_id=identity.get("model"),
+        )
         # (slices, V) candidate mask per pyramid level, indexed by the slice each patch came from.
         self.candidates = []
         for level in range(3):
@@ -77,9 +91,15 @@ class LangAETask:
         candidates = [mask[index] for mask in self.candidates]
         reconstruction, quantized = module(full, candidates)
         c = self.weights
-        return stage1_loss(reconstruction, full, quantized, l1_weight=c.l1_weight,
-                           perceptual_weight=c.perceptual_weight, commitment_weight=c.commitment_weight,
-                           semantic_weight=c.semantic_weight)
+        return stage1_loss(
+            reconstruction,
+            full,
+            quantized,
+            l1_weight=c.l1_weight,
+            perceptual_weight=c.perceptual_weight,
+            commitment_weight=c.commitment_weight,
+            semantic_weight=c.semantic_weight,
+        )
 
     def predict(self, model, low, full):
         reconstruction, _ = model(_crop16(full))
@@ -90,8 +110,12 @@ def _detail_codes(c, region) -> tuple[torch.Tensor, torch.Tensor]:
     """Token codes of the language model behind the region vocabulary (packaged for MiniLM)."""
     from ..vlm.token_codes import MINILM_CODES_DIM, MINILM_DIRECTIONS, minilm_codes, principal_codes
 
-    if (c.vlm_backend == "offline" and c.vlm_model is None and c.detail_dim <= MINILM_CODES_DIM
-            and c.detail_dim * c.detail_groups <= MINILM_DIRECTIONS):
+    if (
+        c.vlm_backend == "offline"
+        and c.vlm_model is None
+        and c.detail_dim <= MINILM_CODES_DIM
+        and c.detail_dim * c.detail_groups <= MINILM_DIRECTIONS
+    ):
         return minilm_codes(c.detail_dim, c.detail_groups)
     if region.space is None:
         raise ConfigError(f"the {c.vlm_backend} language model is needed for its token table (detail codes)")
@@ -123,20 +147,32 @@ class ResidualLangAETask(LangAETask):
         region = load_region_language(c.vocabulary, c.vlm_backend, c.vlm_model)
         detail_codes, projection = _detail_codes(c, region)
         architecture = langae_architecture(c).replace(normalize_latent=False, word_classes=list(region.classes))
-        self.model = LangAE(architecture, codebook=region.codebook, vocabulary=region.words,
-                            vlm_backend=region.describe.get("backend"), vlm_id=region.describe.get("model"),
-                            detail_codebook=detail_codes, detail_projection=projection)
+        self.model = LangAE(
+            architecture,
+            codebook=region.codebook,
+            vocabulary=region.words,
+            vlm_backend=region.describe.get("backend"),
+            vlm_id=region.describe.get("model"),
+            detail_codebook=detail_codes,
+            detail_projection=projection,
+        )
         self.per_class, self.lesion_words = class_word_masks(region.classes, device)
         self.classes = len(REGION_CLASSES)
         self.crops = RegionCrops(data.train, config.data.patch_size, device, seed=config.run.seed + 17)
         self.low_count = int(round(c.low_dose_fraction * config.optim.batch_size))
         self.crop_count = config.optim.batch_size - self.low_count
         self.weights = c
-        logger.info("residual LangAE: %d region words, %d detail codes of dimension %d, %d training slices",
-                    len(region.words), detail_codes.shape[0], detail_codes.shape[1], len(self.crops))
+        logger.info(
+            "residual LangAE: %d region words, %d detail codes of dimension %d, %d training slices",
+            len(region.words),
+            detail_codes.shape[0],
+            detail_codes.shape[1],
+            len(self.crops),
+        )
 
-    def region_candidates(self, classes: torch.Tensor, lesion: torch.Tensor, has_label: torch.Tensor
-                          ) -> list[torch.Tensor]:
+    def region_candidates(
+        self, classes: torch.Tensor, lesion: torch.Tensor, has_label: torch.Tensor
+    ) -> list[torch.Tensor]:
         """Candidate masks ``(B, g_h, g_w, V)`` per word level of crops with class maps ``(B, P, P)``."""
         from ..vlm.regions import candidate_words, region_fractions
 
@@ -155,21 +191,27 @@ class ResidualLangAETask(LangAETask):
         if self.low_count:
             noisy = low[: self.low_count]
             if noisy.shape[-2:] != image.shape[-2:]:
-                raise ConfigError(f"low-dose patches {tuple(noisy.shape[-2:])} and crops {tuple(image.shape[-2:])} "
-                                  "differ in size")
+                raise ConfigError(
+                    f"low-dose patches {tuple(noisy.shape[-2:])} and crops {tuple(image.shape[-2:])} differ in size"
+                )
             # The low-dose patches read the tissue of their normal-dose partner (same place): words that do not
             # follow the noise. Their body mask comes from the patch (exact for whole slices); no lesion words.
             partner = classify_hu(model_to_hu(full[: self.low_count, 0].float()))
             no_lesion = torch.zeros(self.low_count, device=full.device, dtype=torch.bool)
-            low_candidates = self.region_candidates(partner, torch.zeros_like(partner, dtype=torch.float32),
-                                                    no_lesion)
+            low_candidates = self.region_candidates(partner, torch.zeros_like(partner, dtype=torch.float32), no_lesion)
             inputs = torch.cat([noisy, inputs])
             candidates = [torch.cat([a, b]) for a, b in zip(low_candidates, candidates)]
         reconstruction, quantized = module(inputs, candidates)
         c = self.weights
-        total, parts = stage1_loss(reconstruction, inputs, quantized, l1_weight=c.l1_weight,
-                                   perceptual_weight=c.perceptual_weight, commitment_weight=c.commitment_weight,
-                                   semantic_weight=c.semantic_weight)
+        total, parts = stage1_loss(
+            reconstruction,
+            inputs,
+            quantized,
+            l1_weight=c.l1_weight,
+            perceptual_weight=c.perceptual_weight,
+            commitment_weight=c.commitment_weight,
+            semantic_weight=c.semantic_weight,
+        )
         parts["coarse_perplexity"] = code_perplexity(quantized.token_ids[0], self.model.quantizer.codebook_size)
         return total, parts
 
@@ -195,8 +237,9 @@ class DenoiserTask:
 
         langae = load_checkpoint(config.denoiser.langae)
         if not isinstance(langae, LangAE):
-            raise ConfigError(f"denoiser.langae must be a LangAE checkpoint, {config.denoiser.langae} holds "
-                              f"{type(langae).__name__}")
+            raise ConfigError(
+                f"denoiser.langae must be a LangAE checkpoint, {config.denoiser.langae} holds {type(langae).__name__}"
+            )
         self.model = LangMamba.from_langae(langae, decoder_config(config.denoiser))
         self.langda_weight = config.denoiser.langda_weight
 

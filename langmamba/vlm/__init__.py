@@ -18,14 +18,24 @@ import importlib
 # Names are imported on first use (PEP 562), so that ``langmamba.vlm.regions`` and the token codes load on a
 # training or evaluation host that has only numpy and torch.
 _WHERE = {
-    "LanguageModelUnavailableError": "base", "LanguageSpace": "base", "minmax_normalise": "base",
+    "LanguageModelUnavailableError": "base",
+    "LanguageSpace": "base",
+    "minmax_normalise": "base",
     "default_cache_dir": "cache",
-    "DEFAULT_CLIP_MODEL": "clip", "PROMPT_TEMPLATE": "clip", "ClipLanguageSpace": "clip",
-    "BACKENDS": "factory", "load_language_space": "factory",
+    "DEFAULT_CLIP_MODEL": "clip",
+    "PROMPT_TEMPLATE": "clip",
+    "ClipLanguageSpace": "clip",
+    "BACKENDS": "factory",
+    "load_language_space": "factory",
     "OfflineLanguageSpace": "offline",
-    "DEFAULT_THRESHOLDS": "selection", "candidates_from_scores": "selection", "select_words": "selection",
-    "DEFAULT_TEXT_MODEL": "text_encoder", "SentenceEncoder": "text_encoder",
-    "DEFAULT_VOCABULARY_PATH": "vocabulary", "load_vocabulary": "vocabulary", "resolve_vocabulary": "vocabulary",
+    "DEFAULT_THRESHOLDS": "selection",
+    "candidates_from_scores": "selection",
+    "select_words": "selection",
+    "DEFAULT_TEXT_MODEL": "text_encoder",
+    "SentenceEncoder": "text_encoder",
+    "DEFAULT_VOCABULARY_PATH": "vocabulary",
+    "load_vocabulary": "vocabulary",
+    "resolve_vocabulary": "vocabulary",
     "vocabulary_sha256": "vocabulary",
 }
 

@@ -130,7 +130,9 @@ class LanguageSpace(abc.ABC):
     def token_table(self) -> torch.Tensor:
         """The language model's whole frozen token-embedding table ``(N, E')`` (the residual quantizer's
         detail codes, :mod:`langmamba.vlm.token_codes`)."""
-        raise LanguageModelUnavailableError(f"the {self.backend or type(self).__name__} language space has no token table")
+        raise LanguageModelUnavailableError(
+            f"the {self.backend or type(self).__name__} language space has no token table"
+        )
 
     @abc.abstractmethod
     def codebook(self) -> torch.Tensor:

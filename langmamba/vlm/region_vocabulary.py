@@ -48,8 +48,9 @@ def _packaged(words: list[str]) -> tuple[torch.Tensor, dict] | None:
         return torch.from_numpy(archive["codebook"].astype(np.float32)), json.loads(str(archive["describe"]))
 
 
-def load_region_language(vocabulary: str | Path | None = None, backend: str = "offline", model: str | None = None
-                         ) -> RegionLanguage:
+def load_region_language(
+    vocabulary: str | Path | None = None, backend: str = "offline", model: str | None = None
+) -> RegionLanguage:
     """Words, classes and embeddings of a classed vocabulary file (default: the packaged region vocabulary)."""
     path = REGION_VOCABULARY_PATH if vocabulary is None else Path(vocabulary)
     classes = load_word_classes(path)
@@ -62,8 +63,10 @@ def load_region_language(vocabulary: str | Path | None = None, backend: str = "o
     except (LanguageModelUnavailableError, ImportError) as error:
         packaged = _packaged(words) if backend == "offline" and model is None else None
         if packaged is None:
-            raise ConfigError(f"cannot embed the region vocabulary {path} here ({error}); prepare the training set "
-                              "with it where the language model is installed") from error
+            raise ConfigError(
+                f"cannot embed the region vocabulary {path} here ({error}); prepare the training set "
+                "with it where the language model is installed"
+            ) from error
         logger.info("region vocabulary embeddings from %s (%s)", PACKAGED_EMBEDDINGS, error)
         return RegionLanguage(words, [classes[w] for w in words], packaged[0], packaged[1])
 
@@ -78,5 +81,7 @@ def write_packaged_embeddings(path: str | Path = PACKAGED_EMBEDDINGS) -> Path:
     space = OfflineLanguageSpace(words)
     describe = space.describe()
     assert describe["vocabulary_sha256"] == vocabulary_sha256(words)
-    return write_npz(path, {"words": np.array(words), "codebook": space.codebook().numpy(),
-                            "describe": np.array(json.dumps(describe))})
+    return write_npz(
+        path,
+        {"words": np.array(words), "codebook": space.codebook().numpy(), "describe": np.array(json.dumps(describe))},
+    )

@@ -108,16 +108,18 @@ def region_fractions(values: torch.Tensor, size: int, classes: int | None = None
     return pooled.permute(0, 2, 3, 1) if classes is not None else pooled[:, 0]
 
 
-def class_word_masks(word_classes: Sequence[str], device: torch.device | str | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def class_word_masks(
+    word_classes: Sequence[str], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per_class (K, V) bool, lesion (V,) bool)``: the words of each :data:`REGION_CLASSES` entry, lesion words."""
     per_class = torch.tensor([[c == name for c in word_classes] for name in REGION_CLASSES], device=device)
     lesion = torch.tensor([c == "lesion" for c in word_classes], device=device)
     return per_class, lesion
 
 
-def candidate_words(fractions: torch.Tensor, lesion_fraction: torch.Tensor | None, per_class: torch.Tensor,
-                    lesion_words: torch.Tensor) -> torch.Tensor:
+def candidate_words(
+    fractions: torch.Tensor, lesion_fraction: torch.Tensor | None, per_class: torch.Tensor, lesion_words: torch.Tensor
+) -> torch.Tensor:
     """Candidate word mask per region: ``(B, g_h, g_w, K)`` fractions -> bool ``(B, g_h, g_w, V)``.
 
     ``lesion_fraction`` ``(B, g_h, g_w)`` (``None`` where no lesion mask exists) adds the lesion words

@@ -44,8 +44,9 @@ def principal_codes(table: torch.Tensor, dim: int, groups: int = 1) -> tuple[tor
     """``(codes (N, dim), projection (groups * dim, E))`` of a token table ``(N, E)`` (module docstring)."""
     directions = dim * groups
     if table.ndim != 2 or dim < 1 or groups < 1 or directions > min(table.shape):
-        raise ConfigError(f"cannot take {groups} × {dim} principal directions of a token table of shape "
-                          f"{tuple(table.shape)}")
+        raise ConfigError(
+            f"cannot take {groups} × {dim} principal directions of a token table of shape {tuple(table.shape)}"
+        )
     centred = table.double() - table.double().mean(dim=0)
     _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
     projection = vh[:directions]
@@ -60,11 +61,13 @@ def principal_codes(table: torch.Tensor, dim: int, groups: int = 1) -> tuple[tor
 def minilm_codes(dim: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The packaged MiniLM detail codes: ``(codes (30522, dim), projection (groups * dim, 384))``."""
     if not 1 <= dim <= MINILM_CODES_DIM or not 1 <= dim * groups <= MINILM_DIRECTIONS:
-        raise ConfigError(f"the packaged MiniLM token codes have at most {MINILM_CODES_DIM} dimensions and "
-                          f"{MINILM_DIRECTIONS} directions, asked {groups} × {dim}")
+        raise ConfigError(
+            f"the packaged MiniLM token codes have at most {MINILM_CODES_DIM} dimensions and "
+            f"{MINILM_DIRECTIONS} directions, asked {groups} × {dim}"
+        )
     with np.load(MINILM_CODES_PATH) as archive:
         codes = torch.from_numpy(archive["codes"][:, :dim].astype(np.float32))
-        projection = torch.from_numpy(archive["projection"][:dim * groups].astype(np.float32))
+        projection = torch.from_numpy(archive["projection"][: dim * groups].astype(np.float32))
     return codes, projection
 
 

@@ -22,8 +22,7 @@ from langmamba.errors import ConfigError
 DEFAULT_VOCABULARY_PATH = Path(__file__).resolve().parent.parent / "resources" / "vocabulary.txt"
 REGION_VOCABULARY_PATH = Path(__file__).resolve().parent.parent / "resources" / "region_vocabulary.txt"
 
-WORD_CLASSES = ("air", "lung", "fat", "fluid", "soft tissue", "enhanced vessel", "bone", "metal", "lesion",
-                "structure")
+WORD_CLASSES = ("air", "lung", "fat", "fluid", "soft tissue", "enhanced vessel", "bone", "metal", "lesion", "structure")
 """Tissue classes a vocabulary word may carry; the first eight are HU classes of a region
 (:data:`langmamba.vlm.regions.REGION_CLASSES`), ``lesion`` is supervised by lesion masks, ``structure`` never."""
 
@@ -61,8 +60,9 @@ def _read_entries(path: Path) -> list[tuple[str, str | None]]:
             continue
         word, bar, word_class = (part.strip() for part in entry.partition("|"))
         if bar and word_class not in WORD_CLASSES:
-            raise ConfigError(f"vocabulary file {path}, line {number}: unknown class {word_class!r}; "
-                              f"known: {', '.join(WORD_CLASSES)}")
+            raise ConfigError(
+                f"vocabulary file {path}, line {number}: unknown class {word_class!r}; known: {', '.join(WORD_CLASSES)}"
+            )
         if not word:
             raise ConfigError(f"vocabulary file {path}, line {number}: no word before the class")
         entries.append((word, word_class if bar else None))
@@ -82,8 +82,10 @@ def load_word_classes(path: str | Path | None = None) -> dict[str, str]:
     _check_unique([word for word, _ in entries], f"file {path}")
     missing = [word for word, word_class in entries if word_class is None]
     if missing:
-        raise ConfigError(f"vocabulary file {path} names no class for {len(missing)} words, e.g. {missing[0]!r}; "
-                          "write them as 'word | class'")
+        raise ConfigError(
+            f"vocabulary file {path} names no class for {len(missing)} words, e.g. {missing[0]!r}; "
+            "write them as 'word | class'"
+        )
     return dict(entries)
 
 

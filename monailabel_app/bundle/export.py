@@ -16,12 +16,13 @@ from pathlib import Path
 BUNDLE = Path(__file__).resolve().parent / "langmamba_ct_denoise"
 
 
-def export_bundle(destination: str | os.PathLike, weights: str | os.PathLike | None = None,
-                  overwrite: bool = False) -> Path:
+def export_bundle(
+    destination: str | os.PathLike, weights: str | os.PathLike | None = None, overwrite: bool = False
+) -> Path:
     """Write the bundle to ``destination/langmamba_ct_denoise`` atomically and return that folder."""
-    from langmamba.runtime import default_weights
     from langmamba.errors import OverwriteError
     from langmamba.io.atomic import atomic_folder
+    from langmamba.runtime import default_weights
 
     weights = Path(weights) if weights else default_weights()
     target = Path(destination) / BUNDLE.name

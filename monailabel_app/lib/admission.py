@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from starlette.requests import Request
 
@@ -39,8 +39,9 @@ class Admission:
             if sum(self._held.values()) >= self.max_queue:
                 raise TooBusyError(f"the server's queue is full ({self.max_queue} requests); retry later")
             if self._held[client] >= self.max_per_client:
-                raise TooBusyError(f"this client already has {self.max_per_client} requests in progress; wait for "
-                                   "one to finish")
+                raise TooBusyError(
+                    f"this client already has {self.max_per_client} requests in progress; wait for one to finish"
+                )
             self._held[client] += 1
         try:
             yield

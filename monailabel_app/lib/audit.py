@@ -26,8 +26,17 @@ class AuditLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def record(self, *, user: str, client: str, image: str | None, status: int, outcome: str, started: float,
-               saved: str | None = None) -> dict:
+    def record(
+        self,
+        *,
+        user: str,
+        client: str,
+        image: str | None,
+        status: int,
+        outcome: str,
+        started: float,
+        saved: str | None = None,
+    ) -> dict:
         """Write one record; ``started`` is the request's ``time.time()`` at arrival, ``status`` the HTTP
         status, ``outcome`` the error kind or ``"ok"``/``"cancelled"``."""
         entry = {

@@ -59,9 +59,13 @@ class TokenPolicy:
         if pinned and not pinned.startswith("-----BEGIN"):
             pinned = Path(pinned).expanduser().read_text().strip()
         realm = settings.MONAI_LABEL_AUTH_REALM_URI
-        return cls(issuer=os.environ.get("LANGMAMBA_AUTH_ISSUER", realm),
-                   audience=os.environ.get("LANGMAMBA_AUTH_AUDIENCE", settings.MONAI_LABEL_AUTH_CLIENT_ID),
-                   leeway_s=leeway, pinned_key=pinned, realm_uri=realm)
+        return cls(
+            issuer=os.environ.get("LANGMAMBA_AUTH_ISSUER", realm),
+            audience=os.environ.get("LANGMAMBA_AUTH_AUDIENCE", settings.MONAI_LABEL_AUTH_CLIENT_ID),
+            leeway_s=leeway,
+            pinned_key=pinned,
+            realm_uri=realm,
+        )
 
 
 _keys: dict[str, str] = {}
@@ -73,10 +77,13 @@ def realm_key(policy: TokenPolicy) -> str:
     if policy.pinned_key:
         return policy.pinned_key
     if not policy.realm_uri.lower().startswith("https://"):
-        logger.error("auth: the realm URL is not HTTPS and no key is pinned (LANGMAMBA_AUTH_PUBLIC_KEY); "
-                     "refusing every token")
-        raise HTTPException(status_code=503, detail="the server's token key is not configured securely "
-                            "(the realm URL must be HTTPS, or the key pinned)")
+        logger.error(
+            "auth: the realm URL is not HTTPS and no key is pinned (LANGMAMBA_AUTH_PUBLIC_KEY); refusing every token"
+        )
+        raise HTTPException(
+            status_code=503,
+            detail="the server's token key is not configured securely (the realm URL must be HTTPS, or the key pinned)",
+        )
     with _keys_lock:
         if policy.realm_uri not in _keys:
             try:
@@ -92,10 +99,21 @@ def realm_key(policy: TokenPolicy) -> str:
 
 def decode(token: str, policy: TokenPolicy) -> dict:
     """The claims of ``token``; :class:`jwt.InvalidTokenError` when any check of :class:`TokenPolicy` fails."""
-    return jwt.decode(token, realm_key(policy), algorithms=ALGORITHMS, audience=policy.audience,
-                      issuer=policy.issuer, leeway=policy.leeway_s,
-                      options={"verify_signature": True, "verify_exp": True, "verify_aud": True,
-                               "verify_iss": True, "require": ["exp", "iss", "aud"]})
+    return jwt.decode(
+        token,
+        realm_key(policy),
+        algorithms=ALGORITHMS,
+        audience=policy.audience,
+        issuer=policy.issuer,
+        leeway=policy.leeway_s,
+        options={
+            "verify_signature": True,
+            "verify_exp": True,
+            "verify_aud": True,
+            "verify_iss": True,
+            "require": ["exp", "iss", "aud"],
+        },
+    )
 
 
 def from_token(token: str) -> auth.User:

@@ -36,8 +36,12 @@ def not_found(image_id: str) -> ImageNotFoundError:
 
 def check_image_id(image_id: str) -> str:
     """``image_id`` if it can only name a datastore entry; else :func:`not_found`."""
-    if not isinstance(image_id, str) or not _ID.fullmatch(image_id) or image_id[0] in ".~" \
-            or image_id != image_id.strip():
+    if (
+        not isinstance(image_id, str)
+        or not _ID.fullmatch(image_id)
+        or image_id[0] in ".~"
+        or image_id != image_id.strip()
+    ):
         raise not_found(str(image_id))
     return image_id
 
@@ -80,11 +84,13 @@ def result_path(studies: Path, name: str, *, listed: bool, overwrite: bool, repl
         raise OverwriteError(f"the result {name!r} would be written through a symbolic link; refused")
     if listed or target.exists():
         if not overwrite:
-            raise OverwriteError(f"the datastore already holds {name!r}; pass \"overwrite\": true in params to "
-                                 "replace it")
+            raise OverwriteError(
+                f'the datastore already holds {name!r}; pass "overwrite": true in params to replace it'
+            )
         if not replaceable:
-            raise OverwriteError(f"the datastore entry {name!r} is not an earlier LangMamba result of this image; "
-                                 "it is never replaced")
+            raise OverwriteError(
+                f"the datastore entry {name!r} is not an earlier LangMamba result of this image; it is never replaced"
+            )
     return target
 
 

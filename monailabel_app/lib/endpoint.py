@@ -37,6 +37,9 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.exception import MONAILabelException
 from requests_toolbelt import MultipartEncoder
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -44,12 +47,15 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from monailabel.config import settings
-from monailabel.endpoints.user.auth import RBAC, User
-from monailabel.interfaces.exception import MONAILabelException
-
-from langmamba.errors import (CancelledError, ConfigError, EmptyInputError, InputError, OverwriteError,
-                              UnsupportedFormatError, VolumeTooLargeError)
+from langmamba.errors import (
+    CancelledError,
+    ConfigError,
+    EmptyInputError,
+    InputError,
+    OverwriteError,
+    UnsupportedFormatError,
+    VolumeTooLargeError,
+)
 from langmamba.io.archive import extract_zip_series
 from langmamba.io.formats import suffix_of
 
@@ -107,8 +113,10 @@ def parse_params(text: object) -> dict:
         raise ConfigError("params must be a JSON object")
     unknown = sorted(set(params) - set(DenoiseParams.KEYS))
     if unknown:
-        raise ConfigError(f"unknown params key(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
-                          f"known: {', '.join(DenoiseParams.KEYS)}")
+        raise ConfigError(
+            f"unknown params key(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
+            f"known: {', '.join(DenoiseParams.KEYS)}"
+        )
     return params
 
 
@@ -203,11 +211,14 @@ def _params_file(params: dict, explanations: Path | None) -> Path:
 def _multipart(params: Path, image: Path, name: str, cleanup: BackgroundTask) -> StreamingResponse:
     """MONAI Label's ``output=all`` response: a ``params`` JSON part (the file ``params``) and an ``image`` file
     part called ``name``, streamed from the files."""
-    params_handle, image_handle = open(params, "rb"), open(image, "rb")
-    encoder = MultipartEncoder(fields={
-        "params": (None, params_handle, "application/json"),
-        "image": (name, image_handle, "application/octet-stream"),
-    })
+    # The handles stay open while the response streams and are closed once it is sent.
+    params_handle, image_handle = open(params, "rb"), open(image, "rb")  # noqa: SIM115
+    encoder = MultipartEncoder(
+        fields={
+            "params": (None, params_handle, "application/json"),
+            "image": (name, image_handle, "application/octet-stream"),
+        }
+    )
 
     def chunks() -> Any:
         try:
@@ -217,8 +228,9 @@ def _multipart(params: Path, image: Path, name: str, cleanup: BackgroundTask) ->
             params_handle.close()
             image_handle.close()
 
-    return StreamingResponse(chunks(), media_type=encoder.content_type, headers={"Content-Length": str(encoder.len)},
-                             background=cleanup)
+    return StreamingResponse(
+        chunks(), media_type=encoder.content_type, headers={"Content-Length": str(encoder.len)}, background=cleanup
+    )
 
 
 def _remove(*paths: Path | None) -> None:
@@ -246,8 +258,15 @@ def make_endpoint(app_getter):
             response = error_response(429, "TooBusyError", str(err))
             response.headers["Retry-After"] = "10"
         finally:
-            instance.audit.record(user=who, client=peer, image=image, status=outcome["status"],
-                                  outcome=outcome["kind"], started=arrived, saved=outcome["saved"])
+            instance.audit.record(
+                user=who,
+                client=peer,
+                image=image,
+                status=outcome["status"],
+                outcome=outcome["kind"],
+                started=arrived,
+                saved=outcome["saved"],
+            )
         return response
 
     return infer_langmamba
@@ -268,8 +287,9 @@ async def _serve(instance, request: Request, outcome: dict) -> Response:
         form = await _read_form(request, limit)
     except _BodyTooLarge:
         await _drain(request, limit)
-        return refuse(413, "VolumeTooLargeError",
-                      f"the request body is larger than this server's upload limit of {limit:,} bytes")
+        return refuse(
+            413, "VolumeTooLargeError", f"the request body is larger than this server's upload limit of {limit:,} bytes"
+        )
     except ClientDisconnect:
         return refuse(400, "InputError", "the client disconnected before the upload finished")
     except Exception as err:  # python-multipart raises several types for malformed bodies
@@ -290,8 +310,13 @@ async def _serve(instance, request: Request, outcome: dict) -> Response:
             raise InputError("the form field 'file' must be a file upload")
         elif not image:
             raise InputError("give an image id (?image=...) or upload a file in the form field 'file'")
-        infer_request = {**params, "model": MODEL, "image": image, "upload": str(upload_path or ""),
-                         "should_stop": cancel.is_set}
+        infer_request = {
+            **params,
+            "model": MODEL,
+            "image": image,
+            "upload": str(upload_path or ""),
+            "should_stop": cancel.is_set,
+        }
         result = await run_in_threadpool(instance.infer, infer_request)
     except CancelledError:
         logger.info("denoise request cancelled: the client disconnected")
@@ -319,9 +344,13 @@ async def _serve(instance, request: Request, outcome: dict) -> Response:
     if output == "image":
         _remove(explanations)
         timings = json.dumps(result["params"].get("timings_s", {}))
-        return FileResponse(result_file, media_type="application/octet-stream", filename=name,
-                            headers={TIMINGS_HEADER: timings},
-                            background=BackgroundTask(_remove, result_file))
+        return FileResponse(
+            result_file,
+            media_type="application/octet-stream",
+            filename=name,
+            headers={TIMINGS_HEADER: timings},
+            background=BackgroundTask(_remove, result_file),
+        )
     try:  # in a worker thread: the document may be hundreds of MB, and the server keeps answering meanwhile
         params = await run_in_threadpool(_params_file, result["params"], explanations)
     except BaseException:
@@ -345,7 +374,13 @@ def install_route(fastapi_app: FastAPI, app_getter) -> None:
     path = f"{settings.MONAI_LABEL_API_STR}/infer/{MODEL}"
     routes = fastapi_app.router.routes
     routes[:] = [r for r in routes if getattr(r, "name", None) != ROUTE_NAME]
-    route = APIRoute(path, make_endpoint(app_getter), methods=["POST"], name=ROUTE_NAME, tags=["Infer"],
-                     summary="LangMamba denoising: NRRD image and/or explanations JSON")
+    route = APIRoute(
+        path,
+        make_endpoint(app_getter),
+        methods=["POST"],
+        name=ROUTE_NAME,
+        tags=["Infer"],
+        summary="LangMamba denoising: NRRD image and/or explanations JSON",
+    )
     routes.insert(0, route)
     fastapi_app.openapi_schema = None

@@ -34,7 +34,7 @@ def server_host(argv: list[str]) -> str | None:
         return None
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-i", "--host", default="0.0.0.0")
-    return parser.parse_known_args(argv[argv.index("start_server") + 1:])[0].host
+    return parser.parse_known_args(argv[argv.index("start_server") + 1 :])[0].host
 
 
 def check_exposure(insecure: bool, argv: list[str] | None = None) -> None:
@@ -45,7 +45,9 @@ def check_exposure(insecure: bool, argv: list[str] | None = None) -> None:
     if host is None or is_loopback(host) or settings.MONAI_LABEL_AUTH_ENABLE:
         return
     if not insecure:
-        raise ConfigError(f"refusing to serve on {host} without authentication: anyone who reaches this address "
-                          "could read every study. Turn authentication on (MONAI_LABEL_AUTH_ENABLE, see "
-                          "SECURITY.md), bind to 127.0.0.1, or pass --conf insecure true")
+        raise ConfigError(
+            f"refusing to serve on {host} without authentication: anyone who reaches this address "
+            "could read every study. Turn authentication on (MONAI_LABEL_AUTH_ENABLE, see "
+            "SECURITY.md), bind to 127.0.0.1, or pass --conf insecure true"
+        )
     logger.warning("INSECURE: serving on %s without authentication (--conf insecure true)", host)

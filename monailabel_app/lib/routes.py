@@ -61,12 +61,16 @@ class RouteGate:
         method, path = scope["method"], scope["path"]
         root = scope.get("root_path") or ""
         if root and path.startswith(root):  # behind a proxy prefix (--root_path), routes are matched without it
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         if not allowed(method, path):
             return await _json(send, 404, {"error": "NotFound", "detail": "no such route on this server"})
         if path in DOC_PATHS and settings.MONAI_LABEL_AUTH_ENABLE and not _valid_bearer(scope):
-            return await _json(send, 401, {"error": "Unauthorized", "detail": "the API docs need a valid token"},
-                               {"www-authenticate": "Bearer"})
+            return await _json(
+                send,
+                401,
+                {"error": "Unauthorized", "detail": "the API docs need a valid token"},
+                {"www-authenticate": "Bearer"},
+            )
         return await self.app(scope, receive, send)
 
 
@@ -94,8 +98,10 @@ async def _json(send, status: int, body: dict, headers: dict | None = None) -> N
 def _filtered_openapi(app: FastAPI, original):
     def openapi() -> dict:
         schema = original()
-        schema["paths"] = {path: {m: op for m, op in ops.items() if allowed(m.upper(), path)}
-                           for path, ops in schema.get("paths", {}).items()}
+        schema["paths"] = {
+            path: {m: op for m, op in ops.items() if allowed(m.upper(), path)}
+            for path, ops in schema.get("paths", {}).items()
+        }
         schema["paths"] = {path: ops for path, ops in schema["paths"].items() if ops}
         return schema
 
@@ -118,8 +124,15 @@ def secure_app(app: FastAPI, origins: list[str]) -> None:
     only the served routes in the API docs."""
     kept = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, RouteGate)]
     if origins:
-        kept.append(Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=True,
-                               allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+        kept.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_credentials=True,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
     kept.append(Middleware(RouteGate))
     app.user_middleware[:] = kept
     app.middleware_stack = app.build_middleware_stack()
@@ -127,5 +140,7 @@ def secure_app(app: FastAPI, origins: list[str]) -> None:
         app.openapi = _filtered_openapi(app, app.openapi)
         app.openapi.langmamba_filtered = True
     app.openapi_schema = None
-    logger.info("CORS: %s; stock MONAI Label routes other than info, datastore list and docs are off",
-                f"allowed for {len(origins)} origin(s)" if origins else "off (no origin allow-list)")
+    logger.info(
+        "CORS: %s; stock MONAI Label routes other than info, datastore list and docs are off",
+        f"allowed for {len(origins)} origin(s)" if origins else "off (no origin allow-list)",
+    )

@@ -30,7 +30,6 @@ from langmamba.errors import CancelledError, ConfigError
 from langmamba.io import CTVolume
 from langmamba.job import DenoiseJob, JobOutputs
 
-
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,8 +51,7 @@ class DenoiseParams:
     overwrite: bool = False
 
     # what a client may send in params: the fields above, and the stock MONAI Label client's client_id
-    KEYS: ClassVar[tuple[str, ...]] = ("blend", "level", "device", "explain", "top_k", "save", "overwrite",
-                                       "client_id")
+    KEYS: ClassVar[tuple[str, ...]] = ("blend", "level", "device", "explain", "top_k", "save", "overwrite", "client_id")
 
     @classmethod
     def from_request(cls, request: dict[str, Any], levels: int) -> DenoiseParams:
@@ -163,9 +161,18 @@ class LangMambaDenoise(InferTask):
         """The denoise job of one request: ``params``' blend, level, top-k and device; the input read from its
         file or folder alone (no detached data files, no links), refusing declared sizes above ``max_voxels``
         float32 voxels before allocating them; the denoised NRRD always float32."""
-        return DenoiseJob(self.model, blend=params.blend, batch_size=self.batch_size, device=params.device,
-                          explain_levels=(params.level,), top_k=params.top_k, level=params.level, float32=True,
-                          confined=True, max_bytes=4 * self.max_voxels)
+        return DenoiseJob(
+            self.model,
+            blend=params.blend,
+            batch_size=self.batch_size,
+            device=params.device,
+            explain_levels=(params.level,),
+            top_k=params.top_k,
+            level=params.level,
+            float32=True,
+            confined=True,
+            max_bytes=4 * self.max_voxels,
+        )
 
     def _acquire(self, should_stop: Callable[[], bool] | None) -> None:
         """Wait for the model lock; give up (:class:`CancelledError`) as soon as ``should_stop()`` is true."""
@@ -181,24 +188,29 @@ class LangMambaDenoise(InferTask):
         finally:
             self._lock.release()
 
-    def run(self, path: str | Path, params: DenoiseParams,
-            should_stop: Callable[[], bool] | None = None) -> DenoiseResult:
+    def run(
+        self, path: str | Path, params: DenoiseParams, should_stop: Callable[[], bool] | None = None
+    ) -> DenoiseResult:
         """Read the volume at ``path`` (a file or DICOM folder), denoise it and explain ``params.level`` under the
         model lock, and write the results to new temporary files; ``should_stop`` is checked while queued and
         between batches (:class:`CancelledError`)."""
         stem = Path(tempfile.gettempdir()) / f"langmamba-result-{uuid.uuid4().hex}"
-        outputs = JobOutputs(stem.with_name(stem.name + ".nrrd"),
-                             stem.with_name(stem.name + ".explanations.json") if params.explain else None)
+        outputs = JobOutputs(
+            stem.with_name(stem.name + ".nrrd"),
+            stem.with_name(stem.name + ".explanations.json") if params.explain else None,
+        )
         try:
-            done = self.job(params).run(path, outputs, should_stop=should_stop,
-                                        model_lock=self._model_lock(should_stop))
+            done = self.job(params).run(
+                path, outputs, should_stop=should_stop, model_lock=self._model_lock(should_stop)
+            )
         except BaseException:
             for written in outputs.paths():
                 written.unlink(missing_ok=True)
             raise
         volume = done.source
-        timings = {stage: round(done.timings.get(stage, 0.0), 3)
-                   for stage in ("read", "queued", "denoise", "explain", "write")}
+        timings = {
+            stage: round(done.timings.get(stage, 0.0), 3) for stage in ("read", "queued", "denoise", "explain", "write")
+        }
         summary = {
             "model": "langmamba_denoise",
             "blend": params.blend,
@@ -210,8 +222,13 @@ class LangMambaDenoise(InferTask):
             "spacing_mm": [float(s) for s in volume.spacing],
             "timings_s": timings,
         }
-        return DenoiseResult(volume, done.denoised, Path(outputs.denoised),
-                             Path(outputs.explanations) if outputs.explanations else None, summary)
+        return DenoiseResult(
+            volume,
+            done.denoised,
+            Path(outputs.denoised),
+            Path(outputs.explanations) if outputs.explanations else None,
+            summary,
+        )
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict]:
         """MONAI Label's task interface: ``request["image"]`` is a path; returns ``(nrrd path, params)`` with the

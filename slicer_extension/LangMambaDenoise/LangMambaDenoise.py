@@ -214,7 +214,7 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         array = slicer.util.arrayFromVolume(volumeNode)
         if array.dtype in (np.int16, np.float32):
             voxels = array
-        elif np.issubdtype(array.dtype, np.integer) and array.size and -32768 <= array.min() and array.max() <= 32767:
+        elif np.issubdtype(array.dtype, np.integer) and array.size and array.min() >= -32768 and array.max() <= 32767:
             voxels = array.astype(np.int16)
         else:
             voxels = array.astype(np.float32)
@@ -253,8 +253,17 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         self.showSideBySide(inputVolumeNode, outputNode)
         return outputNode
 
-    def denoise(self, inputVolumeNode, blend: float = 1.0, level: int = 2, device: str = "auto",
-                explain: bool = True, topK: int = 3, progress=None, cancel=None):
+    def denoise(
+        self,
+        inputVolumeNode,
+        blend: float = 1.0,
+        level: int = 2,
+        device: str = "auto",
+        explain: bool = True,
+        topK: int = 3,
+        progress=None,
+        cancel=None,
+    ):
         """Encode, upload, denoise and load in one call (blocks until the server answers)."""
         parameters = lmserver.request_parameters(blend, level, device, explain, topK)
         result = self.server.requestDenoise(self.encodeVolume(inputVolumeNode), parameters, progress, cancel)
@@ -355,7 +364,8 @@ class LangMambaDenoiseLogic(ScriptedLoadableModuleLogic):
         expected = slicer.util.arrayFromVolume(volumeNode).shape
         if shape != expected:
             raise lmexplanation.ExplanationError(
-                f"the explanation is of a volume of shape {shape}, not {expected} ('{volumeNode.GetName()}')")
+                f"the explanation is of a volume of shape {shape}, not {expected} ('{volumeNode.GetName()}')"
+            )
 
     def regionCenterRAS(self, region, volumeNode=None):
         """World (RAS mm) position of the region's centre on its slice."""
@@ -594,8 +604,9 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Observe ``parameters`` (a :class:`LangMambaDenoiseParameterNode` or ``None``) and restore from it
         the server, the volumes, the shown explanation, its table view and overlay."""
         if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                self.updateGUIFromParameterNode)
+            self.removeObserver(
+                self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+            )
         self._parameterNode = parameters
         self._shownServerUrl = None
         if parameters is None:
@@ -648,7 +659,8 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.minConfidenceSpinBox.setValue(parameters.minConfidence)
             self.ui.showOverlayCheckBox.setChecked(parameters.showOverlay)
             self.ui.overlayWordsComboBox.setCurrentIndex(
-                max(self.ui.overlayWordsComboBox.findText(parameters.overlayWords), 0))
+                max(self.ui.overlayWordsComboBox.findText(parameters.overlayWords), 0)
+            )
         finally:
             self._updatingGUI = False
         self.updateButtons()
@@ -843,8 +855,12 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.serverStatusLabel.setText(lmserver.describe_info(info))
             self.setStatus("")
 
-        self.startJob(lambda progress, cancel: server.fetchInfo(cancel=cancel), done, "Connecting...",
-                      onError=lambda message: self.ui.serverStatusLabel.setText("Not connected: " + message))
+        self.startJob(
+            lambda progress, cancel: server.fetchInfo(cancel=cancel),
+            done,
+            "Connecting...",
+            onError=lambda message: self.ui.serverStatusLabel.setText("Not connected: " + message),
+        )
 
     def onDenoise(self) -> None:
         inputNode = self.ui.inputSelector.currentNode()
@@ -853,8 +869,9 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.saveSettings()
         request = self._parameterNode
         try:
-            parameters = lmserver.request_parameters(request.blend, request.level, request.device, request.explain,
-                                                     request.topK)
+            parameters = lmserver.request_parameters(
+                request.blend, request.level, request.device, request.explain, request.topK
+            )
             fileBytes = self.logic.encodeVolume(inputNode)
         except (ValueError, lmnrrd.NrrdError) as error:
             self.setStatus(str(error), error=True)
@@ -871,8 +888,11 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             explained = "" if logic.explanation is not None else " (no explanation)"
             self.setStatus(f"Denoised into '{outputNode.GetName()}'{explained}.")
 
-        self.startJob(lambda progress, cancel: server.requestDenoise(fileBytes, parameters, progress, cancel),
-                      done, "Sending the input volume...")
+        self.startJob(
+            lambda progress, cancel: server.requestDenoise(fileBytes, parameters, progress, cancel),
+            done,
+            "Sending the input volume...",
+        )
 
     # --- explanation browser --------------------------------------------------------------------
 
@@ -880,8 +900,9 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.regionTable
         rows = self.filteredRegions()
         self.shownRegions = rows[:MAX_TABLE_ROWS]
-        thresholds = (lmexplanation.confidence_thresholds(self.logic.explanation)
-                      if self.logic.explanation is not None else None)
+        thresholds = (
+            lmexplanation.confidence_thresholds(self.logic.explanation) if self.logic.explanation is not None else None
+        )
         table.setRowCount(0)
         table.setRowCount(len(self.shownRegions))
         for i, region in enumerate(self.shownRegions):
@@ -899,7 +920,9 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         header = table.horizontalHeader()
         header.setSortIndicatorShown(self.sortColumn is not None)
         if self.sortColumn is not None:
-            header.setSortIndicator(self.sortColumn, qt.Qt.DescendingOrder if self.sortDescending else qt.Qt.AscendingOrder)
+            header.setSortIndicator(
+                self.sortColumn, qt.Qt.DescendingOrder if self.sortDescending else qt.Qt.AscendingOrder
+            )
         summary = self.logic.browser.summary()
         if self.logic.explanation is not None:
             shown = f"; showing {len(self.shownRegions)} of {len(rows)} matching"
@@ -917,9 +940,17 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             mark = {"near uniform": " (\u2248 uniform)", "low": " (low)"}.get(band, "")
             cells.append((lmexplanation.format_percent(probability) + mark, BAND_COLORS[band]))
         changed = "yes" if region.changed else ("differs" if region.top_differs else "")
-        return [(str(region.z), ""), (str(region.level), ""), cells[0], (region.output_class or "", ""),
-                (region.words_text("output"), ""), (changed, ""), cells[1], (region.words_text("input"), ""),
-                (f"{region.change_score:.3f}", "")]
+        return [
+            (str(region.z), ""),
+            (str(region.level), ""),
+            cells[0],
+            (region.output_class or "", ""),
+            (region.words_text("output"), ""),
+            (changed, ""),
+            cells[1],
+            (region.words_text("input"), ""),
+            (f"{region.change_score:.3f}", ""),
+        ]
 
     @property
     def sortColumn(self):
@@ -934,8 +965,12 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def filteredRegions(self):
         key = "document" if self.sortColumn is None else TABLE_COLUMNS[self.sortColumn][1]
         return self.logic.browser.filteredRegions(
-            _get(self.ui.wordFilterEdit, "text"), _get(self.ui.changedOnlyCheckBox, "checked"),
-            float(_get(self.ui.minConfidenceSpinBox, "value")) / 100.0, key, self.sortDescending)
+            _get(self.ui.wordFilterEdit, "text"),
+            _get(self.ui.changedOnlyCheckBox, "checked"),
+            float(_get(self.ui.minConfidenceSpinBox, "value")) / 100.0,
+            key,
+            self.sortDescending,
+        )
 
     def onTableViewChanged(self, *unused) -> None:
         self.updateParameterNodeFromGUI()
@@ -962,8 +997,10 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode is not None:
                 self._parameterNode.shownRegion = regionKey(region)
             self.storeLogicNodes()
-            self.setStatus(f"Slice {region.z}, level {region.level}: output {region.words_text('output')}; "
-                           f"input {region.words_text('input')}")
+            self.setStatus(
+                f"Slice {region.z}, level {region.level}: output {region.words_text('output')}; "
+                f"input {region.words_text('input')}"
+            )
 
     def shownRegion(self):
         """The region the views were last centred on (kept in the parameter node), or ``None``."""
@@ -1003,8 +1040,12 @@ class LangMambaDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(f"Export failed: {error}", error=True)
 
     def onOpenJson(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Open an explanation JSON", os.path.expanduser("~"),
-                                              "JSON files (*.json)") or ""
+        path = (
+            qt.QFileDialog.getOpenFileName(
+                self.parent, "Open an explanation JSON", os.path.expanduser("~"), "JSON files (*.json)"
+            )
+            or ""
+        )
         if not path:
             return
         try:

@@ -48,6 +48,7 @@ class qMRMLNodeComboBox(QComboBox):
         def setter(self, value):
             setattr(self, name, cast(value))
             self._refresh()
+
         return setter
 
     nodeTypes = Property("QStringList", _get("_nodeTypes"), _set("_nodeTypes", list))

@@ -112,8 +112,10 @@ def parameterNodeWrapper(cls):
                 parameter.write(parameterNode, parameter.default)
 
     def make_property(parameter: _Parameter) -> property:
-        return property(lambda self: parameter.read(self.parameterNode),
-                        lambda self, value: parameter.write(self.parameterNode, value))
+        return property(
+            lambda self: parameter.read(self.parameterNode),
+            lambda self, value: parameter.write(self.parameterNode, value),
+        )
 
     cls.__init__ = __init__
     for name, parameter in parameters.items():

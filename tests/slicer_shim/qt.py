@@ -11,12 +11,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ElementTree
 
 from PySide6.QtCore import *  # noqa: F403
+from PySide6.QtCore import QBuffer, QByteArray, QFile, QIODevice
 from PySide6.QtGui import *  # noqa: F403
 from PySide6.QtNetwork import *  # noqa: F403
-from PySide6.QtWidgets import *  # noqa: F403
-from PySide6.QtCore import QBuffer, QByteArray, QFile, QIODevice
 from PySide6.QtUiTools import QUiLoader as _QUiLoader
-from PySide6.QtWidgets import QFileDialog as _QFileDialog, QWidget
+from PySide6.QtWidgets import *  # noqa: F403
+from PySide6.QtWidgets import QFileDialog as _QFileDialog
+from PySide6.QtWidgets import QWidget
 
 CUSTOM_WIDGETS: list[type] = []
 """Classes QUiLoader can build by name (filled by :mod:`slicer_shim`)."""

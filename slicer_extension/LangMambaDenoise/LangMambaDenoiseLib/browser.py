@@ -64,8 +64,14 @@ class ExplanationBrowser:
                 return region
         return None
 
-    def filteredRegions(self, word: str = "", changedOnly: bool = False, minConfidence: float = 0.0,
-                        sortKey: str = "document", descending: bool = False):
+    def filteredRegions(
+        self,
+        word: str = "",
+        changedOnly: bool = False,
+        minConfidence: float = 0.0,
+        sortKey: str = "document",
+        descending: bool = False,
+    ):
         """Regions matching ``word``, flagged ones only if asked, output top-word probability at least
         ``minConfidence`` (0-1), sorted by ``sortKey`` (see ``LangMambaDenoiseLib.explanation.SORT_KEYS``)."""
         rows = lmexplanation.filter_regions(self.regions, word, changedOnly, min_confidence=minConfidence)
@@ -79,19 +85,23 @@ class ExplanationBrowser:
         thresholds = lmexplanation.confidence_thresholds(self.document)
         mean = float(np.mean([r.confidence for r in self.regions])) if self.regions else 0.0
         band = lmexplanation.confidence_band(mean, thresholds)
-        return (f"{len(self.regions)} regions on {len(self.document['slices'])} slices, level(s) "
-                f"{', '.join(map(str, self.levels()))}; {changed} flagged (confident change), top word differs in "
-                f"{differs}; mean top-word probability {lmexplanation.format_percent(mean)} "
-                f"(uniform {lmexplanation.format_percent(thresholds['uniform'])}: {band})")
+        return (
+            f"{len(self.regions)} regions on {len(self.document['slices'])} slices, level(s) "
+            f"{', '.join(map(str, self.levels()))}; {changed} flagged (confident change), top word differs in "
+            f"{differs}; mean top-word probability {lmexplanation.format_percent(mean)} "
+            f"(uniform {lmexplanation.format_percent(thresholds['uniform'])}: {band})"
+        )
 
     def languageSpaceSummary(self) -> str:
         """Which language space produced the words, how their probabilities were calibrated, what a flag means."""
         if self.document is None:
             return ""
         info = lmexplanation.describe(self.document)
-        return (f"Words from: {info['language_space']}. Probabilities: {info['calibration']}; uniform over "
-                f"{self.document.get('vocabulary_size', '?')} words = {lmexplanation.format_percent(info['uniform'])}. "
-                f"Changes: {info['change_rule']}. Document version {info['version']}.")
+        return (
+            f"Words from: {info['language_space']}. Probabilities: {info['calibration']}; uniform over "
+            f"{self.document.get('vocabulary_size', '?')} words = {lmexplanation.format_percent(info['uniform'])}. "
+            f"Changes: {info['change_rule']}. Document version {info['version']}."
+        )
 
     def labelMap(self, level: int, shape, which: str = "output"):
         """``(labels, colour table)`` of ``level``'s top-1 words on a volume of ``shape`` (z, y, x)."""

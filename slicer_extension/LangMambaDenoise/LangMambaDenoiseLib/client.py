@@ -17,6 +17,7 @@ package (``cgi`` is gone from Python 3.13).
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import http.client
@@ -25,11 +26,10 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Optional
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode, urlsplit
 
-ProgressCallback = Callable[[str, Optional[float]], None]
+ProgressCallback = Callable[[str, float | None], None]
 """``progress(phase, fraction)``: phase ``"upload"``, ``"server"`` or ``"download"``; fraction in
 [0, 1] or ``None`` when unknown."""
 
@@ -81,10 +81,8 @@ class CancelToken:
         with self._lock:
             sock = self._connection.sock if self._connection is not None else None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def attach(self, connection: http.client.HTTPConnection | None) -> None:
         with self._lock:
@@ -204,9 +202,9 @@ class LangMambaClient:
         head = _form_field(boundary, "params", json.dumps(params))
         if file_bytes is not None:
             head += (
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{file_name}\"\r\n"
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file_name}"\r\n'
                 "Content-Type: application/octet-stream\r\n\r\n"
-            ).encode("utf-8")
+            ).encode()
             chunks = [head, file_bytes, f"\r\n--{boundary}--\r\n".encode("ascii")]
         else:
             chunks = [head, f"--{boundary}--\r\n".encode("ascii")]
@@ -301,7 +299,7 @@ class LangMambaClient:
             return response.status, headers, bytes(body)
         except ClientError:
             raise
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             if cancel.cancelled:
                 raise RequestCancelled("cancelled") from None
             raise ServerTimeoutError(f"{where}: no answer within {self.timeout:g} s") from None
@@ -321,7 +319,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _form_field(boundary: str, name: str, value: str) -> bytes:
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").encode("utf-8")
+    return (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n').encode()
 
 
 def _json_object(data: bytes, what: str) -> dict:

@@ -25,7 +25,6 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import List, Tuple
 
 import numpy as np
 
@@ -35,7 +34,7 @@ BANDS = ("near uniform", "low", "confident")
 CONFIDENT_PROBABILITY = 0.5
 NEAR_UNIFORM_FACTOR = 10.0
 """Defaults of ``langmamba.explain`` for documents that do not carry their ``confidence`` bands (1.0)."""
-ColorTable = List[Tuple[int, str, Tuple[int, int, int]]]
+ColorTable = list[tuple[int, str, tuple[int, int, int]]]
 
 
 class ExplanationError(ValueError):
@@ -93,7 +92,9 @@ class Region:
 
     def words_text(self, which: str) -> str:
         """``"lung 87.3 %, air 0.43 %"``: the top-k words with probabilities of ``"output"`` or ``"input"``."""
-        words, scores = (self.output_words, self.output_scores) if which == "output" else (self.input_words, self.input_scores)
+        words, scores = (
+            (self.output_words, self.output_scores) if which == "output" else (self.input_words, self.input_scores)
+        )
         return ", ".join(f"{w} {format_percent(s)}" for w, s in zip(words, scores))
 
     def matches(self, word: str) -> bool:
@@ -121,8 +122,10 @@ def check_document(document: object) -> dict:
         raise ExplanationError("the server's answer holds no LangMamba explanation document")
     version = str(document.get("version", ""))
     if version.split(".")[0] not in SUPPORTED_MAJOR_VERSIONS:
-        raise ExplanationError(f"explanation documents of version {version or '(none)'} are not supported; this "
-                               f"module reads versions {', '.join(v + '.x' for v in SUPPORTED_MAJOR_VERSIONS)}")
+        raise ExplanationError(
+            f"explanation documents of version {version or '(none)'} are not supported; this "
+            f"module reads versions {', '.join(v + '.x' for v in SUPPORTED_MAJOR_VERSIONS)}"
+        )
     for key in ("volume", "levels", "slices"):
         if key not in document:
             raise ExplanationError(f"the explanation document has no {key!r}")
@@ -136,8 +139,11 @@ def confidence_thresholds(document: dict) -> dict:
         return recorded
     size = int(document.get("vocabulary_size") or 1)
     uniform = 1.0 / size
-    return {"uniform": uniform, "near_uniform_below": min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2),
-            "confident_from": CONFIDENT_PROBABILITY}
+    return {
+        "uniform": uniform,
+        "near_uniform_below": min(NEAR_UNIFORM_FACTOR * uniform, CONFIDENT_PROBABILITY / 2),
+        "confident_from": CONFIDENT_PROBABILITY,
+    }
 
 
 def confidence_band(probability: float, thresholds: dict) -> str:
@@ -177,14 +183,22 @@ def describe(document: dict) -> dict:
     }.get(scores.get("calibration"), "uncalibrated (softmax at temperature 1; not recorded)")
     rule = document.get("change_rule")
     if isinstance(rule, dict):
-        change = (f"flagged when the top word changes with both top-word probabilities "
-                  f"\u2265 {format_percent(rule['min_probability'])} and a lead \u2265 "
-                  f"{format_percent(rule['min_margin'])}")
+        change = (
+            f"flagged when the top word changes with both top-word probabilities "
+            f"\u2265 {format_percent(rule['min_probability'])} and a lead \u2265 "
+            f"{format_percent(rule['min_margin'])}"
+        )
     else:
         change = "flagged on any change of the top word (schema 1.0: no confidence rule)"
-    return {"version": str(document.get("version")), "language_space": language_space_text(document),
-            "calibration": calibration, "uniform": thresholds["uniform"], "thresholds": thresholds,
-            "change_rule": change, "legacy": not isinstance(rule, dict)}
+    return {
+        "version": str(document.get("version")),
+        "language_space": language_space_text(document),
+        "calibration": calibration,
+        "uniform": thresholds["uniform"],
+        "thresholds": thresholds,
+        "change_rule": change,
+        "legacy": not isinstance(rule, dict),
+    }
 
 
 def levels(document: dict) -> list[int]:
@@ -227,14 +241,21 @@ def regions(document: dict) -> list[Region]:
 
 
 def filter_regions(
-    rows: Iterable[Region], word: str = "", changed_only: bool = False, level: int | None = None,
+    rows: Iterable[Region],
+    word: str = "",
+    changed_only: bool = False,
+    level: int | None = None,
     min_confidence: float = 0.0,
 ) -> list[Region]:
     """Rows whose output or input words contain ``word``, optionally only flagged ones, one level, or those
     whose output top-word probability is at least ``min_confidence`` (0-1)."""
     return [
-        r for r in rows if (not changed_only or r.changed) and (level is None or r.level == level)
-        and r.confidence >= min_confidence and r.matches(word)
+        r
+        for r in rows
+        if (not changed_only or r.changed)
+        and (level is None or r.level == level)
+        and r.confidence >= min_confidence
+        and r.matches(word)
     ]
 
 
@@ -297,7 +318,9 @@ def label_map(document: dict, level: int, shape: Sequence[int], which: str = "ou
     for region in regions(document):
         if region.level != level:
             continue
-        ids, names = (region.output_ids, region.output_words) if which == "output" else (region.input_ids, region.input_words)
+        ids, names = (
+            (region.output_ids, region.output_words) if which == "output" else (region.input_ids, region.input_words)
+        )
         value = ids[0] + 1
         labels[region.z, region.y0 : region.y1, region.x0 : region.x1] = value
         words[value] = names[0]
@@ -305,9 +328,23 @@ def label_map(document: dict, level: int, shape: Sequence[int], which: str = "ou
 
 
 CSV_COLUMNS = (
-    "slice", "level", "row", "col", "x0", "y0", "x1", "y1",
-    "output_words", "output_scores", "input_words", "input_scores", "changed", "change_score",
-    "output_class", "input_class", "top_word_differs",
+    "slice",
+    "level",
+    "row",
+    "col",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "output_words",
+    "output_scores",
+    "input_words",
+    "input_scores",
+    "changed",
+    "change_score",
+    "output_class",
+    "input_class",
+    "top_word_differs",
 )
 
 
@@ -319,10 +356,25 @@ def csv_text(rows: Iterable[Region]) -> str:
     writer.writerow(CSV_COLUMNS)
     for r in rows:
         writer.writerow(
-            [r.z, r.level, r.row, r.col, r.x0, r.y0, r.x1, r.y1,
-             ";".join(r.output_words), ";".join(f"{s:.4f}" for s in r.output_scores),
-             ";".join(r.input_words), ";".join(f"{s:.4f}" for s in r.input_scores),
-             int(r.changed), f"{r.change_score:.4f}", r.output_class or "", r.input_class or "", int(r.top_differs)]
+            [
+                r.z,
+                r.level,
+                r.row,
+                r.col,
+                r.x0,
+                r.y0,
+                r.x1,
+                r.y1,
+                ";".join(r.output_words),
+                ";".join(f"{s:.4f}" for s in r.output_scores),
+                ";".join(r.input_words),
+                ";".join(f"{s:.4f}" for s in r.input_scores),
+                int(r.changed),
+                f"{r.change_score:.4f}",
+                r.output_class or "",
+                r.input_class or "",
+                int(r.top_differs),
+            ]
         )
     return stream.getvalue()
 

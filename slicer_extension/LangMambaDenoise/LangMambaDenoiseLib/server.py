@@ -11,13 +11,19 @@ DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 MODEL_NAME = "langmamba_denoise"
 
 
-def request_parameters(blend: float = 1.0, level: int = 2, device: str = "auto", explain: bool = True,
-                       top_k: int = 3) -> dict:
+def request_parameters(
+    blend: float = 1.0, level: int = 2, device: str = "auto", explain: bool = True, top_k: int = 3
+) -> dict:
     """The ``params`` JSON of an inference request (``blend`` in [0, 1]; ``top_k``: words listed per region)."""
     if not 0.0 <= float(blend) <= 1.0:
         raise ValueError(f"blend must be in [0, 1], got {blend}")
-    return {"blend": float(blend), "level": int(level), "device": str(device), "explain": bool(explain),
-            "top_k": int(top_k)}
+    return {
+        "blend": float(blend),
+        "level": int(level),
+        "device": str(device),
+        "explain": bool(explain),
+        "top_k": int(top_k),
+    }
 
 
 def describe_info(info: dict) -> str:
@@ -29,7 +35,8 @@ def describe_info(info: dict) -> str:
     parts = [f"Connected to {info.get('name') or 'MONAI Label'}", "models: " + ", ".join(sorted(models))]
     settings = ", ".join(
         f"{k}={'/'.join(map(str, config[k])) if isinstance(config[k], list) else config[k]}"
-        for k in ("blend", "level", "device", "explain", "top_k") if k in config
+        for k in ("blend", "level", "device", "explain", "top_k")
+        if k in config
     )
     if settings:
         parts.append(f"{MODEL_NAME} defaults: {settings}")
@@ -71,11 +78,24 @@ class ServerLogic:
     def requestDenoise(self, fileBytes: bytes, parameters: dict, progress=None, cancel=None):
         """Upload ``fileBytes`` (NRRD) and run the model. Returns the client's
         :class:`~LangMambaDenoiseLib.client.InferenceResult`."""
-        return self.client.infer(MODEL_NAME, parameters, file_bytes=fileBytes, file_name="input.nrrd",
-                                 output="all", progress=progress, cancel=cancel)
+        return self.client.infer(
+            MODEL_NAME,
+            parameters,
+            file_bytes=fileBytes,
+            file_name="input.nrrd",
+            output="all",
+            progress=progress,
+            cancel=cancel,
+        )
 
     def requestDenoiseById(self, imageId: str, parameters: dict, progress=None, cancel=None):
         """Run the model on an image of the server's datastore (no upload). The server keeps the result as
         ``<imageId>_langmamba``; running again replaces that earlier result (``overwrite``), never another image."""
-        return self.client.infer(MODEL_NAME, {**parameters, "overwrite": True}, image_id=imageId, output="all",
-                                 progress=progress, cancel=cancel)
+        return self.client.infer(
+            MODEL_NAME,
+            {**parameters, "overwrite": True},
+            image_id=imageId,
+            output="all",
+            progress=progress,
+            cancel=cancel,
+        )
