@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.test_seed import small_langmamba
+from tests.test_denoiser import small_langmamba
 
 from langmamba import evaluate, metrics
 from langmamba.baselines import REDCNN
