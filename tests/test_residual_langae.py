@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from langmamba.vlm.regions import (
 )
 from langmamba.vlm.token_codes import minilm_codes, principal_codes
 from langmamba.vlm.vocabulary import load_vocabulary, load_word_classes
+from tests.old_checkpoints import old_langae, write_old_format
 from tests.test_vlm import tiny_clip_dir  # noqa: F401  (the tiny random CLIP saved with save_pretrained)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,8 +265,11 @@ def test_residual_langae_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_old_langae_weights_load_and_behave_as_before():
-    model = load_checkpoint(ROOT / "weights" / "langae").float().eval()
+def test_old_langae_weights_load_and_behave_as_before(tmp_path):
+    """A LangAE saved the v0.1 way (no quantizer kind in its config) loads as the averaging quantizer."""
+    folder = write_old_format(old_langae(), tmp_path / "langae")
+    assert "quantizer" not in json.loads((folder / "config.json").read_text())["model_config"]
+    model = load_checkpoint(folder).float().eval()
     assert isinstance(model.quantizer, PyramidLanguageQuantizer)
     assert model.config.quantizer == "average" and model.normalize_latent
     x = torch.rand(1, 1, 64, 64)
