@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from langmamba.models.langae import LangAE
 from langmamba.vlm.regions import REGION_CLASSES
 from langmamba.vlm.token_codes import principal_codes
 from langmamba.vlm.vocabulary import load_word_classes
+from tests.old_checkpoints import old_langae, write_old_format
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,11 +139,19 @@ def test_evaluation_counts_and_known_answers():
     json.dumps(result)
 
 
-def test_word_classes_of_old_weights_come_from_the_region_vocabulary():
-    model = load_checkpoint(ROOT / "weights" / "langae")
+def test_word_classes_of_old_weights_come_from_the_region_vocabulary(tmp_path):
+    """A v0.1 LangAE keeps no word classes: they are looked up in the packaged region vocabulary."""
+    model = load_checkpoint(write_old_format(old_langae(), tmp_path / "langae"))
+    assert not model.word_classes
     classes = word_classes(model)
     vocabulary = model.vocabulary
     assert classes[vocabulary.index("fat")] == "fat" and classes[vocabulary.index("ct")] is None
+
+
+def test_word_classes_of_the_shipped_langae_are_its_own():
+    model = load_checkpoint(ROOT / "weights" / "langae")
+    assert model.word_classes and word_classes(model) == list(model.word_classes)
+    assert len(word_classes(model)) == len(model.vocabulary)
 
 
 @pytest.mark.slow
@@ -196,6 +206,19 @@ def test_finest_words_of_the_shipped_model_are_its_finest_tokens():
     words = finest_words(model, hu)
     with torch.no_grad():
         langae = model.langae.float()
+        out = langae.quantize(langae.encode(torch.as_tensor(hu_to_model(hu))[:, None]))
+    # The residual quantizer's word is its reading of the region (its top logit), not the residual's token.
+    assert np.array_equal(words, out.word_logits[-1].argmax(-1).numpy())
+
+
+def test_finest_words_of_an_averaging_langae_are_its_finest_tokens():
+    from langmamba.evaluate import finest_words
+    from langmamba.normalization import hu_to_model
+
+    langae = old_langae()
+    hu, _ = _phantom(1)
+    words = finest_words(SimpleNamespace(langae=langae), hu)
+    with torch.no_grad():
         tokens = langae.quantize(langae.encode(torch.as_tensor(hu_to_model(hu))[:, None])).token_ids[-1]
     assert np.array_equal(words, tokens.numpy())
 
