@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -12,10 +13,11 @@ import pytest
 
 from langmamba.checkpoint import load_checkpoint
 from langmamba.errors import InputError
-from langmamba.explain import ChangeRule, format_percent, write_explanation
+from langmamba.explain import ChangeRule, confidence_band, format_percent, write_explanation
 from langmamba.io.volume import CTVolume
 from langmamba.report import MAX_CONFIDENCE_ROWS, MAX_FLAGGED_ROWS, ReportCollector, write_report
 from langmamba.runtime import default_weights
+from tests.old_checkpoints import old_langmamba
 
 
 class Page(HTMLParser):
@@ -131,10 +133,18 @@ def test_report_refuses_an_incomplete_collection(explained, tmp_path):
         partial.choose_slices()
 
 
+@pytest.fixture(scope="module")
+def uniform_model(tmp_path_factory):
+    """A LangMamba of the first kind (averaging LangAE, uncalibrated 314-word softmax): its words are near 1 / V,
+    as the v0.1 shipped weights' were."""
+    return old_langmamba(tmp_path_factory.mktemp("old") / "langmamba")
+
+
 @pytest.mark.slow
-def test_report_names_the_language_space_and_is_honest_about_uniform_words(model, tmp_path):
-    """The shipped weights read every region near 1 / V: the default rule flags nothing, the report says the words
-    are close to uniform, shows percentages (never 0.00) and lists regions most confident first."""
+def test_report_names_the_language_space_and_is_honest_about_uniform_words(uniform_model, tmp_path):
+    """Words near 1 / V: the default rule flags nothing, the report says the words are close to uniform, shows
+    percentages (never 0.00) and lists regions most confident first."""
+    model = uniform_model
     input_hu, output_hu = phantom_pair()
     volume = CTVolume(input_hu, spacing=(0.7, 0.8, 2.0))
     collector = ReportCollector(level=1, depth=3)
@@ -157,7 +167,7 @@ def test_report_names_the_language_space_and_is_honest_about_uniform_words(model
     uniform = format_percent(1 / document["vocabulary_size"])
     assert "The words are close to uniform" in text and f"= {uniform}" in text
     assert "uncalibrated softmax" in text and html.escape(document["change_rule"]["description"]) in text
-    assert "0.00<" not in text and ">0.00" not in text
+    assert not re.search(r">0\.00( %)?<", text)  # no cell rounds a probability to zero
 
     rows = page.confidence_rows
     assert len(rows) == min(MAX_CONFIDENCE_ROWS, collector.output_top.size)
@@ -170,3 +180,32 @@ def test_report_names_the_language_space_and_is_honest_about_uniform_words(model
             word = cell.split(" [")[0]
             assert cell == (f"{word} [{classes[word]}]" if word in classes else word)
     assert f"<td>{vocabulary[-1]} [" not in text
+
+
+@pytest.mark.slow
+def test_report_of_the_shipped_weights_names_their_calibrated_words(model, tmp_path):
+    """The shipped residual LangAE has calibrated word probabilities: the report says so, warns of uniform words
+    only when they are, and shows each region's confidence band."""
+    input_hu, output_hu = phantom_pair()
+    collector = ReportCollector(level=1, depth=3)
+    volume = CTVolume(input_hu, spacing=(0.7, 0.8, 2.0))
+    document = write_explanation(io.StringIO(), model, input_hu, output_hu, volume, on_batch=collector)
+    text = write_report(tmp_path / "report.html", collector, document, {1: (input_hu[1], output_hu[1])}).read_text(
+        encoding="utf-8"
+    )
+    page = Page()
+    page.feed(text)
+    page.close()
+
+    space = document["model"]["language_space"]
+    assert f"<td>{space['description']}</td>" in text and space["tissue_supervision"]
+    assert model.langae.quantizer.calibrated and document["scores"]["calibration"] == "model"
+    assert "uncalibrated softmax" not in text
+    thresholds = document["confidence"]
+    uniform = confidence_band(float(collector.output_top.mean()), thresholds) == "near uniform"
+    assert ("The words are close to uniform" in text) == uniform
+    assert not re.search(r">0\.00( %)?<", text)  # no cell rounds a probability to zero
+    rows = page.confidence_rows
+    assert len(rows) == min(MAX_CONFIDENCE_ROWS, collector.output_top.size)
+    for row in rows:
+        assert row[6] == confidence_band(float(row[5].rstrip(" %")) / 100, thresholds)
