@@ -192,8 +192,8 @@ def shipped_model():
 
 @pytest.fixture(scope="module")
 def document(tiny_volume_module, shipped_model):
-    """Every change of the top word flagged (the shipped weights' words are near uniform, so the default rule
-    flags none), and tissue classes for a few words."""
+    """Every change of the top word flagged (so that the flagged paths run whatever the default rule flags),
+    and tissue classes given for every other word, overriding the model's own."""
     low = tiny_volume_module
     output = low + np.random.default_rng(3).normal(0, 200, low.shape).astype(np.float32)
     vocabulary = shipped_model.langae.vocabulary
@@ -270,10 +270,16 @@ def test_csv_and_json_exports(document, tmp_path):
     assert table[0]["output_words"].split(";") == list(rows[0].output_words)
     assert all(t["changed"] == "1" and t["top_word_differs"] == "1" for t in table)
     assert [t["output_class"] for t in table] == [r.output_class or "" for r in rows]
-    assert any(t["output_class"] == "soft tissue" for t in table) and any(t["output_class"] == "" for t in table)
+    # every region: the class column holds the given class of the top word, empty for a word without one
+    everything = lmexplanation.regions(document)
+    with open(lmexplanation.export_csv(everything, str(tmp_path / "all.csv")), newline="", encoding="utf-8") as f:
+        classes = [t["output_class"] for t in csv.DictReader(f)]
+    given = document["word_classes"]
+    assert classes == [given.get(r.output_words[0], "") for r in everything]
+    assert "soft tissue" in classes and "" in classes
     path = lmexplanation.export_json(document, str(tmp_path / "explanation.json"))
     assert json.loads(Path(path).read_text()) == document
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["explanation.json", "regions.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.csv", "explanation.json", "regions.csv"]
     with pytest.raises(lmexplanation.ExplanationError):
         lmexplanation.export_json({"schema": "other"}, str(tmp_path / "x.json"))
     assert not (tmp_path / "x.json").exists()
@@ -293,7 +299,13 @@ def test_percentages_bands_and_language_space_match_langmamba(document):
         assert lmexplanation.language_space_text({"model": {"vlm_backend": backend, "vlm_id": vlm_id}}) == expected
     info = lmexplanation.describe(document)
     assert info["language_space"] == document["model"]["language_space"]["description"] and not info["legacy"]
-    assert info["calibration"].startswith("uncalibrated") and info["uniform"] == document["confidence"]["uniform"]
+    # the shipped LangAE's own probabilities are calibrated; an uncalibrated or unrecorded document says so
+    assert document["scores"]["calibration"] == "model" and info["calibration"] == "calibrated by the model"
+    assert info["uniform"] == document["confidence"]["uniform"]
+    uncalibrated = {**document, "scores": {**document["scores"], "calibration": "none"}}
+    assert lmexplanation.describe(uncalibrated)["calibration"].startswith("uncalibrated")
+    unrecorded = {key: value for key, value in document.items() if key != "scores"}
+    assert lmexplanation.describe(unrecorded)["calibration"].endswith("not recorded)")
     assert "\u2265 30.0 %" in lmexplanation.describe({**document, "change_rule": ChangeRule().record()})["change_rule"]
 
 
