@@ -413,6 +413,22 @@ def _kill(process) -> None:
     process.wait()
 
 
+def _stop(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and wait until every one of its threads is stopped: a thread inside a system call (the
+    save's rename) finishes that call before it stops, so the files are only still until all show state T."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in "TtZX" for state in states):  # stopped or exited
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s")
+
+
 def test_kill_9_during_save_leaves_the_previous_result_and_restart_cleans_up(tmp_path, lung2):
     studies = tmp_path / "studies"
     studies.mkdir()
@@ -434,7 +450,7 @@ def test_kill_9_during_save_leaves_the_previous_result_and_restart_cleans_up(tmp
                 name = watch.wait(0.5)
                 if name is None or not name.startswith(IMAGE_STAGING):
                     continue
-                os.kill(first.process.pid, signal.SIGSTOP)  # frozen mid-save; checked, then killed
+                _stop(first.process.pid)  # frozen mid-save; checked, then killed
                 staging = studies / name
                 if staging.is_dir() and image.read_bytes() == previous:
                     caught = sorted(p.name for p in staging.iterdir())
