@@ -568,7 +568,7 @@ def run_evaluation(
     """
     from .checkpoint import load_checkpoint
     from .infer import denoise_hu_array
-    from .runtime import resolve_device
+    from .runtime import default_batch_size, resolve_device
 
     started = time.time()
     device = str(resolve_device(device))
@@ -601,6 +601,9 @@ def run_evaluation(
     )
     figure_data = (store.folder or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
     pool = bm3d_pool(workers) if workers > 1 else None
+    # Batches of 8 on a GPU; one slice at a time on the CPU, where the paper-size decoder's full-resolution scans
+    # take about 2 GB per 512² slice (a 61-slice case in batches of 8 ran a 24 GB machine out of memory).
+    batch_size = 8 if device.startswith("cuda") else default_batch_size(device)
     try:
         bm3d_tuned = store.load_json("bm3d.json")
         if bm3d_tuned is not None:
@@ -636,7 +639,7 @@ def run_evaluation(
                     seconds = {"bm3d": time.perf_counter() - clock}
                     for name, model in models.items():
                         clock = time.perf_counter()
-                        outputs[name] = denoise_hu_array(model, low, device=device, batch_size=8, tta=tta)
+                        outputs[name] = denoise_hu_array(model, low, device=device, batch_size=batch_size, tta=tta)
                         if device.startswith("cuda"):
                             torch.cuda.synchronize()
                         seconds[name] = time.perf_counter() - clock
