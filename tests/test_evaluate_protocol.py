@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.test_denoiser import small_langmamba
 
 from langmamba import evaluate, metrics
 from langmamba.baselines import REDCNN
@@ -14,6 +13,7 @@ from langmamba.errors import InputError
 from langmamba.eval_cases import EvalCase, load_cases, save_cases
 from langmamba.evaluate import EvaluationIncomplete, lesion_crop, run_evaluation
 from langmamba.infer import dihedral_average
+from tests.test_denoiser import small_langmamba
 
 
 def test_paired_bootstrap_interval_has_the_known_width_and_coverage():
