@@ -601,9 +601,9 @@ def run_evaluation(
     )
     figure_data = (store.folder or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
     pool = bm3d_pool(workers) if workers > 1 else None
-    # Batches of 8 on a GPU; one slice at a time on the CPU, where the paper-size decoder's full-resolution scans
-    # take about 2 GB per 512² slice (a 61-slice case in batches of 8 ran a 24 GB machine out of memory).
-    batch_size = 8 if device.startswith("cuda") else default_batch_size(device)
+    # The runtime's batch size (one slice on the CPU, where the paper-size decoder's full-resolution scans take about
+    # 2 GB per 512² slice: batches of 8 ran a 24 GB machine out of memory on a 61-slice case).
+    batch_size = default_batch_size(device)
     try:
         bm3d_tuned = store.load_json("bm3d.json")
         if bm3d_tuned is not None:

@@ -90,10 +90,14 @@ class LangAETask:
         index = torch.as_tensor(which, device=full.device)
         candidates = [mask[index] for mask in self.candidates]
         reconstruction, quantized = module(full, candidates)
+        return self.stage1_loss(reconstruction, full, quantized)
+
+    def stage1_loss(self, reconstruction, target, quantized):
+        """:func:`langmamba.losses.stage1_loss` with this run's ``langae.*_weight`` settings."""
         c = self.weights
         return stage1_loss(
             reconstruction,
-            full,
+            target,
             quantized,
             l1_weight=c.l1_weight,
             perceptual_weight=c.perceptual_weight,
@@ -202,16 +206,7 @@ class ResidualLangAETask(LangAETask):
             inputs = torch.cat([noisy, inputs])
             candidates = [torch.cat([a, b]) for a, b in zip(low_candidates, candidates)]
         reconstruction, quantized = module(inputs, candidates)
-        c = self.weights
-        total, parts = stage1_loss(
-            reconstruction,
-            inputs,
-            quantized,
-            l1_weight=c.l1_weight,
-            perceptual_weight=c.perceptual_weight,
-            commitment_weight=c.commitment_weight,
-            semantic_weight=c.semantic_weight,
-        )
+        total, parts = self.stage1_loss(reconstruction, inputs, quantized)
         parts["coarse_perplexity"] = code_perplexity(quantized.token_ids[0], self.model.quantizer.codebook_size)
         return total, parts
 
