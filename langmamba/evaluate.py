@@ -722,8 +722,8 @@ def run_evaluation(
             "validation_pooled": pooled,
             "seconds_per_slice": _seconds_per_slice(units, cases),
             "timing_note": "wall time per slice of each method on this host (BM3D over all worker processes, "
-            "models in batches of 8 incl. host-device copies; the first model call includes "
-            "warm-up); with --tta the models run 8 times",
+            "models in the runtime's default batches (units made before 2026-12-01 on a GPU: 8) incl. "
+            "host-device copies; the first model call includes warm-up); with --tta the models run 8 times",
         },
         "protocol": "per slice PSNR/SSIM in the window scaled to [0, 1] (data range 1), averaged over slices and "
         f"{draws} noise draws; RMSE in HU after window clipping; low dose simulated by "
