@@ -10,8 +10,8 @@ import torch
 from langmamba.data import CTSlice
 from langmamba.data.patches import augment
 from langmamba.errors import ConfigError
+from langmamba.train import appearance, engine, load_config, train
 from langmamba.train import data as train_data
-from langmamba.train import engine, load_config, train
 from langmamba.train.config import DataConfig
 from langmamba.train.ema import ModelEMA
 
@@ -236,3 +236,53 @@ def test_a_changed_validation_set_restarts_the_best_comparison(tmp_path, monkeyp
     train(load_config(overrides=settings + ["optim.steps=6", "data.validation_doses=[0.1]"]), progress=False)
     status = json.loads((out / "status.json").read_text())
     assert status["best_step"] == 6 and status["best_val_psnr"] == 20.0
+
+
+def test_zoom_resamples_the_slice_and_simulates_it_at_the_new_pixel_size(monkeypatch):
+    calls = []
+
+    def record(full_hu, spacing_mm, dose, seed):
+        calls.append((tuple(full_hu.shape), spacing_mm))
+        return full_hu + 5.0
+
+    data = _data(monkeypatch, zoom=[2.0, 2.0], patches_per_slice=2)
+    monkeypatch.setattr(train_data, "simulate_on_device", record)
+    low, full, _ = data.batch(4)
+    assert [shape[1:] for shape, _ in calls] == [(192, 192)]  # 96-pixel phantoms at twice the size
+    assert calls[0][1] == (0.75, 0.75)  # 1.5 mm pixels halved
+    assert low.shape == full.shape == (4, 1, 64, 64)
+    assert torch.allclose(low - full, torch.full_like(low, 5.0 / 3000.0), atol=1e-6)  # the low dose of that view
+    view = data._view(0, 0.5)  # shrunk below a patch: padded with air, every centre still cuts a whole patch
+    assert view.full.shape == (64, 64) and view.spacing_mm == (3.0, 3.0)
+    assert bool((view.centres == 32).all())
+
+
+def test_softening_blurs_the_target_before_the_noise_is_added(monkeypatch):
+    data = _data(monkeypatch, soften_probability=1.0, soften_sigma_mm=[3.0, 3.0])
+    view = data._view(0, 1.0)
+    original = data.sampler.images[0][0]
+    assert view.spacing_mm == (1.5, 1.5) and torch.equal(view.centres, data.sampler.centres[0])
+    assert view.full.shape == original.shape
+    edges = (original.diff(dim=1).abs().max(), view.full.diff(dim=1).abs().max())
+    assert edges[1] < 0.5 * edges[0]  # the air/water edge is spread over several pixels
+    assert abs(float(view.full.mean() - original.mean())) < 5.0  # blurred, not shifted
+    plain = _data(monkeypatch)  # off by default: the slice as scanned, the sampler's own tensor
+    as_scanned = plain._view(0, 1.0).full
+    assert as_scanned.data_ptr() == plain.sampler.images[0].data_ptr() and torch.equal(as_scanned, original)
+
+
+def test_appearance_helpers():
+    hu = torch.full((20, 30), 40.0)
+    assert torch.allclose(appearance.gaussian_blur(hu, 2.0), hu)  # a flat image stays flat, edges included
+    assert appearance.zoom_slice(hu, 1.5).shape == (30, 45)
+    assert appearance.zoom_slice(hu, 1.0) is hu
+    edge = torch.where(torch.arange(40) < 20, -1000.0, 1000.0).repeat(8, 1)
+    assert appearance.zoom_slice(edge, 2.0).min() >= -1000.0  # bicubic overshoot below air is clipped
+    generator = torch.Generator().manual_seed(0)
+    zooms = [appearance.draw_zoom((0.5, 2.0), generator) for _ in range(400)]
+    assert 0.5 <= min(zooms) < 0.55 and 1.9 < max(zooms) <= 2.0
+    assert abs(np.mean(np.log(zooms))) < 0.1  # log-uniform: as many shrunk as enlarged
+    assert appearance.draw_zoom(None, generator) == 1.0
+    assert appearance.draw_soften_mm(0.0, (0.3, 1.0), generator) == 0.0
+    blurs = [appearance.draw_soften_mm(0.5, (0.3, 1.0), generator) for _ in range(400)]
+    assert 0.4 < np.mean([b == 0 for b in blurs]) < 0.6 and all(b == 0 or 0.3 <= b <= 1.0 for b in blurs)

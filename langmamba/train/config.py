@@ -73,6 +73,12 @@ class DataConfig:
     slice_step: dict[str, int] = field(default_factory=lambda: {"rider": 4})
     crop_margin_px: int = 16
     crop_min_px: int = 256
+    # Scanner-appearance augmentation of the simulated slices (langmamba.train.appearance): a zoom factor per
+    # batch, log-uniform in [min, max] (pixel spacing divided by it; null: none), and per slice a Gaussian blur
+    # of soften_sigma_mm (uniform in [min, max]) with probability soften_probability.
+    zoom: list[float] | None = None
+    soften_probability: float = 0.0
+    soften_sigma_mm: list[float] = field(default_factory=lambda: [0.3, 1.0])
 
 
 @dataclass
@@ -283,6 +289,14 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.dose must be in (0, 1], got {config.data.dose}")
     if config.data.dose_max is not None and not config.data.dose <= config.data.dose_max <= 1:
         raise ConfigError(f"data.dose_max must be in [data.dose, 1], got {config.data.dose_max}")
+    zoom = config.data.zoom
+    if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] <= zoom[1]):
+        raise ConfigError(f"data.zoom must be [min, max] with 0 < min <= max (or null), got {zoom}")
+    if not 0 <= config.data.soften_probability <= 1:
+        raise ConfigError(f"data.soften_probability must be in [0, 1], got {config.data.soften_probability}")
+    sigma = config.data.soften_sigma_mm
+    if not (len(sigma) == 2 and 0 <= sigma[0] <= sigma[1]):
+        raise ConfigError(f"data.soften_sigma_mm must be [min, max] mm with 0 <= min <= max, got {sigma}")
     if config.data.patch_size % 16 or config.data.patch_size < 64:
         raise ConfigError(f"data.patch_size must be a multiple of 16 and at least 64, got {config.data.patch_size}")
     if config.data.patches_per_slice < 1:

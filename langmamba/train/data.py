@@ -3,8 +3,10 @@
 Every batch is new: ``batch_size / patches_per_slice`` whole normal-dose slices are drawn, simulated at a dose
 drawn uniformly from ``[dose, dose_max]`` (one draw per group of slices that share their pixel spacing) on the
 training device, and ``patches_per_slice`` body patches are cut from each and given one of the 8 dihedral
-flips/rotations. The denoisers are blind to the dose (none of them takes it as an input): the noise level is
-in the image, so one model serves every dose of the range.
+flips/rotations. Where the config asks for it, each slice is first softened and zoomed
+(:mod:`.appearance`), so the model also meets other pixel sizes and smoother kernels. The denoisers are blind to
+the dose (none of them takes it as an input): the noise level is in the image, so one model serves every dose of
+the range.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..data.patches import augment
 from ..errors import ConfigError
 from ..normalization import hu_to_model
 from ..simulate import simulate_batch, simulate_slice
+from .appearance import AIR_HU, draw_soften_mm, draw_zoom, gaussian_blur, zoom_slice
 from .config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -181,6 +184,16 @@ def simulate_on_device(full_hu: torch.Tensor, spacing_mm: tuple[float, float], d
     return torch.as_tensor(low).to(full_hu.device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class _SliceView:
+    """A training slice as one batch sees it: normal-dose HU ``(H, W)``, body patch centres ``(N, 2)`` (row,
+    column) and pixel spacing in mm."""
+
+    full: torch.Tensor
+    centres: torch.Tensor
+    spacing_mm: tuple[float, float]
+
+
 @dataclass
 class TrainingData:
     """Patches with fresh noise for training and whole slices for validation, on ``device``.
@@ -249,42 +262,67 @@ class TrainingData:
         the training slice of each patch."""
         per_slice = self.config.patches_per_slice
         count = math.ceil(batch_size / per_slice)
-        chosen = torch.randint(0, len(self.train), (count,), generator=self.sampler.generator).tolist()
-        lows = self._low_dose(chosen)
+        generator = self.sampler.generator
+        chosen = torch.randint(0, len(self.train), (count,), generator=generator).tolist()
+        zoom = draw_zoom(self.config.zoom, generator)
+        views = [self._view(index, zoom) for index in chosen]
+        lows = self._low_dose(chosen, views)
         half, size = self.config.patch_size // 2, self.config.patch_size
         patches, which = [], []
-        for index, low in zip(chosen, lows):
-            full = self.sampler.images[index]
-            centres = self.sampler.centres[index]
-            picks = torch.randint(0, len(centres), (per_slice,), generator=self.sampler.generator)
-            for row, col in centres[picks].tolist():
+        for index, view, low in zip(chosen, views, lows):
+            picks = torch.randint(0, len(view.centres), (per_slice,), generator=generator)
+            for row, col in view.centres[picks].tolist():
                 window = (slice(row - half, row - half + size), slice(col - half, col - half + size))
-                patches.append(torch.stack([low[window], full[0][window]]))
+                patches.append(torch.stack([low[window], view.full[window]]))
                 which.append(index)
-        batch = augment(torch.stack(patches[:batch_size]), self.sampler.generator)
+        batch = augment(torch.stack(patches[:batch_size]), generator)
         batch = hu_to_model(batch)
         self.batches += 1
         return batch[:, :1].contiguous(), batch[:, 1:].contiguous(), which[:batch_size]
 
-    def _low_dose(self, chosen: list[int]) -> list[torch.Tensor]:
-        """Fresh low-dose HU ``(H, W)`` per chosen slice, simulated together per pixel spacing (each group at its
-        own dose); real low-dose partners where the data has them.
+    def _view(self, index: int, zoom: float) -> _SliceView:
+        """Training slice ``index`` as this batch sees it: softened and zoomed (:mod:`.appearance`) when the
+        config asks for it, with its pixel spacing and body patch centres moved along. Slices with a real
+        low-dose partner stay as scanned (the partner cannot be changed to match)."""
+        s, full, centres = self.train[index], self.sampler.images[index][0], self.sampler.centres[index]
+        spacing = tuple(float(v) for v in s.spacing_mm)
+        if s.low is not None:
+            return _SliceView(full, centres, spacing)
+        soften_mm = draw_soften_mm(self.config.soften_probability, self.config.soften_sigma_mm, self.sampler.generator)
+        if soften_mm > 0:
+            full = gaussian_blur(full, soften_mm / min(spacing))
+        if zoom == 1.0:
+            return _SliceView(full, centres, spacing)
+        full = zoom_slice(full, zoom)
+        size = self.config.patch_size
+        pad_h, pad_w = max(0, size - full.shape[0]), max(0, size - full.shape[1])
+        if pad_h or pad_w:
+            full = torch.nn.functional.pad(full, (0, pad_w, 0, pad_h), value=AIR_HU)
+        half = size // 2
+        limits = torch.tensor([full.shape[0] - (size - half), full.shape[1] - (size - half)])
+        moved = torch.minimum(torch.clamp((centres.float() * zoom).round().long(), min=half), limits)
+        return _SliceView(full, moved, (spacing[0] / zoom, spacing[1] / zoom))
+
+    def _low_dose(self, chosen: list[int], views: list[_SliceView] | None = None) -> list[torch.Tensor]:
+        """Fresh low-dose HU ``(H, W)`` of each chosen slice's view (default: as scanned), simulated together per
+        pixel spacing (each group at its own dose); real low-dose partners where the data has them.
 
         Slices of one spacing but different sizes (body crops) are centred on one air (-1000 HU) canvas for the
         simulation and cut back out: air attenuates nothing, so the padding does not change the noise.
         """
+        if views is None:
+            views = [self._view(index, 1.0) for index in chosen]
         lows: list[torch.Tensor | None] = [None] * len(chosen)
         groups: dict[tuple, list[int]] = {}
-        for k, index in enumerate(chosen):
-            s = self.train[index]
-            if s.low is not None:
+        for k, (index, view) in enumerate(zip(chosen, views)):
+            if self.train[index].low is not None:
                 lows[k] = self._real_low(index)
             else:
-                groups.setdefault(tuple(s.spacing_mm), []).append(k)
+                groups.setdefault(view.spacing_mm, []).append(k)
         for spacing, members in groups.items():
-            images = [self.sampler.images[chosen[k]][0] for k in members]
+            images = [views[k].full for k in members]
             height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
-            stack = images[0].new_full((len(images), height, width), -1000.0)
+            stack = images[0].new_full((len(images), height, width), AIR_HU)
             boxes = []
             for n, image in enumerate(images):
                 top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
