@@ -206,6 +206,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             cache=Path(args.cache) if args.cache else None,
             max_minutes=args.max_minutes,
             partial=args.partial,
+            refresh_explanations=args.refresh_explanations,
             **kwargs,
         )
     except EvaluationIncomplete as stopped:
@@ -504,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compute nothing: write the results of the finished parts in --cache, listing the "
         "missing ones (evaluation.complete is false)",
+    )
+    evaluate.add_argument(
+        "--refresh-explanations",
+        action="store_true",
+        help="compute the explanations section of a cached headline again from the current weights (after a new "
+        "word calibration, which leaves the denoised images unchanged); the headline is denoised once more for it",
     )
     evaluate.add_argument(
         "--max-minutes",

@@ -556,6 +556,7 @@ def run_evaluation(
     cache: Path | None = None,
     max_minutes: float | None = None,
     partial: bool = False,
+    refresh_explanations: bool = False,
 ) -> dict:
     """Evaluate every method on every case, dose and draw; write ``output_json``, ``figure`` and the figure's
     data (``<output_json stem>_figure.npz``, to draw elsewhere when matplotlib is missing).
@@ -564,7 +565,9 @@ def run_evaluation(
     the same settings; with ``max_minutes`` the call stops between units once the budget is spent and raises
     :class:`EvaluationIncomplete` (call again to continue). With ``partial`` nothing new is computed: the
     result holds the (case, dose) pairs whose draws are all in the cache, ``evaluation.complete`` is false and
-    ``evaluation.missing`` lists the rest.
+    ``evaluation.missing`` lists the rest. With ``refresh_explanations`` the ``explanations`` section of a cached
+    headline is computed again from the current weights (after a change that leaves the denoised images as they
+    are, such as a new word calibration): the headline's low dose is simulated and denoised again for it.
     """
     from .checkpoint import load_checkpoint
     from .infer import denoise_hu_array
@@ -618,6 +621,21 @@ def run_evaluation(
         store.save_json("bm3d.json", {"tuned": {str(d): v for d, v in bm3d_tuned.items()}, "source": tuning_source})
         models = {name: load_checkpoint(Path(weights) / name) for name in MODEL_METHODS}
         headline_result = store.load_json("headline.json") or {}
+        if refresh_explanations and headline_result:
+            test_case = next(c for c in cases if c.name == TEST_CASE)
+            low = simulate_case(test_case, headline, case_seed(seed, test_case.name, headline, 0), device)
+            denoised = denoise_hu_array(models["langmamba"], low, device=device, batch_size=batch_size, tta=tta)
+            headline_result["explanations"] = explanation_metrics(
+                Path(weights),
+                models["langmamba"],
+                test_case.hu,
+                low,
+                denoised,
+                test_case.label,
+                device=device,
+                max_slices=max_slices,
+            )
+            store.save_json("headline.json", headline_result)
         units: dict[tuple, tuple[dict, dict]] = {}
         for case in cases:
             roi = noise_roi(case.hu, metrics.body_mask(case.hu))

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -201,35 +202,61 @@ def explainer_flags(
 # --- calibration -----------------------------------------------------------------------------------
 
 
-def fit_temperature(
-    logits: torch.Tensor, candidates: torch.Tensor, low: float = 0.05, high: float = 20.0, iterations: int = 60
-) -> float:
-    """The factor ``T`` minimising ``mean(-log Σ_{v∈S} softmax(T * logits)_v)`` over regions ``(N, V)`` with
-    candidate masks ``(N, V)`` (golden-section search on ``log T``); rows without candidates are ignored."""
-    keep = candidates.any(dim=-1)
-    logits, candidates = logits[keep].double(), candidates[keep]
-    if logits.shape[0] == 0:
-        raise InputError("no region has a candidate word to fit the temperature on")
-
-    def nll(log_t: float) -> float:
-        scaled = logits * math.exp(log_t)
-        picked = torch.logsumexp(scaled.masked_fill(~candidates, float("-inf")), dim=-1)
-        return float((torch.logsumexp(scaled, dim=-1) - picked).mean())
-
+def _golden_log_search(loss, low: float, high: float, iterations: int) -> float:
+    """The ``T`` in ``[low, high]`` minimising ``loss(log T)`` (golden-section search on ``log T``)."""
     a, b = math.log(low), math.log(high)
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = nll(c), nll(d)
+    fc, fd = loss(c), loss(d)
     for _ in range(iterations):
         if fc < fd:
             b, d, fd = d, c, fc
             c = b - ratio * (b - a)
-            fc = nll(c)
+            fc = loss(c)
         else:
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
-            fd = nll(d)
+            fd = loss(d)
     return math.exp((a + b) / 2)
+
+
+def candidate_nll(logits: torch.Tensor, candidates: torch.Tensor, scale: float) -> float:
+    """``mean(-log Σ_{v∈S} softmax(scale * logits)_v)`` over regions ``(N, V)`` with candidate masks ``(N, V)``
+    (rows without candidates are ignored)."""
+    keep = candidates.any(dim=-1)
+    scaled = logits[keep].double() * scale
+    picked = torch.logsumexp(scaled.masked_fill(~candidates[keep], float("-inf")), dim=-1)
+    return float((torch.logsumexp(scaled, dim=-1) - picked).mean())
+
+
+def top_word_bce(logits: torch.Tensor, correct: torch.Tensor, scale: float) -> float:
+    """Binary cross-entropy of the top word's probability ``max softmax(scale * logits)`` over regions ``(N, V)``
+    against whether that word is right ``(N,)`` (which word is on top does not depend on ``scale``)."""
+    top = torch.softmax(logits.double() * scale, dim=-1).max(dim=-1).values.clamp(1e-12, 1 - 1e-12)
+    right = correct.double()
+    return float(-(right * top.log() + (1 - right) * (1 - top).log()).mean())
+
+
+def fit_temperature(
+    logits: torch.Tensor, candidates: torch.Tensor, low: float = 0.05, high: float = 20.0, iterations: int = 60
+) -> float:
+    """The factor ``T`` minimising :func:`candidate_nll` over regions ``(N, V)`` with candidate masks ``(N, V)``."""
+    if not bool(candidates.any(dim=-1).any()):
+        raise InputError("no region has a candidate word to fit the temperature on")
+    return _golden_log_search(lambda log_t: candidate_nll(logits, candidates, math.exp(log_t)), low, high, iterations)
+
+
+def fit_top_word_temperature(
+    logits: torch.Tensor, correct: torch.Tensor, low: float = 0.05, high: float = 200.0, iterations: int = 60
+) -> float:
+    """The factor ``T`` minimising :func:`top_word_bce`: the top word's probability then says how often a word
+    read with that probability is right (temperature scaling of the shown confidence, Guo et al. 2017)."""
+    if logits.shape[0] == 0:
+        raise InputError("no body region to fit the temperature on")
+    return _golden_log_search(lambda log_t: top_word_bce(logits, correct, math.exp(log_t)), low, high, iterations)
+
+
+CALIBRATION_OBJECTIVES = ("top_word", "candidates")
 
 
 @torch.no_grad()
@@ -238,24 +265,37 @@ def fit_calibration(
     normal_hu: np.ndarray | Sequence[np.ndarray],
     lesion: np.ndarray | Sequence[np.ndarray | None] | None = None,
     *,
+    objective: str = "top_word",
     batch_size: int = 4,
     device: str = "cpu",
 ) -> dict:
     """Fit the residual quantizer's per-level ``calibration`` on validation slices (a ``(Z, H, W)`` HU volume
-    or a list of ``(H, W)`` slices, with lesion masks or ``None``; never the test volume): a temperature on
-    the learned logits that maximises the region targets' likelihood. Sets it in place and returns
-    ``{"temperature": [...], "nll_before": [...], "nll_after": [...], "regions": [...]}``."""
+    or a list of ``(H, W)`` slices, with lesion masks or ``None``; never the test volume) and set it in place.
+
+    ``objective``: ``top_word`` (default) makes the shown top-word probability calibrated against whether the
+    word's tissue class is the region's dominant HU class, on body regions (what the evaluation's ECE scores);
+    ``candidates`` maximises the likelihood of each region's candidate words (the training targets).
+
+    Returns ``{"objective", "temperature": [...], "loss_before": [...], "loss_after": [...], "regions": [...]}``
+    with one entry per level; with ``top_word`` also the share of right top words (``agreement``) and the
+    in-sample ``ece_before/after`` and ``mean_top_probability_before/after``.
+    """
     from langmamba.vlm.regions import candidate_words, class_word_masks
 
+    if objective not in CALIBRATION_OBJECTIVES:
+        raise InputError(f"objective must be one of {', '.join(CALIBRATION_OBJECTIVES)}, got {objective!r}")
     langae = _langae(model).to(device=device, dtype=torch.float32).eval()
     quantizer = langae.quantizer
     if not hasattr(quantizer, "calibration"):
         raise InputError("only the residual quantizer has a word calibration to fit")
     factor = langae.downsample_factor
-    per_class, lesion_words = class_word_masks(word_classes(langae), device)
+    classes = word_classes(langae)
+    per_class, lesion_words = class_word_masks(classes, device)
+    class_index = {name: i for i, name in enumerate(REGION_CLASSES)}
+    word_class = torch.tensor([class_index.get(c, -1) for c in classes], device=device)
     quantizer.calibration.fill_(1.0)
-    logits = [[] for _ in range(quantizer.num_levels)]
-    targets = [[] for _ in range(quantizer.num_levels)]
+    logits: list[list[torch.Tensor]] = [[] for _ in range(quantizer.num_levels)]
+    targets: list[list[torch.Tensor]] = [[] for _ in range(quantizer.num_levels)]
     same_shape = isinstance(normal_hu, np.ndarray) and np.ndim(normal_hu) == 3
     step = batch_size if same_shape else 1
     for start in range(0, len(normal_hu), step):
@@ -272,25 +312,35 @@ def fit_calibration(
         grids = quantizer.level_grids(out.quantized.shape[-2:])
         for level, grid in enumerate(grids):
             truth = region_truth(hu, les, factor, grid)
-            mask = candidate_words(truth["fractions"], truth.get("lesion_fraction"), per_class, lesion_words)
-            logits[level].append(quantizer.word_logits(out.region_latents[level], level).reshape(-1, mask.shape[-1]))
-            targets[level].append(mask.reshape(-1, mask.shape[-1]))
-    report = {"temperature": [], "nll_before": [], "nll_after": [], "regions": []}
+            level_logits = quantizer.word_logits(out.region_latents[level], level)
+            if objective == "top_word":
+                body = truth["body"]
+                right = word_class[level_logits.argmax(dim=-1)] == truth["dominant"]
+                logits[level].append(level_logits[body])
+                targets[level].append(right[body])
+            else:
+                mask = candidate_words(truth["fractions"], truth.get("lesion_fraction"), per_class, lesion_words)
+                logits[level].append(level_logits.reshape(-1, mask.shape[-1]))
+                targets[level].append(mask.reshape(-1, mask.shape[-1]))
+    fit, loss = (
+        (fit_top_word_temperature, top_word_bce) if objective == "top_word" else (fit_temperature, candidate_nll)
+    )
+    report: dict = {"objective": objective, "temperature": [], "loss_before": [], "loss_after": [], "regions": []}
     for level in range(quantizer.num_levels):
         lg, tg = torch.cat(logits[level]), torch.cat(targets[level])
-        t = fit_temperature(lg, tg)
-
-        def nll(scale: float, lg: torch.Tensor = lg, tg: torch.Tensor = tg) -> float:
-            scaled = lg.double() * scale
-            keep = tg.any(-1)
-            picked = torch.logsumexp(scaled.masked_fill(~tg, float("-inf")), dim=-1)
-            return float((torch.logsumexp(scaled, dim=-1) - picked)[keep].mean())
-
+        t = fit(lg, tg)
         quantizer.calibration[level] = t
         report["temperature"].append(t)
-        report["nll_before"].append(nll(1.0))
-        report["nll_after"].append(nll(t))
-        report["regions"].append(int(tg.any(-1).sum()))
+        report["loss_before"].append(loss(lg, tg, 1.0))
+        report["loss_after"].append(loss(lg, tg, t))
+        report["regions"].append(int(tg.shape[0] if objective == "top_word" else tg.any(-1).sum()))
+        if objective == "top_word":  # in-sample: how well one temperature can do on these regions
+            right = tg.cpu().numpy()
+            for name, scale in (("before", 1.0), ("after", t)):
+                top = torch.softmax(lg.double() * scale, dim=-1).max(dim=-1).values.cpu().numpy()
+                report.setdefault(f"ece_{name}", []).append(expected_calibration_error(top, right))
+                report.setdefault(f"mean_top_probability_{name}", []).append(float(top.mean()))
+            report.setdefault("agreement", []).append(float(right.mean()))
     return report
 
 
@@ -504,6 +554,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calibrated model to the new checkpoint folder OUT",
     )
     parser.add_argument("--patients", nargs="*", help="with --calibrate on a prepared set: the patients to use")
+    parser.add_argument(
+        "--objective",
+        choices=CALIBRATION_OBJECTIVES,
+        default="top_word",
+        help="with --calibrate: what the temperature fits (see fit_calibration)",
+    )
     args = parser.parse_args(argv)
     if args.calibrate:
         from langmamba.checkpoint import save_checkpoint
@@ -520,7 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not chosen:
                 raise InputError(f"{args.case} has no slices of the patients {args.patients}")
             normal, label = [s.full for s in chosen], [s.label for s in chosen]
-        report = fit_calibration(model, normal, label, device=args.device)
+        stored_dtype = next(model.parameters()).dtype
+        report = fit_calibration(model, normal, label, objective=args.objective, device=args.device)
+        model.to(stored_dtype)  # saved as it was stored (the shipped weights are half precision)
+        report["fitted_on"] = f"{Path(args.case).name}" + (
+            f" patients {', '.join(args.patients)}" if args.patients else ""
+        )
         extra = dict(model.checkpoint_config.get("extra", {}), word_calibration=report)
         save_checkpoint(model, args.calibrate, extra=extra)
         print(json.dumps(report, indent=1))

@@ -19,8 +19,10 @@ from langmamba.evaluate_explanations import (
     expected_calibration_error,
     fit_calibration,
     fit_temperature,
+    fit_top_word_temperature,
     main,
     region_truth,
+    top_word_bce,
     word_classes,
 )
 from langmamba.models.langae import LangAE
@@ -56,6 +58,20 @@ def test_fit_temperature_recovers_the_sharpness_of_the_labels():
     labels = torch.multinomial(torch.softmax(2.5 * logits, -1), 1, generator=g)[:, 0]
     mask = F.one_hot(labels, 6).bool()
     assert fit_temperature(logits, mask) == pytest.approx(2.5, rel=0.1)
+
+
+def test_top_word_temperature_makes_the_shown_probability_come_true():
+    g = torch.Generator().manual_seed(0)
+    logits = 0.3 * torch.randn(20000, 8, generator=g)  # far too flat: every top word reads about 1/8
+    truth = torch.softmax(4.0 * logits, -1).max(-1).values  # how often the top word is really right
+    correct = torch.rand(truth.shape, generator=g) < truth
+    t = fit_top_word_temperature(logits, correct)
+    assert t == pytest.approx(4.0, rel=0.1)
+    shown = torch.softmax(t * logits, -1).max(-1).values.numpy()
+    before = torch.softmax(logits, -1).max(-1).values.numpy()
+    right = correct.numpy()
+    assert expected_calibration_error(shown, right) < 0.02 < expected_calibration_error(before, right)
+    assert top_word_bce(logits, correct, t) < top_word_bce(logits, correct, 1.0)
 
 
 @pytest.mark.slow
@@ -155,11 +171,15 @@ def test_word_classes_of_the_shipped_langae_are_its_own():
 
 
 @pytest.mark.slow
-def test_fit_calibration_lowers_the_target_nll_and_is_saved(tmp_path):
+@pytest.mark.parametrize("objective", ["top_word", "candidates"])
+def test_fit_calibration_lowers_its_loss_and_is_saved(tmp_path, objective):
     hu, lesion = _phantom()
     model = _tiny_langae()
-    report = fit_calibration(model, hu, lesion)
-    assert all(after <= before + 1e-9 for before, after in zip(report["nll_before"], report["nll_after"]))
+    report = fit_calibration(model, hu, lesion, objective=objective)
+    assert report["objective"] == objective and all(n > 0 for n in report["regions"])
+    if objective == "top_word":
+        assert all(0 <= a <= 1 for a in report["agreement"]) and len(report["ece_after"]) == len(report["regions"])
+    assert all(after <= before + 1e-9 for before, after in zip(report["loss_before"], report["loss_after"]))
     assert torch.allclose(model.quantizer.calibration, torch.tensor(report["temperature"], dtype=torch.float32))
     np.savez(tmp_path / "case.npz", normal=hu, label=lesion)
     save_checkpoint(_tiny_langae(), tmp_path / "model")
@@ -173,6 +193,8 @@ def test_fit_calibration_lowers_the_target_nll_and_is_saved(tmp_path):
                 "cpu",
                 "--calibrate",
                 str(tmp_path / "calibrated"),
+                "--objective",
+                objective,
             ]
         )
         == 0

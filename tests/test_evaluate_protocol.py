@@ -145,6 +145,14 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     assert set(timing) == {"bm3d", "redcnn", "langmamba_no_langda", "langmamba"} and min(timing.values()) > 0
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "metrics_figure.npz").is_file()
+    # A new word calibration: only the explanations are computed again, from the headline's own low dose.
+    monkeypatch.setattr(evaluate, "explanation_metrics", lambda *args, **kwargs: {"words": "recalibrated"})
+    refreshed = run_evaluation(
+        weights, partial, tmp_path / "partial.png", partial=True, refresh_explanations=True, **settings
+    )
+    assert refreshed["explanations"] == {"words": "recalibrated"}
+    assert refreshed["evaluation"]["per_case"] == result["evaluation"]["per_case"]
+    assert json.loads((tmp_path / "cache" / "headline.json").read_text())["explanations"] == {"words": "recalibrated"}
 
 
 def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
