@@ -464,6 +464,59 @@ def test_module_self_test_passes_against_the_server(shim, scene, server, monkeyp
     assert result.wasSuccessful(), result.errors + result.failures
 
 
+@pytest.mark.slow
+def test_panel_shows_the_calibrated_words_of_the_shipped_weights(shim, scene, tmp_path, monkeypatch):
+    """Open JSON of what the shipped weights say about two whole lung2 slices at a simulated quarter dose,
+    denoised: the words carry the fitted temperature, so the browser names them calibrated and most regions are
+    far above uniform. The picture is the README's screenshot (LANGMAMBA_TEST_ARTIFACTS)."""
+    _, slicer, module = shim
+    import qt
+    from PySide6.QtTest import QTest
+
+    from langmamba.checkpoint import load_checkpoint
+    from langmamba.explain import explain_volume
+    from langmamba.infer import denoise_hu_array
+    from langmamba.simulate import simulate_volume
+
+    normal = crop(read_volume(sample_path("lung2")), slice(30, 32), slice(0, 512), slice(0, 512))
+    low = simulate_volume(normal, dose=0.25, seed=0, device="cpu")
+    model = load_checkpoint(Path(__file__).resolve().parents[1] / "weights" / "langmamba")
+    denoised = denoise_hu_array(model, low.hu, device="cpu", batch_size=1)
+    document = explain_volume(model, low.hu, denoised, low, levels=(1,), top_k=3)
+    path = tmp_path / "shipped.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+    ct = _add_ct(slicer, low, name="lung2 quarter dose")
+    parent, widget = _panel(module)
+    ui = widget.ui
+    monkeypatch.setattr(qt.QFileDialog, "getOpenFileName", staticmethod(lambda *args: str(path)))
+    try:
+        ui.inputSelector.setCurrentNode(ct)
+        QTest.mouseClick(ui.openJsonButton, qt.Qt.LeftButton)
+        assert ui.statusLabel.text() == f"Opened the explanation {path}"
+        assert "calibrated by the model" in ui.languageSpaceLabel.text()
+        regions = widget.logic.regions
+        uniform = 1.0 / document["vocabulary_size"]
+        assert len(regions) == 2 * 16 * 16 and np.median([r.confidence for r in regions]) > 20 * uniform
+        _click_header(ui.regionTable, 2)
+        assert widget.shownRegions[0].confidence == max(r.confidence for r in regions)
+        ui.wordFilterEdit.setText("lung")  # the lung regions, most confident first, as a reader would look
+        qt.QApplication.processEvents()
+        lung = [r for r in regions if any("lung" in w for w in r.output_words)]
+        assert 0 < ui.regionTable.rowCount() == len(widget.shownRegions) == len(lung) < len(regions)
+        ui.regionTable.selectRow(0)
+        parent.resize(760, 900)
+        qt.QApplication.processEvents()
+        shot = tmp_path / "langmamba_explanation_browser_shipped.png"
+        assert parent.grab().save(str(shot)) and shot.stat().st_size > 10_000
+        artifacts = os.environ.get("LANGMAMBA_TEST_ARTIFACTS")
+        if artifacts:
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(artifacts) / shot.name)
+    finally:
+        parent.close()
+
+
 def test_panel_opens_saved_explanations_of_both_versions(shim, scene, lung2_crop, tmp_path, monkeypatch):
     """Open JSON: a 2.0 document written by langmamba for the lung2 crop, and a 1.0 document from before the
     schema change, each on a volume of its shape; the browser names the language space, shows percentages with a
