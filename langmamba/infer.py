@@ -109,6 +109,7 @@ def denoise_ct_volume(
     progress: bool = False,
     out: np.ndarray | None = None,
     should_stop: Callable[[], bool] | None = None,
+    tta: bool = False,
 ) -> CTVolume:
     """The denoised ``volume`` (same geometry and DICOM header); ``blend`` mixes output (1) and input (0).
 
@@ -124,5 +125,6 @@ def denoise_ct_volume(
         blend=blend,
         out=out,
         should_stop=should_stop,
+        tta=tta,
     )
     return volume.with_hu(output)

@@ -98,6 +98,8 @@ class DenoiseJob:
         batch_size: slices per denoiser batch (default: :func:`langmamba.runtime.default_batch_size`); the
             explainer encodes input and output of every slice, so it takes half as many slices per batch.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        tta: average the denoiser over the 8 flips/rotations of every slice (8 times the denoising time; on the
+            validation cases +0.05 dB, see the model card).
         explain_levels: quantizer pyramid levels of the explanation document (0 = coarsest).
         top_k: words listed per region in the explanation document.
         level: the pyramid level of the label map and the report (one of ``explain_levels``).
@@ -114,6 +116,7 @@ class DenoiseJob:
     blend: float = 1.0
     batch_size: int | None = None
     device: str = "auto"
+    tta: bool = False
     explain_levels: Sequence[int] = (0, 1, 2)
     top_k: int = 3
     level: int = 2
@@ -180,6 +183,7 @@ class DenoiseJob:
                     device=self.device,
                     progress=self.progress,
                     should_stop=should_stop,
+                    tta=self.tta,
                 )
                 start = _timed(timings, "denoise", start)
                 write_denoised = partial(self._write_denoised, denoised, Path(outputs.denoised))
@@ -212,6 +216,7 @@ class DenoiseJob:
                 "device": self.device,
                 "batch size": self.batch_size,
                 "blend": self.blend,
+                "flip averaging": "8 flips/rotations" if self.tta else "off",
                 "explained level": self.level,
                 **{f"{stage} time": f"{seconds:.1f} s" for stage, seconds in timings.items()},
             }

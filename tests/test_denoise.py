@@ -190,3 +190,20 @@ def test_job_refuses_a_label_level_it_does_not_explain_and_keeps_float32_when_as
         assert result.written == {"denoised": out} and result.explanation is None
         assert sitk.ReadImage(str(out)).GetPixelID() == pixel  # blend 0: the integer input itself
         np.testing.assert_array_equal(read_volume(out).hu, tiny_ct_volume.hu)
+
+
+@pytest.mark.slow
+def test_flip_averaging_switch_averages_the_model_over_flips(tmp_path, tiny_ct_volume):
+    from langmamba.infer import denoise_hu_array
+
+    source = write_volume(tiny_ct_volume, tmp_path / "in.nrrd")
+    common = [str(source), "--device", "cpu", "--no-progress"]
+    assert main(["denoise", common[0], str(tmp_path / "plain.nrrd"), *common[1:]]) == 0
+    out, report = tmp_path / "tta.nrrd", tmp_path / "tta.html"
+    assert main(["denoise", common[0], str(out), *common[1:], "--tta", "--report", str(report)]) == 0
+    model = load_checkpoint(default_weights())
+    expected = denoise_hu_array(model, read_volume(source).hu, device="cpu", batch_size=1, tta=True)
+    averaged, plain = read_volume(out).hu, read_volume(tmp_path / "plain.nrrd").hu
+    np.testing.assert_allclose(averaged, expected, atol=0.05)
+    assert np.abs(averaged - plain).max() > 0.5  # the switch reached the model
+    assert "8 flips/rotations" in report.read_text()
