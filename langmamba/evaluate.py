@@ -20,6 +20,7 @@ Protocol (``langmamba evaluate``):
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -491,6 +492,12 @@ class UnitCache:
         stored = self.folder / "settings.json"
         text = json.dumps(settings, sort_keys=True)
         if stored.exists() and stored.read_text() != text:
+            before = json.loads(stored.read_text())
+            if {**before, "denoisers": None} == {**settings, "denoisers": None}:
+                raise InputError(
+                    f"the evaluation cache {self.folder} was made with other weights in {settings.get('weights')} "
+                    "(their denoisers changed); use a new folder"
+                )
             raise InputError(f"the evaluation cache {self.folder} was made with other settings; use a new folder")
         stored.write_text(text)
 
@@ -535,6 +542,22 @@ class UnitCache:
         arrays |= {f"sigma/{m}": np.array(v) for m, v in sigmas.items()}
         arrays |= {f"seconds/{m}": np.array(v) for m, v in seconds.items()}
         write_npz(self._path(f"unit-{key}.npz"), arrays, compressed=False)
+
+
+def denoiser_fingerprint(weights: Path) -> str:
+    """A digest of every tensor of the evaluated models in ``weights`` that shapes their denoised images: all
+    of them but the word calibration (``quantizer.calibration``), which only changes the explanations (see
+    ``refresh_explanations`` of :func:`run_evaluation`). Guards the cache against new weights in an old folder."""
+    from .checkpoint import read_weights
+
+    digest = hashlib.sha256()
+    for name in MODEL_METHODS:
+        for key, tensor in sorted(read_weights(Path(weights) / name).items()):
+            if key.endswith("quantizer.calibration"):
+                continue
+            digest.update(f"{name}/{key}/{tensor.dtype}/{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_evaluation(
@@ -594,6 +617,7 @@ def run_evaluation(
         cache,
         {
             "weights": str(Path(weights).resolve()),
+            "denoisers": denoiser_fingerprint(Path(weights)),
             "cases": [[c.name, list(c.hu.shape)] for c in cases],
             "doses": doses,
             "draws": draws,

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from langmamba import evaluate, metrics
 from langmamba.baselines import REDCNN
-from langmamba.checkpoint import save_checkpoint
+from langmamba.checkpoint import read_weights, save_checkpoint
 from langmamba.errors import InputError
 from langmamba.eval_cases import EvalCase, load_cases, save_cases
 from langmamba.evaluate import EvaluationIncomplete, lesion_crop, run_evaluation
@@ -153,6 +154,20 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     assert refreshed["explanations"] == {"words": "recalibrated"}
     assert refreshed["evaluation"]["per_case"] == result["evaluation"]["per_case"]
     assert json.loads((tmp_path / "cache" / "headline.json").read_text())["explanations"] == {"words": "recalibrated"}
+    # The cache's key of the weights ignores the word calibration (only the explanations change with it) and
+    # sees every other tensor: new denoiser weights in the same folder are refused.
+    key = evaluate.denoiser_fingerprint(weights)
+    file = weights / "langmamba" / "model.safetensors"
+    tensors = read_weights(weights / "langmamba")
+    save_file({**tensors, "langae.quantizer.calibration": torch.full((3,), 3.0)}, str(file))
+    assert evaluate.denoiser_fingerprint(weights) == key
+    save_file({**tensors, "langae.quantizer.calibration": torch.full((3,), 1.0)}, str(file))
+    assert evaluate.denoiser_fingerprint(weights) == key
+    save_file(tensors, str(file))
+    torch.manual_seed(1)
+    save_checkpoint(REDCNN(channels=4), weights / "redcnn")
+    with pytest.raises(InputError, match="other weights"):
+        run_evaluation(weights, partial, tmp_path / "partial.png", partial=True, **settings)
 
 
 def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
