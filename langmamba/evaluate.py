@@ -59,8 +59,7 @@ DRAWS = 3
 HEADLINE_DOSE = 0.25
 NOISE_ROI_PX = 11
 NOISE_ROIS_PER_SLICE = 4
-# 65 HU was the best and largest value at dose 0.1 on the validation cases (v0.2), so the grid goes on to 100 HU.
-BM3D_SIGMAS_HU = (10, 15, 20, 25, 30, 40, 50, 65, 80, 100)
+BM3D_SIGMAS_HU = (10, 15, 20, 25, 30, 40, 50, 65)
 EVALUATION_SEED = 20250707
 TUNING_SLICES = (16, 24, 32)  # lung1 (training) slices for BM3D's σ when no validation case is given
 TUNING_SLICES_PER_CASE = 2
@@ -495,8 +494,8 @@ class UnitCache:
             before = json.loads(stored.read_text())
             if {**before, "denoisers": None} == {**settings, "denoisers": None}:
                 raise InputError(
-                    f"the evaluation cache {self.folder} was made with other weights in {settings.get('weights')} "
-                    "(their denoisers changed); use a new folder"
+                    f"the evaluation cache {self.folder} was made with other weights (their denoisers "
+                    "differ); use a new folder"
                 )
             raise InputError(f"the evaluation cache {self.folder} was made with other settings; use a new folder")
         stored.write_text(text)
@@ -616,7 +615,6 @@ def run_evaluation(
     store = UnitCache(
         cache,
         {
-            "weights": str(Path(weights).resolve()),
             "denoisers": denoiser_fingerprint(Path(weights)),
             "cases": [[c.name, list(c.hu.shape)] for c in cases],
             "doses": doses,
@@ -646,20 +644,24 @@ def run_evaluation(
         store.save_json("bm3d.json", {"tuned": {str(d): v for d, v in bm3d_tuned.items()}, "source": tuning_source})
         models = {name: load_checkpoint(Path(weights) / name) for name in MODEL_METHODS}
         headline_result = store.load_json("headline.json") or {}
+
+        def explain_headline(case: EvalCase, low: np.ndarray, denoised: np.ndarray) -> dict:
+            return explanation_metrics(
+                Path(weights),
+                models["langmamba"],
+                case.hu,
+                low,
+                denoised,
+                case.label,
+                device=device,
+                max_slices=max_slices,
+            )
+
         if refresh_explanations and headline_result:
             test_case = next(c for c in cases if c.name == TEST_CASE)
             low = simulate_case(test_case, headline, case_seed(seed, test_case.name, headline, 0), device)
             denoised = denoise_hu_array(models["langmamba"], low, device=device, batch_size=batch_size, tta=tta)
-            headline_result["explanations"] = explanation_metrics(
-                Path(weights),
-                models["langmamba"],
-                test_case.hu,
-                low,
-                denoised,
-                test_case.label,
-                device=device,
-                max_slices=max_slices,
-            )
+            headline_result["explanations"] = explain_headline(test_case, low, denoised)
             store.save_json("headline.json", headline_result)
         units: dict[tuple, tuple[dict, dict]] = {}
         for case in cases:
@@ -695,17 +697,7 @@ def run_evaluation(
                     )
                     if is_headline:
                         headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
-                        context = headline_result.pop("_context")
-                        headline_result["explanations"] = explanation_metrics(
-                            Path(weights),
-                            context["model"],
-                            context["normal"],
-                            context["low"],
-                            context["denoised"],
-                            context["label"],
-                            device=device,
-                            max_slices=max_slices,
-                        )
+                        headline_result["explanations"] = explain_headline(case, low, outputs["langmamba"])
                         _save_figure_data({"ndct": case.hu, **outputs}, case, figure_data, dose)
                         store.save_json("headline.json", headline_result)
                     store.save_unit(key, scores, sigmas, seconds)
@@ -821,13 +813,6 @@ def _headline(case: EvalCase, outputs: dict, models: dict, device: str, bm3d: di
         "bm3d_sigma_hu": bm3d["sigma_hu"],
         "bm3d_sigma_tuning_psnr": bm3d["psnr_tried"],
         "bm3d_sigma_tuned_on": tuning_source,
-        "_context": {
-            "model": langmamba,
-            "normal": case.hu,
-            "low": outputs["ldct"],
-            "denoised": outputs["langmamba"],
-            "label": case.label,
-        },
     }
 
 

@@ -129,6 +129,12 @@ def word_classes(langae: torch.nn.Module) -> list[str | None]:
     return [known.get(word) for word in (langae.vocabulary or [])] or [None] * langae.quantizer.codebook_size
 
 
+def class_ids(classes: Sequence[str | None], device: str | torch.device) -> torch.Tensor:
+    """Each word's index in :data:`REGION_CLASSES` ``(V,)``, ``-1`` for a word without a known class."""
+    index = {name: i for i, name in enumerate(REGION_CLASSES)}
+    return torch.tensor([index.get(c, -1) for c in classes], device=device)
+
+
 def _pad(x: torch.Tensor, factor: int) -> torch.Tensor:
     pad_h, pad_w = -x.shape[-2] % factor, -x.shape[-1] % factor
     return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
@@ -291,8 +297,7 @@ def fit_calibration(
     factor = langae.downsample_factor
     classes = word_classes(langae)
     per_class, lesion_words = class_word_masks(classes, device)
-    class_index = {name: i for i, name in enumerate(REGION_CLASSES)}
-    word_class = torch.tensor([class_index.get(c, -1) for c in classes], device=device)
+    word_class = class_ids(classes, device)
     quantizer.calibration.fill_(1.0)
     logits: list[list[torch.Tensor]] = [[] for _ in range(quantizer.num_levels)]
     targets: list[list[torch.Tensor]] = [[] for _ in range(quantizer.num_levels)]
@@ -385,8 +390,7 @@ def evaluate_explanations(
     level = quantizer.num_levels - 1
     factor = langae.downsample_factor
     classes = word_classes(langae)
-    class_index = {name: i for i, name in enumerate(REGION_CLASSES)}
-    word_class = torch.tensor([class_index.get(c, -1) for c in classes], device=device)
+    word_class = class_ids(classes, device)
     lesion_word = torch.tensor([c == "lesion" for c in classes], device=device)
 
     tallies: dict[str, list] = {

@@ -58,15 +58,14 @@ def main() -> None:
                 scores[name] = float(np.mean([metrics.psnr(o, r, window) for o, r in zip(out, case.hu)]))
             rows.append({"case": case.name, "dose": dose, **scores, "gain": scores["tta"] - scores["plain"]})
             print(f"{case.name:24s} dose {dose:<5} plain {scores['plain']:.2f}  tta {scores['tta']:.2f} dB", flush=True)
-    gains = np.array([r["gain"] for r in rows])
-    picks = np.random.default_rng(0).integers(0, len(gains), size=(2000, len(gains)))
-    low, high = np.percentile(gains[picks].mean(1), [2.5, 97.5])
+    interval = metrics.paired_bootstrap_ci([r["tta"] for r in rows], [r["plain"] for r in rows])
+    low, high = interval["low"], interval["high"]
     result = {
         "weights": args.weights,
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "window": "-160_240",
         "rows": rows,
-        "mean_gain_db": float(gains.mean()),
+        "mean_gain_db": interval["mean"],
         "gain_ci95_db": [float(low), float(high)],
         "time_ratio": seconds["tta"] / seconds["plain"],
     }
