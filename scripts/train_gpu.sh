@@ -8,6 +8,8 @@
 #                 both on phase A's finished LangAE
 #   phase AB:     all four at once, two per GPU: LangMamba with and without LangDA on GPU 0 | LangAE and RED-CNN
 #                 on GPU 1; LangMamba reads the finished LangAE in $LANGAE (required), so it does not wait for phase A
+#   phase D:      the three denoisers on the finished LangAE in $LANGAE (required): LangMamba with and without
+#                 LangDA and RED-CNN, all on GPU 0 (one GPU) or LangMamba | the other two (two GPUs)
 #   phase export: half-precision weights laid out like weights/ in $RUNS/weights (langae, langmamba,
 #                 langmamba_no_langda, redcnn), every file at most 16 MiB
 #   phase status: the table only
@@ -41,12 +43,12 @@ phases=()
 smoke=0
 for arg in "$@"; do
   case "$arg" in
-    A|B|AB|export|status|probe) phases+=("$arg") ;;
+    A|B|AB|D|export|status|probe) phases+=("$arg") ;;
     --smoke) smoke=1 ;;
-    *) echo "usage: $0 A|B|AB|export|status|probe... [--smoke]" >&2; exit 2 ;;
+    *) echo "usage: $0 A|B|AB|D|export|status|probe... [--smoke]" >&2; exit 2 ;;
   esac
 done
-[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|AB|export|status|probe... [--smoke]" >&2; exit 2; }
+[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|AB|D|export|status|probe... [--smoke]" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-runs/gpu}
@@ -172,9 +174,9 @@ collect() {  # copy what is worth keeping into $RESULTS (small files only: no ch
 status=0
 for phase in "${phases[@]}"; do
 case "$phase" in
-  A|B|AB)
-    if [[ $phase == AB && -z "${LANGAE:-}" ]]; then
-      echo "error: phase AB trains LangMamba beside the LangAE, so it needs a finished LangAE in LANGAE" >&2
+  A|B|AB|D)
+    if [[ $phase == AB || $phase == D ]] && [[ -z "${LANGAE:-}" ]]; then
+      echo "error: phase $phase trains LangMamba without waiting for phase A, so it needs a finished LangAE in LANGAE" >&2
       status=1
       continue
     fi
@@ -183,13 +185,16 @@ case "$phase" in
       status=1
       continue
     fi
-    # GPUs: A puts LangAE | RED-CNN, B LangMamba | without LangDA, AB both LangMambas | LangAE and RED-CNN.
+    # GPUs: A puts LangAE | RED-CNN, B LangMamba | without LangDA, AB both LangMambas | LangAE and RED-CNN,
+    # D LangMamba | without LangDA and RED-CNN.
     gpu_langae=0 gpu_redcnn=1 gpu_denoiser=0 gpu_plain=1
     [[ $phase == AB ]] && gpu_langae=1 gpu_plain=0
-    if [[ $phase != B ]]; then
+    if [[ $phase == A || $phase == AB ]]; then
       # shellcheck disable=SC2046,SC2086
       launch langae $gpu_langae langae langae $(steps "${LANGAE_STEPS:-}") $(init langae) "${langae_set[@]}" \
         ${LANGAE_ARGS:-}
+    fi
+    if [[ $phase != B ]]; then
       # shellcheck disable=SC2046,SC2086
       launch redcnn $gpu_redcnn redcnn redcnn $(steps "${REDCNN_STEPS:-}") $(init redcnn) ${REDCNN_ARGS:-}
     fi
