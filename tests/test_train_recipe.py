@@ -249,6 +249,7 @@ def test_zoom_resamples_the_slice_and_simulates_it_at_the_new_pixel_size(monkeyp
     monkeypatch.setattr(train_data, "simulate_on_device", record)
     low, full, _ = data.batch(4)
     assert [shape[1:] for shape, _ in calls] == [(192, 192)]  # 96-pixel phantoms at twice the size
+    assert calls[0][0][0] == 1  # four times the pixels, so four times the patches: one slice fills the batch
     assert calls[0][1] == (0.75, 0.75)  # 1.5 mm pixels halved
     assert low.shape == full.shape == (4, 1, 64, 64)
     assert torch.allclose(low - full, torch.full_like(low, 5.0 / 3000.0), atol=1e-6)  # the low dose of that view

@@ -74,8 +74,9 @@ class DataConfig:
     crop_margin_px: int = 16
     crop_min_px: int = 256
     # Scanner-appearance augmentation of the simulated slices (langmamba.train.appearance): a zoom factor per
-    # batch, log-uniform in [min, max] (pixel spacing divided by it; null: none), and per slice a Gaussian blur
-    # of soften_sigma_mm (uniform in [min, max]) with probability soften_probability.
+    # batch, log-uniform in [min, max] (pixel spacing divided by it; null: none; an enlarged slice gives
+    # patches_per_slice * zoom² patches, so fewer slices are simulated), and per slice a Gaussian blur of
+    # soften_sigma_mm (uniform in [min, max]) with probability soften_probability.
     zoom: list[float] | None = None
     soften_probability: float = 0.0
     soften_sigma_mm: list[float] = field(default_factory=lambda: [0.3, 1.0])

@@ -4,7 +4,8 @@ Every batch is new: ``batch_size / patches_per_slice`` whole normal-dose slices 
 drawn uniformly from ``[dose, dose_max]`` (one draw per group of slices that share their pixel spacing) on the
 training device, and ``patches_per_slice`` body patches are cut from each and given one of the 8 dihedral
 flips/rotations. Where the config asks for it, each slice is first softened and zoomed
-(:mod:`.appearance`), so the model also meets other pixel sizes and smoother kernels. The denoisers are blind to
+(:mod:`.appearance`), so the model also meets other pixel sizes and smoother kernels (a slice enlarged by a zoom
+``z > 1`` gives ``z²`` times as many patches, so a batch costs about the same to simulate). The denoisers are blind to
 the dose (none of them takes it as an input): the noise level is in the image, so one model serves every dose of
 the range.
 """
@@ -260,11 +261,13 @@ class TrainingData:
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """``(low, full, slice_indices)``: patches (B, 1, P, P) in model range with noise never used before, and
         the training slice of each patch."""
-        per_slice = self.config.patches_per_slice
-        count = math.ceil(batch_size / per_slice)
         generator = self.sampler.generator
-        chosen = torch.randint(0, len(self.train), (count,), generator=generator).tolist()
         zoom = draw_zoom(self.config.zoom, generator)
+        # An enlarged slice costs zoom² times as much to simulate (the simulator's time grows with the pixel count):
+        # it gives zoom² times as many patches, so a batch costs about the same at every zoom.
+        per_slice = max(self.config.patches_per_slice, round(self.config.patches_per_slice * zoom**2))
+        count = math.ceil(batch_size / per_slice)
+        chosen = torch.randint(0, len(self.train), (count,), generator=generator).tolist()
         views = [self._view(index, zoom) for index in chosen]
         lows = self._low_dose(chosen, views)
         half, size = self.config.patch_size // 2, self.config.patch_size
