@@ -501,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw the comparison figure from the *_figure.npz an evaluation wrote (where matplotlib is) and stop",
     )
     evaluate.add_argument(
-        "--cache", help="folder keeping finished (case, dose, draw) parts, so a stopped run continues where it stopped"
+        "--cache",
+        help="folder keeping finished (case, dose, draw) parts, so a stopped run continues where it stopped; new "
+        "weights reuse its low-dose and BM3D parts and compute only their models",
     )
     evaluate.add_argument(
         "--partial",

@@ -476,71 +476,133 @@ class EvaluationIncomplete(Exception):
     """The time budget ran out; the finished parts are in the cache folder: run again with the same cache."""
 
 
+BASELINE_METHODS = ("ldct", "bm3d")
+"""Methods whose results depend on the cases, doses, draws, seed and BM3D settings but not on the weights."""
+
+
+def _split(values: dict, baseline: bool) -> dict:
+    """The entries of ``values`` (keyed by method) of the baseline methods (and the normal dose) or of the models."""
+    return {m: v for m, v in values.items() if (m in BASELINE_METHODS or m == "ndct") == baseline}
+
+
 class UnitCache:
     """Finished (case, dose, draw) units of an evaluation on disk, so a run can stop and continue later.
 
-    Without a folder nothing is kept. Files: ``unit-<key>.npz`` (per-slice scores and noise σ), ``headline.json``,
-    ``bm3d.json``, and ``settings.json`` (a cache made with other settings is refused).
+    Without a folder nothing is kept. One folder serves any weights: the parts that do not depend on them (the
+    low-dose input and BM3D: ``unit-<key>.npz``, ``bm3d.json``) sit at the top and are shared, and each set of
+    denoisers (:func:`denoiser_fingerprint`) has its own subfolder ``denoisers-<digest>/`` with its models'
+    ``unit-<key>.npz``, ``headline.json`` and figure data. ``settings.json`` holds the rest of the settings (a
+    folder made with other settings is refused). A folder of the earlier layout (everything at the top, the
+    digest in ``settings.json``) is moved into this one when it is opened.
     """
 
-    def __init__(self, folder: Path | None, settings: dict) -> None:
+    def __init__(self, folder: Path | None, settings: dict, denoisers: str = "") -> None:
         self.folder = None if folder is None else Path(folder)
+        self.models: Path | None = None
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         stored = self.folder / "settings.json"
+        if stored.exists():
+            before = json.loads(stored.read_text())
+            if "denoisers" in before:
+                self._migrate(str(before.pop("denoisers")) + ("-tta" if before.pop("tta", False) else ""))
+                write_text(stored, json.dumps(before, sort_keys=True))
         text = json.dumps(settings, sort_keys=True)
         if stored.exists() and stored.read_text() != text:
-            before = json.loads(stored.read_text())
-            if {**before, "denoisers": None} == {**settings, "denoisers": None}:
-                raise InputError(
-                    f"the evaluation cache {self.folder} was made with other weights (their denoisers "
-                    "differ); use a new folder"
-                )
             raise InputError(f"the evaluation cache {self.folder} was made with other settings; use a new folder")
-        stored.write_text(text)
+        write_text(stored, text)
+        self.models = self.folder / f"denoisers-{denoisers}"
+        self.models.mkdir(exist_ok=True)
 
-    def _path(self, name: str) -> Path:
-        return self.folder / name
+    def _migrate(self, digest: str) -> None:
+        """Split the units of the earlier layout into the shared part and the part of the weights ``digest``."""
+        assert self.folder is not None
+        models = self.folder / f"denoisers-{digest}"
+        models.mkdir(exist_ok=True)
+        for unit in sorted(self.folder.glob("unit-*.npz")):
+            arrays = _read_unit_arrays(unit)
+            write_npz(models / unit.name, {k: v for k, v in arrays.items() if not _is_baseline(k)}, compressed=False)
+            write_npz(unit, {k: v for k, v in arrays.items() if _is_baseline(k)}, compressed=False)
+        for name in ("headline.json", "metrics_figure.npz"):
+            if (self.folder / name).exists():
+                (self.folder / name).replace(models / name)
+        logger.info("evaluation cache %s: moved the parts of weights %s into %s", self.folder, digest, models.name)
 
-    def load_json(self, name: str):
-        if self.folder is None or not self._path(name).exists():
+    def _path(self, name: str, shared: bool) -> Path:
+        assert self.folder is not None and self.models is not None
+        return (self.folder if shared else self.models) / name
+
+    @property
+    def figure_folder(self) -> Path | None:
+        """Where the figure data of these weights goes (``None`` without a cache)."""
+        return self.models
+
+    def load_json(self, name: str, shared: bool = False):
+        """``bm3d.json`` is shared (``shared=True``); ``headline.json`` belongs to the weights."""
+        if self.folder is None or not self._path(name, shared).exists():
             return None
-        return json.loads(self._path(name).read_text())
+        return json.loads(self._path(name, shared).read_text())
 
-    def save_json(self, name: str, value) -> None:
+    def save_json(self, name: str, value, shared: bool = False) -> None:
         if self.folder is not None:
-            write_text(self._path(name), json.dumps(value))
+            write_text(self._path(name, shared), json.dumps(value))
 
     @staticmethod
     def key(case: str, dose: float, draw: int) -> str:
         return f"{zlib.crc32(case.encode()):08x}-{round(1000 * dose):04d}-{draw}"
 
-    def load_unit(self, key: str) -> tuple[dict, dict, dict] | None:
-        """``(scores, noise σ, seconds)`` of a finished unit, or ``None``."""
-        if self.folder is None or not self._path(f"unit-{key}.npz").exists():
+    def _load(self, path: Path) -> tuple[dict, dict, dict] | None:
+        if not path.exists():
             return None
         scores: dict = {}
         sigmas: dict = {}
         seconds: dict = {}
-        with np.load(self._path(f"unit-{key}.npz"), allow_pickle=False) as archive:
-            for name in archive.files:
-                kind, method, *rest = name.split("/")
-                if kind == "sigma":
-                    sigmas[method] = float(archive[name])
-                elif kind == "seconds":
-                    seconds[method] = float(archive[name])
-                else:
-                    scores.setdefault(method, {}).setdefault(rest[0], {})[rest[1]] = archive[name]
+        for name, value in _read_unit_arrays(path).items():
+            kind, method, *rest = name.split("/")
+            if kind == "sigma":
+                sigmas[method] = float(value)
+            elif kind == "seconds":
+                seconds[method] = float(value)
+            else:
+                scores.setdefault(method, {}).setdefault(rest[0], {})[rest[1]] = value
         return scores, sigmas, seconds
+
+    def load_baseline(self, key: str) -> tuple[dict, dict, dict] | None:
+        """``(scores, noise σ, seconds)`` of the low dose and BM3D of a unit, or ``None``."""
+        return None if self.folder is None else self._load(self._path(f"unit-{key}.npz", shared=True))
+
+    def load_unit(self, key: str) -> tuple[dict, dict, dict] | None:
+        """``(scores, noise σ, seconds)`` of a unit finished for these weights (every method), or ``None``."""
+        if self.folder is None:
+            return None
+        baseline, models = self.load_baseline(key), self._load(self._path(f"unit-{key}.npz", shared=False))
+        if baseline is None or models is None:
+            return None
+        return tuple(a | b for a, b in zip(baseline, models))  # type: ignore[return-value]
 
     def save_unit(self, key: str, scores: dict, sigmas: dict, seconds: dict) -> None:
         if self.folder is None:
             return
-        arrays = {f"score/{m}/{w}/{k}": v for m, ws in scores.items() for w, ks in ws.items() for k, v in ks.items()}
-        arrays |= {f"sigma/{m}": np.array(v) for m, v in sigmas.items()}
-        arrays |= {f"seconds/{m}": np.array(v) for m, v in seconds.items()}
-        write_npz(self._path(f"unit-{key}.npz"), arrays, compressed=False)
+        for shared in (True, False):
+            parts = [_split(values, shared) for values in (scores, sigmas, seconds)]
+            arrays = {
+                f"score/{m}/{w}/{k}": v for m, ws in parts[0].items() for w, ks in ws.items() for k, v in ks.items()
+            }
+            arrays |= {f"sigma/{m}": np.array(v) for m, v in parts[1].items()}
+            arrays |= {f"seconds/{m}": np.array(v) for m, v in parts[2].items()}
+            write_npz(self._path(f"unit-{key}.npz", shared), arrays, compressed=False)
+
+
+def _read_unit_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def _is_baseline(array_name: str) -> bool:
+    """Whether a unit array (``score/<method>/...``, ``sigma/<method>``, ``seconds/<method>``) is shared."""
+    method = array_name.split("/")[1]
+    return method in BASELINE_METHODS or method == "ndct"
 
 
 def denoiser_fingerprint(weights: Path) -> str:
@@ -585,7 +647,8 @@ def run_evaluation(
     data (``<output_json stem>_figure.npz``, to draw elsewhere when matplotlib is missing).
 
     With ``cache``, finished (case, dose, draw) units are kept in that folder and skipped by a later call with
-    the same settings; with ``max_minutes`` the call stops between units once the budget is spent and raises
+    the same settings; new weights reuse the folder's low-dose and BM3D results and compute only their models
+    (:class:`UnitCache`); with ``max_minutes`` the call stops between units once the budget is spent and raises
     :class:`EvaluationIncomplete` (call again to continue). With ``partial`` nothing new is computed: the
     result holds the (case, dose) pairs whose draws are all in the cache, ``evaluation.complete`` is false and
     ``evaluation.missing`` lists the rest. With ``refresh_explanations`` the ``explanations`` section of a cached
@@ -615,23 +678,22 @@ def run_evaluation(
     store = UnitCache(
         cache,
         {
-            "denoisers": denoiser_fingerprint(Path(weights)),
             "cases": [[c.name, list(c.hu.shape)] for c in cases],
             "doses": doses,
             "draws": draws,
             "seed": seed,
-            "tta": tta,
             "bm3d_sigma": bm3d_sigma_hu,
             "candidates": list(bm3d_candidates_hu),
         },
+        denoisers=denoiser_fingerprint(Path(weights)) + ("-tta" if tta else ""),
     )
-    figure_data = (store.folder or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
+    figure_data = (store.figure_folder or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
     pool = bm3d_pool(workers) if workers > 1 else None
     # The runtime's batch size (one slice on the CPU, where the paper-size decoder's full-resolution scans take about
     # 2 GB per 512² slice: batches of 8 ran a 24 GB machine out of memory on a 61-slice case).
     batch_size = default_batch_size(device)
     try:
-        bm3d_tuned = store.load_json("bm3d.json")
+        bm3d_tuned = store.load_json("bm3d.json", shared=True)
         if bm3d_tuned is not None:
             bm3d_tuned, tuning_source = {float(d): v for d, v in bm3d_tuned["tuned"].items()}, bm3d_tuned["source"]
         elif partial:
@@ -641,7 +703,9 @@ def run_evaluation(
         else:
             bm3d_tuned = {d: {"sigma_hu": float(bm3d_sigma_hu), "psnr_tried": {}} for d in doses}
             tuning_source = "given on the command line"
-        store.save_json("bm3d.json", {"tuned": {str(d): v for d, v in bm3d_tuned.items()}, "source": tuning_source})
+        store.save_json(
+            "bm3d.json", {"tuned": {str(d): v for d, v in bm3d_tuned.items()}, "source": tuning_source}, shared=True
+        )
         models = {name: load_checkpoint(Path(weights) / name) for name in MODEL_METHODS}
         headline_result = store.load_json("headline.json") or {}
 
@@ -679,22 +743,35 @@ def run_evaluation(
                     if max_minutes is not None and time.time() - started > 60 * max_minutes:
                         raise EvaluationIncomplete(f"stopped after {max_minutes} min with {len(units)} units done")
                     low = simulate_case(case, dose, case_seed(seed, case.name, dose, draw), device)
-                    clock = time.perf_counter()
-                    outputs = {"ldct": low, "bm3d": bm3d_denoise(low, bm3d_tuned[dose]["sigma_hu"], pool=pool)}
-                    seconds = {"bm3d": time.perf_counter() - clock}
+                    # The low dose and BM3D of a unit are shared by all weights: computed once, except for the
+                    # headline, whose figure and tables need the BM3D image itself.
+                    baseline = None if is_headline else store.load_baseline(key)
+                    outputs = {"ldct": low}
+                    seconds = {}
+                    if baseline is None:
+                        clock = time.perf_counter()
+                        outputs["bm3d"] = bm3d_denoise(low, bm3d_tuned[dose]["sigma_hu"], pool=pool)
+                        seconds["bm3d"] = time.perf_counter() - clock
                     for name, model in models.items():
                         clock = time.perf_counter()
                         outputs[name] = denoise_hu_array(model, low, device=device, batch_size=batch_size, tta=tta)
                         if device.startswith("cuda"):
                             torch.cuda.synchronize()
                         seconds[name] = time.perf_counter() - clock
+                    if baseline is not None:
+                        outputs.pop("ldct")
                     mapper = pool.map if pool is not None else map
                     scores = dict(zip(outputs, mapper(_scores_job, [(out, case.hu) for out in outputs.values()])))
+                    reference = {"ndct": case.hu} if baseline is None else {}
                     sigmas = (
-                        {name: _roi_sigma(out, roi) for name, out in {"ndct": case.hu, **outputs}.items()}
+                        {name: _roi_sigma(out, roi) for name, out in {**reference, **outputs}.items()}
                         if roi.any()
                         else {}
                     )
+                    if baseline is not None:
+                        scores, sigmas, seconds = (
+                            {**shared, **own} for shared, own in zip(baseline, (scores, sigmas, seconds))
+                        )
                     if is_headline:
                         headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
                         headline_result["explanations"] = explain_headline(case, low, outputs["langmamba"])

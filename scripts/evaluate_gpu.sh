@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The model-card evaluation on a GPU host (numpy, scipy, torch, bm3d and the carried wheels suffice), within a
 # minutes budget per call: call it again until it prints "complete" (finished parts wait in the cache folder
-# while the machine stays warm).
+# while the machine stays warm). New weights in the same cache folder reuse its low-dose and BM3D parts, so
+# carrying the cache of an earlier evaluation leaves only the models to run (and BM3D of the headline unit).
 #
 # Usage: scripts/evaluate_gpu.sh CASES.npz WEIGHTS_FOLDER [extra `langmamba evaluate` options, e.g. --tta]
 #   CASES.npz: written here by `langmamba evaluate --export-npz out/eval/cases.npz --validation-data ...`

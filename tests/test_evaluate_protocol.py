@@ -117,6 +117,7 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     again = run_evaluation(weights, partial, tmp_path / "partial.png", partial=True, **settings)
     assert again["evaluation"]["complete"] and again["evaluation"]["per_case"] == result["evaluation"]["per_case"]
     assert len(list((tmp_path / "cache").glob("unit-*.npz"))) == 2 * 2 * 2  # cases x doses x draws
+    assert len(list((tmp_path / "cache").glob("denoisers-*/unit-*.npz"))) == 2 * 2 * 2  # the models' parts
     with pytest.raises(InputError, match="other settings"):
         run_evaluation(weights, output, tmp_path / "out" / "comparison.png", **(settings | {"draws": 3}))
     saved = json.loads(output.read_text())
@@ -153,9 +154,10 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     )
     assert refreshed["explanations"] == {"words": "recalibrated"}
     assert refreshed["evaluation"]["per_case"] == result["evaluation"]["per_case"]
-    assert json.loads((tmp_path / "cache" / "headline.json").read_text())["explanations"] == {"words": "recalibrated"}
+    (headline_file,) = (tmp_path / "cache").glob("denoisers-*/headline.json")
+    assert json.loads(headline_file.read_text())["explanations"] == {"words": "recalibrated"}
     # The cache's key of the weights ignores the word calibration (only the explanations change with it) and
-    # sees every other tensor: new denoiser weights in the same folder are refused.
+    # sees every other tensor: new denoiser weights get their own part of the folder.
     key = evaluate.denoiser_fingerprint(weights)
     file = weights / "langmamba" / "model.safetensors"
     tensors = read_weights(weights / "langmamba")
@@ -166,8 +168,24 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     save_file(tensors, str(file))
     torch.manual_seed(1)
     save_checkpoint(REDCNN(channels=4), weights / "redcnn")
-    with pytest.raises(InputError, match="other weights"):
-        run_evaluation(weights, partial, tmp_path / "partial.png", partial=True, **settings)
+    assert evaluate.denoiser_fingerprint(weights) != key
+    fresh = run_evaluation(weights, partial, tmp_path / "partial.png", partial=True, **settings)
+    assert not fresh["evaluation"]["complete"] and len(fresh["evaluation"]["missing"]) == 2 * 2
+    # Computing them reuses the low dose and BM3D of every unit but the headline (whose figure needs the image).
+    bm3d_runs = []
+    real_bm3d = evaluate.bm3d_denoise
+    monkeypatch.setattr(evaluate, "bm3d_denoise", lambda *a, **k: bm3d_runs.append(1) or real_bm3d(*a, **k))
+    retrained = run_evaluation(weights, output, tmp_path / "out" / "comparison.png", **settings)
+    assert len(bm3d_runs) == 1 and retrained["evaluation"]["complete"]
+    for case in ("lung2", "val"):
+        for dose in ("0.25", "0.1"):
+            old_window = result["evaluation"]["per_case"][case]["doses"][dose]["window_-160_240"]
+            new_window = retrained["evaluation"]["per_case"][case]["doses"][dose]["window_-160_240"]
+            for method in ("ldct", "bm3d", "langmamba"):  # shared parts and unchanged models score the same
+                assert new_window[method]["psnr_per_draw"] == pytest.approx(old_window[method]["psnr_per_draw"])
+    folders = sorted((tmp_path / "cache").glob("denoisers-*"))
+    assert [len(list(f.glob("unit-*.npz"))) for f in folders] == [8, 8]  # every unit's models, for each weights
+    assert len(list((tmp_path / "cache").glob("unit-*.npz"))) == 8  # one shared low dose and BM3D part per unit
 
 
 def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
@@ -187,3 +205,42 @@ def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
     assert case.hu[0, 0, 0] == -1000 and case.hu[1, 0, 0] == -1000
     with pytest.raises(InputError, match="not in"):
         validation_cases("set.npz", patients=["nobody"])
+
+
+def test_a_cache_of_the_earlier_layout_is_split_into_shared_and_per_weights_parts(tmp_path):
+    folder = tmp_path / "cache"
+    settings = {"cases": [["lung2", [2, 8, 8]]], "doses": [0.25], "draws": 1, "seed": 0}
+    folder.mkdir()
+    (folder / "settings.json").write_text(json.dumps({**settings, "denoisers": "abc", "tta": False}))
+    (folder / "headline.json").write_text(json.dumps({"dose": 0.25}))
+    arrays = {
+        "score/ldct/window_-160_240/psnr": np.array([20.0, 21.0]),
+        "score/bm3d/window_-160_240/psnr": np.array([22.0, 23.0]),
+        "score/langmamba/window_-160_240/psnr": np.array([24.0, 25.0]),
+        "sigma/ndct": np.array(7.0),
+        "sigma/langmamba": np.array(5.0),
+        "seconds/bm3d": np.array(1.5),
+        "seconds/langmamba": np.array(0.5),
+    }
+    key = evaluate.UnitCache.key("lung2", 0.25, 0)
+    np.savez(folder / f"unit-{key}.npz", **arrays)
+
+    store = evaluate.UnitCache(folder, settings, denoisers="abc")
+    assert json.loads((folder / "settings.json").read_text()) == settings
+    assert store.load_json("headline.json") == {"dose": 0.25} and not (folder / "headline.json").exists()
+    shared = np.load(folder / f"unit-{key}.npz")
+    assert sorted(shared.files) == [
+        "score/bm3d/window_-160_240/psnr",
+        "score/ldct/window_-160_240/psnr",
+        "seconds/bm3d",
+        "sigma/ndct",
+    ]
+    scores, sigmas, seconds = store.load_unit(key)
+    assert scores["langmamba"]["window_-160_240"]["psnr"].tolist() == [24.0, 25.0]
+    assert scores["ldct"]["window_-160_240"]["psnr"].tolist() == [20.0, 21.0]
+    assert sigmas == {"ndct": 7.0, "langmamba": 5.0} and seconds == {"bm3d": 1.5, "langmamba": 0.5}
+    # Other weights share the low dose and BM3D but have no models' part yet; other settings are refused.
+    other = evaluate.UnitCache(folder, settings, denoisers="def")
+    assert other.load_unit(key) is None and other.load_baseline(key)[1] == {"ndct": 7.0}
+    with pytest.raises(InputError, match="other settings"):
+        evaluate.UnitCache(folder, {**settings, "draws": 3}, denoisers="abc")
