@@ -122,3 +122,23 @@ def test_import_contracts_hold():
     result = subprocess.run([str(linter), "--no-cache"], cwd=ROOT, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout
+
+
+def test_reports_and_explanation_types_load_without_the_encoder():
+    # report depends on the explanation data types, not on the explainer: importing it (and the explain package)
+    # must not pull in the encoder or torch.
+    code = (
+        "import sys, langmamba.report, langmamba.explain as e; e.ExplainedBatch; e.paint_regions; "
+        "heavy = ('torch', 'langmamba.explain.encode', 'langmamba.explain.writer'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, langmamba.explain as e; e.Explainer; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert loaded.stdout.strip() == "True"  # the lazy names still resolve

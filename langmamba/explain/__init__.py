@@ -51,31 +51,91 @@ number of regions (a 512² slice has 4 + 64 + 1024 regions at the default levels
 so for long volumes :func:`write_explanation` streams it to a file slice by slice instead of holding it.
 """
 
-from langmamba.explain.confidence import (
-    BANDS,
-    CONFIDENT_PROBABILITY,
-    NEAR_UNIFORM_FACTOR,
-    confidence_band,
-    confidence_thresholds,
-    format_percent,
-)
-from langmamba.explain.encode import Explainer
-from langmamba.explain.labels import color_table, explanation_label_map, paint_regions, word_color, write_color_table
-from langmamba.explain.rules import (
-    DEFAULT_CHANGE_RULE,
-    WORD_CLASS_KEYS,
-    ChangeRule,
-    change_flags,
-    language_space_record,
-    resolve_word_classes,
-    rule_flags,
-    score_record,
-    word_probabilities,
-)
-from langmamba.explain.schema import SCHEMA_NAME, SCHEMA_PATH, SCHEMA_VERSION, load_schema, validate_explanation
-from langmamba.explain.summary import SummaryTally
-from langmamba.explain.types import DECIMALS, SCALE, ColorTable, ExplainedBatch, LevelWords
-from langmamba.explain.writer import CHANGE_SCORE_METHOD, document_header, explain_volume, write_explanation
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from langmamba.explain.confidence import (
+        BANDS,
+        CONFIDENT_PROBABILITY,
+        NEAR_UNIFORM_FACTOR,
+        confidence_band,
+        confidence_thresholds,
+        format_percent,
+    )
+    from langmamba.explain.encode import Explainer
+    from langmamba.explain.labels import (
+        color_table,
+        explanation_label_map,
+        paint_regions,
+        word_color,
+        write_color_table,
+    )
+    from langmamba.explain.rules import (
+        DEFAULT_CHANGE_RULE,
+        WORD_CLASS_KEYS,
+        ChangeRule,
+        change_flags,
+        language_space_record,
+        resolve_word_classes,
+        rule_flags,
+        score_record,
+        word_probabilities,
+    )
+    from langmamba.explain.schema import SCHEMA_NAME, SCHEMA_PATH, SCHEMA_VERSION, load_schema, validate_explanation
+    from langmamba.explain.summary import SummaryTally
+    from langmamba.explain.types import DECIMALS, SCALE, ColorTable, ExplainedBatch, LevelWords
+    from langmamba.explain.writer import CHANGE_SCORE_METHOD, document_header, explain_volume, write_explanation
+
+# Public names are loaded on first use: the data types, labels and schema need no torch, and importing the
+# package (as `report` and the workers do) must not load the encoder.
+_LAZY: dict[str, str] = {
+    "BANDS": "langmamba.explain.confidence",
+    "CHANGE_SCORE_METHOD": "langmamba.explain.writer",
+    "CONFIDENT_PROBABILITY": "langmamba.explain.confidence",
+    "ChangeRule": "langmamba.explain.rules",
+    "ColorTable": "langmamba.explain.types",
+    "DECIMALS": "langmamba.explain.types",
+    "DEFAULT_CHANGE_RULE": "langmamba.explain.rules",
+    "ExplainedBatch": "langmamba.explain.types",
+    "Explainer": "langmamba.explain.encode",
+    "LevelWords": "langmamba.explain.types",
+    "NEAR_UNIFORM_FACTOR": "langmamba.explain.confidence",
+    "SCALE": "langmamba.explain.types",
+    "SCHEMA_NAME": "langmamba.explain.schema",
+    "SCHEMA_PATH": "langmamba.explain.schema",
+    "SCHEMA_VERSION": "langmamba.explain.schema",
+    "SummaryTally": "langmamba.explain.summary",
+    "WORD_CLASS_KEYS": "langmamba.explain.rules",
+    "change_flags": "langmamba.explain.rules",
+    "color_table": "langmamba.explain.labels",
+    "confidence_band": "langmamba.explain.confidence",
+    "confidence_thresholds": "langmamba.explain.confidence",
+    "document_header": "langmamba.explain.writer",
+    "explain_volume": "langmamba.explain.writer",
+    "explanation_label_map": "langmamba.explain.labels",
+    "format_percent": "langmamba.explain.confidence",
+    "language_space_record": "langmamba.explain.rules",
+    "load_schema": "langmamba.explain.schema",
+    "paint_regions": "langmamba.explain.labels",
+    "resolve_word_classes": "langmamba.explain.rules",
+    "rule_flags": "langmamba.explain.rules",
+    "score_record": "langmamba.explain.rules",
+    "validate_explanation": "langmamba.explain.schema",
+    "word_color": "langmamba.explain.labels",
+    "word_probabilities": "langmamba.explain.rules",
+    "write_color_table": "langmamba.explain.labels",
+    "write_explanation": "langmamba.explain.writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BANDS",
