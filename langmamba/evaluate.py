@@ -40,6 +40,7 @@ from .errors import InputError
 from .eval_cases import TEST_CASE, EvalCase
 from .io.atomic import write_npz, write_text
 from .normalization import hu_to_model, model_to_hu
+from .simulate.protocol import ScanProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -833,6 +834,7 @@ def run_evaluation(
             "per_case": per_case,
             "validation_pooled": pooled,
             "seconds_per_slice": _seconds_per_slice(units, cases),
+            "scan_protocol": ScanProtocol().to_dict(),  # the simulator's settings of every low dose above
             "timing_note": "wall time per slice of each method on this host (BM3D over all worker processes, "
             "models in the runtime's default batches (units made before 2026-12-01 on a GPU: 8) incl. "
             "host-device copies; the first model call includes warm-up); with --tta the models run 8 times",

@@ -14,6 +14,7 @@ from langmamba.errors import InputError
 from langmamba.eval_cases import EvalCase, load_cases, save_cases
 from langmamba.evaluate import EvaluationIncomplete, lesion_crop, run_evaluation
 from langmamba.infer import dihedral_average
+from langmamba.simulate.protocol import ScanProtocol
 from tests.test_denoiser import small_langmamba
 
 
@@ -122,6 +123,8 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
         run_evaluation(weights, output, tmp_path / "out" / "comparison.png", **(settings | {"draws": 3}))
     saved = json.loads(output.read_text())
     assert saved["evaluation"]["draws"] == 2 and saved["dose"] == 0.25
+    protocol = saved["evaluation"]["scan_protocol"]  # the simulator's settings, in the dataclass's asdict form
+    assert ScanProtocol.from_dict(protocol) == ScanProtocol()
     for key in ("window_-160_240", "window_-1000_1000", "noise_sigma_hu", "lesion_cnr", "bm3d_sigma_hu"):
         assert key in saved  # the keys the model card reads stay
     # The explanations hook saw lung2 at the headline dose (first draw) and its answer is the last section.
