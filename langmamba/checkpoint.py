@@ -26,7 +26,10 @@ import inspect
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from langmamba.errors import CheckpointError
+from langmamba.io.atomic import atomic_output
 from langmamba.models.registry import MODEL_REGISTRY, registered_name
 
 logger = logging.getLogger(__name__)
@@ -132,8 +136,13 @@ def save_checkpoint(
     extra: dict | None = None,
     max_shard_mb: float | None = None,
 ) -> Path:
-    """Write ``model`` to ``directory`` (created if needed; weight files of an older checkpoint there
-    are replaced). Returns the folder.
+    """Write ``model`` to ``directory`` (created if needed; the config.json and weight files of an older
+    checkpoint there are replaced, other files are left alone). Returns the folder.
+
+    The save is all-or-nothing: every file is written to a hidden staging folder in ``directory`` first and
+    moved into place by renames only once all were written (config.json last), after the earlier checkpoint's
+    files were moved aside. A failure at any point leaves the earlier checkpoint as it was and no temporary
+    files behind.
 
     Args:
         model: an instance of a class registered with :func:`~langmamba.models.registry.register_model` that
@@ -142,8 +151,6 @@ def save_checkpoint(
         extra: JSON-serialisable values stored under ``"extra"`` in ``config.json``.
         max_shard_mb: largest weight file in MiB; ``None`` writes a single ``model.safetensors``.
     """
-    from safetensors.torch import save_file
-
     name = _registered_name(model)
     get_config = getattr(model, "get_config", None)
     if not callable(get_config):
@@ -166,37 +173,83 @@ def save_checkpoint(
     # Own contiguous CPU copies: safetensors refuses tensors that share memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt"}
-
     if max_shard_mb is not None and max_shard_mb <= 0:
         raise CheckpointError(f"max_shard_mb must be positive, got {max_shard_mb}")
     max_bytes = None if max_shard_mb is None else int(max_shard_mb * _MIB)
-    header_estimate = _HEADER_BASE_BYTES + sum(_HEADER_PER_TENSOR_BYTES + len(k) for k in tensors)
-    if max_bytes is None or total + header_estimate <= max_bytes:
-        written = [WEIGHTS_NAME]
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
-        config["weights"] = {"files": written, "total_size": total}
-    else:
-        shards, split = _plan_shards(tensors, max_bytes)
-        written = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map = {}
-        for file_name, shard in zip(written, shards):
-            save_file(shard, str(directory / file_name), metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, file_name))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map, "split_tensors": split}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=1))
-        written.append(INDEX_NAME)
-        config["weights"] = {"files": written[:-1], "index": INDEX_NAME, "total_size": total}
 
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-    for stale in directory.iterdir():
-        is_weights = stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_PATTERN.match(stale.name)
-        if is_weights and stale.name not in written:
-            stale.unlink()
+    directory = Path(directory)
+    written: list[str] = []
+    backup: Path | None = None
+    set_aside = False
+    try:
+        # Every file is written into a hidden staging folder first; atomic_output then moves them into the
+        # checkpoint folder by rename, config.json last.
+        with atomic_output(directory / CONFIG_NAME, as_folder=False, overwrite=True) as staging:
+            written = _write_weights(tensors, staging, max_bytes, total, config)
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1), encoding="utf-8")
+            backup = Path(tempfile.mkdtemp(prefix=f".{CONFIG_NAME}.old-", dir=directory))
+            _set_aside(directory, backup)
+            set_aside = True
+    except BaseException:
+        if backup is not None:
+            _restore(directory, backup, [*written, CONFIG_NAME] if set_aside else [])
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
     logger.info("saved %s (%.1f MiB of weights) to %s", name, total / _MIB, directory)
     return directory
+
+
+def _write_weights(
+    tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int | None, total: int, config: dict[str, Any]
+) -> list[str]:
+    """Write the weight file(s) (and the shard index) into ``folder``, record them under ``config["weights"]``
+    and return the names of the files written."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt"}
+    header_estimate = _HEADER_BASE_BYTES + sum(_HEADER_PER_TENSOR_BYTES + len(k) for k in tensors)
+    if max_bytes is None or total + header_estimate <= max_bytes:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
+        config["weights"] = {"files": [WEIGHTS_NAME], "total_size": total}
+        return [WEIGHTS_NAME]
+    shards, split = _plan_shards(tensors, max_bytes)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file_name, shard in zip(files, shards):
+        save_file(shard, str(folder / file_name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file_name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map, "split_tensors": split}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=1), encoding="utf-8")
+    config["weights"] = {"files": files, "index": INDEX_NAME, "total_size": total}
+    return [*files, INDEX_NAME]
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    name = path.name
+    is_ours = name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or _SHARD_PATTERN.match(name) is not None
+    return is_ours and (path.is_file() or path.is_symlink())
+
+
+def _set_aside(directory: Path, backup: Path) -> None:
+    """Move the config.json and weight files of an earlier checkpoint in ``directory`` into ``backup`` (renames).
+
+    config.json goes first, so from then on the folder is no checkpoint at all until the new config.json lands:
+    :func:`load_checkpoint` finds shards through ``model.safetensors.index.json``, so old and new weight files
+    side by side could otherwise load as a mix of two checkpoints.
+    """
+    for path in sorted(filter(_is_checkpoint_file, directory.iterdir()), key=lambda p: p.name != CONFIG_NAME):
+        os.rename(path, backup / path.name)
+
+
+def _restore(directory: Path, backup: Path, published: list[str]) -> None:
+    """Undo a failed save: remove the new files named ``published`` that reached ``directory`` and move the earlier
+    checkpoint back from ``backup`` (config.json last)."""
+    for file_name in published:
+        (directory / file_name).unlink(missing_ok=True)
+    for path in sorted(backup.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+        os.rename(path, directory / path.name)
+    backup.rmdir()
 
 
 def read_checkpoint_config(directory: str | Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,67 @@ def test_shipped_weights_load_and_resave_in_the_config_dataclass_form(tmp_path, 
             assert torch.equal(again.encode(x), model.encode(x))
         else:
             assert torch.equal(again(x), model(x))
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_save_leaves_the_earlier_checkpoint_and_no_temporary_files(tmp_path, monkeypatch):
+    """An export interrupted while writing shards, or while moving the files into place, must leave the folder
+    exactly as the earlier save wrote it: loadable, bit-exact, with no staging or backup files."""
+    import safetensors.torch
+
+    first = make_langae(seed=1, vocab=3000)
+    save_checkpoint(first, tmp_path, extra={"step": 1}, max_shard_mb=0.125)
+    (tmp_path / "notes.txt").write_text("not a checkpoint file")
+    before = _listing(tmp_path)
+    assert len([n for n in before if n.startswith("model-")]) > 3
+
+    real_save_file = safetensors.torch.save_file
+    calls = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        # the second shard (the first one is written) or the single weight file is left half-written
+        if len(calls) == 2 or Path(filename).name == WEIGHTS_NAME:
+            Path(filename).write_bytes(b"half a shard")
+            raise OSError("disk full")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    second = make_langae(seed=2, vocab=3000)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    # the same shard names, other shard names (fewer, larger shards), and the single-file layout
+    for limit in (0.125, 0.25, None):
+        calls.clear()
+        with pytest.raises(OSError, match="disk full"):
+            save_checkpoint(second, tmp_path, extra={"step": 2}, max_shard_mb=limit)
+        assert _listing(tmp_path) == before, limit
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+
+    # The publishing renames fail at config.json, after the weights reached the folder: rolled back.
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if Path(source).name == CONFIG_NAME and ".tmp-" in Path(source).parent.name:
+            raise OSError("rename failed")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    for limit in (0.25, None):
+        with pytest.raises(OSError, match="rename failed"):
+            save_checkpoint(second, tmp_path, extra={"step": 2}, max_shard_mb=limit)
+        assert _listing(tmp_path) == before, limit
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.checkpoint_config["extra"] == {"step": 1}
+    assert_bit_exact(first, loaded)
+
+    # A save that succeeds replaces the earlier checkpoint whole and keeps the other files.
+    save_checkpoint(second, tmp_path, extra={"step": 2}, max_shard_mb=0.25)
+    after = _listing(tmp_path)
+    assert after["notes.txt"] == before["notes.txt"]
+    assert not [n for n in after if n.startswith(".")]
+    assert not {n for n in before if n.startswith("model-")} & set(after)
+    assert_bit_exact(second, load_checkpoint(tmp_path))

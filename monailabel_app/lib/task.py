@@ -11,7 +11,6 @@ to writing.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import threading
@@ -231,15 +230,13 @@ class LangMambaDenoise(InferTask):
         )
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict]:
-        """MONAI Label's task interface: ``request["image"]`` is a path; returns ``(nrrd path, params)`` with the
-        explanation document (or ``None``) in ``params["explanations"]``.
+        """MONAI Label's task interface (abstract in ``InferTask``, so it must exist; the app's ``infer`` calls
+        :meth:`run` instead): ``request["image"]`` is a path; returns ``(nrrd path, params)`` with the path of the
+        explanation document (or ``None``) in ``params["explanations_file"]``, as ``infer`` returns it.
 
-        The NRRD is a temporary file that the caller removes.
+        Both files are temporary files that the caller removes; the document is never read into memory here.
         """
         params = DenoiseParams.from_request(request, self.levels)
         result = self.run(request["image"], params)
-        document = None
-        if result.explanations_file is not None:
-            document = json.loads(result.explanations_file.read_text(encoding="utf-8"))
-            result.explanations_file.unlink()
-        return str(result.image_file), {**result.summary, "explanations": document}
+        document = str(result.explanations_file) if result.explanations_file is not None else None
+        return str(result.image_file), {**result.summary, "explanations_file": document}
