@@ -46,6 +46,7 @@ from langmamba.errors import InputError
 from langmamba.io.atomic import write_text
 from langmamba.models.quantizer import pool_to_grid
 from langmamba.normalization import hu_to_model, model_to_hu
+from langmamba.runtime import resolve_device
 from langmamba.vlm.regions import LESION_MAJORITY, REGION_CLASSES, body_mask, classify_hu
 
 logger = logging.getLogger(__name__)
@@ -547,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("case", help=".npz with normal, low, denoised, label arrays (Z, H, W)")
     parser.add_argument("--model", required=True, help="LangMamba or LangAE checkpoint folder")
     parser.add_argument("--slices", type=int, help="evaluate this many slices, spread evenly")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--no-flags", action="store_true", help="skip the explainer's change flags")
     parser.add_argument("--output", help="write the JSON here")
     parser.add_argument(
@@ -565,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --calibrate: what the temperature fits (see fit_calibration)",
     )
     args = parser.parse_args(argv)
+    device = str(resolve_device(args.device))
     if args.calibrate:
         from langmamba.checkpoint import save_checkpoint
 
@@ -581,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InputError(f"{args.case} has no slices of the patients {args.patients}")
             normal, label = [s.full for s in chosen], [s.label for s in chosen]
         stored_dtype = next(model.parameters()).dtype
-        report = fit_calibration(model, normal, label, objective=args.objective, device=args.device)
+        report = fit_calibration(model, normal, label, objective=args.objective, device=device)
         model.to(stored_dtype)  # saved as it was stored (the shipped weights are half precision)
         report["fitted_on"] = f"{Path(args.case).name}" + (
             f" patients {', '.join(args.patients)}" if args.patients else ""
@@ -601,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         arrays["denoised"],
         arrays["label"],
         slices=args.slices,
-        device=args.device,
+        device=device,
         flags=not args.no_flags,
         command="python -m langmamba.evaluate_explanations " + " ".join(argv or []),
     )

@@ -69,6 +69,16 @@ class TorchrunRank:
             raise ConfigError(f"RANK {rank} is not within WORLD_SIZE {world}")
         return cls(rank, world, local)
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that validates, logs and writes."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """More than one process: gradients and results have to be shared."""
+        return self.world_size > 1
+
     def device(self, device: str = "auto") -> str:
         """The device of this rank: ``cuda:LOCAL_RANK`` when ``device`` is ``auto`` (with CUDA) or ``cuda``."""
         import torch

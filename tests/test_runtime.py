@@ -31,12 +31,12 @@ def test_torchrun_rank_from_the_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     single = TorchrunRank.from_environment()
     assert single == TorchrunRank(0, 1, 0) and single.gather("summary") == ["summary"]
-    assert single.device("cpu") == "cpu"
+    assert single.device("cpu") == "cpu" and single.is_main and not single.active
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     ranks = TorchrunRank.from_environment()
     assert ranks == TorchrunRank(1, 2, 1)  # LOCAL_RANK defaults to RANK
-    assert ranks.device("cpu") == "cpu"
+    assert ranks.device("cpu") == "cpu" and not ranks.is_main and ranks.active
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ConfigError, match="not within WORLD_SIZE"):
         TorchrunRank.from_environment()

@@ -23,6 +23,7 @@ from langmamba.models.denoiser import LangMamba
 from langmamba.models.langae import LangAE
 from langmamba.models.ss2d import SS2D, cross_scan
 from langmamba.ops import resolve_backend, selective_scan
+from langmamba.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +123,7 @@ def run(
         allocator peak, or the process's peak RSS on CPU), ``decoder`` (the decoder configuration) and,
         with ``profile``, ``top_kernels_ms_per_slice``.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but CUDA is not available")
     if threads is not None:
@@ -231,9 +230,7 @@ def run_scan(
     with explicit ``(block_l, num_warps)``. Returns, per backend (and Triton config), the milliseconds
     of all scans of one forward of ``batch`` slices and per slice, forward only or forward + backward.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     batch = batch or (64 if dev.type == "cuda" else 1)
     model = build_model(decoder_kwargs)
     shapes = scan_shapes(model, size, batch)

@@ -12,12 +12,10 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +30,7 @@ from ..checkpoint import load_checkpoint, read_weights, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_folder, write_text
 from ..normalization import hu_to_model, model_to_hu
+from ..runtime import TorchrunRank
 from ..visualize import save_figure
 from .config import TrainConfig
 from .data import TrainingData
@@ -40,34 +39,17 @@ from .ema import ModelEMA
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the process group that ``torchrun`` describes in the environment (if any) and pick the device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = Distributed(
-        rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
-    )
+def init_distributed(device_name: str) -> tuple[TorchrunRank, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment (if any) and pick the device:
+    ``cuda:LOCAL_RANK`` for ``auto`` or ``cuda`` when CUDA is available, else the CPU."""
+    ranks = TorchrunRank.from_environment()
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    device = torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", ranks.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if dist.active and not torch.distributed.is_initialized():
+    if ranks.active and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist, device
+    return ranks, device
 
 
 def seed_everything(seed: int) -> None:
@@ -341,7 +323,7 @@ def _write_status(output: Path, config: TrainConfig, step: int, best: dict, fini
     write_text(output / "status.json", json.dumps(status, indent=1))
 
 
-def _out_of_time(started: float, minutes: float, dist: Distributed, device: torch.device) -> bool:
+def _out_of_time(started: float, minutes: float, dist: TorchrunRank, device: torch.device) -> bool:
     """Whether the wall-clock budget is spent; every rank takes rank 0's answer so they stop together."""
     flag = torch.tensor([float(time.time() - started > 60 * minutes)], device=device)
     if dist.active:
