@@ -10,6 +10,7 @@ import torch
 from langmamba.data import CTSlice
 from langmamba.data.patches import augment
 from langmamba.errors import ConfigError
+from langmamba.simulate.protocol import ScanProtocol
 from langmamba.train import appearance, engine, load_config, train
 from langmamba.train import data as train_data
 from langmamba.train.config import DataConfig
@@ -160,6 +161,8 @@ def test_the_best_validated_average_is_exported(tmp_path, monkeypatch):
     exported = load_checkpoint(out / "model")
     assert exported.checkpoint_config["extra"]["best_step"] == 4
     assert exported.checkpoint_config["extra"]["steps"] == 6
+    # The simulator's settings of the training low doses, in the protocol dataclass's asdict form.
+    assert ScanProtocol.from_dict(exported.checkpoint_config["extra"]["scan_protocol"]) == ScanProtocol()
     for name, tensor in exported.state_dict().items():  # the EMA weights validated at step 4
         assert torch.equal(tensor, calls[1][name]), name
     raw = load_checkpoint(out / "checkpoints" / "step-0000006" / "model")

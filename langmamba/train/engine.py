@@ -31,6 +31,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_folder, write_text
 from ..normalization import hu_to_model, model_to_hu
 from ..runtime import TorchrunRank
+from ..simulate.protocol import ScanProtocol
 from ..visualize import save_figure
 from .config import TrainConfig
 from .data import TrainingData
@@ -286,6 +287,7 @@ def run_training(
         extra = {
             "steps": done,
             "train_config": config.to_dict(),
+            "scan_protocol": ScanProtocol().to_dict(),  # the simulator's settings of every training low dose
             "final_losses": last_parts,
             "ema_decay": config.optim.ema_decay,
         }
