@@ -60,7 +60,7 @@ DRAWS = 3
 HEADLINE_DOSE = 0.25
 NOISE_ROI_PX = 11
 NOISE_ROIS_PER_SLICE = 4
-BM3D_SIGMAS_HU = (10, 15, 20, 25, 30, 40, 50, 65)
+BM3D_SIGMAS_HU = (10, 15, 20, 25, 30, 40, 50, 65, 80, 100, 130, 160, 200)
 EVALUATION_SEED = 20250707
 TUNING_SLICES = (16, 24, 32)  # lung1 (training) slices for BM3D's σ when no validation case is given
 TUNING_SLICES_PER_CASE = 2
@@ -447,28 +447,36 @@ def _tuning_set(cases: list[EvalCase]) -> tuple[list[EvalCase], str]:
 
 
 def tune_bm3d_per_dose(
-    cases: list[EvalCase], doses, seed: int, device: str, pool: Executor | None = None, candidates_hu=BM3D_SIGMAS_HU
+    cases: list[EvalCase],
+    doses,
+    seed: int,
+    device: str,
+    pool: Executor | None = None,
+    candidates_hu=BM3D_SIGMAS_HU,
+    known: dict | None = None,
 ) -> tuple[dict, str]:
     """BM3D σ per dose, tuned on the validation cases only (never on lung2); returns ``({dose: {"sigma_hu",
-    "psnr_tried"}}, source)``."""
+    "psnr_tried"}}, source)``. ``known`` (an earlier result) supplies the scores of σ values already tried, so
+    only new candidates are run; the best of ``candidates_hu`` is chosen."""
     tuning, source = _tuning_set(cases)
     tuned = {}
     mapper = pool.map if pool is not None else map
     for dose in doses:
-        lows = [simulate_case(c, dose, case_seed(seed + 1, c.name, dose, 0), device) for c in tuning]
-        jobs = [
-            (low[z], float(sigma), k, z)
-            for sigma in candidates_hu
-            for k, low in enumerate(lows)
-            for z in range(low.shape[0])
-        ]
-        outputs = list(mapper(_bm3d_slice, [job[:2] for job in jobs]))
-        scores: dict[float, list] = {}
-        for (_, sigma, k, z), out in zip(jobs, outputs):
-            scores.setdefault(sigma, []).append(metrics.psnr(out, tuning[k].hu[z]))
-        mean_scores = {sigma: _mean(v) for sigma, v in scores.items()}
-        best = max(mean_scores, key=mean_scores.get)
-        tuned[dose] = {"sigma_hu": best, "psnr_tried": {str(k): v for k, v in mean_scores.items()}}
+        tried = {float(k): v for k, v in ((known or {}).get(dose) or {}).get("psnr_tried", {}).items()}
+        missing = [float(s) for s in candidates_hu if float(s) not in tried]
+        if missing:
+            lows = [simulate_case(c, dose, case_seed(seed + 1, c.name, dose, 0), device) for c in tuning]
+            jobs = [
+                (low[z], sigma, k, z) for sigma in missing for k, low in enumerate(lows) for z in range(low.shape[0])
+            ]
+            outputs = list(mapper(_bm3d_slice, [job[:2] for job in jobs]))
+            scores: dict[float, list] = {}
+            for (_, sigma, k, z), out in zip(jobs, outputs):
+                scores.setdefault(sigma, []).append(metrics.psnr(out, tuning[k].hu[z]))
+            tried |= {sigma: _mean(v) for sigma, v in scores.items()}
+        candidates = {float(s): tried[float(s)] for s in candidates_hu}
+        best = max(candidates, key=candidates.get)
+        tuned[dose] = {"sigma_hu": best, "psnr_tried": {str(k): v for k, v in sorted(tried.items())}}
         logger.info("BM3D σ at dose %s tuned on %s: %.1f HU", dose, source, best)
     return tuned, source
 
@@ -506,8 +514,11 @@ class UnitCache:
         stored = self.folder / "settings.json"
         if stored.exists():
             before = json.loads(stored.read_text())
+            earlier = dict(before)
             if "denoisers" in before:
                 self._migrate(str(before.pop("denoisers")) + ("-tta" if before.pop("tta", False) else ""))
+            before.pop("candidates", None)  # BM3D's candidate σ values now live in bm3d.json, tried incrementally
+            if before != earlier:
                 write_text(stored, json.dumps(before, sort_keys=True))
         text = json.dumps(settings, sort_keys=True)
         if stored.exists() and stored.read_text() != text:
@@ -560,6 +571,8 @@ class UnitCache:
         sigmas: dict = {}
         seconds: dict = {}
         for name, value in _read_unit_arrays(path).items():
+            if name == "bm3d_sigma":
+                continue
             kind, method, *rest = name.split("/")
             if kind == "sigma":
                 sigmas[method] = float(value)
@@ -569,20 +582,28 @@ class UnitCache:
                 scores.setdefault(method, {}).setdefault(rest[0], {})[rest[1]] = value
         return scores, sigmas, seconds
 
-    def load_baseline(self, key: str) -> tuple[dict, dict, dict] | None:
-        """``(scores, noise σ, seconds)`` of the low dose and BM3D of a unit, or ``None``."""
-        return None if self.folder is None else self._load(self._path(f"unit-{key}.npz", shared=True))
-
-    def load_unit(self, key: str) -> tuple[dict, dict, dict] | None:
-        """``(scores, noise σ, seconds)`` of a unit finished for these weights (every method), or ``None``."""
+    def load_baseline(self, key: str, bm3d_sigma: float) -> tuple[dict, dict, dict] | None:
+        """``(scores, noise σ, seconds)`` of the low dose and BM3D of a unit, or ``None`` (also when its BM3D ran
+        with another σ than ``bm3d_sigma`` HU)."""
         if self.folder is None:
             return None
-        baseline, models = self.load_baseline(key), self._load(self._path(f"unit-{key}.npz", shared=False))
+        path = self._path(f"unit-{key}.npz", shared=True)
+        if not path.exists() or _read_unit_arrays(path).get("bm3d_sigma") != float(bm3d_sigma):
+            return None
+        return self._load(path)
+
+    def load_models(self, key: str) -> tuple[dict, dict, dict] | None:
+        """``(scores, noise σ, seconds)`` of the models of these weights in a unit, or ``None``."""
+        return None if self.folder is None else self._load(self._path(f"unit-{key}.npz", shared=False))
+
+    def load_unit(self, key: str, bm3d_sigma: float) -> tuple[dict, dict, dict] | None:
+        """``(scores, noise σ, seconds)`` of a unit finished for these weights and this BM3D σ, or ``None``."""
+        baseline, models = self.load_baseline(key, bm3d_sigma), self.load_models(key)
         if baseline is None or models is None:
             return None
         return tuple(a | b for a, b in zip(baseline, models))  # type: ignore[return-value]
 
-    def save_unit(self, key: str, scores: dict, sigmas: dict, seconds: dict) -> None:
+    def save_unit(self, key: str, scores: dict, sigmas: dict, seconds: dict, bm3d_sigma: float) -> None:
         if self.folder is None:
             return
         for shared in (True, False):
@@ -592,7 +613,20 @@ class UnitCache:
             }
             arrays |= {f"sigma/{m}": np.array(v) for m, v in parts[1].items()}
             arrays |= {f"seconds/{m}": np.array(v) for m, v in parts[2].items()}
+            if shared:
+                arrays["bm3d_sigma"] = np.array(float(bm3d_sigma))
             write_npz(self._path(f"unit-{key}.npz", shared), arrays, compressed=False)
+
+    def stamp_bm3d_sigmas(self, sigma_of_dose: dict[float, float]) -> None:
+        """Record in every shared unit that lacks it (made before units carried it) the BM3D σ of its dose."""
+        if self.folder is None:
+            return
+        by_key = {round(1000 * d): float(v) for d, v in sigma_of_dose.items()}
+        for unit in sorted(self.folder.glob("unit-*.npz")):
+            arrays = _read_unit_arrays(unit)
+            dose_key = int(unit.stem.split("-")[2])
+            if "bm3d_sigma" not in arrays and dose_key in by_key:
+                write_npz(unit, {**arrays, "bm3d_sigma": np.array(by_key[dose_key])}, compressed=False)
 
 
 def _read_unit_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -601,7 +635,10 @@ def _read_unit_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _is_baseline(array_name: str) -> bool:
-    """Whether a unit array (``score/<method>/...``, ``sigma/<method>``, ``seconds/<method>``) is shared."""
+    """Whether a unit array (``score/<method>/...``, ``sigma/<method>``, ``seconds/<method>``, ``bm3d_sigma``) is
+    shared."""
+    if array_name == "bm3d_sigma":
+        return True
     method = array_name.split("/")[1]
     return method in BASELINE_METHODS or method == "ndct"
 
@@ -684,7 +721,6 @@ def run_evaluation(
             "draws": draws,
             "seed": seed,
             "bm3d_sigma": bm3d_sigma_hu,
-            "candidates": list(bm3d_candidates_hu),
         },
         denoisers=denoiser_fingerprint(Path(weights)) + ("-tta" if tta else ""),
     )
@@ -694,21 +730,37 @@ def run_evaluation(
     # 2 GB per 512² slice: batches of 8 ran a 24 GB machine out of memory on a 61-slice case).
     batch_size = default_batch_size(device)
     try:
-        bm3d_tuned = store.load_json("bm3d.json", shared=True)
-        if bm3d_tuned is not None:
-            bm3d_tuned, tuning_source = {float(d): v for d, v in bm3d_tuned["tuned"].items()}, bm3d_tuned["source"]
+        stored_tuning = store.load_json("bm3d.json", shared=True)
+        known = None
+        if stored_tuning is not None:
+            known = {float(d): v for d, v in stored_tuning["tuned"].items()}
+            tuning_source = stored_tuning["source"]
+            # Units made before they recorded their BM3D σ were made with the σ stored beside them.
+            store.stamp_bm3d_sigmas({d: v["sigma_hu"] for d, v in known.items()})
         elif partial:
             raise InputError(f"the evaluation cache {cache} holds no finished part yet: nothing to report")
-        elif bm3d_sigma_hu is None:
-            bm3d_tuned, tuning_source = tune_bm3d_per_dose(cases, doses, seed, device, pool, bm3d_candidates_hu)
-        else:
+        if bm3d_sigma_hu is not None:
             bm3d_tuned = {d: {"sigma_hu": float(bm3d_sigma_hu), "psnr_tried": {}} for d in doses}
             tuning_source = "given on the command line"
+        elif partial:  # computes nothing: the stored tuning as it is
+            bm3d_tuned = known
+        else:  # only σ values not tried before are run
+            bm3d_tuned, tuning_source = tune_bm3d_per_dose(
+                cases, doses, seed, device, pool, bm3d_candidates_hu, known=known
+            )
         store.save_json(
             "bm3d.json", {"tuned": {str(d): v for d, v in bm3d_tuned.items()}, "source": tuning_source}, shared=True
         )
         models = {name: load_checkpoint(Path(weights) / name) for name in MODEL_METHODS}
         headline_result = store.load_json("headline.json") or {}
+        kept_explanations = None
+        if headline_result and headline_result.get("bm3d_sigma_hu") != bm3d_tuned[headline]["sigma_hu"]:
+            # BM3D of the headline changed: its tables and figure are made again, its explanations (which
+            # depend on the weights alone) are kept.
+            kept_explanations, headline_result = headline_result.get("explanations"), {}
+        elif headline_result and headline_result.get("bm3d_sigma_tuning_psnr") != bm3d_tuned[headline]["psnr_tried"]:
+            headline_result["bm3d_sigma_tuning_psnr"] = bm3d_tuned[headline]["psnr_tried"]
+            store.save_json("headline.json", headline_result)
 
         def explain_headline(case: EvalCase, low: np.ndarray, denoised: np.ndarray) -> dict:
             return explanation_metrics(
@@ -732,10 +784,11 @@ def run_evaluation(
         for case in cases:
             roi = noise_roi(case.hu, metrics.body_mask(case.hu))
             for dose in doses:
+                sigma = bm3d_tuned[dose]["sigma_hu"]
                 for draw in range(draws):
                     key = store.key(case.name, dose, draw)
                     is_headline = case.name == TEST_CASE and dose == headline and draw == 0
-                    done = store.load_unit(key)
+                    done = store.load_unit(key, sigma)
                     if done is not None and (headline_result or not is_headline):
                         units[case.name, dose, draw] = done
                         continue
@@ -744,16 +797,18 @@ def run_evaluation(
                     if max_minutes is not None and time.time() - started > 60 * max_minutes:
                         raise EvaluationIncomplete(f"stopped after {max_minutes} min with {len(units)} units done")
                     low = simulate_case(case, dose, case_seed(seed, case.name, dose, draw), device)
-                    # The low dose and BM3D of a unit are shared by all weights: computed once, except for the
-                    # headline, whose figure and tables need the BM3D image itself.
-                    baseline = None if is_headline else store.load_baseline(key)
+                    # A unit's low dose and BM3D are shared by all weights and its models' part belongs to these
+                    # weights: only the missing part is computed, except for the headline, whose figure and
+                    # tables need every image.
+                    baseline = None if is_headline else store.load_baseline(key, sigma)
+                    own = None if is_headline else store.load_models(key)
                     outputs = {"ldct": low}
                     seconds = {}
                     if baseline is None:
                         clock = time.perf_counter()
-                        outputs["bm3d"] = bm3d_denoise(low, bm3d_tuned[dose]["sigma_hu"], pool=pool)
+                        outputs["bm3d"] = bm3d_denoise(low, sigma, pool=pool)
                         seconds["bm3d"] = time.perf_counter() - clock
-                    for name, model in models.items():
+                    for name, model in models.items() if own is None else ():
                         clock = time.perf_counter()
                         outputs[name] = denoise_hu_array(model, low, device=device, batch_size=batch_size, tta=tta)
                         if device.startswith("cuda"):
@@ -769,16 +824,21 @@ def run_evaluation(
                         if roi.any()
                         else {}
                     )
-                    if baseline is not None:
-                        scores, sigmas, seconds = (
-                            {**shared, **own} for shared, own in zip(baseline, (scores, sigmas, seconds))
-                        )
+                    for cached in (baseline, own):
+                        if cached is not None:
+                            scores, sigmas, seconds = (
+                                {**part, **fresh} for part, fresh in zip(cached, (scores, sigmas, seconds))
+                            )
                     if is_headline:
                         headline_result = _headline(case, outputs, models, device, bm3d_tuned[dose], tuning_source)
-                        headline_result["explanations"] = explain_headline(case, low, outputs["langmamba"])
+                        headline_result["explanations"] = (
+                            kept_explanations
+                            if kept_explanations is not None
+                            else explain_headline(case, low, outputs["langmamba"])
+                        )
                         _save_figure_data({"ndct": case.hu, **outputs}, case, figure_data, dose)
                         store.save_json("headline.json", headline_result)
-                    store.save_unit(key, scores, sigmas, seconds)
+                    store.save_unit(key, scores, sigmas, seconds, sigma)
                     units[case.name, dose, draw] = scores, sigmas, seconds
                     logger.info("%s dose %s draw %d done", case.name, dose, draw)
     finally:

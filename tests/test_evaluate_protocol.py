@@ -190,6 +190,40 @@ def test_quick_evaluation_end_to_end(tmp_path, monkeypatch):
     assert [len(list(f.glob("unit-*.npz"))) for f in folders] == [8, 8]  # every unit's models, for each weights
     assert len(list((tmp_path / "cache").glob("unit-*.npz"))) == 8  # one shared low dose and BM3D part per unit
 
+    # Other BM3D candidates: tuning runs only the σ not tried before; where the best changes, that dose's BM3D runs
+    # again (the headline's models too, for its figure), and nothing else is computed.
+    tuned_sigmas, model_runs = [], []
+    real_slice = evaluate._bm3d_slice
+    monkeypatch.setattr(evaluate, "_bm3d_slice", lambda job: tuned_sigmas.append(job[1]) or real_slice(job))
+    import langmamba.infer
+
+    real_denoise = langmamba.infer.denoise_hu_array
+    monkeypatch.setattr(
+        langmamba.infer, "denoise_hu_array", lambda *a, **k: model_runs.append(1) or real_denoise(*a, **k)
+    )
+    bm3d_runs.clear()
+    wider = run_evaluation(
+        weights, output, tmp_path / "out" / "comparison.png", **(settings | {"bm3d_candidates_hu": (25, 40)})
+    )
+    assert set(tuned_sigmas) == {25.0}
+    before = {d: v["sigma_hu"] for d, v in retrained["evaluation"]["bm3d"].items()}
+    after = {d: v["sigma_hu"] for d, v in wider["evaluation"]["bm3d"].items()}
+    changed = [d for d in after if after[d] != before[d]]
+    assert changed and all(
+        set(v["psnr_tried"]) == {"10.0", "25.0", "40.0"} for v in wider["evaluation"]["bm3d"].values()
+    )
+    assert len(bm3d_runs) == 2 * 2 * len(changed)  # cases x draws of every dose whose σ changed
+    assert len(model_runs) == (3 if "0.25" in changed else 0)
+    for case in ("lung2", "val"):
+        for dose in after:
+            old_window = retrained["evaluation"]["per_case"][case]["doses"][dose]["window_-160_240"]
+            new_window = wider["evaluation"]["per_case"][case]["doses"][dose]["window_-160_240"]
+            same = old_window["bm3d"]["psnr_per_draw"] == pytest.approx(new_window["bm3d"]["psnr_per_draw"])
+            assert same == (dose not in changed)
+            assert new_window["langmamba"]["psnr_per_draw"] == pytest.approx(old_window["langmamba"]["psnr_per_draw"])
+    saved = json.loads(output.read_text())
+    assert saved["bm3d_sigma_hu"] == after["0.25"] and saved["explanations"] == {"words": "recalibrated"}
+
 
 def test_validation_cases_put_body_crops_back_on_one_canvas(monkeypatch):
     from langmamba.data import CTSlice, prepared
@@ -214,7 +248,8 @@ def test_a_cache_of_the_earlier_layout_is_split_into_shared_and_per_weights_part
     folder = tmp_path / "cache"
     settings = {"cases": [["lung2", [2, 8, 8]]], "doses": [0.25], "draws": 1, "seed": 0}
     folder.mkdir()
-    (folder / "settings.json").write_text(json.dumps({**settings, "denoisers": "abc", "tta": False}))
+    earlier = {**settings, "denoisers": "abc", "tta": False, "candidates": [10, 40]}
+    (folder / "settings.json").write_text(json.dumps(earlier))
     (folder / "headline.json").write_text(json.dumps({"dose": 0.25}))
     arrays = {
         "score/ldct/window_-160_240/psnr": np.array([20.0, 21.0]),
@@ -238,12 +273,16 @@ def test_a_cache_of_the_earlier_layout_is_split_into_shared_and_per_weights_part
         "seconds/bm3d",
         "sigma/ndct",
     ]
-    scores, sigmas, seconds = store.load_unit(key)
+    # Units made before they recorded their BM3D σ get the σ of their dose from the stored tuning.
+    assert store.load_unit(key, 40.0) is None
+    store.stamp_bm3d_sigmas({0.25: 40.0, 0.1: 65.0})
+    assert store.load_unit(key, 50.0) is None  # BM3D ran with another σ: the unit is not finished
+    scores, sigmas, seconds = store.load_unit(key, 40.0)
     assert scores["langmamba"]["window_-160_240"]["psnr"].tolist() == [24.0, 25.0]
     assert scores["ldct"]["window_-160_240"]["psnr"].tolist() == [20.0, 21.0]
     assert sigmas == {"ndct": 7.0, "langmamba": 5.0} and seconds == {"bm3d": 1.5, "langmamba": 0.5}
     # Other weights share the low dose and BM3D but have no models' part yet; other settings are refused.
     other = evaluate.UnitCache(folder, settings, denoisers="def")
-    assert other.load_unit(key) is None and other.load_baseline(key)[1] == {"ndct": 7.0}
+    assert other.load_unit(key, 40.0) is None and other.load_baseline(key, 40.0)[1] == {"ndct": 7.0}
     with pytest.raises(InputError, match="other settings"):
         evaluate.UnitCache(folder, {**settings, "draws": 3}, denoisers="abc")
