@@ -489,9 +489,9 @@ BASELINE_METHODS = ("ldct", "bm3d")
 """Methods whose results depend on the cases, doses, draws, seed and BM3D settings but not on the weights."""
 
 
-def _split(values: dict, baseline: bool) -> dict:
-    """The entries of ``values`` (keyed by method) of the baseline methods (and the normal dose) or of the models."""
-    return {m: v for m, v in values.items() if (m in BASELINE_METHODS or m == "ndct") == baseline}
+def _is_shared(method: str) -> bool:
+    """Whether a unit's entry of ``method`` is shared by all weights: the baselines and the normal dose."""
+    return method in BASELINE_METHODS or method == "ndct"
 
 
 class UnitCache:
@@ -517,7 +517,8 @@ class UnitCache:
             earlier = dict(before)
             if "denoisers" in before:
                 self._migrate(str(before.pop("denoisers")) + ("-tta" if before.pop("tta", False) else ""))
-            before.pop("candidates", None)  # BM3D's candidate σ values now live in bm3d.json, tried incrementally
+            if before.pop("candidates", None) is not None:  # BM3D's candidates now live in bm3d.json
+                self._stamp_bm3d_sigmas()
             if before != earlier:
                 write_text(stored, json.dumps(before, sort_keys=True))
         text = json.dumps(settings, sort_keys=True)
@@ -534,21 +535,31 @@ class UnitCache:
         models.mkdir(exist_ok=True)
         for unit in sorted(self.folder.glob("unit-*.npz")):
             arrays = _read_unit_arrays(unit)
-            write_npz(models / unit.name, {k: v for k, v in arrays.items() if not _is_baseline(k)}, compressed=False)
-            write_npz(unit, {k: v for k, v in arrays.items() if _is_baseline(k)}, compressed=False)
+            write_npz(models / unit.name, {k: v for k, v in arrays.items() if not _shared_array(k)}, compressed=False)
+            write_npz(unit, {k: v for k, v in arrays.items() if _shared_array(k)}, compressed=False)
         for name in ("headline.json", "metrics_figure.npz"):
             if (self.folder / name).exists():
                 (self.folder / name).replace(models / name)
         logger.info("evaluation cache %s: moved the parts of weights %s into %s", self.folder, digest, models.name)
 
+    def _stamp_bm3d_sigmas(self) -> None:
+        """Units made before they recorded their BM3D σ were made with the σ of their dose in ``bm3d.json``."""
+        assert self.folder is not None
+        tuning = self.folder / "bm3d.json"
+        if not tuning.exists():
+            return
+        sigma_of_dose = {
+            round(1000 * float(d)): float(v["sigma_hu"]) for d, v in json.loads(tuning.read_text())["tuned"].items()
+        }
+        for unit in sorted(self.folder.glob("unit-*.npz")):
+            arrays = _read_unit_arrays(unit)
+            dose_key = int(unit.stem.split("-")[2])
+            if "bm3d_sigma" not in arrays and dose_key in sigma_of_dose:
+                write_npz(unit, {**arrays, "bm3d_sigma": np.array(sigma_of_dose[dose_key])}, compressed=False)
+
     def _path(self, name: str, shared: bool) -> Path:
         assert self.folder is not None and self.models is not None
         return (self.folder if shared else self.models) / name
-
-    @property
-    def figure_folder(self) -> Path | None:
-        """Where the figure data of these weights goes (``None`` without a cache)."""
-        return self.models
 
     def load_json(self, name: str, shared: bool = False):
         """``bm3d.json`` is shared (``shared=True``); ``headline.json`` belongs to the weights."""
@@ -564,13 +575,13 @@ class UnitCache:
     def key(case: str, dose: float, draw: int) -> str:
         return f"{zlib.crc32(case.encode()):08x}-{round(1000 * dose):04d}-{draw}"
 
-    def _load(self, path: Path) -> tuple[dict, dict, dict] | None:
-        if not path.exists():
-            return None
+    @staticmethod
+    def _parse(arrays: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
+        """``(scores, noise σ, seconds)`` from a unit file's arrays."""
         scores: dict = {}
         sigmas: dict = {}
         seconds: dict = {}
-        for name, value in _read_unit_arrays(path).items():
+        for name, value in arrays.items():
             if name == "bm3d_sigma":
                 continue
             kind, method, *rest = name.split("/")
@@ -588,26 +599,37 @@ class UnitCache:
         if self.folder is None:
             return None
         path = self._path(f"unit-{key}.npz", shared=True)
-        if not path.exists() or _read_unit_arrays(path).get("bm3d_sigma") != float(bm3d_sigma):
+        if not path.exists():
             return None
-        return self._load(path)
+        arrays = _read_unit_arrays(path)
+        return self._parse(arrays) if arrays.get("bm3d_sigma") == float(bm3d_sigma) else None
 
     def load_models(self, key: str) -> tuple[dict, dict, dict] | None:
         """``(scores, noise σ, seconds)`` of the models of these weights in a unit, or ``None``."""
-        return None if self.folder is None else self._load(self._path(f"unit-{key}.npz", shared=False))
+        if self.folder is None or not (path := self._path(f"unit-{key}.npz", shared=False)).exists():
+            return None
+        return self._parse(_read_unit_arrays(path))
 
-    def load_unit(self, key: str, bm3d_sigma: float) -> tuple[dict, dict, dict] | None:
-        """``(scores, noise σ, seconds)`` of a unit finished for these weights and this BM3D σ, or ``None``."""
-        baseline, models = self.load_baseline(key, bm3d_sigma), self.load_models(key)
+    @staticmethod
+    def merge(
+        baseline: tuple[dict, dict, dict] | None, models: tuple[dict, dict, dict] | None
+    ) -> tuple[dict, dict, dict] | None:
+        """A whole unit from its shared and its models' parts, or ``None`` when either is missing."""
         if baseline is None or models is None:
             return None
         return tuple(a | b for a, b in zip(baseline, models))  # type: ignore[return-value]
+
+    def load_unit(self, key: str, bm3d_sigma: float) -> tuple[dict, dict, dict] | None:
+        """``(scores, noise σ, seconds)`` of a unit finished for these weights and this BM3D σ, or ``None``."""
+        return self.merge(self.load_baseline(key, bm3d_sigma), self.load_models(key))
 
     def save_unit(self, key: str, scores: dict, sigmas: dict, seconds: dict, bm3d_sigma: float) -> None:
         if self.folder is None:
             return
         for shared in (True, False):
-            parts = [_split(values, shared) for values in (scores, sigmas, seconds)]
+            parts = [
+                {m: v for m, v in values.items() if _is_shared(m) == shared} for values in (scores, sigmas, seconds)
+            ]
             arrays = {
                 f"score/{m}/{w}/{k}": v for m, ws in parts[0].items() for w, ks in ws.items() for k, v in ks.items()
             }
@@ -617,30 +639,16 @@ class UnitCache:
                 arrays["bm3d_sigma"] = np.array(float(bm3d_sigma))
             write_npz(self._path(f"unit-{key}.npz", shared), arrays, compressed=False)
 
-    def stamp_bm3d_sigmas(self, sigma_of_dose: dict[float, float]) -> None:
-        """Record in every shared unit that lacks it (made before units carried it) the BM3D σ of its dose."""
-        if self.folder is None:
-            return
-        by_key = {round(1000 * d): float(v) for d, v in sigma_of_dose.items()}
-        for unit in sorted(self.folder.glob("unit-*.npz")):
-            arrays = _read_unit_arrays(unit)
-            dose_key = int(unit.stem.split("-")[2])
-            if "bm3d_sigma" not in arrays and dose_key in by_key:
-                write_npz(unit, {**arrays, "bm3d_sigma": np.array(by_key[dose_key])}, compressed=False)
-
 
 def _read_unit_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
 
 
-def _is_baseline(array_name: str) -> bool:
+def _shared_array(array_name: str) -> bool:
     """Whether a unit array (``score/<method>/...``, ``sigma/<method>``, ``seconds/<method>``, ``bm3d_sigma``) is
-    shared."""
-    if array_name == "bm3d_sigma":
-        return True
-    method = array_name.split("/")[1]
-    return method in BASELINE_METHODS or method == "ndct"
+    shared by all weights."""
+    return array_name == "bm3d_sigma" or _is_shared(array_name.split("/")[1])
 
 
 def denoiser_fingerprint(weights: Path) -> str:
@@ -724,7 +732,7 @@ def run_evaluation(
         },
         denoisers=denoiser_fingerprint(Path(weights)) + ("-tta" if tta else ""),
     )
-    figure_data = (store.figure_folder or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
+    figure_data = (store.models or Path(output_json).parent) / (Path(output_json).stem + "_figure.npz")
     pool = bm3d_pool(workers) if workers > 1 else None
     # The runtime's batch size (one slice on the CPU, where the paper-size decoder's full-resolution scans take about
     # 2 GB per 512² slice: batches of 8 ran a 24 GB machine out of memory on a 61-slice case).
@@ -735,8 +743,6 @@ def run_evaluation(
         if stored_tuning is not None:
             known = {float(d): v for d, v in stored_tuning["tuned"].items()}
             tuning_source = stored_tuning["source"]
-            # Units made before they recorded their BM3D σ were made with the σ stored beside them.
-            store.stamp_bm3d_sigmas({d: v["sigma_hu"] for d, v in known.items()})
         elif partial:
             raise InputError(f"the evaluation cache {cache} holds no finished part yet: nothing to report")
         if bm3d_sigma_hu is not None:
@@ -788,7 +794,8 @@ def run_evaluation(
                 for draw in range(draws):
                     key = store.key(case.name, dose, draw)
                     is_headline = case.name == TEST_CASE and dose == headline and draw == 0
-                    done = store.load_unit(key, sigma)
+                    baseline, own = store.load_baseline(key, sigma), store.load_models(key)
+                    done = store.merge(baseline, own)
                     if done is not None and (headline_result or not is_headline):
                         units[case.name, dose, draw] = done
                         continue
@@ -800,8 +807,8 @@ def run_evaluation(
                     # A unit's low dose and BM3D are shared by all weights and its models' part belongs to these
                     # weights: only the missing part is computed, except for the headline, whose figure and
                     # tables need every image.
-                    baseline = None if is_headline else store.load_baseline(key, sigma)
-                    own = None if is_headline else store.load_models(key)
+                    if is_headline:
+                        baseline = own = None
                     outputs = {"ldct": low}
                     seconds = {}
                     if baseline is None:

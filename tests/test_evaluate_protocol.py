@@ -251,6 +251,8 @@ def test_a_cache_of_the_earlier_layout_is_split_into_shared_and_per_weights_part
     earlier = {**settings, "denoisers": "abc", "tta": False, "candidates": [10, 40]}
     (folder / "settings.json").write_text(json.dumps(earlier))
     (folder / "headline.json").write_text(json.dumps({"dose": 0.25}))
+    tuned = {"0.25": {"sigma_hu": 40.0, "psnr_tried": {}}, "0.1": {"sigma_hu": 65.0, "psnr_tried": {}}}
+    (folder / "bm3d.json").write_text(json.dumps({"tuned": tuned, "source": "validation"}))
     arrays = {
         "score/ldct/window_-160_240/psnr": np.array([20.0, 21.0]),
         "score/bm3d/window_-160_240/psnr": np.array([22.0, 23.0]),
@@ -268,14 +270,14 @@ def test_a_cache_of_the_earlier_layout_is_split_into_shared_and_per_weights_part
     assert store.load_json("headline.json") == {"dose": 0.25} and not (folder / "headline.json").exists()
     shared = np.load(folder / f"unit-{key}.npz")
     assert sorted(shared.files) == [
+        "bm3d_sigma",
         "score/bm3d/window_-160_240/psnr",
         "score/ldct/window_-160_240/psnr",
         "seconds/bm3d",
         "sigma/ndct",
     ]
     # Units made before they recorded their BM3D σ get the σ of their dose from the stored tuning.
-    assert store.load_unit(key, 40.0) is None
-    store.stamp_bm3d_sigmas({0.25: 40.0, 0.1: 65.0})
+    assert float(np.load(folder / f"unit-{key}.npz")["bm3d_sigma"]) == 40.0
     assert store.load_unit(key, 50.0) is None  # BM3D ran with another σ: the unit is not finished
     scores, sigmas, seconds = store.load_unit(key, 40.0)
     assert scores["langmamba"]["window_-160_240"]["psnr"].tolist() == [24.0, 25.0]
