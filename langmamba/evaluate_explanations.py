@@ -236,10 +236,15 @@ def candidate_nll(logits: torch.Tensor, candidates: torch.Tensor, scale: float) 
     return float((torch.logsumexp(scaled, dim=-1) - picked).mean())
 
 
+def top_probability(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """The top word's probability ``max softmax(scale * logits)`` ``(N,)`` of regions ``(N, V)`` (float64)."""
+    return torch.softmax(logits.double() * scale, dim=-1).max(dim=-1).values
+
+
 def top_word_bce(logits: torch.Tensor, correct: torch.Tensor, scale: float) -> float:
-    """Binary cross-entropy of the top word's probability ``max softmax(scale * logits)`` over regions ``(N, V)``
+    """Binary cross-entropy of the top word's probability (:func:`top_probability`) over regions ``(N, V)``
     against whether that word is right ``(N,)`` (which word is on top does not depend on ``scale``)."""
-    top = torch.softmax(logits.double() * scale, dim=-1).max(dim=-1).values.clamp(1e-12, 1 - 1e-12)
+    top = top_probability(logits, scale).clamp(1e-12, 1 - 1e-12)
     right = correct.double()
     return float(-(right * top.log() + (1 - right) * (1 - top).log()).mean())
 
@@ -343,7 +348,7 @@ def fit_calibration(
         if objective == "top_word":  # in-sample: how well one temperature can do on these regions
             right = tg.cpu().numpy()
             for name, scale in (("before", 1.0), ("after", t)):
-                top = torch.softmax(lg.double() * scale, dim=-1).max(dim=-1).values.cpu().numpy()
+                top = top_probability(lg, scale).cpu().numpy()
                 report.setdefault(f"ece_{name}", []).append(expected_calibration_error(top, right))
                 report.setdefault(f"mean_top_probability_{name}", []).append(float(top.mean()))
             report.setdefault("agreement", []).append(float(right.mean()))

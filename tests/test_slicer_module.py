@@ -136,6 +136,16 @@ def lmformat(probability):
     return format_percent(probability)
 
 
+def _save_screenshot(parent, shot: Path) -> None:
+    """Grab the panel into ``shot`` (a real picture, not an empty one) and copy it to $LANGMAMBA_TEST_ARTIFACTS,
+    where the README's screenshots are collected."""
+    assert parent.grab().save(str(shot)) and shot.stat().st_size > 10_000
+    artifacts = os.environ.get("LANGMAMBA_TEST_ARTIFACTS")
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(artifacts) / shot.name)
+
+
 def _close(parent, widget):
     widget.cleanup()
     parent.close()
@@ -355,11 +365,7 @@ def test_panel_denoise_and_browse_explanations(shim, scene, server, lung2_crop, 
         table.selectRow(row)
         qt.QApplication.processEvents()
         shot = tmp_path / "langmamba_denoise_panel.png"
-        assert parent.grab().save(str(shot)) and shot.stat().st_size > 10_000
-        artifacts = os.environ.get("LANGMAMBA_TEST_ARTIFACTS")
-        if artifacts:
-            Path(artifacts).mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, Path(artifacts) / shot.name)
+        _save_screenshot(parent, shot)
     finally:
         _close(parent, widget)
 
@@ -508,11 +514,7 @@ def test_panel_shows_the_calibrated_words_of_the_shipped_weights(shim, scene, tm
         parent.resize(760, 900)
         qt.QApplication.processEvents()
         shot = tmp_path / "langmamba_explanation_browser_shipped.png"
-        assert parent.grab().save(str(shot)) and shot.stat().st_size > 10_000
-        artifacts = os.environ.get("LANGMAMBA_TEST_ARTIFACTS")
-        if artifacts:
-            Path(artifacts).mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, Path(artifacts) / shot.name)
+        _save_screenshot(parent, shot)
     finally:
         parent.close()
 
@@ -578,11 +580,7 @@ def test_panel_opens_saved_explanations_of_both_versions(shim, scene, lung2_crop
         parent.resize(760, 900)  # a widened module panel, so the screenshot shows every column
         qt.QApplication.processEvents()
         shot = tmp_path / "langmamba_explanation_browser.png"
-        assert parent.grab().save(str(shot)) and shot.stat().st_size > 10_000
-        artifacts = os.environ.get("LANGMAMBA_TEST_ARTIFACTS")
-        if artifacts:
-            Path(artifacts).mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, Path(artifacts) / shot.name)
+        _save_screenshot(parent, shot)
 
         # with tissue classes in the vocabulary, the Class column shows the top word's
         vocabulary = model.langae.vocabulary
