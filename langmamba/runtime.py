@@ -33,6 +33,15 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device; nothing to wait for on the CPU), so a clock read
+    after it times the work and not its queueing."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def default_weights() -> Path:
     """``$LANGMAMBA_WEIGHTS`` or the repository's shipped ``weights/langmamba``."""
     path = Path(os.environ.get("LANGMAMBA_WEIGHTS", DEFAULT_WEIGHTS))

@@ -14,14 +14,7 @@ import json
 import time
 from collections.abc import Sequence
 
-import torch
-
-from langmamba.runtime import resolve_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from langmamba.runtime import resolve_device, synchronize
 
 
 def run(
@@ -49,11 +42,11 @@ def run(
         data = TrainingData.build(variant, target, config.run.seed, validation_slices=1)
         for _ in range(warmup):
             data.batch(batch_size)
-        _sync(target)
+        synchronize(target)
         start = time.perf_counter()
         for _ in range(batches):
             data.batch(batch_size)
-        _sync(target)
+        synchronize(target)
         seconds = (time.perf_counter() - start) / batches
         result[name] = {"seconds_per_batch": seconds, "patches_per_second": batch_size / seconds}
     result["slowdown"] = (

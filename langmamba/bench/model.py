@@ -23,7 +23,7 @@ from langmamba.models.denoiser import LangMamba
 from langmamba.models.langae import LangAE
 from langmamba.models.ss2d import SS2D, cross_scan
 from langmamba.ops import resolve_backend, selective_scan
-from langmamba.runtime import resolve_device
+from langmamba.runtime import resolve_device, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,6 @@ def _count_flops(model: LangMamba, size: int, device: torch.device) -> tuple[flo
     return float(counter.get_total_flops()), float(decoder)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _profile(model: LangMamba, x: torch.Tensor, autocast, batch: int, device: torch.device) -> list:
     """``[operator, milliseconds per slice]`` of the 15 most expensive operators of one forward."""
     from torch.profiler import ProfilerActivity, profile
@@ -69,7 +64,7 @@ def _profile(model: LangMamba, x: torch.Tensor, autocast, batch: int, device: to
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.inference_mode(), autocast, profile(activities=activities) as prof:
         model(x)
-        _sync(device)
+        synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:15]
     return [[e.key[:60], round(getattr(e, key, 0.0) / 1e3 / batch, 4)] for e in events]
@@ -175,11 +170,11 @@ def run(
         with torch.inference_mode(), autocast:
             for _ in range(warmup):
                 fn(x)
-            _sync(dev)
+            synchronize(dev)
             start = time.perf_counter()
             for _ in range(steps):
                 fn(x)
-            _sync(dev)
+            synchronize(dev)
         return (time.perf_counter() - start) / (steps * batch)
 
     if dev.type == "cuda":

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from langmamba.runtime import resolve_device
+from langmamba.runtime import resolve_device, synchronize
 from langmamba.simulate import (
     ELECTRONIC_NOISE,
     FULL_DOSE_PHOTONS,
@@ -35,11 +35,6 @@ def _phantom(size: int, spacing_mm: float) -> np.ndarray:
     hu[(ring > 12.0) & (ring < 18.0)] = 900.0
     hu[np.hypot(x, y - 40.0) < 15.0] = 250.0
     return hu
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(
@@ -89,11 +84,11 @@ def run(
     for mode in RECONSTRUCTIONS:
         options = dict(geometry=geometry, reconstruction=mode, device=target)
         simulate_slice(hu, spacing, dose, seed=0, **options)
-        _sync(target)
+        synchronize(target)
         start, cpu_start = time.perf_counter(), time.process_time()
         for k in range(slices):
             simulate_slice(hu, spacing, dose, seed=k + 1, **options)
-        _sync(target)
+        synchronize(target)
         result["seconds_per_slice"][mode] = (time.perf_counter() - start) / slices
         result["cpu_seconds_per_slice"][mode] = (time.process_time() - cpu_start) / slices
     return result
