@@ -41,7 +41,7 @@ def _central(array: np.ndarray, count: int | None) -> np.ndarray:
     return array[start : start + count]
 
 
-def _spread(count_total: int, count: int | None) -> np.ndarray:
+def spread_indices(count_total: int, count: int | None) -> np.ndarray:
     """``count`` slice indices spread evenly over ``count_total`` (all when ``count`` is None)."""
     if count is None or count_total <= count:
         return np.arange(count_total)
@@ -88,7 +88,7 @@ def validation_cases(
         groups.setdefault((s.patient, tuple(s.spacing_mm)), []).append(s)
     cases = []
     for (patient, spacing), members in groups.items():
-        members = [members[i] for i in _spread(len(members), max_slices)]
+        members = [members[i] for i in spread_indices(len(members), max_slices)]
         hu, label = _place(members)
         name = patient if sum(key[0] == patient for key in groups) == 1 else f"{patient}@{spacing[0]:.3f}mm"
         cases.append(EvalCase(name, hu, (float(spacing[0]), float(spacing[1])), "validation", label))

@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from . import metrics
 from .errors import InputError
-from .eval_cases import TEST_CASE, EvalCase
+from .eval_cases import TEST_CASE, EvalCase, spread_indices
 from .io.atomic import write_npz, write_text
 from .normalization import hu_to_model, model_to_hu
 from .simulate.protocol import ScanProtocol
@@ -426,7 +426,7 @@ def _tuning_set(cases: list[EvalCase]) -> tuple[list[EvalCase], str]:
     if validation:
         picked = []
         for c in validation:
-            index = np.unique(np.linspace(0, c.hu.shape[0] - 1, TUNING_SLICES_PER_CASE).round().astype(int))
+            index = spread_indices(c.hu.shape[0], TUNING_SLICES_PER_CASE)
             picked.append(EvalCase(c.name, c.hu[index], c.spacing_mm, c.role))
         return picked, "validation cases " + ", ".join(c.name for c in validation)
     from .io import read_volume

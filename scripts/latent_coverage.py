@@ -20,6 +20,7 @@ import torch
 
 from langmamba.checkpoint import load_checkpoint
 from langmamba.data.prepared import load_prepared
+from langmamba.eval_cases import spread_indices
 from langmamba.normalization import hu_to_model
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     training = [np.asarray(s.full) for s in load_prepared(args.data)[0] if getattr(s, "role", None) == "training"]
     if not training:
         parser.error(f"{args.data} has no training slices")
-    chosen = [training[i] for i in np.linspace(0, len(training) - 1, min(args.slices, len(training))).astype(int)]
+    chosen = [training[i] for i in spread_indices(len(training), args.slices)]
     print(json.dumps({"slices": len(chosen), **coverage(langae, chosen)}, indent=1))
     return 0
 

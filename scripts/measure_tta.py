@@ -23,7 +23,7 @@ import torch
 
 from langmamba import metrics
 from langmamba.checkpoint import load_checkpoint
-from langmamba.eval_cases import load_cases
+from langmamba.eval_cases import load_cases, spread_indices
 from langmamba.evaluate import EVALUATION_SEED, case_seed, simulate_case
 from langmamba.infer import denoise_hu_array
 from langmamba.io.atomic import write_text
@@ -46,7 +46,7 @@ def main() -> None:
     window = metrics.WINDOWS["-160_240"]
     rows, seconds = [], {"plain": 0.0, "tta": 0.0}
     for case in (c for c in load_cases(args.cases) if c.role == "validation"):
-        keep = np.unique(np.linspace(0, case.hu.shape[0] - 1, args.max_slices).round().astype(int))
+        keep = spread_indices(case.hu.shape[0], args.max_slices)
         case = dataclasses.replace(case, hu=case.hu[keep], label=None)
         for dose in (float(d) for d in args.doses.split(",")):
             low = simulate_case(case, dose, case_seed(EVALUATION_SEED, case.name, dose, 0), device)
