@@ -319,6 +319,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from .bench.denoise import main as bench_main
     elif args.target == "batches":
         from .bench.batches import main as bench_main
+    elif args.target == "step":
+        from .bench.train_step import main as bench_main
     else:
         from .bench.model import main as bench_main
     return bench_main(args.bench_args) or 0
@@ -596,9 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_cmd_export)
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: simulate | noise | model | denoise | batches (their own options follow the name)"
+        "bench", help="benchmarks: simulate | noise | model | denoise | batches | step (their own options follow the name)"
     )
-    bench.add_argument("target", choices=["simulate", "noise", "model", "denoise", "batches"])
+    bench.add_argument("target", choices=["simulate", "noise", "model", "denoise", "batches", "step"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     bench.set_defaults(handler=_cmd_bench)
     return parser

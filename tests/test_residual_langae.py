@@ -44,6 +44,7 @@ def _quantizer(
     stages: int = 3,
     sizes=(4, 2, 1),
     seed: int = 0,
+    project_latent: bool = False,
 ) -> ResidualLanguageQuantizer:
     g = torch.Generator().manual_seed(seed)
     codebook = F.normalize(torch.randn(words, dim, generator=g), dim=1)
@@ -55,6 +56,7 @@ def _quantizer(
         region_sizes=sizes,
         detail_stages=stages,
         detail_groups=groups,
+        project_latent=project_latent,
     )
 
 
@@ -100,6 +102,25 @@ def test_more_detail_stages_leave_a_smaller_residual_and_gains_follow_it():
         errors.append(float((q(z).quantized - z).pow(2).mean() / z.pow(2).mean()))
         assert torch.all(q.detail_gains > 0) and torch.isfinite(q.detail_gains).all()
     assert errors[0] > errors[1] > errors[2]
+
+
+def test_projected_latent_is_what_the_codes_can_reach_and_only_that_gets_gradient():
+    q = _quantizer(project_latent=True).eval()
+    z = torch.randn(2, 24, 8, 8, requires_grad=True)
+    out = q(z)
+    span = q.detail_projection.T @ q.detail_projection  # (E, E) projector onto the detail span
+    words = out.continuous.detach() - torch.einsum("ef,bfhw->behw", span, out.continuous.detach())
+    plain = _quantizer(project_latent=False).eval()(z.detach())
+    # Outside the detail span the projected latent is exactly the word levels' sum; the ids are the same as
+    # without projection (the word levels come first).
+    assert all(torch.equal(a, b) for a, b in zip(out.token_ids, plain.token_ids))
+    word_sum = plain.quantized - torch.einsum("ef,bfhw->behw", span, plain.quantized)
+    assert torch.allclose(words, word_sum, atol=1e-5)
+    uncoded = out.continuous - out.quantized
+    assert torch.allclose(uncoded, torch.einsum("ef,bfhw->behw", span, uncoded), atol=1e-5)
+    weights = torch.randn_like(z)
+    (out.quantized * weights).sum().backward()
+    assert torch.allclose(z.grad, torch.einsum("ef,bfhw->behw", span, weights), atol=1e-5)
 
 
 def test_words_only_quantization_reads_the_same_regions():

@@ -88,6 +88,7 @@ class LangAEConfig(_Serialisable):
         detail_dim: residual quantizer: d, the token-code width.
         detail_stages: residual quantizer: detail stages per latent cell.
         detail_groups: residual quantizer: token codes per latent cell and stage.
+        project_latent: residual quantizer: reduce the latent to the span its codes can reach.
         logit_scale: residual quantizer: initial word-reading temperature.
         word_classes: the tissue class of every vocabulary word, or ``None``.
     """
@@ -111,6 +112,7 @@ class LangAEConfig(_Serialisable):
     detail_dim: int | None = None
     detail_stages: int = 8
     detail_groups: int = 1
+    project_latent: bool = False
     logit_scale: float = 10.0
     word_classes: tuple[str, ...] | None = None
 

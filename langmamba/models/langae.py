@@ -226,6 +226,7 @@ class LangAE(nn.Module):
                 detail_stages=config.detail_stages,
                 detail_groups=config.detail_groups,
                 beta=config.beta,
+                project_latent=config.project_latent,
                 logit_scale=config.logit_scale,
             )
             self.quantizer = residual

@@ -14,6 +14,12 @@ For a continuous latent ``z`` ``(B, E, h, w)`` (``E`` = the language space's emb
   cell and group and subtracts ``Σ_g P_g^T b_k D_{n_g}`` (``G`` tokens per cell and stage).
 - *Sum.* ``ẑ = Σ_l up(a_l C_{v_l}) + Σ_k P^T b_k D_{n_k} = z - ρ_final``; the decoder sees
   ``quantized = z + sg(ẑ - z)`` (straight-through). Nothing is averaged, so no level is shrunk.
+- *Codable latent* (``project_latent``). The detail stages can only code the residual's part inside the
+  detail span ``P``; what lies outside it after the word levels never reaches the decoder, yet the
+  straight-through gradient lets the encoder put energy there (about a quarter of it in the first residual
+  LangAE). With ``project_latent`` the latent is first reduced to what can be coded,
+  ``z' = W + P^T P (z - W)`` with ``W = Σ_l up(a_l C_{v_l})`` (held constant), and ``z'`` replaces ``z``
+  above (``continuous`` returns it): the encoder's gradient reaches only the coded span.
 - *Gains* ``a_l, b_k`` are scalars per level (codebook rows have a fixed norm while residuals shrink).
   They are buffers, not parameters: in training each forward sets them towards the least-squares scale
   of the codes it picked, ``Σ <ρ, c> / Σ ||c||²``, by an exponential moving average (``gain_momentum``);
@@ -83,6 +89,7 @@ class ResidualLanguageQuantizer(nn.Module):
         region_sizes: latent cells per region side of each word level, coarse to fine.
         detail_stages: K, residual detail codes per latent cell.
         beta: commitment-loss weight.
+        project_latent: reduce the latent to the coded span before the detail stages (module docstring).
         logit_scale: initial word-reading temperature ``t`` (learned).
         gain_momentum: EMA momentum of the gains.
     """
@@ -112,6 +119,7 @@ class ResidualLanguageQuantizer(nn.Module):
         detail_stages: int = 8,
         detail_groups: int = 1,
         beta: float = 0.25,
+        project_latent: bool = False,
         logit_scale: float = 10.0,
         gain_momentum: float = 0.9,
     ) -> None:
@@ -141,6 +149,7 @@ class ResidualLanguageQuantizer(nn.Module):
             raise InputError(f"detail_stages must be 0 or more, got {detail_stages}")
         self.detail_stages = int(detail_stages)
         self.beta = float(beta)
+        self.project_latent = bool(project_latent)
         self.gain_momentum = float(gain_momentum)
         levels = len(self.region_sizes)
         self.log_logit_scale = nn.Parameter(torch.full((levels,), math.log(float(logit_scale))))
@@ -275,6 +284,14 @@ class ResidualLanguageQuantizer(nn.Module):
                 token_ids.append(ids.reshape(batch, *grid))
                 region_latents.append(region)
                 logits_out.append(logits.detach())
+            if self.project_latent:
+                # Drop the part of the word residual outside the detail span, keeping the gradient on the rest.
+                projection = self.detail_projection.float()
+                offset = zf - (zf.detach() - residual)  # z - W, with the gradient of z; W held constant
+                inside = torch.einsum("de,bdhw->behw", projection, torch.einsum("de,behw->bdhw", projection, offset))
+                outside = offset - inside
+                zf = zf - outside
+                residual = residual - outside.detach()
             detail_ids = []
             if self.detail_stages and details:
                 codes = self.detail_codebook.float()
@@ -295,10 +312,11 @@ class ResidualLanguageQuantizer(nn.Module):
                 self.gains_set.fill_(1.0)
             reconstruction = zf.detach() - residual
             commitment = self.beta * F.mse_loss(zf, reconstruction)
-        quantized = z + (reconstruction.to(z.dtype) - z).detach()
+        latent = zf.to(z.dtype) if self.project_latent else z
+        quantized = latent + (reconstruction.to(z.dtype) - latent).detach()
         return QuantizerOutput(
             quantized=quantized,
-            continuous=z,
+            continuous=latent,
             token_ids=token_ids,
             region_latents=region_latents,
             grids=grids,

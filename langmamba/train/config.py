@@ -131,6 +131,8 @@ class LangAETrainConfig:
     detail_dim: int = 16
     detail_stages: int = 8
     detail_groups: int = 1
+    # Reduce the latent to the span the word and detail codes reach (ResidualLanguageQuantizer.project_latent).
+    project_latent: bool = False
     logit_scale: float = 10.0
     # Share of each batch that autoencodes low-dose patches (their regions read their normal-dose partner's
     # tissue); the rest are normal-dose crops with tissue and lesion word targets.

@@ -34,6 +34,7 @@ def langae_architecture(section: LangAETrainConfig) -> LangAEConfig:
         region_sizes=tuple(section.region_sizes),
         detail_stages=section.detail_stages,
         detail_groups=section.detail_groups,
+        project_latent=section.project_latent,
         logit_scale=section.logit_scale,
     )
 
