@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_cmd_export)
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: simulate | noise | model | denoise | batches | step (their own options follow the name)"
+        "bench",
+        help="benchmarks: simulate | noise | model | denoise | batches | step (their own options follow the name)",
     )
     bench.add_argument("target", choices=["simulate", "noise", "model", "denoise", "batches", "step"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
