@@ -70,10 +70,12 @@ def _frozen_buffer(value: torch.Tensor | None, shape: tuple[int, int] | None, na
 
 def _nearest(vectors: torch.Tensor, codes: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """``argmin_n ||x - gain * codes[n]||²`` for ``vectors (M, d)``, ``codes (N, d)`` -> long ``(M,)``, chunked."""
-    penalty = gain * codes.pow(2).sum(dim=1)
+    # score = 2 x·c - gain ||c||² in one GEMM with the penalty as its bias: no separate pass over the (M, N) scores.
+    negative_penalty = -gain * codes.pow(2).sum(dim=1)
+    codes_t = codes.T
     out = []
     for start in range(0, vectors.shape[0], _CHUNK):
-        score = 2.0 * vectors[start : start + _CHUNK] @ codes.T - penalty
+        score = torch.addmm(negative_penalty, vectors[start : start + _CHUNK], codes_t, alpha=2.0)
         out.append(score.argmax(dim=1))
     return torch.cat(out) if out else vectors.new_zeros(0, dtype=torch.long)
 
