@@ -5,7 +5,10 @@ The residual quantizer (:mod:`langmamba.models.residual_quantizer`) subtracts wo
 detail projection's ``G * d`` rows. Whatever part of ``z`` lies outside both spans can never be coded, and the image
 decoder only ever sees the quantized latent. This prints, over training slices of a prepared set, the share of
 ``||z||²`` in the detail span, in the word span, in both together, and the share left in the quantization residual
-``||z - ẑ||²`` (the trivial baseline, coding nothing, leaves 1.0).
+``||z - ẑ||²`` (the trivial baseline, coding nothing, leaves 1.0). A LangAE with ``project_latent`` hands the decoder
+the coded part ``z'`` of its latent only (:mod:`langmamba.models.residual_quantizer`); for it, ``decoded latent
+residual`` is ``||z' - ẑ||² / ||z'||²``, what the quantizer loses of what the decoder would see (without
+projection ``z' = z`` and the two residuals agree).
 
     .venv/bin/python scripts/latent_coverage.py weights/langae out/prep/training.npz [--slices 8]
 """
@@ -31,20 +34,25 @@ def coverage(langae: torch.nn.Module, slices: list[np.ndarray]) -> dict[str, flo
     words = torch.linalg.qr(quantizer.codebook.float().T).Q  # (E, V) basis of the word span
     both = torch.linalg.qr(torch.cat([detail, words], dim=1)).Q
     total = {"detail span": 0.0, "word span": 0.0, "both spans": 0.0, "quantization residual": 0.0}
+    decoded = {"energy": 0.0, "residual": 0.0}
     energy = 0.0
     factor = langae.downsample_factor
     for hu in slices:
         hu = hu[: hu.shape[0] // factor * factor, : hu.shape[1] // factor * factor]
         with torch.no_grad():
             z = langae.encode(torch.from_numpy(hu_to_model(hu.astype(np.float32)))[None, None])
-            quantized = langae.quantize(z).quantized
+            out = langae.quantize(z)
+        quantized, coded = out.quantized, out.continuous
+        decoded["energy"] += float(coded.pow(2).sum())
+        decoded["residual"] += float((coded - quantized).pow(2).sum())
         flat, residual = z[0].flatten(1), (z - quantized)[0].flatten(1)
         energy += float(flat.pow(2).sum())
         total["detail span"] += float((detail.T @ flat).pow(2).sum())
         total["word span"] += float((words.T @ flat).pow(2).sum())
         total["both spans"] += float((both.T @ flat).pow(2).sum())
         total["quantization residual"] += float(residual.pow(2).sum())
-    return {name: value / energy for name, value in total.items()}
+    shares = {name: value / energy for name, value in total.items()}
+    return shares | {"decoded latent residual": decoded["residual"] / decoded["energy"]}
 
 
 def main(argv: list[str] | None = None) -> int:
