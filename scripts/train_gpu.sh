@@ -8,6 +8,7 @@
 #                 both on phase A's finished LangAE
 #   phase AB:     all four at once, two per GPU: LangMamba with and without LangDA on GPU 0 | LangAE and RED-CNN
 #                 on GPU 1; LangMamba reads the finished LangAE in $LANGAE (required), so it does not wait for phase A
+#   phase L:      the LangAE alone on GPU 0 (langae.yaml): the long stage-1 training, call after call
 #   phase D:      the three denoisers on the finished LangAE in $LANGAE (required): LangMamba with and without
 #                 LangDA and RED-CNN, all on GPU 0 (one GPU) or LangMamba | the other two (two GPUs)
 #   phase export: half-precision weights laid out like weights/ in $RUNS/weights (langae, langmamba,
@@ -17,7 +18,7 @@
 #                 patch x batch in PROBE ("256x16 256x32 192x32"), PROBE_STEPS (60) steps each, in $RUNS/probe;
 #                 prints patches/s (first logged interval excluded) to choose data.patch_size / optim.batch_size
 #
-# Usage: scripts/train_gpu.sh PHASE... [--smoke]   (PHASE: A, B, export or status; e.g. `A export`)
+# Usage: scripts/train_gpu.sh PHASE... [--smoke]   (PHASE: A, B, AB, D, L, export, status or probe; e.g. `L export`)
 #   --smoke: a few CPU steps on out/prep/builtin.npz (tiny models, 128² crops) into runs/gpu_smoke, to check
 #            the script end to end on a machine without a GPU.
 # Settings (environment): RUNS (runs/gpu; not $OUT, which the device tool sets), RESULTS (when set, after
@@ -43,12 +44,12 @@ phases=()
 smoke=0
 for arg in "$@"; do
   case "$arg" in
-    A|B|AB|D|export|status|probe) phases+=("$arg") ;;
+    A|B|AB|D|L|export|status|probe) phases+=("$arg") ;;
     --smoke) smoke=1 ;;
-    *) echo "usage: $0 A|B|AB|D|export|status|probe... [--smoke]" >&2; exit 2 ;;
+    *) echo "usage: $0 A|B|AB|D|L|export|status|probe... [--smoke]" >&2; exit 2 ;;
   esac
 done
-[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|AB|D|export|status|probe... [--smoke]" >&2; exit 2; }
+[[ ${#phases[@]} -gt 0 ]] || { echo "usage: $0 A|B|AB|D|L|export|status|probe... [--smoke]" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-runs/gpu}
@@ -187,7 +188,7 @@ collect() {  # copy what is worth keeping into $RESULTS (small files only: no ch
 status=0
 for phase in "${phases[@]}"; do
 case "$phase" in
-  A|B|AB|D)
+  A|B|AB|D|L)
     if [[ $phase == AB || $phase == D ]] && [[ -z "${LANGAE:-}" ]]; then
       echo "error: phase $phase trains LangMamba without waiting for phase A, so it needs a finished LangAE in LANGAE" >&2
       status=1
@@ -202,17 +203,17 @@ case "$phase" in
     # D LangMamba | without LangDA and RED-CNN.
     gpu_langae=0 gpu_redcnn=1 gpu_denoiser=0 gpu_plain=1
     [[ $phase == AB ]] && gpu_langae=1 gpu_plain=0
-    case $phase in A|B) RUNS_AT_ONCE=2 ;; D) RUNS_AT_ONCE=3 ;; AB) RUNS_AT_ONCE=4 ;; esac
-    if [[ $phase == A || $phase == AB ]]; then
+    case $phase in L) RUNS_AT_ONCE=1 ;; A|B) RUNS_AT_ONCE=2 ;; D) RUNS_AT_ONCE=3 ;; AB) RUNS_AT_ONCE=4 ;; esac
+    if [[ $phase == A || $phase == AB || $phase == L ]]; then
       # shellcheck disable=SC2046,SC2086
       launch langae $gpu_langae langae langae $(steps "${LANGAE_STEPS:-}") $(init langae) "${langae_set[@]}" \
         ${LANGAE_ARGS:-}
     fi
-    if [[ $phase != B ]]; then
+    if [[ $phase == A || $phase == AB || $phase == D ]]; then
       # shellcheck disable=SC2046,SC2086
       launch redcnn $gpu_redcnn redcnn redcnn $(steps "${REDCNN_STEPS:-}") $(init redcnn) ${REDCNN_ARGS:-}
     fi
-    if [[ $phase != A ]]; then
+    if [[ $phase == B || $phase == AB || $phase == D ]]; then
       denoiser_set=(--set denoiser.langae="${LANGAE:-$RUNS/langae/model}")
       [[ -n "${PRESET:-}" ]] && denoiser_set+=(--set denoiser.decoder_preset="$PRESET")
       langda=()
