@@ -168,7 +168,8 @@ def read_regions(langae: torch.nn.Module, hu: torch.Tensor, level: int, reconstr
     read = {"top_id": top_id, "top_prob": top_prob, "coarse_ids": out.token_ids[0]}
     if reconstruct:
         read["quantized"] = model_to_hu(langae.decode(out.quantized)[:, 0].float())
-        read["continuous"] = model_to_hu(langae.decode(z)[:, 0].float())
+        # The latent the decoder is trained on: z itself, or its coded part for a LangAE with project_latent.
+        read["continuous"] = model_to_hu(langae.decode(out.continuous)[:, 0].float())
     return read
 
 

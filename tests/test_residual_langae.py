@@ -409,3 +409,22 @@ def test_torch_classes_match_the_scipy_tissue_classes(tiny_ct_volume):
     mapping = np.array([0, 1, 2, 3, 4, 5, 6, 6, 7])
     reference = np.stack([mapping[tissue.classify(s)] for s in hu])
     assert (ours == reference).mean() > 0.999
+
+
+def test_continuous_reconstruction_decodes_the_latent_the_decoder_is_trained_on():
+    from langmamba.evaluate_explanations import read_regions
+    from langmamba.normalization import hu_to_model, model_to_hu
+
+    torch.manual_seed(0)
+    langae = _residual_langae(project_latent=True).eval()
+    hu = torch.linspace(-1000.0, 400.0, 64 * 64).reshape(1, 64, 64)
+    with torch.no_grad():
+        read = read_regions(langae, hu, level=2)
+        z = langae.encode(hu_to_model(hu)[:, None])
+        coded = langae.quantize(z).continuous
+        expected = model_to_hu(langae.decode(coded)[:, 0])
+        raw = model_to_hu(langae.decode(z)[:, 0])
+    # With project_latent the decoder never sees the part of z outside the coded span.
+    assert not torch.allclose(coded, z)
+    assert torch.allclose(read["continuous"], expected, atol=1e-4)
+    assert not torch.allclose(read["continuous"], raw, atol=1e-2)
