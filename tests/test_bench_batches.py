@@ -10,14 +10,15 @@ from langmamba.data import CTSlice
 from langmamba.train import data as train_data
 
 
-def _slices():
+def ellipse_slices() -> list[CTSlice]:
+    """Three 96² slices of a water ellipse in air, two of patient a and one of b."""
     y, x = np.mgrid[:96, :96] - 47.5
     body = np.where((x / 40) ** 2 + (y / 34) ** 2 <= 1, 40.0, -1000.0).astype(np.float32)
     return [CTSlice(full=body.copy(), spacing_mm=(1.5, 1.5), patient=name) for name in ("a", "a", "b")]
 
 
 def test_bench_times_both_variants_of_the_config(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_data, "load_slices", lambda config: (_slices(), None))
+    monkeypatch.setattr(train_data, "load_slices", lambda config: (ellipse_slices(), None))
     config = tmp_path / "recipe.yaml"
     config.write_text(
         "model: redcnn\n"

@@ -1,9 +1,10 @@
 """Benchmark of whole training steps, split into phases, so GPU minutes go to the model and not to overhead.
 
 Run with ``langmamba bench step --config langmamba/configs/langae.yaml --set data.root=out/prep/training.npz``.
-Each step is what the training loop does (:func:`langmamba.train.engine.run_training`, bf16 on CUDA): draw a
-batch, the task's loss (forward), backward, the optimizer and the moving average. The phases are timed with the
-device synchronised at their ends; ``--profile N`` also lists the N operators with the most self time.
+Each step is the training loop's own (:func:`langmamba.train.engine.training_step`, bf16 on CUDA): draw a
+batch, the task's loss (forward), backward, then clipping, the optimizer and the moving average. The phases are
+timed with the device synchronised at their ends; ``--profile N`` also lists the N operators with the most self
+time.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def run(
     from langmamba.train.config import load_config
     from langmamba.train.data import TrainingData
     from langmamba.train.ema import ModelEMA
-    from langmamba.train.engine import seed_everything
+    from langmamba.train.engine import build_optimizer, seed_everything, step_autocast, training_step
     from langmamba.train.tasks import build_task
 
     config = load_config(config_path, list(overrides))
@@ -41,34 +42,25 @@ def run(
     data = TrainingData.build(config.data, target, config.run.seed, validation_slices=0)
     task = build_task(config, data, target)
     model = task.model.to(target)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
     ema = ModelEMA(model, config.optim.ema_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=target.type == "cuda" and config.run.bf16)
+    autocast = step_autocast(target, config)
     totals = dict.fromkeys(PHASES, 0.0)
 
     def step(index: int, timed: bool) -> None:
+        if not timed:
+            training_step(task, model, model, data, optimizer, ema, config, index, autocast)
+            return
         marks = [time.perf_counter()]
 
         def mark() -> None:
-            if timed:
-                synchronize(target)
-                marks.append(time.perf_counter())
+            synchronize(target)
+            marks.append(time.perf_counter())
 
-        low, full, which = data.batch(config.optim.batch_size)
+        training_step(task, model, model, data, optimizer, ema, config, index, autocast, mark)
         mark()
-        with autocast:
-            loss, _ = task.loss(model, low, full, which, index)
-        mark()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        mark()
-        optimizer.step()
-        ema.update(model)
-        mark()
-        if timed:
-            for phase, start, end in zip(PHASES, marks, marks[1:]):
-                totals[phase] += end - start
+        for phase, start, end in zip(PHASES, marks, marks[1:]):
+            totals[phase] += end - start
 
     for index in range(warmup):
         step(index, timed=False)

@@ -286,9 +286,9 @@ class ResidualLanguageQuantizer(nn.Module):
                 token_ids.append(ids.reshape(batch, *grid))
                 region_latents.append(region)
                 logits_out.append(logits.detach())
+            projection = self.detail_projection.float()
             if self.project_latent:
                 # Drop the part of the word residual outside the detail span, keeping the gradient on the rest.
-                projection = self.detail_projection.float()
                 offset = zf - (zf.detach() - residual)  # z - W, with the gradient of z; W held constant
                 inside = torch.einsum("de,bdhw->behw", projection, torch.einsum("de,behw->bdhw", projection, offset))
                 outside = offset - inside
@@ -297,7 +297,6 @@ class ResidualLanguageQuantizer(nn.Module):
             detail_ids = []
             if self.detail_stages and details:
                 codes = self.detail_codebook.float()
-                projection = self.detail_projection.float()
                 for stage in range(self.detail_stages):
                     coords = torch.einsum("de,behw->bhwd", projection, residual).reshape(-1, codes.shape[1])
                     if update:

@@ -81,6 +81,53 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def build_optimizer(trainable: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with the run's learning rate and weight decay."""
+    return torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=(0.9, 0.99))
+
+
+def step_autocast(device: torch.device, config: TrainConfig) -> torch.autocast:
+    """bf16 autocast of a training step: on CUDA when ``run.bf16``, off elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.run.bf16)
+
+
+def training_step(
+    task: Task,
+    model: nn.Module,
+    module: nn.Module,
+    data: TrainingData,
+    optimizer: torch.optim.Optimizer,
+    ema: ModelEMA,
+    config: TrainConfig,
+    step: int,
+    autocast: torch.autocast,
+    mark: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step: learning rate, batch, loss, backward, clipping, optimizer and moving average.
+
+    ``module`` is ``model`` or its DDP wrapper, which the loss runs through; ``mark`` is called after the batch,
+    the forward and the backward pass (the benchmark's phase boundaries)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, config)
+    low, full, which = data.batch(config.optim.batch_size)
+    if mark:
+        mark()
+    with autocast:
+        loss, parts = task.loss(module, low, full, which, step)
+    if mark:
+        mark()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if mark:
+        mark()
+    if config.optim.grad_clip:
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+    optimizer.step()
+    ema.update(model)
+    return loss, parts
+
+
 class CheckpointStore:
     """``<output>/checkpoints/step-NNNNNNN/`` folders (model + training state), written whole then renamed."""
 
@@ -201,9 +248,7 @@ def run_training(
         module = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=(0.9, 0.99)
-    )
+    optimizer = build_optimizer(trainable, config)
     ema = ModelEMA(model, config.optim.ema_decay)
     store = CheckpointStore(output)
     best = {"val_psnr": -math.inf, "step": 0}
@@ -223,7 +268,7 @@ def run_training(
             )
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.run.bf16)
+    autocast = step_autocast(device, config)
     bar = tqdm(
         range(start, config.optim.steps),
         initial=start,
@@ -234,17 +279,7 @@ def run_training(
     )
     started, last_parts, done = time.time(), {}, start
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        low, full, which = data.batch(config.optim.batch_size)
-        with autocast:
-            loss, parts = task.loss(module, low, full, which, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
-        optimizer.step()
-        ema.update(model)
+        loss, parts = training_step(task, model, module, data, optimizer, ema, config, step, autocast)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower optim.lr")
         done = step + 1
